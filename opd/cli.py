@@ -1,0 +1,130 @@
+"""`opd`: the bundled task, the bundled models, and evaluation.
+
+    opd task --n 3                          # print problems with their worked solutions
+    opd task --stats                        # reasoning-length distribution
+    opd make-models                         # train models/tiny-teacher and models/tiny-student
+    opd eval --model models/tiny-student --n 500 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opd.models import REPO_ROOT, ModelLoadError, count_parameters, load_model
+from shared.task import SPLITS, problems
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    items = problems(args.split, args.n, args.seed)
+    if not args.stats:
+        for problem in items:
+            print(problem.prompt + problem.target)
+        return 0
+    # One character is one token; +1 for <eos>.
+    lengths = sorted(len(p.target) + 1 for p in items)
+    print(
+        f"{args.split} split, {len(items)} problems: reasoning tokens "
+        f"median {statistics.median(lengths):g}, p90 {lengths[int(0.9 * (len(lengths) - 1))]}, "
+        f"max {lengths[-1]}, min {lengths[0]}"
+    )
+    return 0
+
+
+def cmd_make_models(args: argparse.Namespace) -> int:
+    # Imported here: training needs the tokenizer builder, which the other commands do not.
+    from opd.sft import SFTConfig, train
+    from shared.tokenizer import build_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    plans = {
+        "teacher": SFTConfig("teacher", steps=args.teacher_steps, eval_every=200,
+                             stop_above=0.995, seed=args.seed),
+        # The student stops as soon as it is right a fifth of the time: weak, but well-formed.
+        "student": SFTConfig("student", steps=args.student_steps, eval_every=50,
+                             stop_above=args.student_target, seed=args.seed),
+    }
+    for kind in args.only or ["teacher", "student"]:
+        out = Path(args.out_dir) / f"tiny-{kind}"
+        print(f"training {kind} -> {out}", flush=True)
+        report = train(plans[kind], tokenizer, out)
+        print(json.dumps(report), flush=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from opd.evaluate import evaluate
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    items = problems("eval", args.n, args.seed)
+    result = evaluate(model, tokenizer, items, args.batch_size, args.samples, args.seed,
+                      progress=not args.json)
+    report = {"model": str(args.model), "parameters": count_parameters(model), **result.to_dict()}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        metric = "accuracy" if args.samples == 1 else f"avg@{args.samples}"
+        print(
+            f"{args.model}: {metric} {result.accuracy:.1%} on {result.n} held-out problems, "
+            f"well-formed {result.well_formed:.1%}, mean {result.mean_tokens:.1f} tokens, "
+            f"{result.tokens_per_s:.0f} tokens/s ({time.perf_counter() - start:.1f} s)"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
+    task.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
+    task.add_argument("--split", choices=SPLITS, default="eval")
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--stats", action="store_true", help="print the length distribution instead")
+    task.set_defaults(func=cmd_task)
+
+    make = sub.add_parser("make-models", help="train the bundled teacher and student from scratch")
+    make.add_argument("--out-dir", default=str(REPO_ROOT / "models"), help="default: models/")
+    make.add_argument("--only", nargs="+", choices=["teacher", "student"], help="train only these")
+    make.add_argument("--teacher-steps", type=int, default=1600, help="planned SFT steps (batch 64)")
+    make.add_argument("--student-steps", type=int, default=1000, help="at most this many steps")
+    make.add_argument("--student-target", type=float, default=0.2,
+                      help="stop the student once its dev accuracy reaches this (default 0.2)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    make.set_defaults(func=cmd_make_models)
+
+    ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")
+    ev.add_argument("--model", required=True, help="folder of a Hugging Face causal LM")
+    ev.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    ev.add_argument("--samples", type=int, default=1,
+                    help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelLoadError as exc:
+        print(f"opd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

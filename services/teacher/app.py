@@ -1,0 +1,154 @@
+"""The teacher server's app factory: state, lifespan (background model load), errors and metrics.
+
+    app = create_app(TeacherSettings(model="models/tiny-teacher"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.teacher.backends.base import Backend
+from services.teacher.metrics import TeacherMetrics
+from services.teacher.routes import router
+from services.teacher.scoring import Limits
+from services.teacher.settings import TeacherSettings
+from shared.errors import ERROR_OF_STATUS, InvalidRequest, ServerError, TeacherError
+
+log = logging.getLogger("opd.teacher")
+
+
+@dataclass
+class TeacherState:
+    settings: TeacherSettings
+    backend: Backend
+    metrics: TeacherMetrics
+    limits: Limits | None = None  # set once the model is loaded
+    load_error: str | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def build_backend(settings: TeacherSettings, metrics: TeacherMetrics) -> Backend:
+    if settings.backend == "hf":
+        from services.teacher.backends.hf import HFBackend
+
+        return HFBackend(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_seq_len=settings.max_seq_len,
+            max_queue_tokens=settings.max_queue_tokens,
+            trust_remote_code=settings.trust_remote_code,
+            metrics=metrics,
+        )
+    raise ValueError(f"backend {settings.backend!r} is not available in this build")
+
+
+def create_app(settings: TeacherSettings, backend: Backend | None = None) -> FastAPI:
+    """A teacher app; the model loads in the background after start-up (/ready says when)."""
+    metrics = TeacherMetrics()
+    state = TeacherState(settings, backend or build_backend(settings, metrics), metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.tasks.append(asyncio.create_task(_load(state)))
+        yield
+        for task in state.tasks:
+            task.cancel()
+        await state.backend.close()
+
+    app = FastAPI(
+        title="OPD teacher",
+        description="Per-token teacher log-probs for on-policy distillation.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.teacher = state
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _load(state: TeacherState) -> None:
+    try:
+        info = await asyncio.to_thread(state.backend.load)
+        await state.backend.start()
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("could not load the model: %s", state.load_error)
+        return
+    state.limits = Limits.of(info, state.settings.max_top_k)
+    log.info("ready: %s (%s, %s) on %s", info.model, info.backend, info.dtype, info.device)
+
+
+def error_response(err: TeacherError) -> JSONResponse:
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(int(round(err.retry_after)))
+    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TeacherError)
+    async def teacher_error(request: Request, exc: TeacherError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        param = ".".join(loc) or None
+        return error_response(InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = ERROR_OF_STATUS.get(exc.status_code, TeacherError)
+        err = cls(str(exc.detail))
+        return JSONResponse(
+            {"error": {**err.to_body()["error"], "code": exc.status_code}},
+            status_code=exc.status_code,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(ServerError(f"internal error ({type(exc).__name__})"))
+
+
+class MetricsMiddleware:
+    """Counts requests by route and status and times them (pure ASGI: streaming passes through)."""
+
+    def __init__(self, app, metrics: TeacherMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            # Unmatched paths share one label, so scanners cannot blow up the label set.
+            name = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(name, str(status)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - start)

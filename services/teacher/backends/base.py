@@ -1,0 +1,57 @@
+"""The one interface every teacher backend implements, and the unit of work it scores."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from shared.protocol import SequenceScore
+
+
+@dataclass
+class ScoreJob:
+    """One sequence to score: the prompt, then the completion tokens to score (already cut to H)."""
+
+    input_ids: list[int]  # prompt + scored completion tokens, length <= max_seq_len
+    n_prompt: int  # the first n_prompt ids are context only
+    top_k: int = 0
+    candidate_ids: list[list[int]] | None = None  # one list per scored position
+    temperature: float = 1.0
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+@dataclass
+class BackendInfo:
+    model: str
+    backend: str
+    dtype: str
+    device: str
+    vocab_size: int  # rows of the output layer: valid token ids are 0 .. vocab_size-1
+    max_seq_len: int
+    tokenizer_fingerprint: str
+
+
+class Backend(ABC):
+    """Loads a model and scores jobs. `load` runs once in a worker thread before `start`."""
+
+    info: BackendInfo
+
+    @abstractmethod
+    def load(self) -> BackendInfo: ...
+
+    async def start(self) -> None:
+        """Start background work (batchers, engines) on the running event loop."""
+
+    async def close(self) -> None:
+        """Stop background work; pending requests fail with NotReady."""
+
+    @abstractmethod
+    async def score(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        """Scores for `jobs`, in order. Concurrent calls may be batched together."""
+
+    def queue_depth(self) -> int:
+        """Sequences waiting to be scored (for /metrics)."""
+        return 0

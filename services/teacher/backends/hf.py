@@ -1,0 +1,180 @@
+"""The transformers backend: a causal LM in one process (CPU or one GPU), fed by the dynamic batcher.
+
+Memory stays bounded on long sequences and large vocabularies: the decoder runs once per batch to get
+hidden states, and the output layer + log-softmax run over the scored positions in chunks of
+`chunk_rows`, so the full [tokens, vocab] logits never exist at once. Sequences are right-padded with
+no attention mask: under causal attention a real token never sees the padding after it, so padding
+cannot change a result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.models import load_model
+from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
+from services.teacher.batcher import Batcher
+from services.teacher.metrics import TeacherMetrics
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import SequenceScore
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Logit rows per chunk are chosen so one chunk's float32 logits take about this many bytes.
+CHUNK_BYTES = 256 * 2**20
+
+
+class HFBackend(Backend):
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_tokens: int = 16384,
+        max_seq_len: int | None = None,
+        max_queue_tokens: int | None = None,
+        trust_remote_code: bool = False,
+        metrics: TeacherMetrics | None = None,
+    ):
+        self.model_path = model_path
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_tokens = max_batch_tokens
+        self.max_seq_len = max_seq_len
+        self.max_queue_tokens = max_queue_tokens or 8 * max_batch_tokens
+        self.trust_remote_code = trust_remote_code
+        self.metrics = metrics
+        self.batcher: Batcher | None = None
+
+    def load(self) -> BackendInfo:
+        model, tokenizer = load_model(
+            self.model_path, DTYPES[self.dtype], self.device, self.trust_remote_code
+        )
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.pad_id = tokenizer.pad_token_id or 0
+        vocab = self.lm_head.weight.shape[0]
+        self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
+        max_len = self.max_seq_len or min(model.config.max_position_embeddings, self.max_batch_tokens)
+        if max_len > self.max_batch_tokens:
+            raise ValueError(
+                f"max_seq_len {max_len} exceeds max_batch_tokens {self.max_batch_tokens}: "
+                "one sequence must fit in one batch"
+            )
+        self.info = BackendInfo(
+            model=str(self.model_path),
+            backend="hf",
+            dtype=self.dtype,
+            device=self.device,
+            vocab_size=vocab,
+            max_seq_len=max_len,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        )
+        return self.info
+
+    async def start(self) -> None:
+        self.batcher = Batcher(
+            self.score_batch, self.max_batch_tokens, self.max_queue_tokens, self.metrics
+        )
+        self.batcher.start()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    async def score(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        assert self.batcher is not None, "start() first"
+        return await self.batcher.submit(jobs)
+
+    def queue_depth(self) -> int:
+        return self.batcher.depth() if self.batcher else 0
+
+    @torch.inference_mode()
+    def score_batch(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        """Score a batch in one decoder pass (called from the batcher's worker thread)."""
+        width = max(len(j.input_ids) for j in jobs)
+        ids_B_T = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids_B_T[b, : len(job.input_ids)] = torch.tensor(job.input_ids)
+        ids_B_T = ids_B_T.to(self.model.device)
+        hidden_B_T_H = self.decoder(input_ids=ids_B_T).last_hidden_state
+        # Position t predicts token t+1: the scored tokens of job b sit at n_prompt .. len-1.
+        rows = [hidden_B_T_H[b, j.n_prompt - 1 : len(j.input_ids) - 1] for b, j in enumerate(jobs)]
+        targets = [ids_B_T[b, j.n_prompt : len(j.input_ids)] for b, j in enumerate(jobs)]
+        return chunked_scores(
+            torch.cat(rows),
+            self.lm_head,
+            torch.cat(targets),
+            jobs,
+            self.chunk_rows,
+        )
+
+
+def chunked_scores(
+    hidden_N_H: torch.Tensor,
+    lm_head: torch.nn.Module,
+    targets_N: torch.Tensor,
+    jobs: list[ScoreJob],
+    chunk_rows: int,
+) -> list[SequenceScore]:
+    """Log-probs of `targets_N` (plus top-k and candidates) from hidden states, chunk by chunk.
+
+    Rows are the jobs' scored positions, concatenated in job order. Each job has its own temperature,
+    top_k and candidates, so these are expanded to per-row tensors first.
+    """
+    device = hidden_N_H.device
+    temps_N = torch.cat(
+        [torch.full((j.n_scored,), j.temperature, dtype=torch.float32) for j in jobs]
+    ).to(device)
+    k = max(j.top_k for j in jobs)
+    cand_N_C, cand_mask_N_C = _candidate_matrix(jobs, device)
+    logprobs, topk_vals, topk_ids, cand_vals = [], [], [], []
+    for start in range(0, hidden_N_H.shape[0], chunk_rows):
+        end = start + chunk_rows
+        logits = lm_head(hidden_N_H[start:end]).float() / temps_N[start:end, None]
+        logp_C_V = torch.log_softmax(logits, dim=-1)
+        logprobs.append(logp_C_V.gather(1, targets_N[start:end, None]).squeeze(1))
+        if k:
+            values, ids = logp_C_V.topk(k, dim=-1)  # sorted, descending
+            topk_vals.append(values)
+            topk_ids.append(ids)
+        if cand_N_C is not None:
+            cand_vals.append(logp_C_V.gather(1, cand_N_C[start:end]))
+    logprob_N = torch.cat(logprobs).cpu().numpy()
+    topk_val_N_K = torch.cat(topk_vals).cpu().numpy() if k else None
+    topk_id_N_K = torch.cat(topk_ids).to(torch.int32).cpu().numpy() if k else None
+    cand_N_C_vals = torch.cat(cand_vals).cpu().numpy() if cand_N_C is not None else None
+    cand_counts = cand_mask_N_C.sum(1).tolist() if cand_mask_N_C is not None else None
+
+    out, offset = [], 0
+    for job in jobs:
+        rows = slice(offset, offset + job.n_scored)
+        score = SequenceScore(logprobs=logprob_N[rows])
+        if job.top_k:
+            score.topk_ids = topk_id_N_K[rows, : job.top_k]
+            score.topk_logprobs = topk_val_N_K[rows, : job.top_k]
+        if job.candidate_ids is not None:
+            score.candidate_logprobs = [
+                cand_N_C_vals[offset + i, : cand_counts[offset + i]] for i in range(job.n_scored)
+            ]
+        out.append(score)
+        offset += job.n_scored
+    return out
+
+
+def _candidate_matrix(
+    jobs: list[ScoreJob], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Ragged candidate ids as a padded [N, C] index matrix (padding indexes token 0) and its mask."""
+    if all(j.candidate_ids is None for j in jobs):
+        return None, None
+    per_row = [
+        row for j in jobs for row in (j.candidate_ids or [[] for _ in range(j.n_scored)])
+    ]
+    width = max(1, max(len(r) for r in per_row))
+    index = torch.zeros((len(per_row), width), dtype=torch.long)
+    mask = torch.zeros((len(per_row), width), dtype=torch.bool)
+    for n, row in enumerate(per_row):
+        index[n, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[n, : len(row)] = True
+    return index.to(device), mask

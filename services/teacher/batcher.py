@@ -1,0 +1,145 @@
+"""Dynamic batching: concurrent requests are coalesced into forward passes under a token budget.
+
+Requests put their jobs on a queue; one worker task takes everything pending, sorts it by length (so
+sequences of similar length share a batch and padding stays small), packs batches whose padded size
+(rows x longest row) fits `max_batch_tokens`, and runs each in a worker thread so the event loop keeps
+serving. A failed batch fails every request waiting on it; a request whose client went away is dropped
+without blocking anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from services.teacher.backends.base import ScoreJob
+from services.teacher.metrics import TeacherMetrics
+from shared.errors import NotReady, QueueFull
+from shared.protocol import SequenceScore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    job: ScoreJob
+    future: asyncio.Future
+
+
+def pack_batches(items: list, max_batch_tokens: int, length: Callable[[object], int]) -> list[list]:
+    """Group items, shortest first, so that len(batch) * longest <= max_batch_tokens (or one item)."""
+    batches: list[list] = []
+    current: list = []
+    for item in sorted(items, key=length):
+        # Sorted ascending, so the newest item is the longest in the batch.
+        if current and (len(current) + 1) * length(item) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: Callable[[list[ScoreJob]], list[SequenceScore]],
+        max_batch_tokens: int,
+        max_queue_tokens: int,
+        metrics: TeacherMetrics | None = None,
+    ):
+        self._run_batch = run_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self._metrics = metrics
+        self._pending: list[_Pending] = []
+        self._queued_tokens = 0  # in jobs submitted and not yet started
+        self._queued_seqs = 0
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        # One thread: batches run one after another; torch uses its own threads inside.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._seconds_per_token = 1e-5  # running estimate, for Retry-After
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        for item in self._pending:
+            if not item.future.done():
+                item.future.set_exception(NotReady("the teacher is shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=False)
+
+    def depth(self) -> int:
+        return self._queued_seqs
+
+    async def submit(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        cost = sum(len(j.input_ids) for j in jobs)
+        # An empty queue always admits, so a request within max_seq_len can never be refused forever.
+        if self._queued_tokens and self._queued_tokens + cost > self.max_queue_tokens:
+            wait = max(1.0, round(self._queued_tokens * self._seconds_per_token, 1))
+            raise QueueFull(
+                f"queue full ({self._queued_tokens} tokens waiting, limit {self.max_queue_tokens})",
+                retry_after=wait,
+            )
+        loop = asyncio.get_running_loop()
+        items = [_Pending(job, loop.create_future()) for job in jobs]
+        self._pending.extend(items)
+        self._queued_tokens += cost
+        self._queued_seqs += len(items)
+        self._observe_queue()
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            # The client went away or a sibling failed: drop what has not started yet.
+            for item in items:
+                item.future.cancel()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            taken, self._pending = self._pending, []
+            for batch in pack_batches(taken, self.max_batch_tokens, lambda i: len(i.job.input_ids)):
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        self._queued_tokens -= sum(len(i.job.input_ids) for i in batch)
+        self._queued_seqs -= len(batch)
+        self._observe_queue()
+        live = [i for i in batch if not i.future.done()]
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            scores = await loop.run_in_executor(
+                self._executor, self._run_batch, [i.job for i in live]
+            )
+        except Exception as exc:  # the failure reaches every request in the batch
+            log.exception("scoring a batch of %d sequences failed", len(live))
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        elapsed = loop.time() - started
+        tokens = sum(len(i.job.input_ids) for i in live)
+        self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * elapsed / max(tokens, 1)
+        if self._metrics is not None:
+            self._metrics.observe_batch(len(live), tokens, elapsed)
+        for item, score in zip(live, scores):
+            if not item.future.done():
+                item.future.set_result(score)
+
+    def _observe_queue(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._queued_seqs)

@@ -1,0 +1,84 @@
+"""`opd-teacher serve`: run the teacher server.
+
+    opd-teacher serve --model models/tiny-teacher --port 8000
+    OPD_TEACHER_API_KEY=secret opd-teacher serve --host 0.0.0.0
+
+Every flag is also an environment variable (OPD_TEACHER_<FLAG>); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from services.teacher.settings import TeacherSettings
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field, so the CLI never re-declares them by hand."""
+    for name, field in TeacherSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "OPD_TEACHER_" + name.upper()
+        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
+        help_text = f"{field.description} [env {env}; default {default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        parser.add_argument(flag, default=None, choices=choices, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd-teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve POST /score over HTTP",
+                           description="Serve teacher log-probs over HTTP.")
+    _add_setting_flags(serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
+    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return TeacherSettings(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"opd-teacher: error: {flag}: {err['msg']}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: TeacherSettings) -> int:
+    import logging
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from services.teacher.app import create_app
+
+    if settings.backend == "hf" and not (Path(settings.model) / "config.json").is_file():
+        print(f"opd-teacher: error: --model {settings.model}: not a local Hugging Face model folder "
+              "(no config.json)", file=sys.stderr)
+        return 2
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

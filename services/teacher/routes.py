@@ -1,0 +1,150 @@
+"""HTTP routes of the teacher: /score (JSON or msgpack), /health, /ready, /info, /metrics."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from shared.errors import (
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from shared.protocol import (
+    JSON,
+    MSGPACK,
+    MSGPACK_TYPES,
+    ScoreRequest,
+    ScoreResponse,
+    decode_request,
+    encode_response,
+)
+from services.teacher.scoring import score_request
+
+router = APIRouter()
+
+
+def get_state(request: Request):
+    return request.app.state.teacher
+
+
+def ready_state(request: Request):
+    """The state, once the model is loaded; 503 before."""
+    state = get_state(request)
+    if state.limits is None:
+        detail = f"model failed to load: {state.load_error}" if state.load_error else "model loading"
+        raise NotReady(detail, retry_after=None if state.load_error else 2)
+    return state
+
+
+def check_api_key(request: Request) -> None:
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), key.get_secret_value().encode()
+    ):
+        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           param="Authorization")
+
+
+Ready = Annotated[object, Depends(ready_state)]
+Authorized = Annotated[None, Depends(check_api_key)]
+
+# The body is read by hand (two content types), so its schema is given to the docs here.
+_SCORE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": ScoreRequest.model_json_schema()},
+            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def is_binary_request(request: Request) -> bool:
+    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if ctype in MSGPACK_TYPES:
+        return True
+    if ctype in (JSON, ""):
+        return False
+    raise UnsupportedMediaType(
+        f"Content-Type {ctype!r} is not supported; send {JSON} or {MSGPACK}", param="Content-Type"
+    )
+
+
+def wants_binary_response(request: Request, binary_request: bool) -> bool:
+    """msgpack when Accept names it; with no Accept, answer in the request's own form."""
+    accept = request.headers.get("accept", "").lower()
+    if any(t in accept for t in MSGPACK_TYPES):
+        return True
+    return binary_request and accept in ("", "*/*")
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    openapi_extra=_SCORE_BODY,
+    responses={200: {"content": {MSGPACK: {}}}},
+    summary="Teacher log-probs of completion tokens (JSON or msgpack)",
+)
+async def score(request: Request, state: Ready, _: Authorized) -> Response:
+    binary = is_binary_request(request)
+    body = await read_body(request, int(state.settings.max_body_mb * 2**20))
+    parsed = decode_request(body, binary)
+    result = await score_request(parsed, state.backend, state.limits, state.metrics)
+    out_binary = wants_binary_response(request, binary)
+    return Response(encode_response(result, out_binary), media_type=MSGPACK if out_binary else JSON)
+
+
+@router.get("/health", summary="Alive (the process answers)")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="200 once the model is loaded, 503 before")
+async def ready(state: Ready) -> dict:
+    return {"status": "ready"}
+
+
+@router.get("/info", summary="Model, backend, limits and tokenizer fingerprint")
+async def info(state: Ready, _: Authorized) -> dict:
+    i = state.backend.info
+    return {
+        "model": i.model,
+        "backend": i.backend,
+        "dtype": i.dtype,
+        "device": i.device,
+        "vocab_size": i.vocab_size,
+        "max_seq_len": i.max_seq_len,
+        "max_top_k": state.limits.max_top_k,
+        "max_batch_tokens": state.settings.max_batch_tokens,
+        "tokenizer_fingerprint": i.tokenizer_fingerprint,
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    state.metrics.queue_depth.set(state.backend.queue_depth())
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+

@@ -1,0 +1,84 @@
+"""From a validated ScoreRequest to backend jobs (checking the server's limits), and back to a result.
+
+The protocol module checks what a request says on its own; this module checks it against this server:
+vocabulary size, max_seq_len and max_top_k. Every route that scores (the native one and the dialects
+of other trainers) goes through `score_request`, so there is one scoring path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
+from services.teacher.metrics import TeacherMetrics
+from shared.errors import InvalidRequest
+from shared.protocol import ScoreRequest, ScoreResult, Usage
+
+
+@dataclass
+class Limits:
+    vocab_size: int
+    max_seq_len: int
+    max_top_k: int
+
+    @classmethod
+    def of(cls, info: BackendInfo, max_top_k: int) -> Limits:
+        return cls(info.vocab_size, info.max_seq_len, min(max_top_k, info.vocab_size))
+
+
+def jobs_from_request(request: ScoreRequest, limits: Limits) -> list[ScoreJob]:
+    if request.top_k > limits.max_top_k:
+        raise InvalidRequest(
+            f"top_k {request.top_k} exceeds this server's max_top_k {limits.max_top_k}",
+            param="top_k",
+        )
+    jobs = []
+    for s, seq in enumerate(request.sequences):
+        n_scored = request.scored_positions(s)
+        ids = seq.prompt_ids + seq.completion_ids[:n_scored]
+        if len(ids) > limits.max_seq_len:
+            raise InvalidRequest(
+                f"sequence {s} has {len(ids)} tokens to read (prompt {len(seq.prompt_ids)} + "
+                f"scored {n_scored}); this server's max_seq_len is {limits.max_seq_len}",
+                param=f"sequences.{s}",
+            )
+        _check_ids(ids, limits.vocab_size, f"sequences.{s}")
+        candidates = None
+        if request.candidate_ids is not None:
+            candidates = request.candidate_ids[s]
+            for i, row in enumerate(candidates):
+                _check_ids(row, limits.vocab_size, f"candidate_ids.{s}.{i}")
+        jobs.append(
+            ScoreJob(
+                input_ids=ids,
+                n_prompt=len(seq.prompt_ids),
+                top_k=request.top_k,
+                candidate_ids=candidates,
+                temperature=request.temperature,
+            )
+        )
+    return jobs
+
+
+async def score_request(
+    request: ScoreRequest, backend: Backend, limits: Limits, metrics: TeacherMetrics | None = None
+) -> ScoreResult:
+    """Check `request` against this server and score it on `backend`."""
+    jobs = jobs_from_request(request, limits)
+    scores = await backend.score(jobs)
+    usage = Usage(
+        prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)
+    )
+    if metrics is not None:
+        metrics.tokens_scored.inc(usage.scored_tokens)
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+    info = backend.info
+    return ScoreResult(info.model, info.tokenizer_fingerprint, scores, usage)
+
+
+def _check_ids(ids: list[int], vocab_size: int, where: str) -> None:
+    if ids and max(ids) >= vocab_size:
+        bad = next(i for i in ids if i >= vocab_size)
+        raise InvalidRequest(
+            f"{where}: token id {bad} is out of range (vocab_size {vocab_size})", param=where
+        )

@@ -1,0 +1,38 @@
+"""Teacher server settings: from the environment (OPD_TEACHER_*), overridden by command-line flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opd.models import TEACHER_PATH
+
+
+class TeacherSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", extra="forbid")
+
+    model: str = Field(str(TEACHER_PATH), description="Local folder of a Hugging Face causal LM.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (hf backend).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Token budget of one forward batch (rows x longest row)."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=1, description="Longest prompt + scored tokens (default: the model's, capped)."
+    )
+    max_top_k: int = Field(20, ge=0, description="Largest top_k a request may ask for.")
+    max_queue_tokens: int | None = Field(
+        None, ge=1, description="Tokens waiting before 429s (default 8 x max_batch_tokens)."
+    )
+    max_body_mb: float = Field(64.0, gt=0, description="Largest request body, in MiB (else 413).")
+    api_key: SecretStr | None = Field(
+        None, description="If set, requests need 'Authorization: Bearer KEY'."
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
+    log_level: str = Field("info", description="uvicorn log level.")

@@ -1,0 +1,348 @@
+"""Clients of the teacher server: `TeacherClient` (sync) and `AsyncTeacherClient` (asyncio), on httpx.
+
+    client = TeacherClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"])
+    client.connect(tokenizer)            # refuses a teacher whose tokenizer differs from the student's
+    result = client.score([(prompt_ids, completion_ids)], top_k=5)
+    result.results[0].logprobs           # float32 [n]
+
+Each route has a method of the same name and arguments. Requests go binary (msgpack) by default, to
+the replica with the fewest requests in flight; connection errors, 429 and 503 are retried with
+exponential backoff (honouring Retry-After), on another replica when there is one. Scoring is a pure
+function of the request, so a retry can never score anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import httpx
+
+from shared.errors import FingerprintMismatch, NotReady, TeacherError, error_from_body
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import (
+    JSON,
+    MSGPACK,
+    ScoreRequest,
+    ScoreResult,
+    decode_response,
+    encode_request,
+)
+
+RETRY_STATUSES = (429, 503)
+
+
+class TeacherUnreachable(TeacherError, ConnectionError):
+    """No replica answered within the retry budget."""
+
+    type = "teacher_unreachable"
+
+
+class _Replicas:
+    """Least-in-flight choice among replicas; a replica that refused a connection sits out a while."""
+
+    def __init__(self, urls: Sequence[str]):
+        if not urls:
+            raise ValueError("at least one teacher URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.in_flight = dict.fromkeys(self.urls, 0)
+        self.down_until = dict.fromkeys(self.urls, 0.0)
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            up = [u for u in self.urls if self.down_until[u] <= now] or self.urls
+            # Rotate the starting point so ties spread evenly instead of always hitting the first.
+            start = next(self._turn) % len(up)
+            rotated = up[start:] + up[:start]
+            url = min(rotated, key=lambda u: self.in_flight[u])
+            self.in_flight[url] += 1
+            return url
+
+    def release(self, url: str) -> None:
+        with self._lock:
+            self.in_flight[url] -= 1
+
+    def mark_down(self, url: str, seconds: float) -> None:
+        with self._lock:
+            self.down_until[url] = time.monotonic() + seconds
+
+
+class _Core:
+    """What the sync and async clients share: requests, retry decisions, replies."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        api_key: str | None,
+        binary: bool,
+        max_retries: int,
+        backoff: float,
+        max_backoff: float,
+    ):
+        self.replicas = _Replicas([base_urls] if isinstance(base_urls, str) else list(base_urls))
+        self.binary = binary
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):
+        request = ScoreRequest(
+            sequences=[_as_sequence(s) for s in sequences],
+            top_k=top_k,
+            candidate_ids=candidate_ids,
+            temperature=temperature,
+            max_positions=max_positions,
+        )
+        ctype = MSGPACK if self.binary else JSON
+        headers = {**self.headers, "Content-Type": ctype, "Accept": ctype}
+        return encode_request(request, self.binary), headers
+
+    def delay_after_error(self, attempt: int, url: str, exc: Exception) -> float:
+        self.replicas.mark_down(url, min(self.max_backoff, 2.0))
+        if attempt >= self.max_retries:
+            raise TeacherUnreachable(
+                f"teacher at {url} is unreachable after {attempt + 1} attempts "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        # With another replica up, go there at once; else back off.
+        others_up = any(
+            self.replicas.down_until[u] <= time.monotonic() for u in self.replicas.urls if u != url
+        )
+        return 0.0 if others_up else self._backoff(attempt)
+
+    def delay_after_response(self, attempt: int, response: httpx.Response) -> float | None:
+        """None when the response is final (success or an error to raise); else seconds to wait."""
+        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+            return None
+        retry_after = _retry_after(response)
+        return retry_after if retry_after is not None else self._backoff(attempt)
+
+    def reply(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": {"message": response.text[:200] or f"HTTP {response.status_code}"}}
+            raise error_from_body(response.status_code, body, _retry_after(response))
+        return response
+
+    def check_info(self, url: str, info: dict, expected: str | None) -> None:
+        if expected is not None and info.get("tokenizer_fingerprint") != expected:
+            raise FingerprintMismatch(
+                f"teacher at {url} uses another tokenizer (fingerprint "
+                f"{info.get('tokenizer_fingerprint')}) than the student ({expected}); its token ids "
+                "would mean other text, so refusing to use it"
+            )
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def _as_sequence(item: Any) -> dict:
+    if isinstance(item, dict):
+        return item
+    if hasattr(item, "prompt_ids"):
+        return {"prompt_ids": list(item.prompt_ids), "completion_ids": list(item.completion_ids)}
+    prompt_ids, completion_ids = item
+    return {"prompt_ids": list(prompt_ids), "completion_ids": list(completion_ids)}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _expected_fingerprint(tokenizer: Any) -> str | None:
+    if tokenizer is None or isinstance(tokenizer, str):
+        return tokenizer
+    return tokenizer_fingerprint(tokenizer)
+
+
+class TeacherClient:
+    """Synchronous client; safe to share between threads."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        api_key: str | None = None,
+        binary: bool = True,
+        timeout: float = 120.0,
+        max_retries: int = 6,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+    ):
+        self._core = _Core(base_urls, api_key, binary, max_retries, backoff, max_backoff)
+        self._http = httpx.Client(timeout=timeout)
+
+    @property
+    def urls(self) -> list[str]:
+        return self._core.replicas.urls
+
+    def _request(self, method: str, path: str, url: str | None = None, **kw) -> httpx.Response:
+        for attempt in itertools.count():
+            target = url or self._core.replicas.acquire()
+            try:
+                response = self._http.request(method, target + path, **kw)
+            except httpx.TransportError as exc:
+                delay = self._core.delay_after_error(attempt, target, exc)
+            else:
+                delay = self._core.delay_after_response(attempt, response)
+                if delay is None:
+                    return self._core.reply(response)
+            finally:
+                if url is None:
+                    self._core.replicas.release(target)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def health(self, url: str | None = None) -> dict:
+        return self._request("GET", "/health", url).json()
+
+    def ready(self, url: str | None = None) -> dict:
+        return self._request("GET", "/ready", url).json()
+
+    def info(self, url: str | None = None) -> dict:
+        return self._request("GET", "/info", url, headers=self._core.headers).json()
+
+    def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
+        """Wait up to `wait_s` until every replica is ready, and check its tokenizer against
+        `tokenizer` (a HF tokenizer or a fingerprint string). Returns each replica's /info."""
+        expected = _expected_fingerprint(tokenizer)
+        deadline = time.monotonic() + wait_s
+        infos = []
+        for url in self.urls:
+            while True:
+                try:
+                    info = self.info(url)
+                    break
+                except NotReady:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            self._core.check_info(url, info, expected)
+            infos.append(info)
+        return infos
+
+    def score(
+        self,
+        sequences: Iterable[Any],
+        top_k: int = 0,
+        candidate_ids: list[list[list[int]]] | None = None,
+        temperature: float = 1.0,
+        max_positions: int | None = None,
+    ) -> ScoreResult:
+        """Teacher log-probs of each (prompt_ids, completion_ids); see shared.protocol for shapes."""
+        body, headers = self._core.score_body(
+            sequences, top_k, candidate_ids, temperature, max_positions
+        )
+        response = self._request("POST", "/score", content=body, headers=headers)
+        return decode_response(response.content, self._core.binary)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncTeacherClient:
+    """asyncio client with the same methods as TeacherClient, awaited."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        api_key: str | None = None,
+        binary: bool = True,
+        timeout: float = 120.0,
+        max_retries: int = 6,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+    ):
+        self._core = _Core(base_urls, api_key, binary, max_retries, backoff, max_backoff)
+        self._http = httpx.AsyncClient(timeout=timeout)
+
+    @property
+    def urls(self) -> list[str]:
+        return self._core.replicas.urls
+
+    async def _request(self, method: str, path: str, url: str | None = None, **kw) -> httpx.Response:
+        for attempt in itertools.count():
+            target = url or self._core.replicas.acquire()
+            try:
+                response = await self._http.request(method, target + path, **kw)
+            except httpx.TransportError as exc:
+                delay = self._core.delay_after_error(attempt, target, exc)
+            else:
+                delay = self._core.delay_after_response(attempt, response)
+                if delay is None:
+                    return self._core.reply(response)
+            finally:
+                if url is None:
+                    self._core.replicas.release(target)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def health(self, url: str | None = None) -> dict:
+        return (await self._request("GET", "/health", url)).json()
+
+    async def ready(self, url: str | None = None) -> dict:
+        return (await self._request("GET", "/ready", url)).json()
+
+    async def info(self, url: str | None = None) -> dict:
+        return (await self._request("GET", "/info", url, headers=self._core.headers)).json()
+
+    async def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
+        expected = _expected_fingerprint(tokenizer)
+        deadline = time.monotonic() + wait_s
+        infos = []
+        for url in self.urls:
+            while True:
+                try:
+                    info = await self.info(url)
+                    break
+                except NotReady:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            self._core.check_info(url, info, expected)
+            infos.append(info)
+        return infos
+
+    async def score(
+        self,
+        sequences: Iterable[Any],
+        top_k: int = 0,
+        candidate_ids: list[list[list[int]]] | None = None,
+        temperature: float = 1.0,
+        max_positions: int | None = None,
+    ) -> ScoreResult:
+        body, headers = self._core.score_body(
+            sequences, top_k, candidate_ids, temperature, max_positions
+        )
+        response = await self._request("POST", "/score", content=body, headers=headers)
+        return decode_response(response.content, self._core.binary)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncTeacherClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+

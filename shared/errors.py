@@ -1,0 +1,108 @@
+"""Errors of the teacher protocol, shared by the server (which raises them) and the client (which
+re-raises what the server said). One table maps each type to its HTTP status, both ways.
+
+Every error travels in one shape, OpenAI-style:
+    {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+"""
+
+from __future__ import annotations
+
+
+class TeacherError(Exception):
+    """Base class; `param` names the offending field when there is one."""
+
+    type = "teacher_error"
+
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return STATUS_OF[type(self)]
+
+    def to_body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+class MalformedBody(TeacherError):
+    """The body is not valid JSON / msgpack, or a packed array has a bad byte length."""
+
+    type = "malformed_body"
+
+
+class InvalidRequest(TeacherError):
+    """Well-formed, but a field breaks a rule (token id out of range, top_k too large, ...)."""
+
+    type = "invalid_request"
+
+
+class Unauthorized(TeacherError):
+    type = "unauthorized"
+
+
+class NotFound(TeacherError):
+    type = "not_found"
+
+
+class PayloadTooLarge(TeacherError):
+    type = "payload_too_large"
+
+
+class UnsupportedMediaType(TeacherError):
+    type = "unsupported_media_type"
+
+
+class QueueFull(TeacherError):
+    """The server has more queued work than its limit; retry after `retry_after` seconds."""
+
+    type = "queue_full"
+
+
+class NotReady(TeacherError):
+    """The model is still loading, or the server is shutting down."""
+
+    type = "not_ready"
+
+
+class ServerError(TeacherError):
+    type = "server_error"
+
+
+class FingerprintMismatch(TeacherError):
+    """Client-side: the teacher's tokenizer differs from the student's, so its ids mean other text."""
+
+    type = "fingerprint_mismatch"
+
+
+STATUS_OF: dict[type[TeacherError], int] = {
+    TeacherError: 500,
+    MalformedBody: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidRequest: 422,
+    QueueFull: 429,
+    ServerError: 500,
+    NotReady: 503,
+    FingerprintMismatch: 409,
+}
+ERROR_OF_STATUS: dict[int, type[TeacherError]] = {s: e for e, s in STATUS_OF.items() if e is not TeacherError}
+
+
+def error_from_body(status: int, body: dict | None, retry_after: float | None) -> TeacherError:
+    """Rebuild the server's error from its status and body (client side)."""
+    cls = ERROR_OF_STATUS.get(status, ServerError if status >= 500 else InvalidRequest)
+    err = (body or {}).get("error") or {}
+    message = err.get("message") or f"HTTP {status}"
+    return cls(message, param=err.get("param"), retry_after=retry_after)

@@ -1,0 +1,327 @@
+"""The teacher's wire protocol: `POST /score` messages in JSON and in binary (msgpack) form.
+
+JSON request (the public contract):
+    {"sequences": [{"prompt_ids": [int], "completion_ids": [int]}], "top_k": 0,
+     "candidate_ids": null, "temperature": 1.0, "max_positions": null}
+JSON response:
+    {"model": str, "tokenizer_fingerprint": str,
+     "results": [{"logprobs": [float], "topk_ids": [[int]] | null, "topk_logprobs": [[float]] | null,
+                  "candidate_logprobs": [[float]] | null}],
+     "usage": {"prompt_tokens": int, "scored_tokens": int}}
+
+`logprobs[i]` is the teacher's log-prob of `completion_ids[i]` given the prompt and completion_ids[:i],
+computed as log_softmax(logits / temperature). Only the first `max_positions` completion tokens are
+scored when it is set. `candidate_ids[s][i]` lists token ids whose log-probs are wanted at position i
+of sequence s (for example the student's own top-k).
+
+Binary form (Content-Type / Accept `application/msgpack`): the same maps, with every id array packed
+as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of
+lists (candidates) travel as {"values": flat bytes, "counts": int32 bytes per position}; top-k arrays
+are row-major [positions, k] with "top_k" giving k. Server-side log-probs are float32, so the JSON
+and binary forms carry identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import InvalidRequest, MalformedBody
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
+
+# int32 on the binary wire, so ids must fit in it.
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class ScoreSequence(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_ids: list[TokenId] = Field(min_length=1, description="Token ids of the context.")
+    completion_ids: list[TokenId] = Field(min_length=1, description="Token ids to score.")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sequences: list[ScoreSequence] = Field(min_length=1)
+    top_k: int = Field(0, ge=0, description="Also return the teacher's k most likely tokens.")
+    candidate_ids: list[list[list[TokenId]]] | None = Field(
+        None, description="Per sequence, per scored position: token ids to score there."
+    )
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Divides the logits.")
+    max_positions: int | None = Field(
+        None, ge=1, description="Score only the first H completion tokens (the rollout horizon)."
+    )
+
+    def scored_positions(self, index: int) -> int:
+        n = len(self.sequences[index].completion_ids)
+        return n if self.max_positions is None else min(n, self.max_positions)
+
+
+class SequenceScoreModel(BaseModel):
+    logprobs: list[float]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    candidate_logprobs: list[list[float]] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    scored_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    """The JSON response, as a schema (the OpenAPI docs); code handles it as `ScoreResult`."""
+
+    model: str
+    tokenizer_fingerprint: str
+    results: list[SequenceScoreModel]
+    usage: Usage
+
+
+@dataclass
+class SequenceScore:
+    """One sequence's scores as arrays; n = scored positions."""
+
+    logprobs: np.ndarray  # float32 [n]
+    topk_ids: np.ndarray | None = None  # int32 [n, k]
+    topk_logprobs: np.ndarray | None = None  # float32 [n, k]
+    candidate_logprobs: list[np.ndarray] | None = None  # n arrays, float32 [c_i]
+
+
+@dataclass
+class ScoreResult:
+    model: str
+    tokenizer_fingerprint: str
+    results: list[SequenceScore]
+    usage: Usage
+
+
+# ---- requests ----
+
+
+def validate_request(data: Any) -> ScoreRequest:
+    """Parse a decoded body into a ScoreRequest, or raise InvalidRequest naming the field."""
+    try:
+        request = ScoreRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    if request.candidate_ids is not None:
+        if len(request.candidate_ids) != len(request.sequences):
+            raise InvalidRequest(
+                f"candidate_ids has {len(request.candidate_ids)} entries for "
+                f"{len(request.sequences)} sequences",
+                param="candidate_ids",
+            )
+        for s, per_position in enumerate(request.candidate_ids):
+            want = request.scored_positions(s)
+            if len(per_position) != want:
+                raise InvalidRequest(
+                    f"candidate_ids[{s}] has {len(per_position)} positions; sequence {s} has "
+                    f"{want} scored positions",
+                    param=f"candidate_ids.{s}",
+                )
+    return request
+
+
+def encode_request(request: ScoreRequest, binary: bool) -> bytes:
+    if not binary:
+        return request.model_dump_json().encode()
+    body: dict[str, Any] = {
+        "sequences": [
+            {"prompt_ids": _i32(s.prompt_ids), "completion_ids": _i32(s.completion_ids)}
+            for s in request.sequences
+        ],
+        "top_k": request.top_k,
+        "candidate_ids": None
+        if request.candidate_ids is None
+        else [_pack_ragged(rows, _i32) for rows in request.candidate_ids],
+        "temperature": request.temperature,
+        "max_positions": request.max_positions,
+    }
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_request(body: bytes, binary: bool) -> ScoreRequest:
+    data = _unpack(body) if binary else _load_json(body)
+    if binary and isinstance(data, dict):
+        data = _unpack_request_arrays(data)
+    return validate_request(data)
+
+
+def _unpack_request_arrays(data: dict) -> dict:
+    out = dict(data)
+    sequences = data.get("sequences")
+    if isinstance(sequences, list):
+        out["sequences"] = [
+            {k: _ids_list(v, f"sequences.{i}.{k}") for k, v in s.items()} if isinstance(s, dict) else s
+            for i, s in enumerate(sequences)
+        ]
+    candidates = data.get("candidate_ids")
+    if isinstance(candidates, list):
+        out["candidate_ids"] = [
+            _unpack_ragged(c, "<i4", f"candidate_ids.{i}") for i, c in enumerate(candidates)
+        ]
+    return out
+
+
+# ---- responses ----
+
+
+def encode_response(result: ScoreResult, binary: bool) -> bytes:
+    if binary:
+        return msgpack.packb(
+            {
+                "model": result.model,
+                "tokenizer_fingerprint": result.tokenizer_fingerprint,
+                "results": [_pack_score(r) for r in result.results],
+                "usage": result.usage.model_dump(),
+            },
+            use_bin_type=True,
+        )
+    body = {
+        "model": result.model,
+        "tokenizer_fingerprint": result.tokenizer_fingerprint,
+        "results": [
+            {
+                "logprobs": r.logprobs.tolist(),
+                "topk_ids": None if r.topk_ids is None else r.topk_ids.tolist(),
+                "topk_logprobs": None if r.topk_logprobs is None else r.topk_logprobs.tolist(),
+                "candidate_logprobs": None
+                if r.candidate_logprobs is None
+                else [c.tolist() for c in r.candidate_logprobs],
+            }
+            for r in result.results
+        ],
+        "usage": result.usage.model_dump(),
+    }
+    return json.dumps(body).encode()
+
+
+def decode_response(body: bytes, binary: bool) -> ScoreResult:
+    data = _unpack(body) if binary else _load_json(body)
+    read = _unpack_score if binary else _json_score
+    return ScoreResult(
+        model=data["model"],
+        tokenizer_fingerprint=data["tokenizer_fingerprint"],
+        results=[read(r) for r in data["results"]],
+        usage=Usage(**data["usage"]),
+    )
+
+
+def _pack_score(r: SequenceScore) -> dict:
+    return {
+        "logprobs": _f32(r.logprobs),
+        "top_k": 0 if r.topk_ids is None else int(r.topk_ids.shape[1]),
+        "topk_ids": None if r.topk_ids is None else _i32(r.topk_ids),
+        "topk_logprobs": None if r.topk_logprobs is None else _f32(r.topk_logprobs),
+        "candidate_logprobs": None
+        if r.candidate_logprobs is None
+        else _pack_ragged(r.candidate_logprobs, _f32),
+    }
+
+
+def _unpack_score(d: dict) -> SequenceScore:
+    logprobs = np.frombuffer(d["logprobs"], dtype="<f4")
+    k = d["top_k"]
+    return SequenceScore(
+        logprobs=logprobs,
+        topk_ids=None if d["topk_ids"] is None else np.frombuffer(d["topk_ids"], "<i4").reshape(-1, k),
+        topk_logprobs=None
+        if d["topk_logprobs"] is None
+        else np.frombuffer(d["topk_logprobs"], "<f4").reshape(-1, k),
+        candidate_logprobs=None
+        if d["candidate_logprobs"] is None
+        else _split_ragged(d["candidate_logprobs"], "<f4"),
+    )
+
+
+def _json_score(d: dict) -> SequenceScore:
+    def f32(rows):
+        return None if rows is None else np.asarray(rows, dtype=np.float32)
+
+    n = len(d["logprobs"])
+    topk_ids = d.get("topk_ids")
+    return SequenceScore(
+        logprobs=np.asarray(d["logprobs"], dtype=np.float32),
+        topk_ids=None if topk_ids is None else np.asarray(topk_ids, dtype=np.int32).reshape(n, -1),
+        topk_logprobs=None if topk_ids is None else f32(d["topk_logprobs"]).reshape(n, -1),
+        candidate_logprobs=None
+        if d.get("candidate_logprobs") is None
+        else [f32(c) for c in d["candidate_logprobs"]],
+    )
+
+
+# ---- packing helpers ----
+
+
+def _i32(values: Any) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def _f32(values: Any) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def _pack_ragged(rows: list, pack) -> dict:
+    counts = [len(r) for r in rows]
+    flat = np.concatenate([np.asarray(r) for r in rows]) if rows else np.zeros(0)
+    return {"values": pack(flat), "counts": _i32(counts)}
+
+
+def _split_ragged(packed: dict, dtype: str) -> list[np.ndarray]:
+    values = np.frombuffer(packed["values"], dtype=dtype)
+    counts = np.frombuffer(packed["counts"], dtype="<i4")
+    return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
+
+
+def _unpack_ragged(packed: Any, dtype: str, where: str) -> Any:
+    if not isinstance(packed, dict) or not {"values", "counts"} <= packed.keys():
+        raise MalformedBody(f"{where}: expected {{'values': bytes, 'counts': bytes}}", param=where)
+    values = _frombuffer(packed["values"], dtype, f"{where}.values")
+    counts = _frombuffer(packed["counts"], "<i4", f"{where}.counts")
+    if counts.min(initial=0) < 0 or int(counts.sum()) != len(values):
+        raise MalformedBody(f"{where}: counts do not add up to the number of values", param=where)
+    return [part.tolist() for part in np.split(values, np.cumsum(counts)[:-1])] if len(counts) else []
+
+
+def _ids_list(value: Any, where: str) -> Any:
+    # Anything that is not bytes is left for validation to reject with the field's name.
+    return _frombuffer(value, "<i4", where).tolist() if isinstance(value, bytes) else value
+
+
+def _frombuffer(value: Any, dtype: str, where: str) -> np.ndarray:
+    if not isinstance(value, bytes):
+        raise MalformedBody(f"{where}: expected packed bytes", param=where)
+    if len(value) % 4:
+        raise MalformedBody(f"{where}: byte length {len(value)} is not a multiple of 4", param=where)
+    return np.frombuffer(value, dtype=dtype)
+
+
+def _unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise MalformedBody(f"body is not valid msgpack ({type(exc).__name__})") from None
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"body is not valid JSON ({exc})") from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return InvalidRequest("; ".join(parts) + more, param=param)

@@ -1,0 +1,134 @@
+"""The bundled task: multi-operand addition solved column by column, with a written chain of thought.
+
+A problem is 2-4 operands of 2-6 digits. The target walks the columns from the right; each column line
+adds that column's digits (and the carry) as a chain of two-term sums, then writes the digit and the
+carry. The last line gives the answer, which the verifier extracts and compares exactly:
+
+    prompt:  "Q:3518+962+47\n"
+    target:  "1:8+2=10,10+7=17>7c1\n"
+             "2:1+6=7,7+4=11,11+1=12>2c1\n"
+             "3:5+9=14,14+1=15>5c1\n"
+             "4:3+1=4>4c0\n"
+             "A:4527\n"
+
+Harder problems (more operands, more digits) have longer chains, so the rollout horizon matters.
+Train and eval problems never overlap: each problem goes to one split by a hash of its text.
+
+    python -m shared.task --n 5 --split eval     # print a few problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+MIN_OPERANDS, MAX_OPERANDS = 2, 4
+MIN_DIGITS, MAX_DIGITS = 2, 6
+SPLITS = ("train", "eval")
+# The eval split takes 1/8 of the hash space; the rest is train.
+EVAL_BUCKETS = 1
+HASH_BUCKETS = 8
+# Every character the task can emit; the tokenizer is built from this alphabet.
+ALPHABET = "0123456789+=,>:cAQ\n"
+# Room for the longest possible target (4 operands of 6 digits: 224 characters and <eos>); evaluation
+# always generates this far, so it is never truncated, and it is the full rollout horizon H_max.
+MAX_NEW_TOKENS = 256
+
+_ANSWER_RE = re.compile(r"^A:(\d+)$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+
+    @property
+    def prompt(self) -> str:
+        return "Q:" + "+".join(str(x) for x in self.operands) + "\n"
+
+    @property
+    def answer(self) -> int:
+        return sum(self.operands)
+
+    @property
+    def target(self) -> str:
+        return solution_text(self.operands)
+
+
+def solution_text(operands: tuple[int, ...]) -> str:
+    """The step-by-step chain of thought for adding `operands`, ending in the answer line."""
+    lines = []
+    carry = 0
+    width = max(len(str(x)) for x in operands)
+    for col in range(width):
+        digits = [int(str(x)[-1 - col]) for x in operands if col < len(str(x))]
+        # The carry joins the chain as its last term from the second column on, even when it is 0,
+        # so every column line has the same shape.
+        terms = digits + ([carry] if col > 0 else [])
+        total = terms[0]
+        sums = []
+        for term in terms[1:]:
+            sums.append(f"{total}+{term}={total + term}")
+            total += term
+        lines.append(f"{col + 1}:{','.join(sums)}>{total % 10}c{total // 10}\n")
+        carry = total // 10
+    lines.append(f"A:{sum(operands)}\n")
+    return "".join(lines)
+
+
+def extract_answer(text: str) -> int | None:
+    """The final answer in a generated completion, or None when there is no well-formed answer line."""
+    match = _ANSWER_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def is_correct(problem: Problem, completion: str) -> bool:
+    """Exact match of the completion's final answer against the true sum."""
+    return extract_answer(completion) == problem.answer
+
+
+def split_of(problem: Problem) -> str:
+    digest = hashlib.sha256(problem.prompt.encode()).digest()
+    return "eval" if digest[0] % HASH_BUCKETS < EVAL_BUCKETS else "train"
+
+
+def random_problem(rng: random.Random) -> Problem:
+    n_operands = rng.randint(MIN_OPERANDS, MAX_OPERANDS)
+    operands = []
+    for _ in range(n_operands):
+        digits = rng.randint(MIN_DIGITS, MAX_DIGITS)
+        operands.append(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    return Problem(tuple(operands))
+
+
+def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
+    """`n` distinct problems of `split` ('train' or 'eval'), the same list for the same seed."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    # The split name is mixed into the seed so train and eval streams differ even at the same seed.
+    rng = random.Random(f"{split}:{seed}")
+    seen: set[tuple[int, ...]] = set()
+    out: list[Problem] = []
+    while len(out) < n:
+        problem = random_problem(rng)
+        if problem.operands in seen or split_of(problem) != split:
+            continue
+        seen.add(problem.operands)
+        out.append(problem)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print problems of the bundled addition task.")
+    parser.add_argument("--n", type=int, default=3, help="how many problems")
+    parser.add_argument("--split", choices=SPLITS, default="train")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for problem in problems(args.split, args.n, args.seed):
+        print(problem.prompt + problem.target)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The teacher's HTTP surface: every bad input is a clear 4xx naming the problem, and the server keeps
+serving; health, readiness, info, metrics and docs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import msgpack
+import pytest
+
+from opd.models import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
+from services.teacher.settings import TeacherSettings
+from shared.client import TeacherClient
+from tests.conftest import serve
+
+GOOD = {"sequences": [{"prompt_ids": [1, 21, 18, 5], "completion_ids": [6, 14, 7]}]}
+
+
+def post(url: str, body, headers=None, **kw) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return httpx.post(url + "/score", content=body, headers=headers or {}, timeout=30, **kw)
+    return httpx.post(url + "/score", json=body, headers=headers or {}, timeout=30, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, says: str = ""):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param
+    assert says.lower() in error["message"].lower()
+
+
+def seq(prompt, completion):
+    return {"sequences": [{"prompt_ids": prompt, "completion_ids": completion}]}
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        ({"sequences": []}, "sequences", "at least 1"),
+        (seq([1, 2], []), "sequences.0.completion_ids", "at least 1"),
+        (seq([], [5]), "sequences.0.prompt_ids", "at least 1"),
+        (seq([1, -3], [5]), "sequences.0.prompt_ids.1", "greater than or equal to 0"),
+        (seq([1, 2], [5, 23]), "sequences.0", "token id 23 is out of range"),
+        (seq([1] * 300, [5] * 300), "sequences.0", "max_seq_len"),
+        ({**GOOD, "top_k": 21}, "top_k", "max_top_k 20"),
+        ({**GOOD, "top_k": -1}, "top_k", "greater than or equal to 0"),
+        ({**GOOD, "temperature": 0}, "temperature", "greater than 0"),
+        ({**GOOD, "candidate_ids": [[[1], [2]]]}, "candidate_ids.0", "2 positions"),
+        ({**GOOD, "candidate_ids": [[[1]] * 3, [[1]] * 3]}, "candidate_ids", "2 entries"),
+        ({**GOOD, "candidate_ids": [[[1], [2], [99]]]}, "candidate_ids.0.2", "out of range"),
+        ({**GOOD, "max_positions": 0}, "max_positions", "greater than or equal to 1"),
+        ({**GOOD, "surprise": 1}, "surprise", "extra"),
+    ],
+)
+def test_bad_request_is_422_naming_the_field(teacher_url, body, param, says):
+    assert_error(post(teacher_url, body), 422, param, says)
+    assert post(teacher_url, GOOD).status_code == 200  # still serving
+
+
+def test_malformed_bodies_are_400(teacher_url):
+    assert_error(post(teacher_url, b"{not json", {"Content-Type": "application/json"}), 400,
+                 says="not valid JSON")
+    assert_error(post(teacher_url, b"\xc1\xc1", {"Content-Type": "application/msgpack"}), 400,
+                 says="not valid msgpack")
+    packed = msgpack.packb({"sequences": [{"prompt_ids": b"\x01\x00\x00", "completion_ids": b""}]})
+    assert_error(post(teacher_url, packed, {"Content-Type": "application/msgpack"}), 400,
+                 "sequences.0.prompt_ids", "multiple of 4")
+    assert post(teacher_url, GOOD).status_code == 200
+
+
+def test_unsupported_content_type_is_415(teacher_url):
+    assert_error(post(teacher_url, b"x", {"Content-Type": "text/plain"}), 415, "Content-Type")
+
+
+def test_binary_request_gets_binary_answer(teacher_url):
+    from shared.protocol import ScoreRequest, decode_response, encode_request
+
+    body = encode_request(ScoreRequest.model_validate(GOOD), binary=True)
+    r = post(teacher_url, body, {"Content-Type": "application/msgpack"})
+    assert r.headers["content-type"] == "application/msgpack"
+    assert len(decode_response(r.content, binary=True).results[0].logprobs) == 3
+    r = post(teacher_url, body, {"Content-Type": "application/msgpack", "Accept": "application/json"})
+    assert r.json()["results"][0]["logprobs"]
+
+
+def test_body_over_the_limit_is_413():
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), max_body_mb=0.001))
+    with serve(app) as url:
+        big = seq([1] * 1000, [5] * 1000)  # about 4 KB
+        assert_error(post(url, big), 413, says="exceeds the limit")
+        assert post(url, GOOD).status_code == 200
+
+
+def test_api_key_is_required_when_set():
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), api_key="s3cret"))
+    with serve(app) as url:
+        assert_error(post(url, GOOD), 401, "Authorization")
+        assert_error(post(url, GOOD, {"Authorization": "Bearer wrong"}), 401)
+        assert post(url, GOOD, {"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/info").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # probes stay open
+        with TeacherClient(url, api_key="s3cret") as client:
+            assert client.info()["backend"] == "hf"
+
+
+class GatedBackend(HFBackend):
+    """The real hf backend, with a gate in front of each batch: holds work in the queue on cue."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gate = threading.Event()
+        self.running = threading.Event()
+
+    def score_batch(self, jobs):
+        self.running.set()
+        self.gate.wait(timeout=60)
+        return super().score_batch(jobs)
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_queue_full_is_429_with_retry_after_and_recovers():
+    backend = GatedBackend(str(TEACHER_PATH), max_queue_tokens=20)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as url:
+        first = threading.Thread(target=post, args=(url, seq([1] * 10, [5] * 5)))
+        first.start()
+        wait_for(backend.running.is_set)  # the first batch holds the worker
+        second = threading.Thread(target=post, args=(url, seq([1] * 10, [5] * 5)))
+        second.start()
+        wait_for(lambda: backend.queue_depth() == 1)  # 15 tokens queued
+        r = post(url, seq([1] * 5, [5] * 5))  # 15 + 10 > 20
+        assert_error(r, 429, says="queue full")
+        assert float(r.headers["retry-after"]) >= 1
+        backend.gate.set()
+        first.join()
+        second.join()
+        assert post(url, GOOD).status_code == 200
+
+
+def test_client_that_disconnects_does_not_wedge_the_batcher():
+    backend = GatedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/score", json=GOOD, timeout=0.3)
+        backend.gate.set()
+        for _ in range(3):
+            assert post(url, GOOD).status_code == 200
+
+
+class SlowLoadBackend(HFBackend):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.release = threading.Event()
+
+    def load(self):
+        self.release.wait(timeout=60)
+        return super().load()
+
+
+def test_ready_is_503_until_the_model_is_loaded():
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        assert httpx.get(url + "/health").status_code == 200
+        assert_error(httpx.get(url + "/ready"), 503, says="loading")
+        assert_error(post(url, GOOD), 503)
+        backend.release.set()
+        wait_for(lambda: httpx.get(url + "/ready").status_code == 200)
+        assert post(url, GOOD).status_code == 200
+
+
+def test_a_model_that_fails_to_load_says_why_on_ready(tmp_path):
+    app = create_app(TeacherSettings(model=str(tmp_path)))
+    with serve(app, ready_path="/health") as url:
+        wait_for(lambda: "failed" in httpx.get(url + "/ready").text)
+        assert_error(httpx.get(url + "/ready"), 503, says="config.json")
+
+
+def test_info_names_model_backend_and_limits(teacher_url, teacher):
+    from shared.fingerprint import tokenizer_fingerprint
+
+    info = httpx.get(teacher_url + "/info").json()
+    assert info["backend"] == "hf"
+    assert info["dtype"] == "float32"
+    assert info["vocab_size"] == 23
+    assert info["max_top_k"] == 20
+    assert info["max_seq_len"] == 512
+    assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(teacher[1])
+
+
+def test_metrics_count_requests_tokens_and_batches(teacher_url):
+    post(teacher_url, GOOD)
+    post(teacher_url, {"sequences": []})
+    text = httpx.get(teacher_url + "/metrics").text
+    assert 'opd_teacher_requests_total{route="/score",status="200"}' in text
+    assert 'opd_teacher_requests_total{route="/score",status="422"}' in text
+    for name in ("opd_teacher_tokens_scored_total", "opd_teacher_batch_sequences_bucket",
+                 "opd_teacher_queue_depth", "opd_teacher_request_seconds_bucket"):
+        assert name in text
+
+
+def test_openapi_documents_score(teacher_url):
+    spec = httpx.get(teacher_url + "/openapi.json").json()
+    body = spec["paths"]["/score"]["post"]["requestBody"]["content"]
+    assert {"application/json", "application/msgpack"} <= set(body)
+    assert httpx.get(teacher_url + "/docs").status_code == 200
+
+
+def test_unknown_route_is_404_in_the_error_shape(teacher_url):
+    assert_error(httpx.get(teacher_url + "/nope"), 404)
