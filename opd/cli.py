@@ -4,6 +4,7 @@
     opd task --stats                        # reasoning-length distribution
     opd make-models                         # train models/tiny-teacher and models/tiny-student
     opd eval --model models/tiny-student --n 500 [--json]
+    opd demo                                # the README's main job
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opd.evaluate import evaluate
+    from opd.models import STUDENT_PATH, TEACHER_PATH
+
+    torch.set_num_threads(args.threads)
+    items = problems("eval", args.n, args.seed)
+    print(f"{'model':<14} {'params':>9} {'accuracy':>9} {'well-formed':>12} {'tokens':>7} {'tok/s':>7}")
+    for name, path in (("tiny-teacher", TEACHER_PATH), ("tiny-student", STUDENT_PATH)):
+        model, tokenizer = load_model(path)
+        r = evaluate(model, tokenizer, items, seed=args.seed)
+        print(f"{name:<14} {count_parameters(model):>9,} {r.accuracy:>9.1%} {r.well_formed:>12.1%} "
+              f"{r.mean_tokens:>7.1f} {r.tokens_per_s:>7.0f}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     make.set_defaults(func=cmd_make_models)
+
+    demo = sub.add_parser("demo", help="evaluate the bundled teacher and student side by side")
+    demo.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")
     ev.add_argument("--model", required=True, help="folder of a Hugging Face causal LM")

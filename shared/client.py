@@ -18,7 +18,7 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -26,12 +26,17 @@ import httpx
 from shared.errors import FingerprintMismatch, NotReady, TeacherError, error_from_body
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
+    FRAMES,
     JSON,
     MSGPACK,
+    FrameReader,
     ScoreRequest,
     ScoreResult,
+    StreamItem,
     decode_response,
+    decode_stream_item,
     encode_request,
+    encode_request_frame,
 )
 
 RETRY_STATUSES = (429, 503)
@@ -106,6 +111,9 @@ class _Core:
         headers = {**self.headers, "Content-Type": ctype, "Accept": ctype}
         return encode_request(request, self.binary), headers
 
+    def stream_headers(self) -> dict:
+        return {**self.headers, "Content-Type": FRAMES, "Accept": FRAMES}
+
     def delay_after_error(self, attempt: int, url: str, exc: Exception) -> float:
         self.replicas.mark_down(url, min(self.max_backoff, 2.0))
         if attempt >= self.max_retries:
@@ -145,6 +153,13 @@ class _Core:
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def as_request(item: ScoreRequest | dict) -> ScoreRequest:
+    """A ScoreRequest from itself or from score()'s keyword arguments."""
+    if isinstance(item, ScoreRequest):
+        return item
+    return ScoreRequest(**{**item, "sequences": [_as_sequence(s) for s in item["sequences"]]})
 
 
 def _as_sequence(item: Any) -> dict:
@@ -250,6 +265,28 @@ class TeacherClient:
         response = self._request("POST", "/score", content=body, headers=headers)
         return decode_response(response.content, self._core.binary)
 
+    def score_stream(
+        self, requests: Iterable[ScoreRequest | dict], url: str | None = None
+    ) -> Iterator[StreamItem]:
+        """Send each request as one frame of a /score/stream call as `requests` yields it; yield a
+        StreamItem per scored sequence as results come back, then one with done=True. Not retried:
+        a broken stream raises, and the caller re-sends what got no result."""
+        target = url or self._core.replicas.acquire()
+        try:
+            frames = (encode_request_frame(as_request(r)) for r in requests)
+            with self._http.stream("POST", target + "/score/stream", content=frames,
+                                   headers=self._core.stream_headers()) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._core.reply(response)
+                reader = FrameReader(2**31)
+                for chunk in response.iter_bytes():
+                    for payload in reader.feed(chunk):
+                        yield decode_stream_item(payload)
+        finally:
+            if url is None:
+                self._core.replicas.release(target)
+
     def close(self) -> None:
         self._http.close()
 
@@ -336,6 +373,30 @@ class AsyncTeacherClient:
         )
         response = await self._request("POST", "/score", content=body, headers=headers)
         return decode_response(response.content, self._core.binary)
+
+    async def score_stream(
+        self, requests: AsyncIterable[ScoreRequest | dict], url: str | None = None
+    ) -> AsyncIterator[StreamItem]:
+        """Async form of TeacherClient.score_stream."""
+        target = url or self._core.replicas.acquire()
+        try:
+
+            async def frames():
+                async for r in requests:
+                    yield encode_request_frame(as_request(r))
+
+            async with self._http.stream("POST", target + "/score/stream", content=frames(),
+                                         headers=self._core.stream_headers()) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._core.reply(response)
+                reader = FrameReader(2**31)
+                async for chunk in response.aiter_bytes():
+                    for payload in reader.feed(chunk):
+                        yield decode_stream_item(payload)
+        finally:
+            if url is None:
+                self._core.replicas.release(target)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -14,6 +14,13 @@ computed as log_softmax(logits / temperature). Only the first `max_positions` co
 scored when it is set. `candidate_ids[s][i]` lists token ids whose log-probs are wanted at position i
 of sequence s (for example the student's own top-k).
 
+Streaming form (`POST /score/stream`, Content-Type `application/x-opd-frames`): the body is a series
+of frames, each a 4-byte little-endian length and a msgpack map. Each request frame is one binary
+ScoreRequest (a micro-batch of rollouts, sent as soon as it is ready); the response streams one frame
+per scored sequence, {"frame": i, "index": j, "score": <binary SequenceScore>, "compute_s": float},
+in the order they finish, an {"frame": i, "error": {...}} frame for a frame that was refused, and a
+last {"done": true, "frames": n, "sequences": m} frame.
+
 Binary form (Content-Type / Accept `application/msgpack`): the same maps, with every id array packed
 as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of
 lists (candidates) travel as {"values": flat bytes, "counts": int32 bytes per position}; top-k arrays
@@ -24,6 +31,7 @@ and binary forms carry identical numbers.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -36,6 +44,8 @@ from shared.errors import InvalidRequest, MalformedBody
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
+FRAMES = "application/x-opd-frames"
+_LENGTH = struct.Struct("<I")
 
 # int32 on the binary wire, so ids must fit in it.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -256,6 +266,72 @@ def _json_score(d: dict) -> SequenceScore:
         if d.get("candidate_logprobs") is None
         else [f32(c) for c in d["candidate_logprobs"]],
     )
+
+
+# ---- streaming frames ----
+
+
+@dataclass
+class StreamItem:
+    """One response frame of /score/stream: a sequence's score, a refused frame, or the end."""
+
+    frame: int | None = None
+    index: int | None = None
+    score: SequenceScore | None = None
+    compute_s: float = 0.0  # teacher forward time attributed to this sequence
+    error: dict | None = None
+    done: bool = False
+
+
+def pack_frame(obj: Any) -> bytes:
+    return frame_bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def frame_bytes(payload: bytes) -> bytes:
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def encode_request_frame(request: ScoreRequest) -> bytes:
+    return frame_bytes(encode_request(request, binary=True))
+
+
+class FrameReader:
+    """Splits a byte stream into frame payloads, whatever the chunking."""
+
+    def __init__(self, max_frame_bytes: int):
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            if size > self.max_frame_bytes:
+                raise MalformedBody(f"frame of {size} bytes exceeds {self.max_frame_bytes} bytes")
+            if len(self._buffer) < _LENGTH.size + size:
+                break
+            frames.append(bytes(self._buffer[_LENGTH.size : _LENGTH.size + size]))
+            del self._buffer[: _LENGTH.size + size]
+        return frames
+
+    def finish(self) -> None:
+        if self._buffer:
+            raise MalformedBody(f"stream ended inside a frame ({len(self._buffer)} bytes left)")
+
+
+def encode_stream_score(frame: int, index: int, score: SequenceScore, compute_s: float) -> bytes:
+    return pack_frame({"frame": frame, "index": index, "score": _pack_score(score),
+                       "compute_s": compute_s})
+
+
+def decode_stream_item(payload: bytes) -> StreamItem:
+    d = _unpack(payload)
+    if d.get("done"):
+        return StreamItem(done=True)
+    if "error" in d:
+        return StreamItem(frame=d["frame"], error=d["error"])
+    return StreamItem(d["frame"], d["index"], _unpack_score(d["score"]), d.get("compute_s", 0.0))
 
 
 # ---- packing helpers ----

@@ -137,6 +137,7 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.observe_batch(len(live), tokens, elapsed)
         for item, score in zip(live, scores):
+            item.job.compute_s = elapsed * len(item.job.input_ids) / max(tokens, 1)
             if not item.future.done():
                 item.future.set_result(score)
 

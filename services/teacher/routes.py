@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
+from services.teacher.scoring import score_as_completed, score_request
 from shared.errors import (
     NotReady,
     PayloadTooLarge,
+    TeacherError,
     Unauthorized,
     UnsupportedMediaType,
 )
 from shared.protocol import (
+    FRAMES,
     JSON,
     MSGPACK,
     MSGPACK_TYPES,
+    FrameReader,
     ScoreRequest,
     ScoreResponse,
     decode_request,
     encode_response,
+    encode_stream_score,
+    pack_frame,
 )
-from services.teacher.scoring import score_request
 
 router = APIRouter()
 
@@ -114,6 +121,74 @@ async def score(request: Request, state: Ready, _: Authorized) -> Response:
     result = await score_request(parsed, state.backend, state.limits, state.metrics)
     out_binary = wants_binary_response(request, binary)
     return Response(encode_response(result, out_binary), media_type=MSGPACK if out_binary else JSON)
+
+
+@router.post(
+    "/score/stream",
+    openapi_extra={"requestBody": {"required": True, "content": {FRAMES: {}}}},
+    responses={200: {"content": {FRAMES: {}}}},
+    summary="Stream micro-batches in, one result frame per sequence out (see shared.protocol)",
+)
+async def score_stream(request: Request, state: Ready, _: Authorized) -> StreamingResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != FRAMES:
+        raise UnsupportedMediaType(f"/score/stream takes {FRAMES}, not {ctype!r}",
+                                   param="Content-Type")
+    out: asyncio.Queue = asyncio.Queue()
+    reader = asyncio.create_task(_read_frames(request, state, out))
+
+    async def frames():
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()  # the client went away: stop reading and scoring
+
+    return DuplexStreamingResponse(frames(), media_type=FRAMES)
+
+
+class DuplexStreamingResponse(StreamingResponse):
+    """A streaming response that leaves the request body to the handler.
+
+    Starlette's StreamingResponse also listens for a disconnect by calling receive(), which would
+    swallow the request frames still arriving; here the handler reads them, and a client that goes
+    away makes the send fail, which closes the stream.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.stream_response(send)
+
+
+async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
+    """Score each frame as soon as it arrives; put result frames on `out`, then None."""
+    reader = FrameReader(int(state.settings.max_body_mb * 2**20))
+    tasks: list[asyncio.Task] = []
+    try:
+        async for chunk in request.stream():
+            for payload in reader.feed(chunk):
+                tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
+        reader.finish()
+        counts = await asyncio.gather(*tasks)
+        await out.put(pack_frame({"done": True, "frames": len(tasks), "sequences": sum(counts)}))
+    except TeacherError as err:  # broken framing ends the stream, saying why
+        await out.put(pack_frame({"frame": len(tasks), "error": err.to_body()["error"]}))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await out.put(None)
+
+
+async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) -> int:
+    try:
+        request = decode_request(payload, binary=True)
+        async for index, job, score in score_as_completed(
+            request, state.backend, state.limits, state.metrics
+        ):
+            await out.put(encode_stream_score(frame, index, score, job.compute_s))
+        return len(request.sequences)
+    except TeacherError as err:  # this frame is refused; the others go on
+        await out.put(pack_frame({"frame": frame, "error": err.to_body()["error"]}))
+        return 0
 
 
 @router.get("/health", summary="Alive (the process answers)")

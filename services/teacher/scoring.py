@@ -7,12 +7,14 @@ of other trainers) goes through `score_request`, so there is one scoring path.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.metrics import TeacherMetrics
 from shared.errors import InvalidRequest
-from shared.protocol import ScoreRequest, ScoreResult, Usage
+from shared.protocol import ScoreRequest, ScoreResult, SequenceScore, Usage
 
 
 @dataclass
@@ -58,6 +60,29 @@ def jobs_from_request(request: ScoreRequest, limits: Limits) -> list[ScoreJob]:
             )
         )
     return jobs
+
+
+async def score_as_completed(
+    request: ScoreRequest, backend: Backend, limits: Limits, metrics: TeacherMetrics | None = None
+) -> AsyncIterator[tuple[int, ScoreJob, SequenceScore]]:
+    """Like score_request, but yields (index, job, score) per sequence as soon as each is done."""
+    jobs = jobs_from_request(request, limits)
+
+    async def one(index: int) -> tuple[int, ScoreJob, SequenceScore]:
+        [score] = await backend.score([jobs[index]])
+        return index, jobs[index], score
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            index, job, score = await next_done
+            if metrics is not None:
+                metrics.tokens_scored.inc(job.n_scored)
+                metrics.prompt_tokens.inc(job.n_prompt)
+            yield index, job, score
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def score_request(

@@ -17,6 +17,7 @@ class ScoreJob:
     top_k: int = 0
     candidate_ids: list[list[int]] | None = None  # one list per scored position
     temperature: float = 1.0
+    compute_s: float = 0.0  # set by the backend: forward time attributed to this job
 
     @property
     def n_scored(self) -> int:

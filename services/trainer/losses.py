@@ -1,0 +1,105 @@
+"""Distillation losses over student rollouts. Shapes: B rollouts x T completion positions; `mask_B_T`
+is 1 on real completion tokens inside the horizon and 0 elsewhere, so masked positions never count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reverse_kl_advantage(
+    teacher_logp_B_T: torch.Tensor,
+    student_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    gamma: float = 0.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """A_t = log p_teacher(x_t) - log p_student(x_t), detached: the per-token reverse-KL reward.
+
+    With gamma > 0, A_t = sum_{s >= t} gamma^(s-t) * (log p_T(x_s) - log p_S(x_s)) over real tokens;
+    gamma = 0 (the default) keeps each token's own term. `clip` bounds |A_t|.
+    """
+    adv = (teacher_logp_B_T - student_logp_B_T).detach() * mask_B_T
+    if gamma > 0:
+        out = torch.zeros_like(adv)
+        running = torch.zeros_like(adv[:, 0])
+        for t in range(adv.shape[1] - 1, -1, -1):
+            running = adv[:, t] + gamma * running * mask_B_T[:, t]
+            out[:, t] = running
+        adv = out * mask_B_T
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv
+
+
+def policy_gradient_loss(
+    logp_B_T: torch.Tensor,
+    sample_logp_B_T: torch.Tensor,
+    adv_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """-mean_t[ratio_t * A_t], ratio_t = p_now(x_t) / p_sampling(x_t), over real tokens.
+
+    The ratio corrects for rollouts sampled by slightly older weights (it is 1 on-policy, where the
+    gradient is the plain policy gradient A_t * grad log p(x_t)).
+    """
+    ratio = torch.exp(logp_B_T - sample_logp_B_T.detach())
+    return -(ratio * adv_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+
+
+def topk_forward_kl(
+    student_logp_B_T_K: torch.Tensor, teacher_logp_B_T_K: torch.Tensor, mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """KL(p_T || p_S) on the teacher's top-k ids, teacher renormalised over them; mean over tokens.
+
+    `student_logp_B_T_K` are the student's full-vocabulary log-probs at the teacher's top-k ids.
+    """
+    p_teacher = torch.softmax(teacher_logp_B_T_K, dim=-1)
+    kl = (p_teacher * (torch.log_softmax(teacher_logp_B_T_K, -1) - student_logp_B_T_K)).sum(-1)
+    return (kl * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+
+
+def topk_jsd(
+    student_logp_B_T_K: torch.Tensor,
+    teacher_logp_B_T_K: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Generalised JSD(beta) on the teacher's top-k support, both sides renormalised over it:
+    beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta * P + (1 - beta) * Q (P teacher, Q student).
+    """
+    log_p = torch.log_softmax(teacher_logp_B_T_K, dim=-1)
+    log_q = torch.log_softmax(student_logp_B_T_K, dim=-1)
+    log_m = torch.logsumexp(
+        torch.stack([log_p + torch.log(torch.tensor(beta)), log_q + torch.log(torch.tensor(1 - beta))]),
+        dim=0,
+    )
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    jsd = beta * kl_pm + (1 - beta) * kl_qm
+    return (jsd * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+
+
+def reverse_kl_estimate(
+    teacher_logp_B_T: torch.Tensor, student_logp_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> float:
+    """Sample estimate of KL(p_S || p_T) per token: mean of log p_S(x_t) - log p_T(x_t), x_t ~ p_S."""
+    diff = (student_logp_B_T - teacher_logp_B_T).detach() * mask_B_T
+    return float(diff.sum() / mask_B_T.sum().clamp(min=1))
+
+
+def kl_by_position(
+    teacher_logp_B_T: torch.Tensor,
+    student_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    bucket: int = 8,
+) -> list[float | None]:
+    """Mean per-token reverse-KL estimate for positions [0, bucket), [bucket, 2*bucket), ...;
+    None where no rollout reached that far."""
+    diff = ((student_logp_B_T - teacher_logp_B_T).detach() * mask_B_T).sum(0)
+    count = mask_B_T.sum(0)
+    out: list[float | None] = []
+    for start in range(0, diff.shape[0], bucket):
+        n = float(count[start : start + bucket].sum())
+        out.append(round(float(diff[start : start + bucket].sum()) / n, 5) if n else None)
+    return out

@@ -1,0 +1,59 @@
+"""`opd` commands on bad input print one clear line and exit non-zero; on good input they work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from opd.models import STUDENT_PATH, tiny_config
+from shared.tokenizer import build_tokenizer
+
+
+def opd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def mismatched_model(folder) -> None:
+    """A model whose embedding has fewer rows than its tokenizer has tokens."""
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config("student", 10, 1, 2, 0)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda d: d / "missing", "no such file or directory"),
+        (lambda d: d, "not a Hugging Face model folder"),
+        (lambda d: (d / "file.txt").write_text("x") or d / "file.txt", "not a folder"),
+        (lambda d: mismatched_model(d) or d, "tokenizer has 23 tokens but the model's vocab_size is 10"),
+    ],
+)
+def test_eval_on_bad_model_prints_one_line_and_fails(tmp_path, make, says):
+    result = opd("eval", "--model", str(make(tmp_path)), "--n", "2")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert says in lines[0] and "Traceback" not in result.stderr
+
+
+def test_eval_json_reports_accuracy_n_and_mean_tokens():
+    result = opd("eval", "--model", str(STUDENT_PATH), "--n", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n"] == 8
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert report["mean_tokens"] > 0
+
+
+def test_task_stats_prints_the_length_distribution():
+    result = opd("task", "--stats", "--n", "500")
+    assert result.returncode == 0
+    assert "median 113" in result.stdout and "max 211" in result.stdout

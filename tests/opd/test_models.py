@@ -1,0 +1,29 @@
+"""The bundled models load offline and sit in their accuracy bands on held-out problems."""
+
+from __future__ import annotations
+
+from opd.evaluate import evaluate
+from opd.models import count_parameters
+from shared.task import problems
+
+# 200 held-out problems: a 95% band is then stable to about +-1.5 points, and it runs in seconds.
+EVAL = problems("eval", 200, seed=0)
+
+
+def test_student_is_at_most_a_quarter_of_the_teacher(teacher, student):
+    assert count_parameters(student[0]) * 4 <= count_parameters(teacher[0])
+    assert teacher[1].get_vocab() == student[1].get_vocab()
+    for model in (teacher[0], student[0]):
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert head_dim in (32, 64)
+
+
+def test_teacher_is_accurate(teacher):
+    result = evaluate(*teacher, EVAL, progress=False)
+    assert result.accuracy >= 0.95
+
+
+def test_student_is_weak_but_well_formed(student):
+    result = evaluate(*student, EVAL, progress=False)
+    assert 0.10 <= result.accuracy <= 0.50
+    assert result.well_formed >= 0.8

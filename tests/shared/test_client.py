@@ -1,0 +1,99 @@
+"""The client against real teacher servers: fingerprint check, retries, replicas, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+
+from opd.models import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.settings import TeacherSettings
+from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
+from shared.errors import FingerprintMismatch, InvalidRequest
+from tests.conftest import free_port, serve
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
+
+SEQ = ([1, 21, 18, 5], [6, 14, 7])
+
+
+def test_connect_accepts_the_same_tokenizer(teacher_url, teacher):
+    with TeacherClient(teacher_url) as client:
+        [info] = client.connect(teacher[1])
+    assert info["backend"] == "hf"
+
+
+def test_connect_refuses_another_tokenizer(teacher_url):
+    with TeacherClient(teacher_url) as client, pytest.raises(FingerprintMismatch) as info:
+        client.connect("sha256:someone-elses-tokenizer")
+    assert teacher_url in str(info.value) and "another tokenizer" in str(info.value)
+
+
+def test_server_errors_are_raised_with_their_type(teacher_url):
+    with TeacherClient(teacher_url) as client, pytest.raises(InvalidRequest) as info:
+        client.score([SEQ], top_k=10_000)
+    assert info.value.param == "top_k"
+
+
+def test_unreachable_teacher_names_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with TeacherClient(url, max_retries=1, backoff=0.01) as client:
+        with pytest.raises(TeacherUnreachable, match=url):
+            client.score([SEQ])
+
+
+def test_dead_replica_fails_over_to_a_live_one(teacher_url):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with TeacherClient([dead, teacher_url], backoff=0.01) as client:
+        for _ in range(4):
+            assert len(client.score([SEQ]).results[0].logprobs) == 3
+
+
+def test_503_while_loading_is_retried_until_ready():
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        threading.Timer(1.0, backend.release.set).start()
+        with TeacherClient(url, backoff=0.05) as client:
+            assert len(client.score([SEQ]).results[0].logprobs) == 3
+
+
+def test_429_is_retried_after_retry_after():
+    backend = GatedBackend(str(TEACHER_PATH), max_queue_tokens=20)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as url:
+        body = {"sequences": [{"prompt_ids": [1] * 10, "completion_ids": [5] * 5}]}
+        held = [threading.Thread(target=httpx.post, args=(url + "/score",), kwargs={"json": body})
+                for _ in range(2)]
+        for t in held:
+            t.start()
+        backend.running.wait(10)
+        threading.Timer(1.5, backend.gate.set).start()
+        with TeacherClient(url) as client:  # queue full at first: 429, Retry-After, then success
+            assert len(client.score([([1] * 5, [5] * 5)]).results[0].logprobs) == 5
+        for t in held:
+            t.join()
+        text = httpx.get(url + "/metrics").text
+        assert 'route="/score",status="429"' in text
+
+
+def test_requests_spread_over_replicas_by_least_in_flight(teacher_url):
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)))
+    with serve(app) as second:
+
+        async def run():
+            async with AsyncTeacherClient([teacher_url, second]) as client:
+                return await asyncio.gather(*(client.score([SEQ]) for _ in range(10)))
+
+        def served(url):
+            for line in httpx.get(url + "/metrics").text.splitlines():
+                if line.startswith('opd_teacher_requests_total{route="/score",status="200"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        before = served(teacher_url), served(second)
+        assert len(asyncio.run(run())) == 10
+        after = served(teacher_url), served(second)
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 5)

@@ -1,0 +1,110 @@
+"""Both wire forms of the protocol round-trip exactly, and bad bodies fail with the field named."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared.errors import InvalidRequest, MalformedBody
+from shared.protocol import (
+    ScoreRequest,
+    ScoreResult,
+    SequenceScore,
+    Usage,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+
+REQUEST = ScoreRequest.model_validate(
+    {
+        "sequences": [
+            {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]},
+            {"prompt_ids": [1], "completion_ids": [6, 7, 8, 2**31 - 1]},
+        ],
+        "top_k": 3,
+        "candidate_ids": [[[1, 2], []], [[3], [4, 5, 6], [7], [0]]],
+        "temperature": 0.7,
+        "max_positions": 4,
+    }
+)
+
+
+def make_result(rng: np.random.Generator) -> ScoreResult:
+    def score(n: int, k: int) -> SequenceScore:
+        return SequenceScore(
+            logprobs=-rng.random(n, dtype=np.float32) * 10,
+            topk_ids=rng.integers(0, 1000, (n, k)).astype(np.int32),
+            topk_logprobs=-np.sort(rng.random((n, k), dtype=np.float32), axis=1),
+            candidate_logprobs=[-rng.random(int(c), dtype=np.float32) for c in rng.integers(0, 4, n)],
+        )
+
+    return ScoreResult("m", "sha256:x", [score(5, 3), score(1, 3)], Usage(prompt_tokens=4, scored_tokens=6))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_request_round_trip_is_exact(binary):
+    assert decode_request(encode_request(REQUEST, binary), binary) == REQUEST
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_response_round_trip_is_exact(binary):
+    result = make_result(np.random.default_rng(0))
+    back = decode_response(encode_response(result, binary), binary)
+    assert back.model == result.model and back.usage == result.usage
+    for a, b in zip(result.results, back.results):
+        assert np.array_equal(a.logprobs, b.logprobs) and b.logprobs.dtype == np.float32
+        assert np.array_equal(a.topk_ids, b.topk_ids)
+        assert np.array_equal(a.topk_logprobs, b.topk_logprobs)
+        assert len(a.candidate_logprobs) == len(b.candidate_logprobs)
+        for x, y in zip(a.candidate_logprobs, b.candidate_logprobs):
+            assert np.array_equal(x, y)
+
+
+def test_json_and_binary_responses_carry_the_same_numbers():
+    result = make_result(np.random.default_rng(1))
+    from_json = decode_response(encode_response(result, False), False)
+    from_bin = decode_response(encode_response(result, True), True)
+    for a, b in zip(from_json.results, from_bin.results):
+        assert np.array_equal(a.logprobs, b.logprobs)
+        assert np.array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_binary_arrays_are_little_endian_int32_and_float32():
+    body = msgpack.unpackb(encode_request(REQUEST, True))
+    assert body["sequences"][0]["prompt_ids"] == np.array([1, 2, 3], "<i4").tobytes()
+    out = msgpack.unpackb(encode_response(make_result(np.random.default_rng(2)), True))
+    assert len(out["results"][0]["logprobs"]) == 5 * 4
+
+
+def test_binary_is_smaller_than_json():
+    result = make_result(np.random.default_rng(3))
+    assert len(encode_response(result, True)) < len(encode_response(result, False)) / 2
+
+
+@pytest.mark.parametrize(
+    "body, error, param",
+    [
+        (b"[", MalformedBody, None),
+        (json.dumps({"sequences": "x"}).encode(), InvalidRequest, "sequences"),
+        (json.dumps({"sequences": [{"prompt_ids": [1]}]}).encode(), InvalidRequest,
+         "sequences.0.completion_ids"),
+        (json.dumps([1, 2]).encode(), InvalidRequest, None),
+    ],
+)
+def test_bad_json_bodies(body, error, param):
+    with pytest.raises(error) as info:
+        decode_request(body, binary=False)
+    assert info.value.param == param
+
+
+def test_bad_binary_ragged_counts():
+    body = msgpack.unpackb(encode_request(REQUEST, True))
+    body["candidate_ids"][0]["counts"] = np.array([5, 5], "<i4").tobytes()
+    with pytest.raises(MalformedBody) as info:
+        decode_request(msgpack.packb(body), binary=True)
+    assert info.value.param == "candidate_ids.0"

@@ -1,0 +1,119 @@
+"""The dynamic batcher: token budget, coalescing of concurrent requests, failures reach every waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from services.teacher.backends.base import ScoreJob
+from services.teacher.batcher import Batcher, pack_batches
+from shared.protocol import SequenceScore
+
+
+def test_pack_batches_respects_the_budget_and_keeps_everything():
+    lengths = [3, 50, 7, 7, 20, 1, 64, 33, 12]
+    batches = pack_batches(lengths, 64, length=lambda x: x)
+    assert sorted(x for b in batches for x in b) == sorted(lengths)
+    for batch in batches:
+        assert len(batch) * max(batch) <= 64 or len(batch) == 1
+
+
+def job(n: int) -> ScoreJob:
+    return ScoreJob(input_ids=list(range(n)), n_prompt=1)
+
+
+class Recorder:
+    """A run_batch that records batch sizes; the first batch waits for a gate, so others queue up."""
+
+    def __init__(self, fail: bool = False):
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def __call__(self, jobs):
+        if not self.sizes:
+            self.gate.wait(timeout=10)
+        self.sizes.append(len(jobs))
+        if self.fail:
+            raise RuntimeError("backend exploded")
+        return [SequenceScore(logprobs=np.full(j.n_scored, len(j.input_ids), np.float32)) for j in jobs]
+
+
+async def submit_while_held(batcher: Batcher, recorder: Recorder, n: int):
+    first = asyncio.create_task(batcher.submit([job(4)]))
+    await asyncio.sleep(0.05)  # the first batch is now running and blocked on the gate
+    rest = [asyncio.create_task(batcher.submit([job(5 + i)])) for i in range(n)]
+    await asyncio.sleep(0.05)
+    recorder.gate.set()
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+def test_concurrent_requests_are_coalesced_and_answered_in_order():
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        results = await submit_while_held(batcher, recorder, 6)
+        await batcher.close()
+        return recorder, results
+
+    recorder, results = asyncio.run(run())
+    assert recorder.sizes == [1, 6]  # the six queued requests ran as one batch
+    for i, result in enumerate(results[1:]):
+        assert result[0].logprobs[0] == 5 + i  # each request got its own sequence's answer
+
+
+def test_a_failed_batch_fails_every_waiting_request():
+    async def run():
+        recorder = Recorder(fail=True)
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        results = await submit_while_held(batcher, recorder, 3)
+        # The worker survives the failure and serves the next request.
+        recorder.fail = False
+        after = await batcher.submit([job(3)])
+        await batcher.close()
+        return results, after
+
+    results, after = asyncio.run(run())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert after[0].logprobs[0] == 3
+
+
+def test_budget_splits_batches():
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=20, max_queue_tokens=10_000)
+        batcher.start()
+        await submit_while_held(batcher, recorder, 4)  # lengths 5..8: 2 fit per batch of 20
+        await batcher.close()
+        return recorder.sizes
+
+    assert asyncio.run(run()) == [1, 2, 2]
+
+
+@pytest.mark.parametrize("cancel_first", [True, False])
+def test_cancelled_request_is_dropped_without_blocking_others(cancel_first):
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        held = asyncio.create_task(batcher.submit([job(4)]))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(batcher.submit([job(6)]))
+        kept = asyncio.create_task(batcher.submit([job(7)]))
+        await asyncio.sleep(0.01)
+        (gone if cancel_first else kept).cancel()
+        recorder.gate.set()
+        await held
+        survivor = kept if cancel_first else gone
+        result = await survivor
+        await batcher.close()
+        return result, recorder.sizes
+
+    result, sizes = asyncio.run(run())
+    assert sizes == [1, 1]  # the cancelled job never reached the model
+    assert result[0].logprobs[0] == (7 if cancel_first else 6)
