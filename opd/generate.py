@@ -7,6 +7,7 @@ returns the sampled tokens' log-probs, which the trainer needs as the behaviour 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,13 @@ def generate(
     pad_id: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    on_done: Callable[[list[int], Generation], None] | None = None,
 ) -> Generation:
-    """Decode up to `max_new_tokens` per prompt; temperature 0 is greedy, otherwise sampling at T."""
+    """Decode up to `max_new_tokens` per prompt; temperature 0 is greedy, otherwise sampling at T.
+
+    `on_done(rows, partial)` is called as rows finish (eos, or the token limit at the end) with the
+    generation so far, so a caller can hand finished completions on while the rest still decode.
+    """
     ids_B_P, mask_B_P = left_pad(prompts, pad_id)
     batch = len(prompts)
     device = model.device
@@ -74,16 +80,21 @@ def generate(
         tokens[live, t] = next_B[live]
         logprobs[live, t] = logprob_B[live]
         lengths += live.long()
-        finished |= next_B == eos_id
+        newly_done = live & (next_B == eos_id)
+        finished |= newly_done
+        if on_done is not None and bool(newly_done.any()):
+            on_done(newly_done.nonzero().flatten().tolist(),
+                    Generation(tokens, logprobs, lengths, finished))
         if bool(finished.all()):
             break
         step_ids = next_B.unsqueeze(1)
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
     width = int(lengths.max()) if batch else 0
-    return Generation(
-        tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), finished.cpu()
-    )
+    out = Generation(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), finished.cpu())
+    if on_done is not None and not bool(finished.all()):
+        on_done((~out.finished_B).nonzero().flatten().tolist(), out)  # cut at the limit
+    return out
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:

@@ -1,0 +1,84 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+    DIR/checkpoints/step_000040/   student (safetensors + tokenizer), optimizer.pt, state.json, rng.pt
+    DIR/checkpoints/latest         name of the newest complete checkpoint
+
+A checkpoint is written to a temporary folder and renamed into place, and `latest` is replaced
+atomically, so a run killed at any moment leaves either the old or the new checkpoint, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainState:
+    step: int  # steps completed
+    data_position: int  # problems consumed from the training stream
+    schedule: str
+    elapsed_s: float  # training wall-clock so far (excluding evaluation)
+    teacher_tokens: int
+    tokens_generated: int
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> Path:
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state.step:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(
+        {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        tmp / "rng.pt",
+    )
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(root / "latest", name)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(out) -> Path | None:
+    pointer = checkpoint_dir(out) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir(out) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load(path: Path, model, optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG states from `path` into the given objects."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python RNG state is a tuple
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

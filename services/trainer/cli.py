@@ -1,0 +1,109 @@
+"""`opd-trainer`: on-policy distillation runs, the trainer's control API, and comparison plots.
+
+    opd-trainer run --teacher-url http://127.0.0.1:8000 --schedule truncated:0.1 --steps 100 --out runs/topd
+    opd-trainer run --config run.yaml --steps 50          # flags override the file
+    opd-trainer run --out runs/topd --resume              # continue from the last checkpoint
+    opd-trainer serve --port 8100                         # POST /runs, GET /runs/{id}/events, ...
+    opd-trainer plot runs/full runs/topd --out compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from services.trainer.config import RunConfig, load_config_file
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, so the CLI never re-declares them by hand."""
+    for name, field in RunConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} [default {field.default}]"
+        origin = typing.get_origin(field.annotation)
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif origin is list:
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif origin is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.annotation), default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd-trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run on-policy distillation against a teacher server")
+    run.add_argument("--config", help="YAML or TOML file of settings (flags override it)")
+    add_config_flags(run)
+    serve = sub.add_parser("serve", help="serve the HTTP control API (POST /runs ...)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8100)
+    plot = sub.add_parser("plot", help="plot eval accuracy of runs side by side")
+    plot.add_argument("runs", nargs="+", help="run folders (with eval.jsonl)")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = load_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items()
+                   if k in RunConfig.model_fields and v is not None})
+    return RunConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        from services.trainer.report import plot_runs
+
+        print(plot_runs([Path(r) for r in args.runs], Path(args.out)))
+        return 0
+    if args.command == "serve":
+        import uvicorn
+
+        from services.trainer.api import create_app
+
+        uvicorn.run(create_app(), host=args.host, port=args.port)
+        return 0
+    try:
+        cfg = config_from_args(args)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"opd-trainer: error: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"opd-trainer: error: {exc}", file=sys.stderr)
+        return 2
+    return run_from_cli(cfg)
+
+
+def run_from_cli(cfg: RunConfig) -> int:
+    import logging
+
+    from opd.models import ModelLoadError
+    from services.trainer.loop import run
+    from shared.errors import TeacherError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(cfg)
+    except (TeacherError, ModelLoadError) as exc:
+        print(f"opd-trainer: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""One serialisable run config: the CLI, config files (YAML/TOML) and the HTTP API all build it, and
+a bad value is refused with the field named."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from opd.models import STUDENT_PATH
+from services.trainer.schedules import ScheduleError, parse_schedule
+from shared.task import MAX_NEW_TOKENS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(str(STUDENT_PATH), description="Local folder of the student (HF causal LM).")
+    teacher_url: list[str] = Field(
+        ["http://127.0.0.1:8000"], min_length=1, description="Teacher base URL(s)."
+    )
+    schedule: str = Field(
+        "full",
+        description="Horizon: full | truncated:R | progressive:h0=A,dh=B,every=C | linear:h0=A,steps=C",
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    out: str = Field("runs/opd", description="Output folder (metrics, plots, checkpoints).")
+    seed: int = Field(0, description="Seed of data order, sampling and init.")
+    prompts_per_step: int = Field(16, ge=1, description="Problems per step.")
+    samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(
+        "reverse_kl", description="reverse_kl: policy gradient on A_t; *_topk use the teacher's top-k."
+    )
+    top_k: int = Field(8, ge=1, description="Teacher top-k for the *_topk losses.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of JSD(beta).")
+    gamma: float = Field(0.0, ge=0, le=1, description="Discount of future advantages (0: per token).")
+    adv_clip: float | None = Field(None, gt=0, description="Clip |A_t| to this (none by default).")
+    micro_batch: int = Field(16, ge=1, description="Rollouts per frame streamed to the teacher.")
+    eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.")
+    eval_samples: int = Field(0, ge=0, description="k of avg@k at the final evaluation (0: off).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads.")
+    api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        try:
+            parse_schedule(value, MAX_NEW_TOKENS)
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("teacher_url")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in urls]
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a .yaml/.yml/.toml file (keys are RunConfig field names)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"{path}: config files are .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return data

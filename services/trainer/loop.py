@@ -1,0 +1,222 @@
+"""The on-policy distillation run: each step samples rollouts to the current horizon, streams them to
+the teacher, and updates the student on the teacher's per-token feedback. It orchestrates; the math
+lives in schedules, rollout, step and losses.
+
+    summary = run(RunConfig(schedule="truncated:0.1", steps=100, out="runs/topd-10"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from opd.evaluate import evaluate
+from opd.models import load_model
+from services.trainer import checkpoint
+from services.trainer.config import RunConfig
+from services.trainer.report import JsonlLog, plot_runs, read_jsonl
+from services.trainer.rollout import sample_rollouts
+from services.trainer.schedules import parse_schedule
+from services.trainer.step import distillation_loss
+from services.trainer.teacher_feed import TeacherFeed
+from shared.task import problems
+
+log = logging.getLogger("opd.trainer")
+Events = Callable[[dict], None]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of one step: a resumed run draws the same rollouts as an uninterrupted one."""
+    return seed * 1_000_003 + step
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, events: Events | None = None,
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.events = events or (lambda event: None)
+        self.stop = stop or threading.Event()
+        self.out = Path(cfg.out)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.student)
+        self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
+        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
+        try:  # refuse a teacher that is down or speaks another tokenizer before any work
+            self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+        except Exception:
+            self.feed.close()
+            raise
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.data = problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
+        self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
+        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
+        resumed = checkpoint.latest(self.out) if cfg.resume else None
+        if resumed is not None:
+            self.state = checkpoint.load(resumed, self.model, self.optimizer)
+            log.info("resumed from %s at step %d", resumed, self.state.step)
+        keep = self.state.step if resumed is not None else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
+        self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
+        self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)
+
+    def run(self) -> dict:
+        self.setup()
+        try:
+            return self._train()
+        finally:
+            self.feed.close()
+
+    def _train(self) -> dict:
+        cfg, state = self.cfg, self.state
+        if state.step == 0:
+            self._evaluate()
+        bar = tqdm(total=cfg.steps, initial=state.step, desc=Path(cfg.out).name, unit="step",
+                   disable=not cfg.progress)
+        last_acc = None
+        while state.step < cfg.steps and not self.stop.is_set():
+            record = self._step()
+            self.metrics_log.write(record)
+            self.events({"type": "step", **record})
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                last_acc = self._evaluate()["accuracy"]
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                self._checkpoint()
+            bar.update(1)
+            bar.set_postfix(H=record["horizon"], rkl=f"{record['reverse_kl']:.3f}",
+                            acc="-" if last_acc is None else f"{last_acc:.1%}",
+                            tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}")
+        bar.close()
+        final = self._evaluate(samples=cfg.eval_samples) if state.step == cfg.steps else None
+        self._checkpoint()
+        return self._summary(final)
+
+    def _step(self) -> dict:
+        cfg, state = self.cfg, self.state
+        horizon = self.schedule.horizon(state.step)
+        batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, state.step))
+        top_k = cfg.top_k if cfg.loss != "reverse_kl" else 0
+        started = time.perf_counter()
+        feed = self.feed.begin(max_positions=horizon, top_k=top_k)
+        rollouts = sample_rollouts(self.model, self.tokenizer, batch, cfg.samples_per_prompt,
+                                   horizon, generator, feed.put, cfg.micro_batch)
+        generated = time.perf_counter()
+        scores, fstats = feed.finish()
+        scored = time.perf_counter()
+        self.model.train()
+        result = distillation_loss(self.model, rollouts, scores, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        done = time.perf_counter()
+
+        state.step += 1
+        state.data_position += len(batch)
+        state.elapsed_s += done - started
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        state.tokens_generated += tokens
+        state.teacher_tokens += fstats.scored_tokens
+        teacher_wait = scored - generated
+        self._sample_event(rollouts[0], scores[rollouts[0].key])
+        return {
+            "step": state.step,
+            "horizon": horizon,
+            "truncated_fraction": sum(not r.finished for r in rollouts) / len(rollouts),
+            "reverse_kl": result.reverse_kl,
+            "loss": float(result.loss.detach()),
+            "grad_norm": float(grad_norm),
+            "step_s": done - started,
+            "generate_s": generated - started,
+            "teacher_wait_s": teacher_wait,
+            "teacher_compute_s": fstats.compute_s,
+            # Share of the teacher's scoring time spent while the student was still generating.
+            "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
+            if fstats.compute_s > 0 else 0.0,
+            "update_s": done - scored,
+            "tokens_generated": tokens,
+            "teacher_tokens": fstats.scored_tokens,
+            "rescored": fstats.rescored,
+            "train_s": state.elapsed_s,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "kl_by_position": result.kl_profile,
+        }
+
+    def _sample_event(self, rollout, score) -> None:
+        decode = self.tokenizer.decode
+        self.events({
+            "type": "sample",
+            "step": self.state.step,
+            "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
+            "completion": decode(rollout.completion_ids, skip_special_tokens=False),
+            "teacher_logprobs": [round(float(x), 4) for x in score.logprobs],
+            "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
+        })
+
+    def _evaluate(self, samples: int = 0) -> dict:
+        greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False)
+        record = {
+            "step": self.state.step,
+            "accuracy": greedy.accuracy,
+            "well_formed": greedy.well_formed,
+            "mean_tokens": greedy.mean_tokens,
+            "train_s": self.state.elapsed_s,
+            "teacher_tokens": self.state.teacher_tokens,
+            "tokens_generated": self.state.tokens_generated,
+        }
+        if samples > 0:
+            sampled = evaluate(self.model, self.tokenizer, self.eval_set, samples=samples,
+                               seed=self.cfg.seed, progress=False)
+            record[f"avg@{samples}"] = sampled.accuracy
+        self.eval_log.write(record)
+        self.events({"type": "eval", **record})
+        return record
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer, self.state)
+
+    def _summary(self, final: dict | None) -> dict:
+        evals = read_jsonl(self.out / "eval.jsonl")
+        summary = {
+            "schedule": self.cfg.schedule,
+            "steps": self.state.step,
+            "completed": self.state.step == self.cfg.steps,
+            "initial_accuracy": evals[0]["accuracy"] if evals else None,
+            "final_accuracy": final["accuracy"] if final else None,
+            **({k: v for k, v in final.items() if k.startswith("avg@")} if final else {}),
+            "train_s": round(self.state.elapsed_s, 2),
+            "tokens_generated": self.state.tokens_generated,
+            "teacher_tokens": self.state.teacher_tokens,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "state": asdict(self.state),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_runs([self.out], self.out / "accuracy.png", title=f"{self.out.name}: {self.cfg.schedule}")
+        self.events({"type": "done", **summary})
+        return summary
+
+
+def run(cfg: RunConfig, events: Events | None = None, stop: threading.Event | None = None) -> dict:
+    return Run(cfg, events, stop).run()

@@ -1,0 +1,67 @@
+"""What a run leaves in its folder, and the plots that compare runs.
+
+    metrics.jsonl   one line per step        eval.jsonl   one line per evaluation
+    summary.json    the run's totals         accuracy.png eval accuracy vs steps, wall-clock, teacher tokens
+
+    opd-trainer plot runs/demo/full runs/demo/topd-10 --out runs/demo/comparison.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class JsonlLog:
+    """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped so that no
+    step is ever recorded twice."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_through_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in read_jsonl(path) if line["step"] <= keep_through_step]
+            path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:
+    """Eval accuracy against steps, training wall-clock and teacher tokens; one line per run."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for run in run_dirs:
+        evals = read_jsonl(Path(run) / "eval.jsonl")
+        if not evals:
+            continue
+        label = Path(run).name
+        acc = [100 * e["accuracy"] for e in evals]
+        axes[0].plot([e["step"] for e in evals], acc, marker="o", label=label)
+        axes[1].plot([e["train_s"] for e in evals], acc, marker="o", label=label)
+        axes[2].plot([e["teacher_tokens"] / 1e3 for e in evals], acc, marker="o", label=label)
+    for ax, xlabel in zip(axes, ("step", "training wall-clock (s)", "teacher tokens scored (k)")):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy, greedy (%)")
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,89 @@
+"""One distillation update's tensors: the student's log-probs on its own rollouts, the teacher's from
+its scores, and the configured loss (from services.trainer.losses) over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.trainer import losses
+from services.trainer.config import RunConfig
+from services.trainer.rollout import Rollout
+from shared.protocol import SequenceScore
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    reverse_kl: float  # per-token estimate of KL(student || teacher) on the rollouts
+    kl_profile: list[float | None]  # the same by position bucket of 8 tokens
+    tokens: int  # completion tokens trained on
+
+
+def padded(rows: list[list], width: int, fill, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp_B_T_V, mask_B_T): the student's log-softmax at each completion position, with grad.
+
+    Sequences are right-padded with no attention mask: causal attention keeps padding invisible.
+    """
+    seqs = [r.prompt_ids + r.completion_ids for r in rollouts]
+    ids_B_L = padded(seqs, max(len(s) for s in seqs), 0, torch.long).to(model.device)
+    logp_B_L_V = torch.log_softmax(model(input_ids=ids_B_L).logits.float(), dim=-1)
+    width = max(len(r.completion_ids) for r in rollouts)
+    t_T = torch.arange(width)
+    # Completion token t of row b is predicted at position n_prompt_b - 1 + t.
+    n_prompt_B = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    n_comp_B = torch.tensor([len(r.completion_ids) for r in rollouts])
+    pos_B_T = (n_prompt_B[:, None] - 1 + t_T[None, :]).clamp(max=ids_B_L.shape[1] - 1)
+    mask_B_T = (t_T[None, :] < n_comp_B[:, None]).float()
+    vocab = logp_B_L_V.shape[-1]
+    logp_B_T_V = logp_B_L_V.gather(1, pos_B_T[..., None].expand(-1, -1, vocab).to(model.device))
+    return logp_B_T_V, mask_B_T.to(model.device)
+
+
+def distillation_loss(
+    model, rollouts: list[Rollout], scores: dict[int, SequenceScore], cfg: RunConfig
+) -> StepLoss:
+    logp_B_T_V, mask_B_T = student_logprobs(model, rollouts)
+    width = mask_B_T.shape[1]
+    device = logp_B_T_V.device
+    tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long).to(device)
+    student_B_T = logp_B_T_V.gather(2, tokens_B_T[..., None]).squeeze(-1)
+    teacher_B_T = padded([scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0,
+                         torch.float32).to(device)
+    if cfg.loss == "reverse_kl":
+        sample_B_T = padded([r.sample_logprobs for r in rollouts], width, 0.0, torch.float32)
+        adv_B_T = losses.reverse_kl_advantage(
+            teacher_B_T, student_B_T, mask_B_T, gamma=cfg.gamma, clip=cfg.adv_clip
+        )
+        loss = losses.policy_gradient_loss(student_B_T, sample_B_T.to(device), adv_B_T, mask_B_T)
+    else:
+        topk_ids = padded3([scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long)
+        topk_lp = padded3([scores[r.key].topk_logprobs for r in rollouts], width, cfg.top_k, 0.0,
+                          torch.float32)
+        student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
+        if cfg.loss == "forward_kl_topk":
+            loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), mask_B_T)
+        else:
+            loss = losses.topk_jsd(student_topk, topk_lp.to(device), mask_B_T, cfg.jsd_beta)
+    return StepLoss(
+        loss=loss,
+        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, mask_B_T),
+        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, mask_B_T),
+        tokens=int(mask_B_T.sum()),
+    )
+
+
+def padded3(arrays: list, width: int, k: int, fill, dtype) -> torch.Tensor:
+    """[B, width, k] from per-row [n_b, k] arrays."""
+    out = torch.full((len(arrays), width, k), fill, dtype=dtype)
+    for b, a in enumerate(arrays):
+        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k], dtype=dtype)
+    return out

@@ -1,0 +1,184 @@
+"""Streams a step's rollouts to the teacher replicas while the student is still generating.
+
+Each step opens one `/score/stream` call per replica it uses; every micro-batch becomes one frame,
+sent to the replica with the fewest sequences awaiting scores. A bounded queue between the generating
+thread and the sender applies backpressure. If a replica dies mid-step, the sequences it had not
+answered are scored again elsewhere; each rollout's score is taken exactly once.
+
+    feed = TeacherFeed(client)                     # one per run; owns an event-loop thread
+    step = feed.begin(max_positions=H, top_k=0)
+    step.put(micro_batch)                          # from the generating thread, as rollouts finish
+    scores, stats = step.finish()                  # blocks until every rollout has its score
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from services.trainer.rollout import Rollout
+from shared.client import AsyncTeacherClient
+from shared.errors import TeacherError
+from shared.protocol import ScoreRequest, SequenceScore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeedStats:
+    compute_s: float = 0.0  # teacher forward time for this step's sequences
+    scored_tokens: int = 0
+    frames: int = 0
+    rescored: int = 0  # sequences scored again after a replica failed
+    replicas_failed: list[str] = field(default_factory=list)
+
+
+class TeacherStreamError(TeacherError):
+    """The teacher refused a frame (a bug on our side: frames are built valid)."""
+
+
+class _Lane:
+    """One /score/stream call to one replica during one step."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.sent: list[int] = []  # global frame ids, in the order this stream carries them
+        self.outstanding = 0  # sequences sent and not yet answered
+        self.task: asyncio.Task | None = None
+        self.failed = False
+
+
+class StepFeed:
+    def __init__(self, feed: TeacherFeed, max_positions: int | None, top_k: int, queue_frames: int):
+        self._feed = feed
+        self._loop = feed.loop
+        self.max_positions = max_positions
+        self.top_k = top_k
+        self._inbox: asyncio.Queue = asyncio.Queue(maxsize=queue_frames)
+        self.frames: list[list[Rollout]] = []
+        self.scores: dict[int, SequenceScore] = {}
+        self.stats = FeedStats()
+        self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def put(self, rollouts: list[Rollout]) -> None:
+        """Queue a micro-batch for scoring; blocks while the queue is full (backpressure)."""
+        asyncio.run_coroutine_threadsafe(self._inbox.put(list(rollouts)), self._loop).result()
+
+    def finish(self) -> tuple[dict[int, SequenceScore], FeedStats]:
+        """Wait for every queued rollout's score; returns {rollout.key: score} and stats."""
+        asyncio.run_coroutine_threadsafe(self._inbox.put(None), self._loop).result()
+        self._done.result()
+        return self.scores, self.stats
+
+    def _request(self, rollouts: list[Rollout]) -> ScoreRequest:
+        return ScoreRequest(
+            sequences=[
+                {"prompt_ids": r.prompt_ids, "completion_ids": r.completion_ids} for r in rollouts
+            ],
+            top_k=self.top_k,
+            max_positions=self.max_positions,
+        )
+
+    async def _run(self) -> None:
+        lanes: dict[str, _Lane] = {}
+        while (batch := await self._inbox.get()) is not None:
+            frame = len(self.frames)
+            self.frames.append(batch)
+            lane = self._pick_lane(lanes)
+            lane.sent.append(frame)
+            lane.outstanding += len(batch)
+            await lane.queue.put(frame)
+        for lane in lanes.values():
+            await lane.queue.put(None)
+        outcomes = await asyncio.gather(
+            *(lane.task for lane in lanes.values()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        await self._rescore_missing()
+
+    def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
+        urls = [u for u in self._feed.client.urls if not (u in lanes and lanes[u].failed)]
+        if not urls:  # every replica failed this step: the rescoring pass will retry them
+            urls = list(self._feed.client.urls)
+        # Least outstanding first; a replica with no stream yet counts as idle.
+        url = min(urls, key=lambda u: lanes[u].outstanding if u in lanes else 0)
+        if url not in lanes or lanes[url].failed:
+            lanes[url] = _Lane(url)
+            lanes[url].task = asyncio.create_task(self._stream(lanes[url]))
+        return lanes[url]
+
+    async def _stream(self, lane: _Lane) -> None:
+        async def requests():
+            while (frame := await lane.queue.get()) is not None:
+                yield self._request(self.frames[frame])
+
+        try:
+            async for item in self._feed.client.score_stream(requests(), url=lane.url):
+                if item.done:
+                    break
+                frame = lane.sent[item.frame]
+                if item.error is not None:
+                    raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
+                self._take(self.frames[frame][item.index], item.score, item.compute_s)
+                lane.outstanding -= 1
+        except TeacherStreamError:
+            raise
+        except Exception as exc:  # the replica died or the connection broke
+            lane.failed = True
+            self.stats.replicas_failed.append(lane.url)
+            log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
+            # Unblock the request generator if it is waiting for more frames.
+            lane.queue.put_nowait(None)
+
+    def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
+        if rollout.key in self.scores:
+            return  # already answered (a rescored duplicate): each rollout counts once
+        self.scores[rollout.key] = score
+        self.stats.compute_s += compute_s
+        self.stats.scored_tokens += len(score.logprobs)
+
+    async def _rescore_missing(self) -> None:
+        missing = [r for batch in self.frames for r in batch if r.key not in self.scores]
+        self.stats.frames = len(self.frames)
+        if not missing:
+            return
+        self.stats.rescored += len(missing)
+        # The unary call retries with backoff and fails over between replicas on its own.
+        result = await self._feed.client.score(
+            [(r.prompt_ids, r.completion_ids) for r in missing],
+            top_k=self.top_k,
+            max_positions=self.max_positions,
+        )
+        for rollout, score in zip(missing, result.results):
+            self._take(rollout, score, 0.0)
+
+
+class TeacherFeed:
+    """Owns an asyncio loop in a background thread and the async client that talks to the teacher."""
+
+    def __init__(self, urls: list[str], api_key: str | None = None, queue_frames: int = 4):
+        self.queue_frames = queue_frames
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="teacher-feed")
+        self._thread.start()
+        self.client = self.call(self._make_client(urls, api_key))
+
+    async def _make_client(self, urls: list[str], api_key: str | None) -> AsyncTeacherClient:
+        return AsyncTeacherClient(urls, api_key=api_key)
+
+    def call(self, coro):
+        """Run a coroutine on the feed's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def begin(self, max_positions: int | None, top_k: int = 0) -> StepFeed:
+        return StepFeed(self, max_positions, top_k, self.queue_frames)
+
+    def close(self) -> None:
+        self.call(self.client.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
