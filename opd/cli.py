@@ -1,10 +1,10 @@
-"""`opd`: the bundled task, the bundled models, and evaluation.
+"""`opd`: the bundled task, the bundled models, evaluation, and the distillation demo.
 
     opd task --n 3                          # print problems with their worked solutions
     opd task --stats                        # reasoning-length distribution
     opd make-models                         # train models/tiny-teacher and models/tiny-student
     opd eval --model models/tiny-student --n 500 [--json]
-    opd demo                                # the README's main job
+    opd demo                                # the README's main job: the distillation demo
 """
 
 from __future__ import annotations
@@ -83,17 +83,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from opd.evaluate import evaluate
-    from opd.models import STUDENT_PATH, TEACHER_PATH
+    from services.trainer.demo import SCHEDULES, DemoConfig, run_demo
 
-    torch.set_num_threads(args.threads)
-    items = problems("eval", args.n, args.seed)
-    print(f"{'model':<14} {'params':>9} {'accuracy':>9} {'well-formed':>12} {'tokens':>7} {'tok/s':>7}")
-    for name, path in (("tiny-teacher", TEACHER_PATH), ("tiny-student", STUDENT_PATH)):
-        model, tokenizer = load_model(path)
-        r = evaluate(model, tokenizer, items, seed=args.seed)
-        print(f"{name:<14} {count_parameters(model):>9,} {r.accuracy:>9.1%} {r.well_formed:>12.1%} "
-              f"{r.mean_tokens:>7.1f} {r.tokens_per_s:>7.0f}", flush=True)
+    unknown = set(args.schedules or ()) - set(SCHEDULES)
+    if unknown:
+        print(f"opd demo: error: unknown schedule(s) {sorted(unknown)}; choose from {list(SCHEDULES)}",
+              file=sys.stderr)
+        return 2
+    run_demo(DemoConfig(out=args.out, steps=args.steps, eval_every=args.eval_every,
+                        eval_n=args.eval_n, seed=args.seed,
+                        schedules=tuple(args.schedules or SCHEDULES)))
     return 0
 
 
@@ -120,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     make.set_defaults(func=cmd_make_models)
 
-    demo = sub.add_parser("demo", help="evaluate the bundled teacher and student side by side")
-    demo.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    demo = sub.add_parser("demo", help="distil the bundled teacher into the student with each "
+                          "horizon schedule (full, TOPD, POPD) and compare them")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--steps", type=int, default=48, help="steps per run (default 48)")
+    demo.add_argument("--eval-every", type=int, default=12, help="evaluate every N steps")
+    demo.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")

@@ -114,9 +114,11 @@ class _Core:
     def stream_headers(self) -> dict:
         return {**self.headers, "Content-Type": FRAMES, "Accept": FRAMES}
 
-    def delay_after_error(self, attempt: int, url: str, exc: Exception) -> float:
+    def delay_after_error(
+        self, attempt: int, url: str, exc: Exception, max_retries: int | None = None
+    ) -> float:
         self.replicas.mark_down(url, min(self.max_backoff, 2.0))
-        if attempt >= self.max_retries:
+        if attempt >= (self.max_retries if max_retries is None else max_retries):
             raise TeacherUnreachable(
                 f"teacher at {url} is unreachable after {attempt + 1} attempts "
                 f"({type(exc).__name__}: {exc})"
@@ -205,13 +207,15 @@ class TeacherClient:
     def urls(self) -> list[str]:
         return self._core.replicas.urls
 
-    def _request(self, method: str, path: str, url: str | None = None, **kw) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
+    ) -> httpx.Response:
         for attempt in itertools.count():
             target = url or self._core.replicas.acquire()
             try:
                 response = self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
-                delay = self._core.delay_after_error(attempt, target, exc)
+                delay = self._core.delay_after_error(attempt, target, exc, retries)
             else:
                 delay = self._core.delay_after_response(attempt, response)
                 if delay is None:
@@ -239,8 +243,9 @@ class TeacherClient:
         infos = []
         for url in self.urls:
             while True:
-                try:
-                    info = self.info(url)
+                try:  # a teacher that refuses connections at start is an error, not a wait
+                    info = self._request("GET", "/info", url, retries=2,
+                                         headers=self._core.headers).json()
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
@@ -317,13 +322,15 @@ class AsyncTeacherClient:
     def urls(self) -> list[str]:
         return self._core.replicas.urls
 
-    async def _request(self, method: str, path: str, url: str | None = None, **kw) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
+    ) -> httpx.Response:
         for attempt in itertools.count():
             target = url or self._core.replicas.acquire()
             try:
                 response = await self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
-                delay = self._core.delay_after_error(attempt, target, exc)
+                delay = self._core.delay_after_error(attempt, target, exc, retries)
             else:
                 delay = self._core.delay_after_response(attempt, response)
                 if delay is None:
@@ -333,6 +340,13 @@ class AsyncTeacherClient:
                     self._core.replicas.release(target)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def is_up(self, url: str) -> bool:
+        """False while `url` sits out after a connection failure."""
+        return self._core.replicas.down_until[url] <= time.monotonic()
+
+    def mark_down(self, url: str, seconds: float = 2.0) -> None:
+        self._core.replicas.mark_down(url, seconds)
 
     async def health(self, url: str | None = None) -> dict:
         return (await self._request("GET", "/health", url)).json()
@@ -350,7 +364,8 @@ class AsyncTeacherClient:
         for url in self.urls:
             while True:
                 try:
-                    info = await self.info(url)
+                    info = (await self._request("GET", "/info", url, retries=2,
+                                                headers=self._core.headers)).json()
                     break
                 except NotReady:
                     if time.monotonic() > deadline:

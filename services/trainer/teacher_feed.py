@@ -102,9 +102,11 @@ class StepFeed:
         await self._rescore_missing()
 
     def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
-        urls = [u for u in self._feed.client.urls if not (u in lanes and lanes[u].failed)]
-        if not urls:  # every replica failed this step: the rescoring pass will retry them
-            urls = list(self._feed.client.urls)
+        client = self._feed.client
+        urls = [u for u in client.urls
+                if client.is_up(u) and not (u in lanes and lanes[u].failed)]
+        if not urls:  # every replica is down: the rescoring pass retries with backoff
+            urls = list(client.urls)
         # Least outstanding first; a replica with no stream yet counts as idle.
         url = min(urls, key=lambda u: lanes[u].outstanding if u in lanes else 0)
         if url not in lanes or lanes[url].failed:
@@ -130,6 +132,7 @@ class StepFeed:
             raise
         except Exception as exc:  # the replica died or the connection broke
             lane.failed = True
+            self._feed.client.mark_down(lane.url, 5.0)
             self.stats.replicas_failed.append(lane.url)
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.

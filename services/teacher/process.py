@@ -1,0 +1,59 @@
+"""Start a teacher server in a child process and wait until it is ready (demo, tests, benches)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_teacher(
+    model: str, port: int | None = None, threads: int = 1, cpus: set[int] | None = None,
+    extra_args: tuple[str, ...] = (), log_path: str | None = None, ready_timeout: float = 120.0,
+) -> tuple[subprocess.Popen, str]:
+    """`opd-teacher serve` on loopback in its own process, optionally pinned to `cpus`.
+    Returns (process, base URL) once /ready answers 200."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", model,
+           "--port", str(port), "--threads", str(threads), "--log-level", "warning", *extra_args]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(proc.pid, cpus)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, ready_timeout)
+    return proc, url
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"teacher at {url} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"teacher at {url} not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,223 @@
+"""The trainer's HTTP control API: start, watch and stop distillation runs.
+
+    POST /runs                 body: a RunConfig (JSON) -> 201 {"id", "status"}; bad fields -> 422
+    GET  /runs                 all runs
+    GET  /runs/{id}            status, config, latest step metrics, summary or error
+    GET  /runs/{id}/events     server-sent events: step metrics, sample rollouts with teacher scores,
+                               evaluations, and a final "done" (or "failed") event
+    POST /runs/{id}/stop       stop after the current step (a checkpoint is written)
+    GET  /metrics              Prometheus metrics of every run
+    GET  /health
+
+    opd-trainer serve --port 8100
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from services.trainer.config import RunConfig
+from services.trainer.loop import Run
+from shared.errors import InvalidRequest, NotFound
+
+router = APIRouter()
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.steps = Counter("opd_trainer_steps", "Optimizer steps", ["run"], registry=r)
+        self.tokens = Counter("opd_trainer_tokens_generated", "Rollout tokens", ["run"], registry=r)
+        self.teacher_tokens = Counter("opd_trainer_teacher_tokens", "Tokens scored by the teacher",
+                                      ["run"], registry=r)
+        self.reverse_kl = Gauge("opd_trainer_reverse_kl", "Per-token reverse KL, last step", ["run"],
+                                registry=r)
+        self.horizon = Gauge("opd_trainer_horizon", "Rollout horizon, last step", ["run"], registry=r)
+        self.accuracy = Gauge("opd_trainer_eval_accuracy", "Held-out accuracy, last eval", ["run"],
+                              registry=r)
+        self.step_seconds = Histogram("opd_trainer_step_seconds", "Step wall-clock", ["run"],
+                                      registry=r, buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+
+    def observe(self, run_id: str, event: dict) -> None:
+        if event["type"] == "step":
+            self.steps.labels(run_id).inc()
+            self.tokens.labels(run_id).inc(event["tokens_generated"])
+            self.teacher_tokens.labels(run_id).inc(event["teacher_tokens"])
+            self.reverse_kl.labels(run_id).set(event["reverse_kl"])
+            self.horizon.labels(run_id).set(event["horizon"])
+            self.step_seconds.labels(run_id).observe(event["step_s"])
+        elif event["type"] == "eval":
+            self.accuracy.labels(run_id).set(event["accuracy"])
+
+
+@dataclass
+class RunRecord:
+    id: str
+    config: RunConfig
+    status: str = "starting"  # starting | running | completed | stopped | failed
+    error: str | None = None
+    summary: dict | None = None
+    last_step: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "stopped", "failed")
+
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "error": self.error,
+            "config": self.config.model_dump(exclude={"api_key"}),
+            "last_step": self.last_step,
+            "summary": self.summary,
+        }
+
+
+class Runs:
+    """Runs of this server; each trains in its own thread and reports events to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: TrainerMetrics):
+        self.loop = loop
+        self.metrics = metrics
+        self.records: dict[str, RunRecord] = {}
+        self._ids = itertools.count(1)
+
+    def start(self, cfg: RunConfig) -> RunRecord:
+        record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
+        self.records[record.id] = record
+        threading.Thread(target=self._train, args=(record,), daemon=True, name=record.id).start()
+        return record
+
+    def get(self, run_id: str) -> RunRecord:
+        if run_id not in self.records:
+            raise NotFound(f"no run {run_id!r}", param="id")
+        return self.records[run_id]
+
+    def _train(self, record: RunRecord) -> None:
+        def emit(event: dict) -> None:
+            self.metrics.observe(record.id, event)
+            self.loop.call_soon_threadsafe(self._publish, record, event)
+
+        self.loop.call_soon_threadsafe(setattr, record, "status", "running")
+        try:
+            summary = Run(record.config, emit, record.stop).run()
+            status = "completed" if summary["completed"] else "stopped"
+            self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
+        except Exception as exc:  # reported on the run, never a dead thread with no word
+            error = f"{type(exc).__name__}: {exc}"
+            self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
+
+    def _publish(self, record: RunRecord, event: dict) -> None:
+        record.history.append(event)
+        if event["type"] == "step":
+            record.last_step = {k: v for k, v in event.items() if k != "kl_by_position"}
+        record.changed.set()
+
+    def _finish(self, record: RunRecord, status: str, summary: dict | None, error: str | None):
+        record.status, record.summary, record.error = status, summary, error
+        if error:
+            record.history.append({"type": "failed", "error": error})
+        record.changed.set()
+
+
+def runs_of(request: Request) -> Runs:
+    return request.app.state.runs
+
+
+@router.post("/runs", status_code=201)
+async def start_run(cfg: RunConfig, request: Request) -> dict:
+    record = runs_of(request).start(cfg)
+    return {"id": record.id, "status": record.status}
+
+
+@router.get("/runs")
+async def list_runs(request: Request) -> list[dict]:
+    return [{"id": r.id, "status": r.status} for r in runs_of(request).records.values()]
+
+
+@router.get("/runs/{run_id}")
+async def get_run(run_id: str, request: Request) -> dict:
+    return runs_of(request).get(run_id).view()
+
+
+@router.post("/runs/{run_id}/stop", status_code=202)
+async def stop_run(run_id: str, request: Request) -> dict:
+    record = runs_of(request).get(run_id)
+    record.stop.set()
+    return {"id": record.id, "status": record.status, "stopping": not record.finished}
+
+
+@router.get("/runs/{run_id}/events")
+async def run_events(run_id: str, request: Request) -> StreamingResponse:
+    record = runs_of(request).get(run_id)
+
+    async def stream():
+        sent = 0
+        while True:
+            while sent < len(record.history):
+                event = record.history[sent]
+                sent += 1
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if record.finished:
+                return
+            record.changed.clear()
+            try:
+                await asyncio.wait_for(record.changed.wait(), timeout=15)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry),
+                    media_type="text/plain; version=0.0.4")
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+def create_app() -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    metrics = TrainerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.runs = Runs(asyncio.get_running_loop(), metrics)
+        yield
+        for record in app.state.runs.records.values():
+            record.stop.set()
+
+    app = FastAPI(title="OPD trainer", version="0.1.0", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        err = InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param)
+        return JSONResponse(err.to_body(), status_code=err.status)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse(exc.to_body(), status_code=exc.status)
+
+    return app

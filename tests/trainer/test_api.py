@@ -1,0 +1,82 @@
+"""The trainer's control API over real HTTP: bad configs are 422s naming the field; runs start,
+stream their events, stop on request, and show up in /metrics."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from services.trainer.api import create_app
+from tests.conftest import serve
+
+SMALL = dict(prompts_per_step=2, samples_per_prompt=2, schedule="truncated:16", eval_n=4,
+             eval_every=0, micro_batch=4, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trainer_url():
+    with serve(create_app(), ready_path="/health") as url:
+        yield url
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"schedule": "sometimes"}, "schedule"),
+    ({"steps": 0}, "steps"),
+    ({"teacher_url": ["ftp://x"]}, "teacher_url"),
+    ({"loss": "mse"}, "loss"),
+    ({"stepz": 3}, "stepz"),
+])
+def test_bad_config_is_422_naming_the_field(trainer_url, body, param):
+    r = httpx.post(trainer_url + "/runs", json=body)
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == param
+
+
+def events_of(url: str, run_id: str) -> list[dict]:
+    events = []
+    with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=300) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_path):
+    body = {**SMALL, "teacher_url": [teacher_url], "steps": 3, "out": str(tmp_path / "run")}
+    r = httpx.post(trainer_url + "/runs", json=body)
+    assert r.status_code == 201
+    run_id = r.json()["id"]
+    events = events_of(trainer_url, run_id)
+    kinds = [e["type"] for e in events]
+    assert kinds.count("step") == 3 and kinds.count("sample") == 3 and kinds[-1] == "done"
+    assert kinds.count("eval") == 2  # before training and at the end
+    sample = next(e for e in events if e["type"] == "sample")
+    assert sample["prompt"].startswith("Q:") and sample["teacher_logprobs"]
+    assert len(sample["teacher_logprobs"]) == len(sample["student_logprobs"])
+    view = httpx.get(f"{trainer_url}/runs/{run_id}").json()
+    assert view["status"] == "completed" and view["last_step"]["step"] == 3
+    metrics = httpx.get(trainer_url + "/metrics").text
+    assert f'opd_trainer_steps_total{{run="{run_id}"}} 3.0' in metrics
+
+
+def test_stop_ends_a_run_after_the_current_step(trainer_url, teacher_url, tmp_path):
+    body = {**SMALL, "teacher_url": [teacher_url], "steps": 500, "out": str(tmp_path / "run")}
+    run_id = httpx.post(trainer_url + "/runs", json=body).json()["id"]
+    with httpx.stream("GET", f"{trainer_url}/runs/{run_id}/events", timeout=300) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: step"):
+                assert httpx.post(f"{trainer_url}/runs/{run_id}/stop").status_code == 202
+                break
+    events = events_of(trainer_url, run_id)  # replays history, ends when the run ends
+    assert events[-1]["type"] == "done" and not events[-1]["completed"]
+    view = httpx.get(f"{trainer_url}/runs/{run_id}").json()
+    assert view["status"] == "stopped" and view["last_step"]["step"] < 500
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_unknown_run_is_404(trainer_url):
+    r = httpx.get(trainer_url + "/runs/run-999")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "id"

@@ -1,0 +1,137 @@
+"""Distillation runs against real teacher processes: faults, bad input, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd.models import STUDENT_PATH, TEACHER_PATH
+from services.teacher.process import free_port, start_teacher, stop
+from services.trainer.config import RunConfig
+from services.trainer.loop import run
+from services.trainer.report import read_jsonl
+
+# Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
+SMALL = dict(prompts_per_step=4, samples_per_prompt=2, schedule="truncated:24", eval_n=8,
+             eval_every=0, micro_batch=8, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def teacher_process():
+    proc, url = start_teacher(str(TEACHER_PATH), threads=1)
+    yield url
+    stop(proc)
+
+
+def trainer_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.trainer.cli", "run", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def small_args(url: str, out: Path, steps: int = 4, *extra: str) -> list[str]:
+    flags = []
+    for key, value in SMALL.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else (["--no-progress"] if value is False else [flag, str(value)])
+    return ["--teacher-url", url, "--out", str(out), "--steps", str(steps), *flags, *extra]
+
+
+def assert_every_step_once(out: Path, steps: int) -> list[dict]:
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:  # every rollout token was scored, once
+        assert r["teacher_tokens"] == r["tokens_generated"]
+    return records
+
+
+def test_unreachable_teacher_is_a_clear_error_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = trainer_cli(*small_args(url, tmp_path / "run"), timeout=120)
+    assert result.returncode == 1
+    assert url in result.stderr and "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_schedule_is_a_clear_error(tmp_path):
+    result = trainer_cli("--schedule", "progressive:h0=8", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--schedule" in result.stderr and "missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path):
+    other = tmp_path / "other-teacher"
+    shutil.copytree(TEACHER_PATH, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages }}"  # same ids, different tokenizer: still refused
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    proc, url = start_teacher(str(other), threads=1)
+    try:
+        result = trainer_cli(*small_args(url, tmp_path / "run"))
+    finally:
+        stop(proc)
+    assert result.returncode == 1
+    assert "another tokenizer" in result.stderr and url in result.stderr
+
+
+def test_a_killed_replica_loses_and_duplicates_nothing(tmp_path, teacher_process):
+    doomed, doomed_url = start_teacher(str(TEACHER_PATH), threads=1)
+    killed = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "step" and event["step"] == 1:
+            # Kill it from another thread while the next step is already under way.
+            threading.Timer(0.2, lambda: (doomed.send_signal(signal.SIGKILL), killed.set())).start()
+
+    out = tmp_path / "run"
+    cfg = RunConfig(**{**SMALL, "micro_batch": 2}, student=str(STUDENT_PATH), out=str(out),
+                    steps=5, teacher_url=[doomed_url, teacher_process])
+    try:
+        summary = run(cfg, events=on_event)
+    finally:
+        stop(doomed)
+    assert killed.is_set() and summary["completed"]
+    records = assert_every_step_once(out, 5)
+    assert sum(r["rescored"] for r in records) >= 1  # the dead replica's work was redone elsewhere
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return load_file(out / "checkpoints" / latest / "model.safetensors")
+
+
+def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
+    steps = 6
+    straight = tmp_path / "straight"
+    assert trainer_cli(*small_args(teacher_process, straight, steps)).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    args = small_args(teacher_process, resumed, steps, "--checkpoint-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "services.trainer.cli", "run", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(read_jsonl(resumed / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # some moment inside a later step
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(read_jsonl(resumed / "metrics.jsonl")) < steps, "killed too late to test resume"
+
+    result = trainer_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert_every_step_once(resumed, steps)
+    want, got = final_weights(straight), final_weights(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name

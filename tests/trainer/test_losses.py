@@ -1,0 +1,77 @@
+"""The distillation losses compute what their docstrings state, and masked positions never count."""
+
+from __future__ import annotations
+
+import torch
+
+from services.trainer import losses
+
+torch.manual_seed(0)
+B, T, K = 3, 6, 4
+TEACHER = -torch.rand(B, T) * 3
+STUDENT = -torch.rand(B, T) * 3
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.float)
+
+
+def test_advantage_is_teacher_minus_student_on_real_tokens():
+    adv = losses.reverse_kl_advantage(TEACHER, STUDENT, MASK)
+    assert torch.allclose(adv, (TEACHER - STUDENT) * MASK)
+
+
+def test_discounted_advantage_sums_future_terms():
+    gamma = 0.5
+    adv = losses.reverse_kl_advantage(TEACHER, STUDENT, MASK, gamma=gamma)
+    per_token = (TEACHER - STUDENT) * MASK
+    for b in range(B):
+        for t in range(T):
+            want = sum(gamma ** (s - t) * per_token[b, s] for s in range(t, T)) * MASK[b, t]
+            assert torch.isclose(adv[b, t], torch.as_tensor(want), atol=1e-6)
+
+
+def test_advantage_clipping_bounds_it():
+    adv = losses.reverse_kl_advantage(TEACHER * 10, STUDENT, MASK, clip=0.5)
+    assert adv.abs().max() <= 0.5
+
+
+def test_policy_gradient_is_advantage_times_grad_logp_on_policy():
+    logits = torch.randn(B, T, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (B, T))
+    logp = torch.log_softmax(logits, -1).gather(2, tokens[..., None]).squeeze(-1)
+    adv = losses.reverse_kl_advantage(TEACHER, logp, MASK)
+    loss = losses.policy_gradient_loss(logp, logp.detach(), adv, MASK)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    manual = -(adv * logp * MASK).sum() / MASK.sum()
+    (want,) = torch.autograd.grad(manual, logits)
+    assert torch.allclose(grad, want, atol=1e-6)
+
+
+def test_masked_positions_do_not_change_any_loss():
+    noise = torch.randn(B, T) * (1 - MASK) * 100
+    noise3 = noise[..., None].expand(B, T, K)
+    s3, t3 = -torch.rand(B, T, K), -torch.rand(B, T, K)
+    a = losses.reverse_kl_advantage(TEACHER, STUDENT, MASK)
+    b = losses.reverse_kl_advantage(TEACHER + noise, STUDENT - noise, MASK)
+    assert torch.equal(a, b)
+    assert losses.policy_gradient_loss(STUDENT, STUDENT, a, MASK) == losses.policy_gradient_loss(
+        STUDENT + noise, STUDENT + noise, b, MASK)
+    assert torch.isclose(losses.topk_forward_kl(s3, t3, MASK),
+                         losses.topk_forward_kl(s3 + noise3, t3 - noise3, MASK))
+    assert torch.isclose(losses.topk_jsd(s3, t3, MASK), losses.topk_jsd(s3 + noise3, t3, MASK))
+
+
+def test_topk_divergences_vanish_when_student_equals_teacher_and_are_positive_otherwise():
+    t3 = torch.log_softmax(torch.randn(B, T, K), -1)
+    s3 = torch.log_softmax(torch.randn(B, T, K), -1)
+    assert losses.topk_forward_kl(t3, t3, MASK).abs() < 1e-6
+    assert losses.topk_jsd(t3, t3, MASK, beta=0.3).abs() < 1e-6
+    assert losses.topk_forward_kl(s3, t3, MASK) > 0
+    assert losses.topk_jsd(s3, t3, MASK, beta=0.3) > 0
+
+
+def test_reverse_kl_estimate_and_profile():
+    est = losses.reverse_kl_estimate(TEACHER, STUDENT, MASK)
+    assert abs(est - float(((STUDENT - TEACHER) * MASK).sum() / MASK.sum())) < 1e-6
+    profile = losses.kl_by_position(TEACHER, STUDENT, MASK, bucket=2)
+    assert len(profile) == 3
+    first = ((STUDENT - TEACHER) * MASK)[:, :2].sum() / MASK[:, :2].sum()
+    assert abs(profile[0] - float(first)) < 1e-4

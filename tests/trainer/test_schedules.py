@@ -1,0 +1,53 @@
+"""Horizon schedules follow their formulas; bad specs are refused with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.trainer.schedules import ScheduleError, parse_schedule
+
+H_MAX = 256
+
+
+def horizons(spec: str, steps: int = 40) -> list[int]:
+    schedule = parse_schedule(spec, H_MAX)
+    return [schedule.horizon(k) for k in range(steps)]
+
+
+def test_full_is_always_h_max():
+    assert set(horizons("full")) == {H_MAX}
+
+
+@pytest.mark.parametrize("spec, h", [("truncated:0.1", 26), ("truncated:0.25", 64),
+                                     ("truncated:0.5", 128), ("truncated:20", 20),
+                                     ("truncated:1000", H_MAX)])
+def test_truncated_is_a_fraction_below_one_else_tokens(spec, h):
+    assert set(horizons(spec)) == {h}
+
+
+def test_progressive_is_the_papers_step_function():
+    got = horizons("progressive:h0=32,dh=64,every=5", 30)
+    want = [min(H_MAX, 32 + 64 * (k // 5)) for k in range(30)]
+    assert got == want
+    assert got[:5] == [32] * 5 and got[5] == 96 and got[-1] == H_MAX
+
+
+def test_linear_reaches_h_max_at_the_given_step():
+    got = horizons("linear:h0=16,steps=10", 15)
+    assert got[0] == 16 and got[10:] == [H_MAX] * 5
+    assert all(a <= b for a, b in zip(got, got[1:]))
+    assert got[5] == 16 + (H_MAX - 16) // 2
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("fullish", "unknown schedule"),
+    ("truncated:abc", "not a number"),
+    ("truncated:-1", "must be > 0"),
+    ("progressive:h0=1,dh=2", "missing every"),
+    ("progressive:h0=1,dh=2,every=0", "every >= 1"),
+    ("linear:h0=x,steps=3", "not an integer"),
+    ("linear:start=1,steps=3", "bad parameter"),
+])
+def test_bad_specs_say_what_is_wrong(spec, says):
+    with pytest.raises(ScheduleError, match=says):
+        parse_schedule(spec, H_MAX)
