@@ -32,10 +32,22 @@ from shared.protocol import ScoreRequest, encode_request  # noqa: E402
 
 # Shapes of real models, for random-init runs on a GPU (no hub: weights are random).
 SHAPES = {
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
-    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "qwen2-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
 }
 
 
@@ -98,13 +110,16 @@ def bench_http(url: str, seqs, top_k: int, repeats: int, concurrency: int, binar
 def wire_bytes(backend: HFBackend, seqs, top_k: int) -> dict:
     from shared.protocol import ScoreResult, Usage, encode_response
 
-    request = ScoreRequest(sequences=[{"prompt_ids": p, "completion_ids": c} for p, c in seqs],
-                           top_k=top_k)
+    request = ScoreRequest(
+        sequences=[{"prompt_ids": p, "completion_ids": c} for p, c in seqs], top_k=top_k
+    )
     scores = backend.score_batch(jobs_of(seqs, top_k))
     result = ScoreResult("m", "f", scores, Usage(prompt_tokens=0, scored_tokens=0))
     n = sum(len(c) for _, c in seqs)
-    return {form: (len(encode_request(request, b)) + len(encode_response(result, b))) / n
-            for form, b in (("json", False), ("binary", True))}
+    return {
+        form: (len(encode_request(request, b)) + len(encode_response(result, b))) / n
+        for form, b in (("json", False), ("binary", True))
+    }
 
 
 def _sync() -> None:
@@ -121,10 +136,13 @@ def flops_per_token(backend: HFBackend, seq_len: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(TEACHER_PATH))
-    parser.add_argument("--random-init", choices=sorted(SHAPES), help="random weights of this shape")
+    parser.add_argument(
+        "--random-init", choices=sorted(SHAPES), help="random weights of this shape"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -133,38 +151,70 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="device bf16 peak for MFU (e.g. 787 on an H200)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="device bf16 peak for MFU (e.g. 787 on an H200)",
+    )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model = random_model(args.random_init, args.dtype) if args.random_init else args.model
     max_batch_tokens = max(args.batches) * args.seq_len
-    backend = HFBackend(model, device=args.device, dtype=args.dtype,
-                        max_batch_tokens=max_batch_tokens, max_seq_len=args.seq_len)
+    backend = HFBackend(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_seq_len=args.seq_len,
+    )
     backend.load()
     vocab = backend.info.vocab_size
-    proc, url = start_teacher(model, threads=args.threads, ready_timeout=600, extra_args=(
-        "--device", args.device, "--dtype", args.dtype, "--max-batch-tokens", str(max_batch_tokens),
-        "--max-seq-len", str(args.seq_len), "--max-top-k", "20"))
+    proc, url = start_teacher(
+        model,
+        threads=args.threads,
+        ready_timeout=600,
+        extra_args=(
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--max-batch-tokens",
+            str(max_batch_tokens),
+            "--max-seq-len",
+            str(args.seq_len),
+            "--max-top-k",
+            "20",
+        ),
+    )
     rows = []
     try:
         for batch in args.batches:
             seqs = make_sequences(batch, args.seq_len, args.completion, vocab)
             local = bench_in_process(backend, seqs, 0, args.repeats)
             for conc in args.concurrency:
-                row = {"batch": batch, "tokens": batch * args.seq_len, "concurrency": conc,
-                       "in_process": local}
+                row = {
+                    "batch": batch,
+                    "tokens": batch * args.seq_len,
+                    "concurrency": conc,
+                    "in_process": local,
+                }
                 for form, binary in (("json", False), ("binary", True)):
                     row[form] = bench_http(url, seqs, 0, args.repeats, conc, binary)
                 rows.append(row)
                 # MFU counts every token the forward computed (prompt too), not just scored ones.
                 all_tokens_per_scored = args.seq_len / args.completion
-                _print_row(row, flops_per_token(backend, args.seq_len) * all_tokens_per_scored,
-                           args.peak_tflops)
-        sizes = {k: wire_bytes(backend, make_sequences(8, args.seq_len, args.completion, vocab), k)
-                 for k in (0, 20)}
+                _print_row(
+                    row,
+                    flops_per_token(backend, args.seq_len) * all_tokens_per_scored,
+                    args.peak_tflops,
+                )
+        sizes = {
+            k: wire_bytes(backend, make_sequences(8, args.seq_len, args.completion, vocab), k)
+            for k in (0, 20)
+        }
     finally:
         stop(proc)
     print("\nwire bytes per scored token (request + response):")
@@ -180,13 +230,17 @@ _header_printed = False
 def _print_row(row: dict, flops_tok: float, peak_tflops: float) -> None:
     global _header_printed
     if not _header_printed:
-        print(f"{'batch':>5} {'tokens':>7} {'conc':>4} {'in-proc tok/s':>14} {'json tok/s':>11} "
-              f"{'binary tok/s':>13} {'json/in':>8} {'binary/in':>10}"
-              + (f" {'MFU in-proc':>11}" if peak_tflops else ""))
+        print(
+            f"{'batch':>5} {'tokens':>7} {'conc':>4} {'in-proc tok/s':>14} {'json tok/s':>11} "
+            f"{'binary tok/s':>13} {'json/in':>8} {'binary/in':>10}"
+            + (f" {'MFU in-proc':>11}" if peak_tflops else "")
+        )
         _header_printed = True
-    line = (f"{row['batch']:>5} {row['tokens']:>7} {row['concurrency']:>4} "
-            f"{row['in_process']:>14,.0f} {row['json']:>11,.0f} {row['binary']:>13,.0f} "
-            f"{row['json'] / row['in_process']:>8.2f} {row['binary'] / row['in_process']:>10.2f}")
+    line = (
+        f"{row['batch']:>5} {row['tokens']:>7} {row['concurrency']:>4} "
+        f"{row['in_process']:>14,.0f} {row['json']:>11,.0f} {row['binary']:>13,.0f} "
+        f"{row['json'] / row['in_process']:>8.2f} {row['binary'] / row['in_process']:>10.2f}"
+    )
     if peak_tflops:
         line += f" {row['in_process'] * flops_tok / (peak_tflops * 1e12):>11.2f}"
     print(line, flush=True)

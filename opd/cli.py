@@ -1,10 +1,10 @@
 """`opd`: the bundled task, the bundled models, evaluation, and the distillation demo.
 
-    opd task --n 3                          # print problems with their worked solutions
-    opd task --stats                        # reasoning-length distribution
-    opd make-models                         # train models/tiny-teacher and models/tiny-student
-    opd eval --model models/tiny-student --n 500 [--json]
-    opd demo                                # the README's main job: the distillation demo
+opd task --n 3                          # print problems with their worked solutions
+opd task --stats                        # reasoning-length distribution
+opd make-models                         # train models/tiny-teacher and models/tiny-student
+opd eval --model models/tiny-student --n 500 [--json]
+opd demo                                # the README's main job: the distillation demo
 """
 
 from __future__ import annotations
@@ -46,11 +46,17 @@ def cmd_make_models(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     plans = {
-        "teacher": SFTConfig("teacher", steps=args.teacher_steps, eval_every=200,
-                             stop_above=0.995, seed=args.seed),
+        "teacher": SFTConfig(
+            "teacher", steps=args.teacher_steps, eval_every=200, stop_above=0.995, seed=args.seed
+        ),
         # The student stops as soon as it is right a fifth of the time: weak, but well-formed.
-        "student": SFTConfig("student", steps=args.student_steps, eval_every=50,
-                             stop_above=args.student_target, seed=args.seed),
+        "student": SFTConfig(
+            "student",
+            steps=args.student_steps,
+            eval_every=50,
+            stop_above=args.student_target,
+            seed=args.seed,
+        ),
     }
     for kind in args.only or ["teacher", "student"]:
         out = Path(args.out_dir) / f"tiny-{kind}"
@@ -67,8 +73,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     items = problems("eval", args.n, args.seed)
-    result = evaluate(model, tokenizer, items, args.batch_size, args.samples, args.seed,
-                      progress=not args.json)
+    result = evaluate(
+        model, tokenizer, items, args.batch_size, args.samples, args.seed, progress=not args.json
+    )
     report = {"model": str(args.model), "parameters": count_parameters(model), **result.to_dict()}
     if args.json:
         print(json.dumps(report))
@@ -87,18 +94,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     unknown = set(args.schedules or ()) - set(SCHEDULES)
     if unknown:
-        print(f"opd demo: error: unknown schedule(s) {sorted(unknown)}; choose from {list(SCHEDULES)}",
-              file=sys.stderr)
+        print(
+            f"opd demo: error: unknown schedule(s) {sorted(unknown)}; choose from {list(SCHEDULES)}",
+            file=sys.stderr,
+        )
         return 2
-    run_demo(DemoConfig(out=args.out, steps=args.steps, eval_every=args.eval_every,
-                        eval_n=args.eval_n, seed=args.seed,
-                        schedules=tuple(args.schedules or SCHEDULES)))
+    run_demo(
+        DemoConfig(
+            out=args.out,
+            steps=args.steps,
+            eval_every=args.eval_every,
+            eval_n=args.eval_n,
+            seed=args.seed,
+            schedules=tuple(args.schedules or SCHEDULES),
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
@@ -111,16 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     make = sub.add_parser("make-models", help="train the bundled teacher and student from scratch")
     make.add_argument("--out-dir", default=str(REPO_ROOT / "models"), help="default: models/")
     make.add_argument("--only", nargs="+", choices=["teacher", "student"], help="train only these")
-    make.add_argument("--teacher-steps", type=int, default=1600, help="planned SFT steps (batch 64)")
+    make.add_argument(
+        "--teacher-steps", type=int, default=1600, help="planned SFT steps (batch 64)"
+    )
     make.add_argument("--student-steps", type=int, default=1000, help="at most this many steps")
-    make.add_argument("--student-target", type=float, default=0.2,
-                      help="stop the student once its dev accuracy reaches this (default 0.2)")
+    make.add_argument(
+        "--student-target",
+        type=float,
+        default=0.2,
+        help="stop the student once its dev accuracy reaches this (default 0.2)",
+    )
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     make.set_defaults(func=cmd_make_models)
 
-    demo = sub.add_parser("demo", help="distil the bundled teacher into the student with each "
-                          "horizon schedule (full, TOPD, POPD) and compare them")
+    demo = sub.add_parser(
+        "demo",
+        help="distil the bundled teacher into the student with each "
+        "horizon schedule (full, TOPD, POPD) and compare them",
+    )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=int, default=48, help="steps per run (default 48)")
     demo.add_argument("--eval-every", type=int, default=12, help="evaluate every N steps")
@@ -132,8 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")
     ev.add_argument("--model", required=True, help="folder of a Hugging Face causal LM")
     ev.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
-    ev.add_argument("--samples", type=int, default=1,
-                    help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1")
+    ev.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1",
+    )
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")

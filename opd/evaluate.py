@@ -1,6 +1,6 @@
 """Accuracy on held-out problems with full-length generation (never cut at a training horizon).
 
-    opd eval --model models/tiny-teacher --n 500
+opd eval --model models/tiny-teacher --n 500
 """
 
 from __future__ import annotations

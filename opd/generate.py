@@ -21,7 +21,9 @@ class Generation:
     tokens_B_T: torch.Tensor  # int64, completion tokens (eos included when it was produced)
     logprobs_B_T: torch.Tensor  # float32, log-prob of each token under the sampling distribution
     lengths_B: torch.Tensor  # int64, tokens in each completion
-    finished_B: torch.Tensor  # bool, True where the completion ended with eos (not cut at the limit)
+    finished_B: (
+        torch.Tensor
+    )  # bool, True where the completion ended with eos (not cut at the limit)
 
     def completions(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens_B_T, self.lengths_B)]
@@ -83,15 +85,19 @@ def generate(
         newly_done = live & (next_B == eos_id)
         finished |= newly_done
         if on_done is not None and bool(newly_done.any()):
-            on_done(newly_done.nonzero().flatten().tolist(),
-                    Generation(tokens, logprobs, lengths, finished))
+            on_done(
+                newly_done.nonzero().flatten().tolist(),
+                Generation(tokens, logprobs, lengths, finished),
+            )
         if bool(finished.all()):
             break
         step_ids = next_B.unsqueeze(1)
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
     width = int(lengths.max()) if batch else 0
-    out = Generation(tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), finished.cpu())
+    out = Generation(
+        tokens[:, :width].cpu(), logprobs[:, :width].cpu(), lengths.cpu(), finished.cpu()
+    )
     if on_done is not None and not bool(finished.all()):
         on_done((~out.finished_B).nonzero().flatten().tolist(), out)  # cut at the limit
     return out

@@ -1,7 +1,7 @@
 """The bundled models' shapes, and loading any causal LM with its tokenizer offline, with clear errors.
 
-    teacher: LlamaForCausalLM, hidden 256, 4 layers, 4 heads of 64  (~3.4M parameters)
-    student: LlamaForCausalLM, hidden 128, 2 layers, 4 heads of 32  (~0.43M parameters)
+teacher: LlamaForCausalLM, hidden 256, 4 layers, 4 heads of 64  (~3.4M parameters)
+student: LlamaForCausalLM, hidden 128, 2 layers, 4 heads of 32  (~0.43M parameters)
 """
 
 from __future__ import annotations
@@ -9,8 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEACHER_PATH = REPO_ROOT / "models" / "tiny-teacher"

@@ -244,8 +244,9 @@ class TeacherClient:
         for url in self.urls:
             while True:
                 try:  # a teacher that refuses connections at start is an error, not a wait
-                    info = self._request("GET", "/info", url, retries=2,
-                                         headers=self._core.headers).json()
+                    info = self._request(
+                        "GET", "/info", url, retries=2, headers=self._core.headers
+                    ).json()
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
@@ -279,8 +280,12 @@ class TeacherClient:
         target = url or self._core.replicas.acquire()
         try:
             frames = (encode_request_frame(as_request(r)) for r in requests)
-            with self._http.stream("POST", target + "/score/stream", content=frames,
-                                   headers=self._core.stream_headers()) as response:
+            with self._http.stream(
+                "POST",
+                target + "/score/stream",
+                content=frames,
+                headers=self._core.stream_headers(),
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._core.reply(response)
@@ -364,8 +369,11 @@ class AsyncTeacherClient:
         for url in self.urls:
             while True:
                 try:
-                    info = (await self._request("GET", "/info", url, retries=2,
-                                                headers=self._core.headers)).json()
+                    info = (
+                        await self._request(
+                            "GET", "/info", url, retries=2, headers=self._core.headers
+                        )
+                    ).json()
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
@@ -400,8 +408,12 @@ class AsyncTeacherClient:
                 async for r in requests:
                     yield encode_request_frame(as_request(r))
 
-            async with self._http.stream("POST", target + "/score/stream", content=frames(),
-                                         headers=self._core.stream_headers()) as response:
+            async with self._http.stream(
+                "POST",
+                target + "/score/stream",
+                content=frames(),
+                headers=self._core.stream_headers(),
+            ) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._core.reply(response)
@@ -421,4 +433,3 @@ class AsyncTeacherClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
-

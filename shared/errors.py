@@ -97,7 +97,9 @@ STATUS_OF: dict[type[TeacherError], int] = {
     NotReady: 503,
     FingerprintMismatch: 409,
 }
-ERROR_OF_STATUS: dict[int, type[TeacherError]] = {s: e for e, s in STATUS_OF.items() if e is not TeacherError}
+ERROR_OF_STATUS: dict[int, type[TeacherError]] = {
+    s: e for e, s in STATUS_OF.items() if e is not TeacherError
+}
 
 
 def error_from_body(status: int, body: dict | None, retry_after: float | None) -> TeacherError:

@@ -13,7 +13,8 @@ from typing import Any
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """'sha256:<hex>' of a Hugging Face tokenizer's vocabulary, special tokens and chat template."""
     specials = sorted(
-        (str(token), tokenizer.convert_tokens_to_ids(token)) for token in tokenizer.all_special_tokens
+        (str(token), tokenizer.convert_tokens_to_ids(token))
+        for token in tokenizer.all_special_tokens
     )
     payload = {
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),

@@ -170,7 +170,9 @@ def _unpack_request_arrays(data: dict) -> dict:
     sequences = data.get("sequences")
     if isinstance(sequences, list):
         out["sequences"] = [
-            {k: _ids_list(v, f"sequences.{i}.{k}") for k, v in s.items()} if isinstance(s, dict) else s
+            {k: _ids_list(v, f"sequences.{i}.{k}") for k, v in s.items()}
+            if isinstance(s, dict)
+            else s
             for i, s in enumerate(sequences)
         ]
     candidates = data.get("candidate_ids")
@@ -242,7 +244,9 @@ def _unpack_score(d: dict) -> SequenceScore:
     k = d["top_k"]
     return SequenceScore(
         logprobs=logprobs,
-        topk_ids=None if d["topk_ids"] is None else np.frombuffer(d["topk_ids"], "<i4").reshape(-1, k),
+        topk_ids=None
+        if d["topk_ids"] is None
+        else np.frombuffer(d["topk_ids"], "<i4").reshape(-1, k),
         topk_logprobs=None
         if d["topk_logprobs"] is None
         else np.frombuffer(d["topk_logprobs"], "<f4").reshape(-1, k),
@@ -321,8 +325,9 @@ class FrameReader:
 
 
 def encode_stream_score(frame: int, index: int, score: SequenceScore, compute_s: float) -> bytes:
-    return pack_frame({"frame": frame, "index": index, "score": _pack_score(score),
-                       "compute_s": compute_s})
+    return pack_frame(
+        {"frame": frame, "index": index, "score": _pack_score(score), "compute_s": compute_s}
+    )
 
 
 def decode_stream_item(payload: bytes) -> StreamItem:
@@ -364,7 +369,9 @@ def _unpack_ragged(packed: Any, dtype: str, where: str) -> Any:
     counts = _frombuffer(packed["counts"], "<i4", f"{where}.counts")
     if counts.min(initial=0) < 0 or int(counts.sum()) != len(values):
         raise MalformedBody(f"{where}: counts do not add up to the number of values", param=where)
-    return [part.tolist() for part in np.split(values, np.cumsum(counts)[:-1])] if len(counts) else []
+    return (
+        [part.tolist() for part in np.split(values, np.cumsum(counts)[:-1])] if len(counts) else []
+    )
 
 
 def _ids_list(value: Any, where: str) -> Any:
@@ -376,7 +383,9 @@ def _frombuffer(value: Any, dtype: str, where: str) -> np.ndarray:
     if not isinstance(value, bytes):
         raise MalformedBody(f"{where}: expected packed bytes", param=where)
     if len(value) % 4:
-        raise MalformedBody(f"{where}: byte length {len(value)} is not a multiple of 4", param=where)
+        raise MalformedBody(
+            f"{where}: byte length {len(value)} is not a multiple of 4", param=where
+        )
     return np.frombuffer(value, dtype=dtype)
 
 

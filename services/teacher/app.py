@@ -1,6 +1,6 @@
 """The teacher server's app factory: state, lifespan (background model load), errors and metrics.
 
-    app = create_app(TeacherSettings(model="models/tiny-teacher"))
+app = create_app(TeacherSettings(model="models/tiny-teacher"))
 """
 
 from __future__ import annotations

@@ -22,22 +22,37 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in TeacherSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "OPD_TEACHER_" + name.upper()
-        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
+        default = (
+            field.default.get_secret_value()
+            if hasattr(field.default, "get_secret_value")
+            else field.default
+        )
         help_text = f"{field.description} [env {env}; default {default}]"
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        choices = (
+            typing.get_args(field.annotation)
+            if typing.get_origin(field.annotation) is typing.Literal
+            else None
+        )
         parser.add_argument(flag, default=None, choices=choices, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="opd-teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="opd-teacher",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve POST /score over HTTP",
-                           description="Serve teacher log-probs over HTTP.")
+    serve = sub.add_parser(
+        "serve",
+        help="serve POST /score over HTTP",
+        description="Serve teacher log-probs over HTTP.",
+    )
     _add_setting_flags(serve)
     return parser
 
@@ -69,14 +84,20 @@ def serve(settings: TeacherSettings) -> int:
     from services.teacher.app import create_app
 
     if settings.backend == "hf" and not (Path(settings.model) / "config.json").is_file():
-        print(f"opd-teacher: error: --model {settings.model}: not a local Hugging Face model folder "
-              "(no config.json)", file=sys.stderr)
+        print(
+            f"opd-teacher: error: --model {settings.model}: not a local Hugging Face model folder "
+            "(no config.json)",
+            file=sys.stderr,
+        )
         return 2
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
     return 0
 
 

@@ -15,27 +15,43 @@ class TeacherMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "opd_teacher_requests", "HTTP requests by route and status", ["route", "status"],
+            "opd_teacher_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
             registry=r,
         )
         self.latency = Histogram(
-            "opd_teacher_request_seconds", "HTTP request latency", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "opd_teacher_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.tokens_scored = Counter("opd_teacher_tokens_scored", "Completion tokens scored", registry=r)
+        self.tokens_scored = Counter(
+            "opd_teacher_tokens_scored", "Completion tokens scored", registry=r
+        )
         self.prompt_tokens = Counter("opd_teacher_prompt_tokens", "Prompt tokens read", registry=r)
         self.batch_size = Histogram(
-            "opd_teacher_batch_sequences", "Sequences per forward batch", buckets=_SIZE_BUCKETS,
+            "opd_teacher_batch_sequences",
+            "Sequences per forward batch",
+            buckets=_SIZE_BUCKETS,
             registry=r,
         )
         self.batch_tokens = Histogram(
-            "opd_teacher_batch_tokens", "Tokens per forward batch", buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.batch_seconds = Histogram(
-            "opd_teacher_batch_seconds", "Time to score one batch", buckets=_LATENCY_BUCKETS,
+            "opd_teacher_batch_tokens",
+            "Tokens per forward batch",
+            buckets=_TOKEN_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("opd_teacher_queue_depth", "Sequences waiting to be scored", registry=r)
+        self.batch_seconds = Histogram(
+            "opd_teacher_batch_seconds",
+            "Time to score one batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "opd_teacher_queue_depth", "Sequences waiting to be scored", registry=r
+        )
 
     def observe_batch(self, sequences: int, tokens: int, seconds: float) -> None:
         self.batch_size.observe(sequences)

@@ -18,14 +18,32 @@ def free_port() -> int:
 
 
 def start_teacher(
-    model: str, port: int | None = None, threads: int = 1, cpus: set[int] | None = None,
-    extra_args: tuple[str, ...] = (), log_path: str | None = None, ready_timeout: float = 120.0,
+    model: str,
+    port: int | None = None,
+    threads: int = 1,
+    cpus: set[int] | None = None,
+    extra_args: tuple[str, ...] = (),
+    log_path: str | None = None,
+    ready_timeout: float = 120.0,
 ) -> tuple[subprocess.Popen, str]:
     """`opd-teacher serve` on loopback in its own process, optionally pinned to `cpus`.
     Returns (process, base URL) once /ready answers 200."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", model,
-           "--port", str(port), "--threads", str(threads), "--log-level", "warning", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.teacher.cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+        *extra_args,
+    ]
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     if cpus and hasattr(os, "sched_setaffinity"):

@@ -42,7 +42,9 @@ def ready_state(request: Request):
     """The state, once the model is loaded; 503 before."""
     state = get_state(request)
     if state.limits is None:
-        detail = f"model failed to load: {state.load_error}" if state.load_error else "model loading"
+        detail = (
+            f"model failed to load: {state.load_error}" if state.load_error else "model loading"
+        )
         raise NotReady(detail, retry_after=None if state.load_error else 2)
     return state
 
@@ -56,8 +58,9 @@ def check_api_key(request: Request) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(
         given.strip().encode(), key.get_secret_value().encode()
     ):
-        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY')",
-                           param="Authorization")
+        raise Unauthorized(
+            "missing or wrong API key (send 'Authorization: Bearer KEY')", param="Authorization"
+        )
 
 
 Ready = Annotated[object, Depends(ready_state)]
@@ -132,8 +135,9 @@ async def score(request: Request, state: Ready, _: Authorized) -> Response:
 async def score_stream(request: Request, state: Ready, _: Authorized) -> StreamingResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != FRAMES:
-        raise UnsupportedMediaType(f"/score/stream takes {FRAMES}, not {ctype!r}",
-                                   param="Content-Type")
+        raise UnsupportedMediaType(
+            f"/score/stream takes {FRAMES}, not {ctype!r}", param="Content-Type"
+        )
     out: asyncio.Queue = asyncio.Queue()
     reader = asyncio.create_task(_read_frames(request, state, out))
 
@@ -222,4 +226,3 @@ async def metrics(request: Request) -> Response:
     state = get_state(request)
     state.metrics.queue_depth.set(state.backend.queue_depth())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
-

@@ -16,7 +16,9 @@ class TeacherSettings(BaseSettings):
     model: str = Field(str(TEACHER_PATH), description="Local folder of a Hugging Face causal LM.")
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (hf backend).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     max_batch_tokens: int = Field(

@@ -1,15 +1,15 @@
 """The trainer's HTTP control API: start, watch and stop distillation runs.
 
-    POST /runs                 body: a RunConfig (JSON) -> 201 {"id", "status"}; bad fields -> 422
-    GET  /runs                 all runs
-    GET  /runs/{id}            status, config, latest step metrics, summary or error
-    GET  /runs/{id}/events     server-sent events: step metrics, sample rollouts with teacher scores,
-                               evaluations, and a final "done" (or "failed") event
-    POST /runs/{id}/stop       stop after the current step (a checkpoint is written)
-    GET  /metrics              Prometheus metrics of every run
-    GET  /health
+POST /runs                 body: a RunConfig (JSON) -> 201 {"id", "status"}; bad fields -> 422
+GET  /runs                 all runs
+GET  /runs/{id}            status, config, latest step metrics, summary or error
+GET  /runs/{id}/events     server-sent events: step metrics, sample rollouts with teacher scores,
+                           evaluations, and a final "done" (or "failed") event
+POST /runs/{id}/stop       stop after the current step (a checkpoint is written)
+GET  /metrics              Prometheus metrics of every run
+GET  /health
 
-    opd-trainer serve --port 8100
+opd-trainer serve --port 8100
 """
 
 from __future__ import annotations
@@ -37,15 +37,25 @@ class TrainerMetrics:
         r = self.registry = CollectorRegistry()
         self.steps = Counter("opd_trainer_steps", "Optimizer steps", ["run"], registry=r)
         self.tokens = Counter("opd_trainer_tokens_generated", "Rollout tokens", ["run"], registry=r)
-        self.teacher_tokens = Counter("opd_trainer_teacher_tokens", "Tokens scored by the teacher",
-                                      ["run"], registry=r)
-        self.reverse_kl = Gauge("opd_trainer_reverse_kl", "Per-token reverse KL, last step", ["run"],
-                                registry=r)
-        self.horizon = Gauge("opd_trainer_horizon", "Rollout horizon, last step", ["run"], registry=r)
-        self.accuracy = Gauge("opd_trainer_eval_accuracy", "Held-out accuracy, last eval", ["run"],
-                              registry=r)
-        self.step_seconds = Histogram("opd_trainer_step_seconds", "Step wall-clock", ["run"],
-                                      registry=r, buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+        self.teacher_tokens = Counter(
+            "opd_trainer_teacher_tokens", "Tokens scored by the teacher", ["run"], registry=r
+        )
+        self.reverse_kl = Gauge(
+            "opd_trainer_reverse_kl", "Per-token reverse KL, last step", ["run"], registry=r
+        )
+        self.horizon = Gauge(
+            "opd_trainer_horizon", "Rollout horizon, last step", ["run"], registry=r
+        )
+        self.accuracy = Gauge(
+            "opd_trainer_eval_accuracy", "Held-out accuracy, last eval", ["run"], registry=r
+        )
+        self.step_seconds = Histogram(
+            "opd_trainer_step_seconds",
+            "Step wall-clock",
+            ["run"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+        )
 
     def observe(self, run_id: str, event: dict) -> None:
         if event["type"] == "step":
@@ -184,8 +194,9 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry),
-                    media_type="text/plain; version=0.0.4")
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type="text/plain; version=0.0.4"
+    )
 
 
 @router.get("/health")

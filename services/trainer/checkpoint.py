@@ -44,7 +44,11 @@ def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> 
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(
-        {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
         tmp / "rng.pt",
     )
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
@@ -71,7 +75,9 @@ def load(path: Path, model, optimizer) -> TrainState:
 
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: python RNG state is a tuple
+    rng = torch.load(
+        path / "rng.pt", weights_only=False
+    )  # our own file: python RNG state is a tuple
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

@@ -1,10 +1,10 @@
 """`opd-trainer`: on-policy distillation runs, the trainer's control API, and comparison plots.
 
-    opd-trainer run --teacher-url http://127.0.0.1:8000 --schedule truncated:0.1 --steps 100 --out runs/topd
-    opd-trainer run --config run.yaml --steps 50          # flags override the file
-    opd-trainer run --out runs/topd --resume              # continue from the last checkpoint
-    opd-trainer serve --port 8100                         # POST /runs, GET /runs/{id}/events, ...
-    opd-trainer plot runs/full runs/topd --out compare.png
+opd-trainer run --teacher-url http://127.0.0.1:8000 --schedule truncated:0.1 --steps 100 --out runs/topd
+opd-trainer run --config run.yaml --steps 50          # flags override the file
+opd-trainer run --out runs/topd --resume              # continue from the last checkpoint
+opd-trainer serve --port 8100                         # POST /runs, GET /runs/{id}/events, ...
+opd-trainer plot runs/full runs/topd --out compare.png
 """
 
 from __future__ import annotations
@@ -27,20 +27,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description or ''} [default {field.default}]"
         origin = typing.get_origin(field.annotation)
         if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif origin is list:
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
         elif origin is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(field.annotation), default=None,
-                                help=help_text)
+            parser.add_argument(
+                flag, choices=typing.get_args(field.annotation), default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd-trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="opd-trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run on-policy distillation against a teacher server")
     run.add_argument("--config", help="YAML or TOML file of settings (flags override it)")
@@ -56,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = load_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items()
-                   if k in RunConfig.model_fields and v is not None})
+    values.update(
+        {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    )
     return RunConfig(**values)
 
 

@@ -23,7 +23,9 @@ else:  # pragma: no cover - Python 3.10
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    student: str = Field(str(STUDENT_PATH), description="Local folder of the student (HF causal LM).")
+    student: str = Field(
+        str(STUDENT_PATH), description="Local folder of the student (HF causal LM)."
+    )
     teacher_url: list[str] = Field(
         ["http://127.0.0.1:8000"], min_length=1, description="Teacher base URL(s)."
     )
@@ -41,17 +43,22 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(
-        "reverse_kl", description="reverse_kl: policy gradient on A_t; *_topk use the teacher's top-k."
+        "reverse_kl",
+        description="reverse_kl: policy gradient on A_t; *_topk use the teacher's top-k.",
     )
     top_k: int = Field(8, ge=1, description="Teacher top-k for the *_topk losses.")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of JSD(beta).")
-    gamma: float = Field(0.0, ge=0, le=1, description="Discount of future advantages (0: per token).")
+    gamma: float = Field(
+        0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
+    )
     adv_clip: float | None = Field(None, gt=0, description="Clip |A_t| to this (none by default).")
     micro_batch: int = Field(16, ge=1, description="Rollouts per frame streamed to the teacher.")
     eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.")
     eval_samples: int = Field(0, ge=0, description="k of avg@k at the final evaluation (0: off).")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Checkpoint every N steps (0: only at the end)."
+    )
     resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads.")
     api_key: str | None = Field(None, description="Teacher API key, if it needs one.")

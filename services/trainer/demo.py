@@ -49,26 +49,42 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     two_cores = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
-    proc, url = start_teacher(str(TEACHER_PATH), threads=1, cpus={1} if two_cores else None,
-                              log_path=str(out / "teacher.log"))
+    proc, url = start_teacher(
+        str(TEACHER_PATH),
+        threads=1,
+        cpus={1} if two_cores else None,
+        log_path=str(out / "teacher.log"),
+    )
     if two_cores:
         os.sched_setaffinity(0, {0})
     rows = []
     try:
         for name in cfg.schedules:
             print(f"== {name}: schedule {SCHEDULES[name]}", flush=True)
-            summary = run(RunConfig(
-                student=str(STUDENT_PATH), teacher_url=[url], schedule=SCHEDULES[name],
-                steps=cfg.steps, out=str(out / name), seed=cfg.seed, lr=cfg.lr,
-                eval_every=cfg.eval_every, eval_n=cfg.eval_n, threads=1,
-            ))
+            summary = run(
+                RunConfig(
+                    student=str(STUDENT_PATH),
+                    teacher_url=[url],
+                    schedule=SCHEDULES[name],
+                    steps=cfg.steps,
+                    out=str(out / name),
+                    seed=cfg.seed,
+                    lr=cfg.lr,
+                    eval_every=cfg.eval_every,
+                    eval_n=cfg.eval_n,
+                    threads=1,
+                )
+            )
             rows.append(_row(name, out / name, summary))
     finally:
         stop(proc)
         if two_cores:
             os.sched_setaffinity(0, set(range(os.cpu_count())))
-    plot_runs([out / r["run"] for r in rows], out / "comparison.png",
-              title=f"OPD horizon schedules, {cfg.steps} steps, same seed")
+    plot_runs(
+        [out / r["run"] for r in rows],
+        out / "comparison.png",
+        title=f"OPD horizon schedules, {cfg.steps} steps, same seed",
+    )
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     print(f"\nplots: {out / 'comparison.png'}; per run: {out}/<run>/metrics.jsonl, eval.jsonl")
@@ -94,12 +110,16 @@ def _row(name: str, folder: Path, summary: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'run':<9} {'schedule':<34} {'acc start':>9} {'acc end':>8} {'train s':>8} "
-            f"{'gen tok':>8} {'teach tok':>9} {'peak MB':>8} {'gen/step':>8} {'wait/step':>9} "
-            f"{'upd/step':>8} {'hidden':>7}")
+    head = (
+        f"{'run':<9} {'schedule':<34} {'acc start':>9} {'acc end':>8} {'train s':>8} "
+        f"{'gen tok':>8} {'teach tok':>9} {'peak MB':>8} {'gen/step':>8} {'wait/step':>9} "
+        f"{'upd/step':>8} {'hidden':>7}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['run']:<9} {r['schedule']:<34} {r['initial_accuracy']:>9.1%} "
-              f"{r['final_accuracy']:>8.1%} {r['train_s']:>8.1f} {r['tokens_generated']:>8} "
-              f"{r['teacher_tokens']:>9} {r['peak_rss_mb']:>8.0f} {r['generate_s']:>8.2f} "
-              f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} {r['hidden']:>7.0%}")
+        print(
+            f"{r['run']:<9} {r['schedule']:<34} {r['initial_accuracy']:>9.1%} "
+            f"{r['final_accuracy']:>8.1%} {r['train_s']:>8.1f} {r['tokens_generated']:>8} "
+            f"{r['teacher_tokens']:>9} {r['peak_rss_mb']:>8.0f} {r['generate_s']:>8.2f} "
+            f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} {r['hidden']:>7.0%}"
+        )

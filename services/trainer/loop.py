@@ -44,8 +44,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, events: Events | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self, cfg: RunConfig, events: Events | None = None, stop: threading.Event | None = None
+    ):
         self.cfg = cfg
         self.events = events or (lambda event: None)
         self.stop = stop or threading.Event()
@@ -91,8 +92,13 @@ class Run:
         cfg, state = self.cfg, self.state
         if state.step == 0:
             self._evaluate()
-        bar = tqdm(total=cfg.steps, initial=state.step, desc=Path(cfg.out).name, unit="step",
-                   disable=not cfg.progress)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=state.step,
+            desc=Path(cfg.out).name,
+            unit="step",
+            disable=not cfg.progress,
+        )
         last_acc = None
         while state.step < cfg.steps and not self.stop.is_set():
             record = self._step()
@@ -103,9 +109,12 @@ class Run:
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
             bar.update(1)
-            bar.set_postfix(H=record["horizon"], rkl=f"{record['reverse_kl']:.3f}",
-                            acc="-" if last_acc is None else f"{last_acc:.1%}",
-                            tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}")
+            bar.set_postfix(
+                H=record["horizon"],
+                rkl=f"{record['reverse_kl']:.3f}",
+                acc="-" if last_acc is None else f"{last_acc:.1%}",
+                tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
+            )
         bar.close()
         final = self._evaluate(samples=cfg.eval_samples) if state.step == cfg.steps else None
         self._checkpoint()
@@ -119,8 +128,16 @@ class Run:
         top_k = cfg.top_k if cfg.loss != "reverse_kl" else 0
         started = time.perf_counter()
         feed = self.feed.begin(max_positions=horizon, top_k=top_k)
-        rollouts = sample_rollouts(self.model, self.tokenizer, batch, cfg.samples_per_prompt,
-                                   horizon, generator, feed.put, cfg.micro_batch)
+        rollouts = sample_rollouts(
+            self.model,
+            self.tokenizer,
+            batch,
+            cfg.samples_per_prompt,
+            horizon,
+            generator,
+            feed.put,
+            cfg.micro_batch,
+        )
         generated = time.perf_counter()
         scores, fstats = feed.finish()
         scored = time.perf_counter()
@@ -154,7 +171,8 @@ class Run:
             "teacher_compute_s": fstats.compute_s,
             # Share of the teacher's scoring time spent while the student was still generating.
             "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
-            if fstats.compute_s > 0 else 0.0,
+            if fstats.compute_s > 0
+            else 0.0,
             "update_s": done - scored,
             "tokens_generated": tokens,
             "teacher_tokens": fstats.scored_tokens,
@@ -166,14 +184,16 @@ class Run:
 
     def _sample_event(self, rollout, score) -> None:
         decode = self.tokenizer.decode
-        self.events({
-            "type": "sample",
-            "step": self.state.step,
-            "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
-            "completion": decode(rollout.completion_ids, skip_special_tokens=False),
-            "teacher_logprobs": [round(float(x), 4) for x in score.logprobs],
-            "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
-        })
+        self.events(
+            {
+                "type": "sample",
+                "step": self.state.step,
+                "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
+                "completion": decode(rollout.completion_ids, skip_special_tokens=False),
+                "teacher_logprobs": [round(float(x), 4) for x in score.logprobs],
+                "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
+            }
+        )
 
     def _evaluate(self, samples: int = 0) -> dict:
         greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False)
@@ -187,8 +207,14 @@ class Run:
             "tokens_generated": self.state.tokens_generated,
         }
         if samples > 0:
-            sampled = evaluate(self.model, self.tokenizer, self.eval_set, samples=samples,
-                               seed=self.cfg.seed, progress=False)
+            sampled = evaluate(
+                self.model,
+                self.tokenizer,
+                self.eval_set,
+                samples=samples,
+                seed=self.cfg.seed,
+                progress=False,
+            )
             record[f"avg@{samples}"] = sampled.accuracy
         self.eval_log.write(record)
         self.events({"type": "eval", **record})
@@ -213,7 +239,9 @@ class Run:
             "state": asdict(self.state),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_runs([self.out], self.out / "accuracy.png", title=f"{self.out.name}: {self.cfg.schedule}")
+        plot_runs(
+            [self.out], self.out / "accuracy.png", title=f"{self.out.name}: {self.cfg.schedule}"
+        )
         self.events({"type": "done", **summary})
         return summary
 

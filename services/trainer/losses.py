@@ -71,7 +71,9 @@ def topk_jsd(
     log_p = torch.log_softmax(teacher_logp_B_T_K, dim=-1)
     log_q = torch.log_softmax(student_logp_B_T_K, dim=-1)
     log_m = torch.logsumexp(
-        torch.stack([log_p + torch.log(torch.tensor(beta)), log_q + torch.log(torch.tensor(1 - beta))]),
+        torch.stack(
+            [log_p + torch.log(torch.tensor(beta)), log_q + torch.log(torch.tensor(1 - beta))]
+        ),
         dim=0,
     )
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)

@@ -1,9 +1,9 @@
 """What a run leaves in its folder, and the plots that compare runs.
 
-    metrics.jsonl   one line per step        eval.jsonl   one line per evaluation
-    summary.json    the run's totals         accuracy.png eval accuracy vs steps, wall-clock, teacher tokens
+metrics.jsonl   one line per step        eval.jsonl   one line per evaluation
+summary.json    the run's totals         accuracy.png eval accuracy vs steps, wall-clock, teacher tokens
 
-    opd-trainer plot runs/demo/full runs/demo/topd-10 --out runs/demo/comparison.png
+opd-trainer plot runs/demo/full runs/demo/topd-10 --out runs/demo/comparison.png
 """
 
 from __future__ import annotations

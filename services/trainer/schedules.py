@@ -90,5 +90,7 @@ def _params(text: str, spec: str, names: set[str]) -> dict[str, int]:
             raise ScheduleError(f"schedule {spec!r}: {key}={value!r} is not an integer") from None
     missing = names - out.keys()
     if missing:
-        raise ScheduleError(f"schedule {spec!r}: missing {', '.join(sorted(missing))}; {_SPEC_HELP}")
+        raise ScheduleError(
+            f"schedule {spec!r}: missing {', '.join(sorted(missing))}; {_SPEC_HELP}"
+        )
     return out

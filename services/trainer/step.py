@@ -56,8 +56,9 @@ def distillation_loss(
     device = logp_B_T_V.device
     tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long).to(device)
     student_B_T = logp_B_T_V.gather(2, tokens_B_T[..., None]).squeeze(-1)
-    teacher_B_T = padded([scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0,
-                         torch.float32).to(device)
+    teacher_B_T = padded(
+        [scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0, torch.float32
+    ).to(device)
     if cfg.loss == "reverse_kl":
         sample_B_T = padded([r.sample_logprobs for r in rollouts], width, 0.0, torch.float32)
         adv_B_T = losses.reverse_kl_advantage(
@@ -65,9 +66,12 @@ def distillation_loss(
         )
         loss = losses.policy_gradient_loss(student_B_T, sample_B_T.to(device), adv_B_T, mask_B_T)
     else:
-        topk_ids = padded3([scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long)
-        topk_lp = padded3([scores[r.key].topk_logprobs for r in rollouts], width, cfg.top_k, 0.0,
-                          torch.float32)
+        topk_ids = padded3(
+            [scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long
+        )
+        topk_lp = padded3(
+            [scores[r.key].topk_logprobs for r in rollouts], width, cfg.top_k, 0.0, torch.float32
+        )
         student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
         if cfg.loss == "forward_kl_topk":
             loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), mask_B_T)

@@ -103,8 +103,7 @@ class StepFeed:
 
     def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
         client = self._feed.client
-        urls = [u for u in client.urls
-                if client.is_up(u) and not (u in lanes and lanes[u].failed)]
+        urls = [u for u in client.urls if client.is_up(u) and not (u in lanes and lanes[u].failed)]
         if not urls:  # every replica is down: the rescoring pass retries with backoff
             urls = list(client.urls)
         # Least outstanding first; a replica with no stream yet counts as idle.
@@ -167,7 +166,9 @@ class TeacherFeed:
     def __init__(self, urls: list[str], api_key: str | None = None, queue_frames: int = 4):
         self.queue_frames = queue_frames
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="teacher-feed")
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="teacher-feed"
+        )
         self._thread.start()
         self.client = self.call(self._make_client(urls, api_key))
 

@@ -15,8 +15,9 @@ from shared.tokenizer import build_tokenizer
 
 
 def opd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def mismatched_model(folder) -> None:
@@ -33,7 +34,10 @@ def mismatched_model(folder) -> None:
         (lambda d: d / "missing", "no such file or directory"),
         (lambda d: d, "not a Hugging Face model folder"),
         (lambda d: (d / "file.txt").write_text("x") or d / "file.txt", "not a folder"),
-        (lambda d: mismatched_model(d) or d, "tokenizer has 23 tokens but the model's vocab_size is 10"),
+        (
+            lambda d: mismatched_model(d) or d,
+            "tokenizer has 23 tokens but the model's vocab_size is 10",
+        ),
     ],
 )
 def test_eval_on_bad_model_prints_one_line_and_fails(tmp_path, make, says):

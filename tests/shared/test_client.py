@@ -65,8 +65,10 @@ def test_429_is_retried_after_retry_after():
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
     with serve(app) as url:
         body = {"sequences": [{"prompt_ids": [1] * 10, "completion_ids": [5] * 5}]}
-        held = [threading.Thread(target=httpx.post, args=(url + "/score",), kwargs={"json": body})
-                for _ in range(2)]
+        held = [
+            threading.Thread(target=httpx.post, args=(url + "/score",), kwargs={"json": body})
+            for _ in range(2)
+        ]
         for t in held:
             t.start()
         backend.running.wait(10)

@@ -40,10 +40,14 @@ def make_result(rng: np.random.Generator) -> ScoreResult:
             logprobs=-rng.random(n, dtype=np.float32) * 10,
             topk_ids=rng.integers(0, 1000, (n, k)).astype(np.int32),
             topk_logprobs=-np.sort(rng.random((n, k), dtype=np.float32), axis=1),
-            candidate_logprobs=[-rng.random(int(c), dtype=np.float32) for c in rng.integers(0, 4, n)],
+            candidate_logprobs=[
+                -rng.random(int(c), dtype=np.float32) for c in rng.integers(0, 4, n)
+            ],
         )
 
-    return ScoreResult("m", "sha256:x", [score(5, 3), score(1, 3)], Usage(prompt_tokens=4, scored_tokens=6))
+    return ScoreResult(
+        "m", "sha256:x", [score(5, 3), score(1, 3)], Usage(prompt_tokens=4, scored_tokens=6)
+    )
 
 
 @pytest.mark.parametrize("binary", [False, True])
@@ -91,8 +95,11 @@ def test_binary_is_smaller_than_json():
     [
         (b"[", MalformedBody, None),
         (json.dumps({"sequences": "x"}).encode(), InvalidRequest, "sequences"),
-        (json.dumps({"sequences": [{"prompt_ids": [1]}]}).encode(), InvalidRequest,
-         "sequences.0.completion_ids"),
+        (
+            json.dumps({"sequences": [{"prompt_ids": [1]}]}).encode(),
+            InvalidRequest,
+            "sequences.0.completion_ids",
+        ),
         (json.dumps([1, 2]).encode(), InvalidRequest, None),
     ],
 )

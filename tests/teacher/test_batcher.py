@@ -39,7 +39,9 @@ class Recorder:
         self.sizes.append(len(jobs))
         if self.fail:
             raise RuntimeError("backend exploded")
-        return [SequenceScore(logprobs=np.full(j.n_scored, len(j.input_ids), np.float32)) for j in jobs]
+        return [
+            SequenceScore(logprobs=np.full(j.n_scored, len(j.input_ids), np.float32)) for j in jobs
+        ]
 
 
 async def submit_while_held(batcher: Batcher, recorder: Recorder, n: int):

@@ -65,13 +65,23 @@ def test_bad_request_is_422_naming_the_field(teacher_url, body, param, says):
 
 
 def test_malformed_bodies_are_400(teacher_url):
-    assert_error(post(teacher_url, b"{not json", {"Content-Type": "application/json"}), 400,
-                 says="not valid JSON")
-    assert_error(post(teacher_url, b"\xc1\xc1", {"Content-Type": "application/msgpack"}), 400,
-                 says="not valid msgpack")
+    assert_error(
+        post(teacher_url, b"{not json", {"Content-Type": "application/json"}),
+        400,
+        says="not valid JSON",
+    )
+    assert_error(
+        post(teacher_url, b"\xc1\xc1", {"Content-Type": "application/msgpack"}),
+        400,
+        says="not valid msgpack",
+    )
     packed = msgpack.packb({"sequences": [{"prompt_ids": b"\x01\x00\x00", "completion_ids": b""}]})
-    assert_error(post(teacher_url, packed, {"Content-Type": "application/msgpack"}), 400,
-                 "sequences.0.prompt_ids", "multiple of 4")
+    assert_error(
+        post(teacher_url, packed, {"Content-Type": "application/msgpack"}),
+        400,
+        "sequences.0.prompt_ids",
+        "multiple of 4",
+    )
     assert post(teacher_url, GOOD).status_code == 200
 
 
@@ -86,7 +96,9 @@ def test_binary_request_gets_binary_answer(teacher_url):
     r = post(teacher_url, body, {"Content-Type": "application/msgpack"})
     assert r.headers["content-type"] == "application/msgpack"
     assert len(decode_response(r.content, binary=True).results[0].logprobs) == 3
-    r = post(teacher_url, body, {"Content-Type": "application/msgpack", "Accept": "application/json"})
+    r = post(
+        teacher_url, body, {"Content-Type": "application/msgpack", "Accept": "application/json"}
+    )
     assert r.json()["results"][0]["logprobs"]
 
 
@@ -208,8 +220,12 @@ def test_metrics_count_requests_tokens_and_batches(teacher_url):
     text = httpx.get(teacher_url + "/metrics").text
     assert 'opd_teacher_requests_total{route="/score",status="200"}' in text
     assert 'opd_teacher_requests_total{route="/score",status="422"}' in text
-    for name in ("opd_teacher_tokens_scored_total", "opd_teacher_batch_sequences_bucket",
-                 "opd_teacher_queue_depth", "opd_teacher_request_seconds_bucket"):
+    for name in (
+        "opd_teacher_tokens_scored_total",
+        "opd_teacher_batch_sequences_bucket",
+        "opd_teacher_queue_depth",
+        "opd_teacher_request_seconds_bucket",
+    ):
         assert name in text
 
 

@@ -19,7 +19,9 @@ def mixed_sequences(tokenizer, n: int = 7, seed: int = 3) -> list[tuple[list[int
     out = []
     for i, p in enumerate(problems("eval", n, seed)):
         prompt = tokenizer(p.prompt)["input_ids"]
-        target = tokenizer(p.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = tokenizer(p.target, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         cut = max(1, len(target) * (i + 1) // n)
         out.append((prompt, target[:cut]))
     return out
@@ -85,7 +87,10 @@ def test_concurrent_clients_get_their_own_exact_answers(teacher, teacher_url):
 def test_json_and_binary_give_identical_numbers(teacher, teacher_url):
     _, tokenizer = teacher
     seqs = mixed_sequences(tokenizer, n=4)
-    with TeacherClient(teacher_url, binary=True) as b, TeacherClient(teacher_url, binary=False) as j:
+    with (
+        TeacherClient(teacher_url, binary=True) as b,
+        TeacherClient(teacher_url, binary=False) as j,
+    ):
         rb = b.score(seqs, top_k=4, candidate_ids=[[[1, 2]] * len(c) for _, c in seqs])
         rj = j.score(seqs, top_k=4, candidate_ids=[[[1, 2]] * len(c) for _, c in seqs])
     for sb, sj in zip(rb.results, rj.results):

@@ -11,8 +11,16 @@ import pytest
 from services.trainer.api import create_app
 from tests.conftest import serve
 
-SMALL = dict(prompts_per_step=2, samples_per_prompt=2, schedule="truncated:16", eval_n=4,
-             eval_every=0, micro_batch=4, threads=1, progress=False)
+SMALL = dict(
+    prompts_per_step=2,
+    samples_per_prompt=2,
+    schedule="truncated:16",
+    eval_n=4,
+    eval_every=0,
+    micro_batch=4,
+    threads=1,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +29,16 @@ def trainer_url():
         yield url
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"schedule": "sometimes"}, "schedule"),
-    ({"steps": 0}, "steps"),
-    ({"teacher_url": ["ftp://x"]}, "teacher_url"),
-    ({"loss": "mse"}, "loss"),
-    ({"stepz": 3}, "stepz"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"schedule": "sometimes"}, "schedule"),
+        ({"steps": 0}, "steps"),
+        ({"teacher_url": ["ftp://x"]}, "teacher_url"),
+        ({"loss": "mse"}, "loss"),
+        ({"stepz": 3}, "stepz"),
+    ],
+)
 def test_bad_config_is_422_naming_the_field(trainer_url, body, param):
     r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 422

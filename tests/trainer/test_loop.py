@@ -23,8 +23,16 @@ from services.trainer.loop import run
 from services.trainer.report import read_jsonl
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
-SMALL = dict(prompts_per_step=4, samples_per_prompt=2, schedule="truncated:24", eval_n=8,
-             eval_every=0, micro_batch=8, threads=1, progress=False)
+SMALL = dict(
+    prompts_per_step=4,
+    samples_per_prompt=2,
+    schedule="truncated:24",
+    eval_n=8,
+    eval_every=0,
+    micro_batch=8,
+    threads=1,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +43,23 @@ def teacher_process():
 
 
 def trainer_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.trainer.cli", "run", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "services.trainer.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def small_args(url: str, out: Path, steps: int = 4, *extra: str) -> list[str]:
     flags = []
     for key, value in SMALL.items():
         flag = "--" + key.replace("_", "-")
-        flags += [flag] if value is True else (["--no-progress"] if value is False else [flag, str(value)])
+        flags += (
+            [flag]
+            if value is True
+            else (["--no-progress"] if value is False else [flag, str(value)])
+        )
     return ["--teacher-url", url, "--out", str(out), "--steps", str(steps), *flags, *extra]
 
 
@@ -95,8 +111,13 @@ def test_a_killed_replica_loses_and_duplicates_nothing(tmp_path, teacher_process
             threading.Timer(0.2, lambda: (doomed.send_signal(signal.SIGKILL), killed.set())).start()
 
     out = tmp_path / "run"
-    cfg = RunConfig(**{**SMALL, "micro_batch": 2}, student=str(STUDENT_PATH), out=str(out),
-                    steps=5, teacher_url=[doomed_url, teacher_process])
+    cfg = RunConfig(
+        **{**SMALL, "micro_batch": 2},
+        student=str(STUDENT_PATH),
+        out=str(out),
+        steps=5,
+        teacher_url=[doomed_url, teacher_process],
+    )
     try:
         summary = run(cfg, events=on_event)
     finally:
@@ -118,8 +139,11 @@ def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
 
     resumed = tmp_path / "resumed"
     args = small_args(teacher_process, resumed, steps, "--checkpoint-every", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "services.trainer.cli", "run", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.trainer.cli", "run", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while len(read_jsonl(resumed / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

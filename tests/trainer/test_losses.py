@@ -53,9 +53,11 @@ def test_masked_positions_do_not_change_any_loss():
     b = losses.reverse_kl_advantage(TEACHER + noise, STUDENT - noise, MASK)
     assert torch.equal(a, b)
     assert losses.policy_gradient_loss(STUDENT, STUDENT, a, MASK) == losses.policy_gradient_loss(
-        STUDENT + noise, STUDENT + noise, b, MASK)
-    assert torch.isclose(losses.topk_forward_kl(s3, t3, MASK),
-                         losses.topk_forward_kl(s3 + noise3, t3 - noise3, MASK))
+        STUDENT + noise, STUDENT + noise, b, MASK
+    )
+    assert torch.isclose(
+        losses.topk_forward_kl(s3, t3, MASK), losses.topk_forward_kl(s3 + noise3, t3 - noise3, MASK)
+    )
     assert torch.isclose(losses.topk_jsd(s3, t3, MASK), losses.topk_jsd(s3 + noise3, t3, MASK))
 
 

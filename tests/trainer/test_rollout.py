@@ -15,8 +15,16 @@ PROBLEMS = problems("train", 6, seed=1)
 def sample(student, horizon: int, seed: int = 0, micro_batch: int = 4):
     model, tokenizer = student
     batches = []
-    rollouts = sample_rollouts(model, tokenizer, PROBLEMS, 2, horizon,
-                               torch.Generator().manual_seed(seed), batches.append, micro_batch)
+    rollouts = sample_rollouts(
+        model,
+        tokenizer,
+        PROBLEMS,
+        2,
+        horizon,
+        torch.Generator().manual_seed(seed),
+        batches.append,
+        micro_batch,
+    )
     return rollouts, batches
 
 
@@ -50,7 +58,10 @@ def test_sample_logprobs_equal_a_forward_pass(student):
     with torch.no_grad():
         logp_B_T_V, mask_B_T = student_logprobs(student[0], rollouts)
     for b, r in enumerate(rollouts):
-        want = logp_B_T_V[b, : len(r.completion_ids)].gather(
-            1, torch.tensor(r.completion_ids)[:, None]).squeeze(1)
+        want = (
+            logp_B_T_V[b, : len(r.completion_ids)]
+            .gather(1, torch.tensor(r.completion_ids)[:, None])
+            .squeeze(1)
+        )
         assert torch.allclose(torch.tensor(r.sample_logprobs), want, atol=1e-4)
         assert mask_B_T[b].sum() == len(r.completion_ids)

@@ -18,9 +18,16 @@ def test_full_is_always_h_max():
     assert set(horizons("full")) == {H_MAX}
 
 
-@pytest.mark.parametrize("spec, h", [("truncated:0.1", 26), ("truncated:0.25", 64),
-                                     ("truncated:0.5", 128), ("truncated:20", 20),
-                                     ("truncated:1000", H_MAX)])
+@pytest.mark.parametrize(
+    "spec, h",
+    [
+        ("truncated:0.1", 26),
+        ("truncated:0.25", 64),
+        ("truncated:0.5", 128),
+        ("truncated:20", 20),
+        ("truncated:1000", H_MAX),
+    ],
+)
 def test_truncated_is_a_fraction_below_one_else_tokens(spec, h):
     assert set(horizons(spec)) == {h}
 
@@ -39,15 +46,18 @@ def test_linear_reaches_h_max_at_the_given_step():
     assert got[5] == 16 + (H_MAX - 16) // 2
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("fullish", "unknown schedule"),
-    ("truncated:abc", "not a number"),
-    ("truncated:-1", "must be > 0"),
-    ("progressive:h0=1,dh=2", "missing every"),
-    ("progressive:h0=1,dh=2,every=0", "every >= 1"),
-    ("linear:h0=x,steps=3", "not an integer"),
-    ("linear:start=1,steps=3", "bad parameter"),
-])
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("fullish", "unknown schedule"),
+        ("truncated:abc", "not a number"),
+        ("truncated:-1", "must be > 0"),
+        ("progressive:h0=1,dh=2", "missing every"),
+        ("progressive:h0=1,dh=2,every=0", "every >= 1"),
+        ("linear:h0=x,steps=3", "not an integer"),
+        ("linear:start=1,steps=3", "bad parameter"),
+    ],
+)
 def test_bad_specs_say_what_is_wrong(spec, says):
     with pytest.raises(ScheduleError, match=says):
         parse_schedule(spec, H_MAX)

@@ -43,10 +43,10 @@ class Backend(ABC):
     @abstractmethod
     def load(self) -> BackendInfo: ...
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (batchers, engines) on the running event loop."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work; pending requests fail with NotReady."""
 
     @abstractmethod

@@ -55,7 +55,9 @@ class HFBackend(Backend):
         self.pad_id = tokenizer.pad_token_id or 0
         vocab = self.lm_head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
-        max_len = self.max_seq_len or min(model.config.max_position_embeddings, self.max_batch_tokens)
+        max_len = self.max_seq_len or min(
+            model.config.max_position_embeddings, self.max_batch_tokens
+        )
         if max_len > self.max_batch_tokens:
             raise ValueError(
                 f"max_seq_len {max_len} exceeds max_batch_tokens {self.max_batch_tokens}: "
@@ -168,9 +170,7 @@ def _candidate_matrix(
     """Ragged candidate ids as a padded [N, C] index matrix (padding indexes token 0) and its mask."""
     if all(j.candidate_ids is None for j in jobs):
         return None, None
-    per_row = [
-        row for j in jobs for row in (j.candidate_ids or [[] for _ in range(j.n_scored)])
-    ]
+    per_row = [row for j in jobs for row in (j.candidate_ids or [[] for _ in range(j.n_scored)])]
     width = max(1, max(len(r) for r in per_row))
     index = torch.zeros((len(per_row), width), dtype=torch.long)
     mask = torch.zeros((len(per_row), width), dtype=torch.bool)
