@@ -1,0 +1,81 @@
+"""POST /score/stream: frames in, one result frame per sequence out, equal to POST /score."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+
+from shared.client import AsyncTeacherClient, TeacherClient
+from shared.protocol import FRAMES, FrameReader, decode_stream_item
+from tests.teacher.test_scoring_correctness import mixed_sequences
+
+
+def frames_of(seqs, size):
+    return [
+        {
+            "sequences": [{"prompt_ids": p, "completion_ids": c} for p, c in seqs[i : i + size]],
+            "top_k": 3,
+        }
+        for i in range(0, len(seqs), size)
+    ]
+
+
+def test_stream_results_equal_score_results(teacher, teacher_url):
+    seqs = mixed_sequences(teacher[1], n=7)
+    frames = frames_of(seqs, 3)
+    with TeacherClient(teacher_url) as client:
+        items = list(client.score_stream(iter(frames)))
+        direct = client.score(seqs, top_k=3)
+    assert items[-1].done and not any(i.error for i in items)
+    got = {(i.frame * 3 + i.index): i.score for i in items[:-1]}
+    assert sorted(got) == list(range(7))  # every sequence exactly once
+    for k, want in enumerate(direct.results):
+        assert np.allclose(got[k].logprobs, want.logprobs, atol=1e-5)
+        assert np.array_equal(got[k].topk_ids, want.topk_ids)
+    assert all(i.compute_s > 0 for i in items[:-1])
+
+
+def test_async_stream_sends_frames_as_they_are_produced(teacher, teacher_url):
+    seqs = mixed_sequences(teacher[1], n=4)
+
+    async def produce():
+        for frame in frames_of(seqs, 2):
+            await asyncio.sleep(0.05)  # frames arrive over time, as rollouts finish
+            yield frame
+
+    async def run():
+        async with AsyncTeacherClient(teacher_url) as client:
+            return [item async for item in client.score_stream(produce())]
+
+    items = asyncio.run(run())
+    assert sum(1 for i in items if i.score is not None) == 4 and items[-1].done
+
+
+def test_a_bad_frame_gets_an_error_frame_and_the_rest_are_scored(teacher_url):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    bad = {"sequences": [{"prompt_ids": [1], "completion_ids": [99]}]}
+    with TeacherClient(teacher_url) as client:
+        items = list(client.score_stream(iter([good, bad, good])))
+    errors = [i for i in items if i.error]
+    assert len(errors) == 1 and errors[0].frame == 1
+    assert (
+        errors[0].error["param"] == "sequences.0" and "out of range" in errors[0].error["message"]
+    )
+    assert sorted(i.frame for i in items if i.score is not None) == [0, 2]
+
+
+def test_broken_framing_ends_the_stream_saying_why(teacher_url):
+    body = (100).to_bytes(4, "little") + b"short"
+    r = httpx.post(teacher_url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
+    reader = FrameReader(2**20)
+    items = [decode_stream_item(p) for p in reader.feed(r.content)]
+    assert items[-1].error is not None and "inside a frame" in items[-1].error["message"]
+
+
+def test_stream_needs_its_content_type(teacher_url):
+    r = httpx.post(
+        teacher_url + "/score/stream", content=b"", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
