@@ -46,6 +46,13 @@ class InvalidRequest(TeacherError):
     type = "invalid_request"
 
 
+class BadRequest(TeacherError):
+    """Refused by a compatibility route (TRL, OpenAI): what it does not support, or a bad field.
+    Those clients expect 400, as their own servers answer."""
+
+    type = "invalid_request_error"
+
+
 class Unauthorized(TeacherError):
     type = "unauthorized"
 
@@ -87,6 +94,7 @@ class FingerprintMismatch(TeacherError):
 STATUS_OF: dict[type[TeacherError], int] = {
     TeacherError: 500,
     MalformedBody: 400,
+    BadRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
     PayloadTooLarge: 413,
@@ -98,7 +106,7 @@ STATUS_OF: dict[type[TeacherError], int] = {
     FingerprintMismatch: 409,
 }
 ERROR_OF_STATUS: dict[int, type[TeacherError]] = {
-    s: e for e, s in STATUS_OF.items() if e is not TeacherError
+    s: e for e, s in STATUS_OF.items() if e not in (TeacherError, BadRequest)
 }
 
 

@@ -103,6 +103,8 @@ class SequenceScore:
     topk_ids: np.ndarray | None = None  # int32 [n, k]
     topk_logprobs: np.ndarray | None = None  # float32 [n, k]
     candidate_logprobs: list[np.ndarray] | None = None  # n arrays, float32 [c_i]
+    ranks: np.ndarray | None = None  # int64 [n], 1 = most likely; only when a dialect asks for it
+    sampled: tuple[int, float] | None = None  # (token, log-prob) drawn at the last position
 
 
 @dataclass

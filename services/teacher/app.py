@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.teacher import routes_openai, routes_trl
 from services.teacher.backends.base import Backend
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
@@ -74,6 +75,8 @@ def create_app(settings: TeacherSettings, backend: Backend | None = None) -> Fas
     )
     app.state.teacher = state
     app.include_router(router)
+    app.include_router(routes_trl.router)
+    app.include_router(routes_openai.router)
     _install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

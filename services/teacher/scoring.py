@@ -28,7 +28,12 @@ class Limits:
         return cls(info.vocab_size, info.max_seq_len, min(max_top_k, info.vocab_size))
 
 
-def jobs_from_request(request: ScoreRequest, limits: Limits) -> list[ScoreJob]:
+def jobs_from_request(
+    request: ScoreRequest,
+    limits: Limits,
+    want_ranks: bool = False,
+    sample_temperature: float | None = None,
+) -> list[ScoreJob]:
     if request.top_k > limits.max_top_k:
         raise InvalidRequest(
             f"top_k {request.top_k} exceeds this server's max_top_k {limits.max_top_k}",
@@ -57,6 +62,8 @@ def jobs_from_request(request: ScoreRequest, limits: Limits) -> list[ScoreJob]:
                 top_k=request.top_k,
                 candidate_ids=candidates,
                 temperature=request.temperature,
+                want_ranks=want_ranks,
+                sample_temperature=sample_temperature,
             )
         )
     return jobs
@@ -86,10 +93,16 @@ async def score_as_completed(
 
 
 async def score_request(
-    request: ScoreRequest, backend: Backend, limits: Limits, metrics: TeacherMetrics | None = None
+    request: ScoreRequest,
+    backend: Backend,
+    limits: Limits,
+    metrics: TeacherMetrics | None = None,
+    want_ranks: bool = False,
+    sample_temperature: float | None = None,
 ) -> ScoreResult:
-    """Check `request` against this server and score it on `backend`."""
-    jobs = jobs_from_request(request, limits)
+    """Check `request` against this server and score it on `backend`. The dialects ask for ranks,
+    and for a token sampled after each sequence (at `sample_temperature`)."""
+    jobs = jobs_from_request(request, limits, want_ranks, sample_temperature)
     scores = await backend.score(jobs)
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)

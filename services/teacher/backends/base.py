@@ -17,6 +17,9 @@ class ScoreJob:
     top_k: int = 0
     candidate_ids: list[list[int]] | None = None  # one list per scored position
     temperature: float = 1.0
+    want_ranks: bool = False  # also the vocabulary rank of each scored token (OpenAI dialect)
+    # Sample a token from the last scored position at this temperature (OpenAI max_tokens=1).
+    sample_temperature: float | None = None
     compute_s: float = 0.0  # set by the backend: forward time attributed to this job
 
     @property
@@ -39,6 +42,7 @@ class Backend(ABC):
     """Loads a model and scores jobs. `load` runs once in a worker thread before `start`."""
 
     info: BackendInfo
+    tokenizer: object  # the model's HF tokenizer (decoding token text for the OpenAI dialect)
 
     @abstractmethod
     def load(self) -> BackendInfo: ...

@@ -50,6 +50,7 @@ class HFBackend(Backend):
             self.model_path, DTYPES[self.dtype], self.device, self.trust_remote_code
         )
         self.model = model
+        self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.pad_id = tokenizer.pad_token_id or 0
@@ -130,23 +131,40 @@ def chunked_scores(
     ).to(device)
     k = max(j.top_k for j in jobs)
     cand_N_C, cand_mask_N_C = _candidate_matrix(jobs, device)
-    logprobs, topk_vals, topk_ids, cand_vals = [], [], [], []
+    want_ranks = any(j.want_ranks for j in jobs)
+    last_rows = torch.tensor([j.n_scored for j in jobs]).cumsum(0) - 1
+    sample_at = {
+        int(r): j.sample_temperature
+        for r, j in zip(last_rows, jobs)
+        if j.sample_temperature is not None
+    }
+    sampled: dict[int, tuple[int, float]] = {}
+    logprobs, topk_vals, topk_ids, cand_vals, ranks = [], [], [], [], []
     for start in range(0, hidden_N_H.shape[0], chunk_rows):
         end = start + chunk_rows
         logits = lm_head(hidden_N_H[start:end]).float() / temps_N[start:end, None]
         logp_C_V = torch.log_softmax(logits, dim=-1)
-        logprobs.append(logp_C_V.gather(1, targets_N[start:end, None]).squeeze(1))
+        target_logp = logp_C_V.gather(1, targets_N[start:end, None])
+        logprobs.append(target_logp.squeeze(1))
+        if want_ranks:
+            ranks.append((logp_C_V > target_logp).sum(-1) + 1)
         if k:
             values, ids = logp_C_V.topk(k, dim=-1)  # sorted, descending
             topk_vals.append(values)
             topk_ids.append(ids)
         if cand_N_C is not None:
             cand_vals.append(logp_C_V.gather(1, cand_N_C[start:end]))
+        for row in (r for r in sample_at if start <= r < end):
+            # logp / T has the softmax of logits / T: the request's sampling temperature.
+            probs = torch.softmax(logp_C_V[row - start] / sample_at[row], dim=-1)
+            token = int(torch.multinomial(probs, 1))
+            sampled[row] = (token, float(logp_C_V[row - start, token]))
     logprob_N = torch.cat(logprobs).cpu().numpy()
     topk_val_N_K = torch.cat(topk_vals).cpu().numpy() if k else None
     topk_id_N_K = torch.cat(topk_ids).to(torch.int32).cpu().numpy() if k else None
     cand_N_C_vals = torch.cat(cand_vals).cpu().numpy() if cand_N_C is not None else None
     cand_counts = cand_mask_N_C.sum(1).tolist() if cand_mask_N_C is not None else None
+    rank_N = torch.cat(ranks).cpu().numpy() if want_ranks else None
 
     out, offset = [], 0
     for job in jobs:
@@ -155,6 +173,9 @@ def chunked_scores(
         if job.top_k:
             score.topk_ids = topk_id_N_K[rows, : job.top_k]
             score.topk_logprobs = topk_val_N_K[rows, : job.top_k]
+        if job.want_ranks:
+            score.ranks = rank_N[rows]
+        score.sampled = sampled.get(offset + job.n_scored - 1)
         if job.candidate_ids is not None:
             score.candidate_logprobs = [
                 cand_N_C_vals[offset + i, : cand_counts[offset + i]] for i in range(job.n_scored)

@@ -1,0 +1,254 @@
+"""vLLM's OpenAI-style dialect, the subset that scoring uses: POST /v1/completions with token-id
+prompts, `echo`, `logprobs`, `prompt_logprobs` (a vLLM extension), `max_tokens` 0 or 1 and
+`return_token_ids`; GET /v1/models. TRL's VLLMClient (trl >= 1.16) scores through exactly this.
+
+Scoring goes through the same path as POST /score. What differs from vLLM: text prompts, `n` > 1,
+streaming, `max_tokens` > 1 and the other generation parameters are refused with a 400 that names
+them; `max_tokens` 0 generates nothing (vLLM generates one token and drops it). As in vLLM, prompt
+log-probs ignore `temperature`, and `max_tokens` 1 samples one token at it (greedy at 0).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.teacher.routes import Authorized, Ready
+from services.teacher.routes_trl import parse
+from services.teacher.scoring import score_request
+from shared.errors import BadRequest, InvalidRequest, NotFound
+from shared.protocol import ScoreRequest, SequenceScore, TokenId
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+# Parameters an OpenAI client may send with their default value; any other value is unsupported.
+_NEUTRAL = {
+    "n": 1,
+    "best_of": None,
+    "stream": False,
+    "stream_options": None,
+    "suffix": None,
+    "stop": None,
+    "seed": None,
+    "user": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "top_p": 1,
+    "top_k": None,
+    "min_p": None,
+    "repetition_penalty": None,
+    "add_special_tokens": True,
+    "return_tokens_as_token_ids": None,
+}
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: list[TokenId] | list[list[TokenId]] | str | list[str]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
+    return_token_ids: bool | None = None
+    temperature: float | None = None
+
+
+def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]:
+    """The request's token-id prompts, or a 400 naming what this server does not do."""
+    for name, value in (body.model_extra or {}).items():
+        if name not in _NEUTRAL:
+            raise BadRequest(f"parameter {name!r} is not supported by this teacher", param=name)
+        if value != _NEUTRAL[name]:
+            raise BadRequest(
+                f"{name}={value!r} is not supported (only {_NEUTRAL[name]!r})", param=name
+            )
+    if body.model not in (None, model_name, Path(model_name).name):
+        raise NotFound(
+            f"the model {body.model!r} does not exist; this server has {model_name!r}",
+            param="model",
+        )
+    if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
+        raise BadRequest("text prompts are not supported: send token ids", param="prompt")
+    prompts = [body.prompt] if body.prompt and isinstance(body.prompt[0], int) else body.prompt
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BadRequest("prompt must hold at least one non-empty token-id list", param="prompt")
+    if body.max_tokens not in (0, 1):
+        raise BadRequest(
+            f"max_tokens={body.max_tokens} is not supported: this teacher scores, it "
+            "does not generate (use 0, or 1 with temperature 0)",
+            param="max_tokens",
+        )
+    if body.temperature is not None and body.temperature < 0:
+        raise BadRequest("temperature must be >= 0", param="temperature")
+    return prompts
+
+
+@router.post("/completions", summary="OpenAI-style completions, for scoring token-id prompts")
+async def completions(request: Request, state: Ready, _: Authorized) -> dict:
+    body: CompletionRequest = await parse(
+        request, CompletionRequest, int(state.settings.max_body_mb * 2**20)
+    )
+    info = state.backend.info
+    prompts = check_supported(body, info.model)
+    prompt_k = (
+        body.prompt_logprobs
+        if body.prompt_logprobs is not None
+        else (body.logprobs if body.echo else None)
+    )
+    generate = body.max_tokens == 1
+    k = max(prompt_k or 0, body.logprobs or 0, 1 if generate else 0)
+    # Position i of the scored sequence predicts prompt token i+1; a placeholder token after the
+    # prompt makes the last position predict the next token, for greedy generation.
+    seqs = [
+        {"prompt_ids": p[:1], "completion_ids": p[1:] + ([0] if generate else [])} for p in prompts
+    ]
+    need_scores = [i for i, s in enumerate(seqs) if s["completion_ids"]]
+    scores: dict[int, SequenceScore] = {}
+    if need_scores and (prompt_k is not None or body.logprobs is not None or generate):
+        try:
+            temperature = 1.0 if body.temperature is None else body.temperature
+            result = await score_request(
+                ScoreRequest(sequences=[seqs[i] for i in need_scores], top_k=k),
+                state.backend,
+                state.limits,
+                state.metrics,
+                want_ranks=True,
+                # temperature 0 is greedy: the top-1 token, no draw
+                sample_temperature=temperature if generate and temperature > 0 else None,
+            )
+        except InvalidRequest as exc:
+            raise BadRequest(exc.message.replace("top_k", "logprobs"), param="prompt") from None
+        scores = dict(zip(need_scores, result.results))
+    tokenizer = state.backend.tokenizer
+    choices = [
+        _choice(i, p, scores.get(i), body, prompt_k, generate, tokenizer)
+        for i, p in enumerate(prompts)
+    ]
+    n_prompt = sum(len(p) for p in prompts)
+    n_generated = len(prompts) if generate else 0
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": info.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_generated,
+            "total_tokens": n_prompt + n_generated,
+        },
+    }
+
+
+def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
+    n = len(prompt) - 1  # scored prompt positions
+    new_ids = [_next_token(score)[0]] if generate else []
+    text_ids = (prompt if body.echo else []) + new_ids
+    choice = {
+        "index": index,
+        "text": tokenizer.decode(text_ids),
+        "logprobs": None,
+        "finish_reason": "length",
+        "stop_reason": None,
+        "prompt_logprobs": None,
+    }
+    if prompt_k is not None:
+        choice["prompt_logprobs"] = [None] + [
+            _prompt_entry(score, t, prompt[t + 1], prompt_k, tokenizer) for t in range(n)
+        ]
+    if body.logprobs is not None:
+        choice["logprobs"] = _openai_logprobs(prompt, score, body, generate, tokenizer)
+    if body.return_token_ids:
+        choice["prompt_token_ids"] = list(prompt)
+        choice["token_ids"] = new_ids
+    return choice
+
+
+def _next_token(score: SequenceScore) -> tuple[int, float]:
+    """The generated token: sampled at the request's temperature, or the top-1 when greedy."""
+    if score.sampled is not None:
+        return score.sampled
+    return int(score.topk_ids[-1, 0]), float(score.topk_logprobs[-1, 0])
+
+
+def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) -> dict:
+    """vLLM's shape: {token_id: {logprob, rank, decoded_token}}: top-k, plus the actual token."""
+    entry = {}
+    for r in range(k):
+        token = int(score.topk_ids[t, r])
+        entry[str(token)] = {
+            "logprob": float(score.topk_logprobs[t, r]),
+            "rank": r + 1,
+            "decoded_token": tokenizer.decode([token]),
+        }
+    entry.setdefault(
+        str(actual),
+        {
+            "logprob": float(score.logprobs[t]),
+            "rank": int(score.ranks[t]),
+            "decoded_token": tokenizer.decode([actual]),
+        },
+    )
+    return entry
+
+
+def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
+    """OpenAI's legacy shape over the echoed prompt (first token: null) and any generated token."""
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    k = body.logprobs
+
+    def add(token_id: int, logprob: float | None, row: int | None) -> None:
+        nonlocal offset
+        text = tokenizer.decode([token_id])
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        offsets.append(offset)
+        offset += len(text)
+        if row is None or not k:
+            top.append(None)
+            return
+        entry = {
+            tokenizer.decode([int(score.topk_ids[row, r])]): float(score.topk_logprobs[row, r])
+            for r in range(k)
+        }
+        entry.setdefault(text, logprob)
+        top.append(entry)
+
+    if body.echo:
+        add(prompt[0], None, None)
+        for t, token in enumerate(prompt[1:]):
+            add(token, float(score.logprobs[t]), t)
+    if generate:
+        add(*_next_token(score), len(prompt) - 1)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+@router.get("/models", summary="The one model this teacher serves")
+async def models(state: Ready) -> dict:
+    info = state.backend.info
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": info.model,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "opd",
+                "root": info.model,
+                "parent": None,
+                "max_model_len": info.max_seq_len,
+                "permission": [],
+            }
+        ],
+    }

@@ -1,0 +1,164 @@
+"""TRL's dialect: the routes `trl vllm-serve` offers and `trl`'s `VLLMClient` calls for distillation.
+
+    POST /get_sequence_logprobs/   {"sequences": [[int]], "prompt_lengths": [int], "top_logprobs": 100,
+                                    "temperature": 1.0, "response_format": "json" | "binary"}
+    GET  /health/                  {"status": "ok"}
+    GET  /get_world_size/          {"world_size": 1}
+
+Scoring goes through the same path as POST /score (`score_request`). Differences from TRL's server:
+temperature really divides the logits (stock vLLM ignores it for prompt log-probs); top_logprobs above
+the server's --max-top-k, a prompt of length 0, and any field TRL does not define are refused with a
+400 in the OpenAI error shape, instead of TRL's 500. Weight sync (init_communicator, ...) is absent:
+a teacher is frozen.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.teacher.routes import Authorized, Ready, read_body
+from services.teacher.scoring import score_request
+from shared.errors import BadRequest, InvalidRequest
+from shared.protocol import ScoreRequest, SequenceScore, TokenId
+
+router = APIRouter(tags=["TRL"])
+
+
+class SequenceLogprobsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sequences: list[list[TokenId]] = Field(min_length=1)
+    prompt_lengths: list[Annotated[int, Field(ge=0)]]
+    top_logprobs: int = Field(100, ge=0)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    response_format: Literal["json", "binary"] = "json"
+
+
+def bad_request(exc: ValidationError) -> BadRequest:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return BadRequest(f"{param or 'body'}: {first['msg']}", param=param)
+
+
+async def parse(request: Request, model: type[BaseModel], limit_bytes: int):
+    import json
+
+    body = await read_body(request, limit_bytes)
+    try:
+        return model.model_validate(json.loads(body))
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON ({exc})") from None
+    except ValidationError as exc:
+        raise bad_request(exc) from None
+
+
+@router.post("/get_sequence_logprobs/", summary="TRL: teacher log-probs of completion tokens")
+@router.post("/get_sequence_logprobs", include_in_schema=False)
+async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -> dict:
+    body: SequenceLogprobsRequest = await parse(
+        request, SequenceLogprobsRequest, int(state.settings.max_body_mb * 2**20)
+    )
+    if len(body.prompt_lengths) != len(body.sequences):
+        raise BadRequest(
+            f"{len(body.sequences)} sequences but {len(body.prompt_lengths)} prompt_lengths",
+            param="prompt_lengths",
+        )
+    for i, (seq, n) in enumerate(zip(body.sequences, body.prompt_lengths)):
+        if not 1 <= n <= len(seq):
+            raise BadRequest(
+                f"prompt_lengths.{i} is {n}; it must be between 1 and the sequence length "
+                f"{len(seq)} (a first token with no context has no log-prob here)",
+                param=f"prompt_lengths.{i}",
+            )
+    scored = [
+        i for i, (seq, n) in enumerate(zip(body.sequences, body.prompt_lengths)) if n < len(seq)
+    ]
+    scores: dict[int, SequenceScore] = {}
+    if scored:
+        request_ = ScoreRequest(
+            sequences=[
+                {
+                    "prompt_ids": body.sequences[i][: body.prompt_lengths[i]],
+                    "completion_ids": body.sequences[i][body.prompt_lengths[i] :],
+                }
+                for i in scored
+            ],
+            top_k=body.top_logprobs,
+            temperature=body.temperature,
+        )
+        try:
+            result = await score_request(request_, state.backend, state.limits, state.metrics)
+        except InvalidRequest as exc:  # TRL clients expect 400, and TRL's field names
+            raise BadRequest(_trl_words(exc.message), param=_trl_words(exc.param)) from None
+        scores = dict(zip(scored, result.results))
+    completions = [seq[n:] for seq, n in zip(body.sequences, body.prompt_lengths)]
+    if body.response_format == "binary":
+        return binary_response(scores, completions, body.top_logprobs)
+    return json_response(scores, completions)
+
+
+def _trl_words(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.replace("top_k", "top_logprobs").replace("max_top_logprobs", "max_top_k")
+
+
+def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]) -> dict:
+    """Per position: the top-k ids by rank, then the actual token when it is not among them."""
+    logprobs, token_ids = [], []
+    for i, completion in enumerate(completions):
+        rows_lp, rows_id = [], []
+        score = scores.get(i)
+        for t, actual in enumerate(completion):
+            ids = score.topk_ids[t].tolist() if score.topk_ids is not None else []
+            lps = score.topk_logprobs[t].tolist() if score.topk_logprobs is not None else []
+            if actual not in ids:
+                ids.append(actual)
+                lps.append(float(score.logprobs[t]))
+            rows_lp.append(lps)
+            rows_id.append(ids)
+        logprobs.append(rows_lp)
+        token_ids.append(rows_id)
+    return {"logprobs": logprobs, "logprob_token_ids": token_ids}
+
+
+def binary_response(scores: dict[int, SequenceScore], completions: list[list[int]], k: int) -> dict:
+    """TRL's binary form: base64 of little-endian float32/int32 arrays [B, max_len, k] and
+    [B, max_len, 1] for the actual tokens; padding is -inf and id 0."""
+    lengths = [len(c) for c in completions]
+    batch, width = len(lengths), max(lengths, default=0)
+    lp = np.full((batch, width, k), -np.inf, dtype="<f4")
+    ids = np.zeros((batch, width, k), dtype="<i4")
+    actual_lp = np.full((batch, width, 1), -np.inf, dtype="<f4")
+    actual_ids = np.zeros((batch, width, 1), dtype="<i4")
+    for i, score in scores.items():
+        n = lengths[i]
+        if k:
+            lp[i, :n] = score.topk_logprobs
+            ids[i, :n] = score.topk_ids
+        actual_lp[i, :n, 0] = score.logprobs
+        actual_ids[i, :n, 0] = completions[i]
+    b64 = lambda a: base64.b64encode(a.tobytes()).decode("ascii")  # noqa: E731
+    return {
+        "logprobs_b64": b64(lp),
+        "token_ids_b64": b64(ids),
+        "actual_logprobs_b64": b64(actual_lp),
+        "actual_token_ids_b64": b64(actual_ids),
+        "shape": [batch, width, k],
+        "completion_lengths": lengths,
+    }
+
+
+@router.get("/health/", summary="TRL: alive")
+async def trl_health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/get_world_size/", summary="TRL: world size (always 1: one scoring engine)")
+@router.get("/world_size", include_in_schema=False)
+async def get_world_size() -> dict:
+    return {"world_size": 1}
