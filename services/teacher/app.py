@@ -51,7 +51,18 @@ def build_backend(settings: TeacherSettings, metrics: TeacherMetrics) -> Backend
             trust_remote_code=settings.trust_remote_code,
             metrics=metrics,
         )
-    raise ValueError(f"backend {settings.backend!r} is not available in this build")
+    from services.teacher.backends.vllm import VLLMBackend
+
+    return VLLMBackend(
+        settings.model,
+        dtype=settings.dtype,
+        max_seq_len=settings.max_seq_len,
+        max_top_k=settings.max_top_k,
+        max_batch_tokens=settings.max_batch_tokens,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        trust_remote_code=settings.trust_remote_code,
+    )
 
 
 def create_app(settings: TeacherSettings, backend: Backend | None = None) -> FastAPI:

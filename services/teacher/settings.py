@@ -35,6 +35,10 @@ class TeacherSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="If set, requests need 'Authorization: Bearer KEY'."
     )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (vllm backend).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory vLLM may take (vllm backend)."
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
     log_level: str = Field("info", description="uvicorn log level.")
