@@ -26,8 +26,12 @@ def servers():
     """(hf URL, vllm URL), both float32 on the bundled teacher, each in its own process."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     hf, hf_url = start_teacher(str(TEACHER_PATH), threads=1)
-    vllm, vllm_url = start_teacher(str(TEACHER_PATH), threads=1, ready_timeout=300,
-                                   extra_args=("--backend", "vllm", "--max-seq-len", "512"))
+    vllm, vllm_url = start_teacher(
+        str(TEACHER_PATH),
+        threads=1,
+        ready_timeout=300,
+        extra_args=("--backend", "vllm", "--max-seq-len", "512"),
+    )
     yield hf_url, vllm_url
     stop(vllm)
     stop(hf)
@@ -58,16 +62,20 @@ def test_vllm_equals_hf_under_concurrency(servers, teacher):
 
     for w, g in zip(asyncio.run(run(servers[0])), asyncio.run(run(servers[1]))):
         np.testing.assert_allclose(g.results[0].logprobs, w.results[0].logprobs, atol=TOL, rtol=0)
-        np.testing.assert_allclose(g.results[0].topk_logprobs, w.results[0].topk_logprobs, atol=TOL,
-                                   rtol=0)
+        np.testing.assert_allclose(
+            g.results[0].topk_logprobs, w.results[0].topk_logprobs, atol=TOL, rtol=0
+        )
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"sequences": []}, "sequences"),
-    (seq([1, 2], [5, 23]), "sequences.0"),
-    (seq([1] * 300, [5] * 300), "sequences.0"),
-    ({**GOOD, "top_k": 21}, "top_k"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"sequences": []}, "sequences"),
+        (seq([1, 2], [5, 23]), "sequences.0"),
+        (seq([1] * 300, [5] * 300), "sequences.0"),
+        ({**GOOD, "top_k": 21}, "top_k"),
+    ],
+)
 def test_bad_input_gets_the_same_errors_as_hf(servers, body, param):
     for url in servers:
         assert_error(post(url, body), 422, param)

@@ -153,7 +153,9 @@ class VLLMBackend(Backend):
             score.ranks = np.array([row[t][1] for row, t in zip(rows, targets)], dtype=np.int64)
         if job.candidate_ids is not None:
             scored = np.asarray(final.prompt_token_id_logprobs, dtype=np.float32)
-            score.candidate_logprobs = [scored[i, : len(c)] for i, c in enumerate(job.candidate_ids)]
+            score.candidate_logprobs = [
+                scored[i, : len(c)] for i, c in enumerate(job.candidate_ids)
+            ]
         if generating:
             score.sampled = job_sampled
         return score
