@@ -107,6 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eval_n=args.eval_n,
             seed=args.seed,
             schedules=tuple(args.schedules or SCHEDULES),
+            teacher_url=args.teacher_url,
         )
     )
     return 0
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")
+    demo.add_argument("--teacher-url", help="use this teacher server instead of starting one")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")

@@ -7,7 +7,7 @@
 
 Each route has a method of the same name and arguments. Requests go binary (msgpack) by default, to
 the replica with the fewest requests in flight; connection errors, 429 and 503 are retried with
-exponential backoff (honouring Retry-After), on another replica when there is one. Scoring is a pure
+exponential backoff (honouring Retry-After), as are 502/504 from a load balancer, on another replica when there is one. Scoring is a pure
 function of the request, so a retry can never score anything twice.
 """
 
@@ -39,7 +39,8 @@ from shared.protocol import (
     encode_request_frame,
 )
 
-RETRY_STATUSES = (429, 503)
+# Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
+RETRY_STATUSES = (429, 502, 503, 504)
 
 
 class TeacherUnreachable(TeacherError, ConnectionError):

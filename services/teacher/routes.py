@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -218,6 +219,8 @@ async def info(state: Ready, _: Authorized) -> dict:
         "max_top_k": state.limits.max_top_k,
         "max_batch_tokens": state.settings.max_batch_tokens,
         "tokenizer_fingerprint": i.tokenizer_fingerprint,
+        # Which replica answered: behind a load balancer, tells replicas apart.
+        "instance": socket.gethostname(),
     }
 
 

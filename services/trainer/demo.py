@@ -43,6 +43,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = 3e-4
     schedules: tuple[str, ...] = tuple(SCHEDULES)
+    teacher_url: str | None = None  # use this teacher (e.g. a load balancer) instead of starting one
 
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
@@ -77,7 +78,8 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
             )
             rows.append(_row(name, out / name, summary))
     finally:
-        stop(proc)
+        if proc is not None:
+            stop(proc)
         if two_cores:
             os.sched_setaffinity(0, set(range(os.cpu_count())))
     plot_runs(

