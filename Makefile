@@ -11,7 +11,7 @@ TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-ur
 
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install demo test test-vllm lint clean
+.PHONY: install demo test test-vllm test-docker lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 
 test-vllm: $(VLLM_VENV)/.installed
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm
+
+# Real containers: two teacher replicas behind the load balancer, a distillation, a replica stopped.
+# On a machine with no image registry, as root, `bash docker/setup-ci.sh` first.
+test-docker: install
+	$(PY) -m pytest -q -m docker
 
 lint: install
 	$(VENV)/bin/ruff check .

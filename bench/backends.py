@@ -37,8 +37,9 @@ def tokens_per_s(url: str, seqs, top_k: int, concurrency: int, repeats: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(TEACHER_PATH))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -51,16 +52,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    common = ("--device", args.device, "--dtype", args.dtype, "--max-seq-len", str(args.seq_len),
-              "--max-batch-tokens", str(max(args.batches) * args.seq_len))
+    common = (
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--max-seq-len",
+        str(args.seq_len),
+        "--max-batch-tokens",
+        str(max(args.batches) * args.seq_len),
+    )
     results: dict[str, dict[int, float]] = {}
     for backend in ("hf", "vllm"):
-        proc, url = start_teacher(args.model, threads=args.threads, ready_timeout=600,
-                                  extra_args=("--backend", backend, *common))
+        proc, url = start_teacher(
+            args.model,
+            threads=args.threads,
+            ready_timeout=600,
+            extra_args=("--backend", backend, *common),
+        )
         try:
             results[backend] = {
-                b: tokens_per_s(url, make_sequences(b, args.seq_len, args.completion, 20),
-                                args.top_k, args.concurrency, args.repeats)
+                b: tokens_per_s(
+                    url,
+                    make_sequences(b, args.seq_len, args.completion, 20),
+                    args.top_k,
+                    args.concurrency,
+                    args.repeats,
+                )
                 for b in args.batches
             }
         finally:

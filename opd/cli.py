@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "horizon schedule (full, TOPD, POPD) and compare them",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=48, help="steps per run (default 48)")
-    demo.add_argument("--eval-every", type=int, default=12, help="evaluate every N steps")
+    demo.add_argument("--steps", type=int, default=32, help="steps per run (default 32)")
+    demo.add_argument("--eval-every", type=int, default=8, help="evaluate every N steps")
     demo.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")

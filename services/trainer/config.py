@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
     samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).")
     max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(

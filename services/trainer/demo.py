@@ -37,13 +37,15 @@ SCHEDULES = {
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    steps: int = 48
-    eval_every: int = 12
+    steps: int = 32
+    eval_every: int = 8
     eval_n: int = 200
     seed: int = 0
     lr: float = 3e-4
     schedules: tuple[str, ...] = tuple(SCHEDULES)
-    teacher_url: str | None = None  # use this teacher (e.g. a load balancer) instead of starting one
+    teacher_url: str | None = (
+        None  # use this teacher (e.g. a load balancer) instead of starting one
+    )
 
 
 def run_demo(cfg: DemoConfig) -> list[dict]:

@@ -126,6 +126,8 @@ class Run:
         batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
         generator = torch.Generator().manual_seed(step_seed(cfg.seed, state.step))
         top_k = cfg.top_k if cfg.loss != "reverse_kl" else 0
+        for group in self.optimizer.param_groups:  # linear warmup, then constant
+            group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.warmup_steps))
         started = time.perf_counter()
         feed = self.feed.begin(max_positions=horizon, top_k=top_k)
         rollouts = sample_rollouts(

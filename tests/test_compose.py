@@ -1,0 +1,154 @@
+"""The whole system in real containers: two teacher replicas behind the load balancer, a short
+distillation in the trainer container, one teacher stopped mid-run. Runs in the Docker CI stage
+(`make test-docker`), after docker/setup-ci.sh; skipped where Docker or compose v2 is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.teacher.process import free_port
+from shared.client import TeacherClient
+
+pytestmark = pytest.mark.docker
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "opdci"
+STEPS = 12
+
+
+def compose(*args: str, env: dict, check: bool = True, timeout: float = 1200):
+    cmd = ["docker", "compose", "-p", PROJECT, *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def has_compose_v2() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    ok = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    return ok and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not has_compose_v2():
+        pytest.skip("needs a Docker daemon and compose v2 (see docker/setup-ci.sh)")
+    results = tmp_path_factory.mktemp("results")
+    results.chmod(0o777)  # the containers run as an unprivileged user
+    port = free_port()
+    env = {
+        **os.environ,
+        "OPD_RESULTS": str(results),
+        "OPD_TEACHER_PORT": str(port),
+        "OPD_BASE_IMAGE": os.environ.get("OPD_BASE_IMAGE", "opd-base:bookworm"),
+    }
+    compose("build", env=env)
+    try:
+        compose("up", "-d", "--scale", "teacher=2", "lb", env=env)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, compose("logs", env=env, check=False).stdout[-3000:]
+            time.sleep(1)
+        yield url, env, results
+    finally:
+        compose("down", "-v", "--remove-orphans", env=env, check=False)
+
+
+def teacher_containers(env) -> list[str]:
+    return compose("ps", "-q", "teacher", env=env).stdout.split()
+
+
+def scored_requests(container: str) -> float:
+    probe = (
+        "import urllib.request; print(urllib.request.urlopen("
+        "'http://127.0.0.1:8000/metrics').read().decode())"
+    )
+    text = subprocess.run(
+        ["docker", "exec", container, "python3", "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for line in text.splitlines():
+        if line.startswith('opd_teacher_requests_total{route="/score",status="200"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_both_replicas_answer_score_through_the_balancer(stack):
+    url, env, _ = stack
+    instances = {httpx.get(url + "/info").json()["instance"] for _ in range(20)}
+    assert len(instances) == 2
+    with TeacherClient(url) as client:
+        for _ in range(10):
+            result = client.score([([1, 21, 18, 5], [6, 14, 7])], top_k=2)
+            assert len(result.results[0].logprobs) == 3
+    containers = teacher_containers(env)
+    assert len(containers) == 2
+    assert all(scored_requests(c) > 0 for c in containers)
+
+
+def test_distillation_survives_a_teacher_stopping_mid_run(stack):
+    url, env, results = stack
+    name = f"{PROJECT}-trainer-ci"
+    compose(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "trainer",
+        "opd-trainer",
+        "run",
+        "--teacher-url",
+        "http://lb:8000",
+        "--steps",
+        str(STEPS),
+        "--out",
+        "/results/ci",
+        "--prompts-per-step",
+        "8",
+        "--samples-per-prompt",
+        "2",
+        "--micro-batch",
+        "4",
+        "--schedule",
+        "truncated:48",
+        "--eval-n",
+        "16",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        env=env,
+    )
+    metrics = results / "ci" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "the trainer did not get going"
+        time.sleep(0.5)
+    victim = teacher_containers(env)[0]
+    subprocess.run(["docker", "stop", "-t", "0", victim], check=True, capture_output=True)
+    code = subprocess.run(["docker", "wait", name], capture_output=True, text=True, timeout=900)
+    logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr[-2000:]
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert code.stdout.strip() == "0", logs
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none lost, none twice
+    assert all(r["teacher_tokens"] == r["tokens_generated"] for r in records)
+    assert (results / "ci" / "summary.json").exists()
