@@ -6,8 +6,9 @@
     result.results[0].logprobs           # float32 [n]
 
 Each route has a method of the same name and arguments. Requests go binary (msgpack) by default, to
-the replica with the fewest requests in flight; connection errors, 429 and 503 are retried with
-exponential backoff (honouring Retry-After), as are 502/504 from a load balancer, on another replica when there is one. Scoring is a pure
+the replica with the fewest requests in flight; connection errors, 429, 503 (and a load balancer's
+502/504) are retried with
+exponential backoff (honouring Retry-After), on another replica when there is one. Scoring is a pure
 function of the request, so a retry can never score anything twice.
 """
 

@@ -111,6 +111,7 @@ def test_distillation_survives_a_teacher_stopping_mid_run(stack):
     compose(
         "run",
         "-d",
+        "--no-deps",  # the stack is up; with deps, compose would scale teacher back to one
         "--name",
         name,
         "trainer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opd.models import TEACHER_PATH
@@ -42,3 +42,9 @@ class TeacherSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
     log_level: str = Field("info", description="uvicorn log level.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        # An empty OPD_TEACHER_API_KEY (as compose passes an unset variable) means no key.
+        return None if value in ("", None) else value
