@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -69,18 +70,25 @@ def load_model(
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
     tokenizer = load_tokenizer(folder)
     try:
+        config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from exc
+    # A vocabulary larger than the embedding table would index out of range; a smaller one is the
+    # common padded-vocabulary case and is fine. Checked before any weights are read.
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelLoadError(
+            f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab_size}; they do not belong together"
+        )
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except Exception as exc:
         raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(exc)})") from exc
-    # A vocabulary larger than the embedding table would index out of range; a smaller one is the
-    # common padded-vocabulary case and is fine.
-    if len(tokenizer) > model.config.vocab_size:
-        raise ModelLoadError(
-            f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}; they do not belong together"
-        )
     return model.to(device).eval(), tokenizer
 
 

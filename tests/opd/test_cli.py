@@ -33,7 +33,7 @@ def mismatched_model(folder) -> None:
     [
         (lambda d: d / "missing", "no such file or directory"),
         (lambda d: d, "not a Hugging Face model folder"),
-        (lambda d: (d / "file.txt").write_text("x") or d / "file.txt", "not a folder"),
+        (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "not a folder"),
         (
             lambda d: mismatched_model(d) or d,
             "tokenizer has 23 tokens but the model's vocab_size is 10",
