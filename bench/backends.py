@@ -9,10 +9,8 @@ server in its own process with the same model, threads and batches.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,20 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.teacher_throughput import make_sequences  # noqa: E402
 from opd.models import TEACHER_PATH  # noqa: E402
 from services.teacher.process import start_teacher, stop  # noqa: E402
-from shared.client import AsyncTeacherClient  # noqa: E402
-
-
-def tokens_per_s(url: str, seqs, top_k: int, concurrency: int, repeats: int) -> float:
-    async def go() -> float:
-        async with AsyncTeacherClient(url, timeout=600) as client:
-            await client.score(seqs[:2], top_k=top_k)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                await asyncio.gather(*(client.score(seqs, top_k=top_k) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - start
-        return repeats * concurrency * sum(len(c) for _, c in seqs) / elapsed
-
-    return asyncio.run(go())
 
 
 def main() -> None:
@@ -72,12 +56,13 @@ def main() -> None:
         )
         try:
             results[backend] = {
-                b: tokens_per_s(
+                b: bench_http(
                     url,
                     make_sequences(b, args.seq_len, args.completion, 20),
                     args.top_k,
-                    args.concurrency,
                     args.repeats,
+                    args.concurrency,
+                    binary=True,
                 )
                 for b in args.batches
             }

@@ -10,35 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 
 from pydantic import ValidationError
 
 from services.teacher.settings import TeacherSettings
-
-
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per settings field, so the CLI never re-declares them by hand."""
-    for name, field in TeacherSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = "OPD_TEACHER_" + name.upper()
-        default = (
-            field.default.get_secret_value()
-            if hasattr(field.default, "get_secret_value")
-            else field.default
-        )
-        help_text = f"{field.description} [env {env}; default {default}]"
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-            continue
-        choices = (
-            typing.get_args(field.annotation)
-            if typing.get_origin(field.annotation) is typing.Literal
-            else None
-        )
-        parser.add_argument(flag, default=None, choices=choices, help=help_text)
+from shared.flags import add_flags, given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve POST /score over HTTP",
         description="Serve teacher log-probs over HTTP.",
     )
-    _add_setting_flags(serve)
+    add_flags(serve, TeacherSettings, env_prefix="OPD_TEACHER_")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
-    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
-    return TeacherSettings(**given)
+    return TeacherSettings(**given(args, TeacherSettings))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,32 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from services.trainer.config import RunConfig, load_config_file
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field, so the CLI never re-declares them by hand."""
-    for name, field in RunConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or ''} [default {field.default}]"
-        origin = typing.get_origin(field.annotation)
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif origin is list:
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
-        elif origin is typing.Literal:
-            parser.add_argument(
-                flag, choices=typing.get_args(field.annotation), default=None, help=help_text
-            )
-        else:
-            parser.add_argument(flag, default=None, help=help_text)
+from shared.flags import add_flags, given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run on-policy distillation against a teacher server")
     run.add_argument("--config", help="YAML or TOML file of settings (flags override it)")
-    add_config_flags(run)
+    add_flags(run, RunConfig)
     serve = sub.add_parser("serve", help="serve the HTTP control API (POST /runs ...)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8100)
@@ -61,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = load_config_file(args.config) if args.config else {}
-    values.update(
-        {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
-    )
+    values.update(given(args, RunConfig))
     return RunConfig(**values)
 
 
