@@ -53,6 +53,12 @@ def test_vllm_equals_hf_on_mixed_lengths(servers, teacher):
     assert got.usage == want.usage
 
 
+def test_a_sequence_of_exactly_max_seq_len_is_scored(servers):
+    body = seq([1] * 256, [5] * 256)  # 512 tokens: the servers' max_seq_len
+    for url in servers:
+        assert post(url, body).status_code == 200
+
+
 def test_vllm_equals_hf_under_concurrency(servers, teacher):
     seqs = mixed_sequences(teacher[1], n=10, seed=8)
 

@@ -55,7 +55,8 @@ class VLLMBackend(Backend):
         args = AsyncEngineArgs(
             model=self.model_path,
             dtype=self.dtype,
-            max_model_len=self.max_seq_len,
+            # vLLM always generates at least one token after the prompt: one more position.
+            max_model_len=self.max_seq_len + 1 if self.max_seq_len else None,
             max_logprobs=max(self.max_top_k, 1),
             max_num_batched_tokens=self.max_batch_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
@@ -73,7 +74,7 @@ class VLLMBackend(Backend):
             dtype=self.dtype,
             device=str(self.engine.vllm_config.device_config.device_type),
             vocab_size=config.get_vocab_size(),
-            max_seq_len=config.max_model_len,
+            max_seq_len=config.max_model_len - 1,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
         )
         return self.info
