@@ -9,6 +9,7 @@ server in its own process with the same model, threads and batches.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     common = (
@@ -68,10 +70,24 @@ def main() -> None:
             }
         finally:
             stop(proc)
+    rows = [
+        {
+            "batch": b,
+            "tokens": b * args.seq_len,
+            "hf_tok_s": round(results["hf"][b]),
+            "vllm_tok_s": round(results["vllm"][b]),
+            "vllm_over_hf": round(results["vllm"][b] / results["hf"][b], 3),
+        }
+        for b in args.batches
+    ]
     print(f"{'batch':>5} {'tokens':>7} {'hf tok/s':>10} {'vllm tok/s':>11} {'vllm/hf':>8}")
-    for b in args.batches:
-        hf, vl = results["hf"][b], results["vllm"][b]
-        print(f"{b:>5} {b * args.seq_len:>7} {hf:>10,.0f} {vl:>11,.0f} {vl / hf:>8.2f}")
+    for r in rows:
+        print(
+            f"{r['batch']:>5} {r['tokens']:>7} {r['hf_tok_s']:>10,} {r['vllm_tok_s']:>11,} "
+            f"{r['vllm_over_hf']:>8.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ def start_teacher(
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(proc.pid, cpus)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, ready_timeout)
+    try:
+        wait_ready(url, proc, ready_timeout)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, url
 
 
@@ -59,10 +63,13 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"teacher at {url} exited with code {proc.returncode}")
         try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
+            response = httpx.get(url + "/ready", timeout=2)
         except httpx.TransportError:
-            pass
+            response = None
+        if response is not None and response.status_code == 200:
+            return
+        if response is not None and "failed to load" in response.text:
+            raise RuntimeError(f"teacher at {url}: {response.json()['error']['message']}")
         time.sleep(0.2)
     raise TimeoutError(f"teacher at {url} not ready after {timeout:.0f} s")
 

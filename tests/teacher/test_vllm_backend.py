@@ -53,10 +53,14 @@ def test_vllm_equals_hf_on_mixed_lengths(servers, teacher):
     assert got.usage == want.usage
 
 
-def test_a_sequence_of_exactly_max_seq_len_is_scored(servers):
-    body = seq([1] * 256, [5] * 256)  # 512 tokens: the servers' max_seq_len
+def test_sequences_up_to_max_seq_len_are_scored_and_longer_refused(servers):
     for url in servers:
-        assert post(url, body).status_code == 200
+        limit = httpx.get(url + "/info").json()["max_seq_len"]
+        assert (
+            limit >= 511
+        )  # --max-seq-len 512 on a model of 512 positions (vllm: 511, see backend)
+        assert post(url, seq([1] * 200, [5] * (limit - 200))).status_code == 200
+        assert_error(post(url, seq([1] * 200, [5] * (limit - 199))), 422, "sequences.0")
 
 
 def test_vllm_equals_hf_under_concurrency(servers, teacher):

@@ -17,6 +17,7 @@ import os
 import uuid
 
 import numpy as np
+from transformers import AutoConfig
 
 from opd.models import load_tokenizer
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
@@ -55,8 +56,7 @@ class VLLMBackend(Backend):
         args = AsyncEngineArgs(
             model=self.model_path,
             dtype=self.dtype,
-            # vLLM always generates at least one token after the prompt: one more position.
-            max_model_len=self.max_seq_len + 1 if self.max_seq_len else None,
+            max_model_len=self._max_model_len(),
             max_logprobs=max(self.max_top_k, 1),
             max_num_batched_tokens=self.max_batch_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
@@ -78,6 +78,18 @@ class VLLMBackend(Backend):
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
         )
         return self.info
+
+    def _max_model_len(self) -> int | None:
+        """vLLM generates at least one token after the prompt, so scoring N tokens takes N + 1
+        positions: ask for one more than --max-seq-len, within the model's positions (the served
+        limit, max_model_len - 1, is then what /info reports)."""
+        if not self.max_seq_len:
+            return None
+        config = AutoConfig.from_pretrained(
+            self.model_path, trust_remote_code=self.trust_remote_code
+        )
+        positions = getattr(config, "max_position_embeddings", None)
+        return min(self.max_seq_len + 1, positions) if positions else self.max_seq_len + 1
 
     async def close(self) -> None:
         if self.engine is not None:

@@ -1,0 +1,21 @@
+"""start_teacher: a server whose model cannot load is reported at once, with the reason, and stopped."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from services.teacher.process import free_port, start_teacher
+
+
+def test_a_model_that_cannot_load_fails_fast_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a folder that is not a model
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed to load"):
+        start_teacher(str(tmp_path), port=port, threads=1, ready_timeout=120)
+    assert time.monotonic() - started < 60
+    with pytest.raises(httpx.ConnectError):  # the server process is gone
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
