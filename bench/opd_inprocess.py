@@ -92,7 +92,7 @@ def main() -> None:
         optimizer.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
-            print(f"step {step + 1} loss {float(loss):.4f} accuracy {accuracy:.3f}", flush=True)
+            print(f"step {step + 1} loss {float(loss.detach()):.4f} accuracy {accuracy:.3f}", flush=True)
 
 
 if __name__ == "__main__":
