@@ -24,7 +24,7 @@ from opd.models import STUDENT_PATH, TEACHER_PATH, load_model  # noqa: E402
 from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
-from services.trainer.step import padded, student_logprobs  # noqa: E402
+from services.trainer.step import sampled_logprobs, student_logprobs  # noqa: E402
 from shared.task import MAX_NEW_TOKENS, problems  # noqa: E402
 
 MODES = ("reverse_kl", "exact_reverse_kl", "forward_kl", "sft")
@@ -37,16 +37,12 @@ def opd_loss(mode: str, student, teacher, tokenizer, batch, samples, generator) 
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
     student_B_T_V, _ = student_logprobs(student, rollouts)
-    n = mask_B_T.sum()
     if mode == "exact_reverse_kl":
-        kl_B_T = (student_B_T_V.exp() * (student_B_T_V - teacher_B_T_V)).sum(-1)
-        return (kl_B_T * mask_B_T).sum() / n
+        return losses.full_reverse_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
     if mode == "forward_kl":
-        kl_B_T = (teacher_B_T_V.exp() * (teacher_B_T_V - student_B_T_V)).sum(-1)
-        return (kl_B_T * mask_B_T).sum() / n
-    tokens_B_T = padded([r.completion_ids for r in rollouts], mask_B_T.shape[1], 0, torch.long)
-    student_B_T = student_B_T_V.gather(2, tokens_B_T[..., None]).squeeze(-1)
-    teacher_B_T = teacher_B_T_V.gather(2, tokens_B_T[..., None]).squeeze(-1)
+        return losses.full_forward_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
+    student_B_T = sampled_logprobs(student_B_T_V, rollouts)
+    teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
     adv_B_T = losses.reverse_kl_advantage(teacher_B_T, student_B_T, mask_B_T)
     return losses.policy_gradient_loss(student_B_T, student_B_T.detach(), adv_B_T, mask_B_T)
 
@@ -92,7 +88,10 @@ def main() -> None:
         optimizer.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
-            print(f"step {step + 1} loss {float(loss.detach()):.4f} accuracy {accuracy:.3f}", flush=True)
+            print(
+                f"step {step + 1} loss {float(loss.detach()):.4f} accuracy {accuracy:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,22 @@ def topk_jsd(
     return (jsd * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
 
 
+def full_reverse_kl(
+    student_logp_B_T_V: torch.Tensor, teacher_logp_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """Exact KL(p_S || p_T) per position over the whole vocabulary, mean over real tokens. Needs the
+    teacher's full distribution (an in-process teacher, or top_k = vocabulary size)."""
+    kl_B_T = (student_logp_B_T_V.exp() * (student_logp_B_T_V - teacher_logp_B_T_V)).sum(-1)
+    return (kl_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+
+
+def full_forward_kl(
+    student_logp_B_T_V: torch.Tensor, teacher_logp_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """Exact KL(p_T || p_S) per position over the whole vocabulary, mean over real tokens."""
+    return full_reverse_kl(teacher_logp_B_T_V, student_logp_B_T_V, mask_B_T)
+
+
 def reverse_kl_estimate(
     teacher_logp_B_T: torch.Tensor, student_logp_B_T: torch.Tensor, mask_B_T: torch.Tensor
 ) -> float:

@@ -48,14 +48,20 @@ def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torc
     return logp_B_T_V, mask_B_T.to(model.device)
 
 
+def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
+    """[B, T]: the log-prob each distribution gave the rollout's own token (0 past its end)."""
+    width = logp_B_T_V.shape[1]
+    tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long)
+    return logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
+
+
 def distillation_loss(
     model, rollouts: list[Rollout], scores: dict[int, SequenceScore], cfg: RunConfig
 ) -> StepLoss:
     logp_B_T_V, mask_B_T = student_logprobs(model, rollouts)
     width = mask_B_T.shape[1]
     device = logp_B_T_V.device
-    tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long).to(device)
-    student_B_T = logp_B_T_V.gather(2, tokens_B_T[..., None]).squeeze(-1)
+    student_B_T = sampled_logprobs(logp_B_T_V, rollouts)
     teacher_B_T = padded(
         [scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0, torch.float32
     ).to(device)

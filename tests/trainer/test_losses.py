@@ -77,3 +77,15 @@ def test_reverse_kl_estimate_and_profile():
     assert len(profile) == 3
     first = ((STUDENT - TEACHER) * MASK)[:, :2].sum() / MASK[:, :2].sum()
     assert abs(profile[0] - float(first)) < 1e-4
+
+
+def test_full_kls_match_their_definitions_and_vanish_on_equal_distributions():
+    student = torch.log_softmax(torch.randn(B, T, K), -1)
+    teacher = torch.log_softmax(torch.randn(B, T, K), -1)
+    n = MASK.sum()
+    rkl = ((student.exp() * (student - teacher)).sum(-1) * MASK).sum() / n
+    fkl = ((teacher.exp() * (teacher - student)).sum(-1) * MASK).sum() / n
+    assert torch.isclose(losses.full_reverse_kl(student, teacher, MASK), rkl)
+    assert torch.isclose(losses.full_forward_kl(student, teacher, MASK), fkl)
+    assert losses.full_reverse_kl(student, student, MASK).abs() < 1e-6
+    assert rkl > 0 and fkl > 0
