@@ -1,12 +1,19 @@
-"""OPD with the teacher in the same process (no HTTP), to study the learning signal itself: the trainer's
-rollout and loss code, plus losses that need the teacher's full distribution, and an SFT control.
+"""Distillation with the teacher in the same process (no HTTP), to study the learning signal itself:
+the trainer's rollout and loss code, losses that need the teacher's full distribution, and two controls
+trained on ground-truth prefixes instead of the student's own.
 
-    python bench/opd_inprocess.py reverse_kl --steps 120 --lr 1e-4 --eval-every 30
-    python bench/opd_inprocess.py sft --steps 40 --lr 3e-4     # ground truth, same optimiser and batch
+    python bench/opd_inprocess.py reverse_kl --steps 20 --eval-every 10
+    python bench/opd_inprocess.py sft --prompts 64 --samples 1 --steps 30 --eval-every 10
+    python bench/opd_inprocess.py sft --prompts 64 --samples 1 --horizon 40 --steps 20
+    python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
-Modes: reverse_kl (the trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl
-(sum over the vocabulary of p_S (log p_S - log p_T) at each position of the student's rollouts),
-forward_kl (sum of p_T (log p_T - log p_S) there) and sft (cross-entropy on the reference solutions).
+Modes on the student's rollouts (sampled at temperature 1, cut at --horizon): reverse_kl (the
+trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (sum over the vocabulary
+of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T - log p_S)). Modes on
+the reference solutions (teacher-forced, first --horizon target tokens): sft (cross-entropy on the
+solution) and gt_forward_kl (forward KL to the teacher's distribution on the solution's prefixes).
+Every evaluation prints greedy accuracy and the student's per-token NLL of held-out reference
+solutions, a smooth measure of whether an update helped.
 """
 
 from __future__ import annotations
@@ -25,14 +32,16 @@ from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
 from services.trainer.step import sampled_logprobs, student_logprobs  # noqa: E402
-from shared.task import MAX_NEW_TOKENS, problems  # noqa: E402
+from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
 
-MODES = ("reverse_kl", "exact_reverse_kl", "forward_kl", "sft")
+ON_POLICY = ("reverse_kl", "exact_reverse_kl", "forward_kl")
+TEACHER_FORCED = ("sft", "gt_forward_kl")
+MODES = ON_POLICY + TEACHER_FORCED
 
 
-def opd_loss(mode: str, student, teacher, tokenizer, batch, samples, generator) -> torch.Tensor:
+def on_policy_loss(mode, student, teacher, tokenizer, batch, samples, horizon, generator):
     rollouts = sample_rollouts(
-        student, tokenizer, batch, samples, MAX_NEW_TOKENS, generator, lambda _: None, 10**9
+        student, tokenizer, batch, samples, horizon, generator, lambda _: None, 10**9
     )
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
@@ -47,51 +56,139 @@ def opd_loss(mode: str, student, teacher, tokenizer, batch, samples, generator) 
     return losses.policy_gradient_loss(student_B_T, student_B_T.detach(), adv_B_T, mask_B_T)
 
 
+def teacher_forced_logprobs(model, tokenizer, batch: list[Problem], horizon: int):
+    """(logp_B_T_V, labels_B_T, mask_B_T) at the positions that predict the first `horizon` tokens of
+    each reference solution (and its eos)."""
+    ids_B_L, labels_B_L = sft_batch(tokenizer, batch)
+    labels_B_T = labels_B_L[:, 1:]
+    mask_B_T = (labels_B_T != -100).float()
+    mask_B_T = mask_B_T * (mask_B_T.cumsum(1) <= horizon).float()
+    logp_B_T_V = torch.log_softmax(model(input_ids=ids_B_L).logits[:, :-1].float(), dim=-1)
+    return logp_B_T_V, labels_B_T.clamp(min=0), mask_B_T
+
+
+def teacher_forced_loss(mode, student, teacher, tokenizer, batch, horizon):
+    student_B_T_V, labels_B_T, mask_B_T = teacher_forced_logprobs(
+        student, tokenizer, batch, horizon
+    )
+    if mode == "gt_forward_kl":
+        with torch.no_grad():
+            teacher_B_T_V, _, _ = teacher_forced_logprobs(teacher, tokenizer, batch, horizon)
+        return losses.full_forward_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
+    nll_B_T = -student_B_T_V.gather(2, labels_B_T[..., None]).squeeze(-1)
+    return (nll_B_T * mask_B_T).sum() / mask_B_T.sum()
+
+
+def mode_loss(mode, student, teacher, tokenizer, batch, args, generator) -> torch.Tensor:
+    if mode in ON_POLICY:
+        return on_policy_loss(
+            mode, student, teacher, tokenizer, batch, args.samples, args.horizon, generator
+        )
+    copies = [p for p in batch for _ in range(args.samples)]
+    return teacher_forced_loss(mode, student, teacher, tokenizer, copies, args.horizon)
+
+
+def reference_nll(student, tokenizer, held_out: list[Problem]) -> float:
+    with torch.no_grad():
+        return float(teacher_forced_loss("sft", student, None, tokenizer, held_out, 10**9))
+
+
+def flat_grad(loss: torch.Tensor, model) -> torch.Tensor:
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]
+    )
+
+
+def print_error_states(student, teacher, tokenizer, batch, args) -> None:
+    """How many rollouts contain an error (a token the teacher gives at least 2 nats less than the
+    student does), and how many rollout tokens come after a rollout's first error."""
+    generator = torch.Generator().manual_seed(args.seed)
+    rollouts = sample_rollouts(
+        student, tokenizer, batch, args.samples, args.horizon, generator, lambda _: None, 10**9
+    )
+    with torch.no_grad():
+        teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
+        student_B_T_V, _ = student_logprobs(student, rollouts)
+    gap_B_T = sampled_logprobs(teacher_B_T_V, rollouts) - sampled_logprobs(student_B_T_V, rollouts)
+    error_B_T = ((gap_B_T < -2) & (mask_B_T > 0)).float()
+    after_B_T = (error_B_T.cumsum(1) - error_B_T > 0).float() * mask_B_T
+    print(
+        f"rollouts with an error: {int((error_B_T.sum(1) > 0).sum())} of {len(rollouts)}; "
+        f"tokens after a rollout's first error: {int(after_B_T.sum())} of {int(mask_B_T.sum())}"
+    )
+
+
+def print_alignment(student, teacher, tokenizer, args) -> None:
+    """How well each mode's first AdamW step (the sign of its gradient) and its raw gradient point
+    down the reference-solution NLL of *other* problems, next to an SFT batch's own numbers."""
+    target = flat_grad(
+        teacher_forced_loss("sft", student, None, tokenizer, problems("train", 64, 101), 10**9),
+        student,
+    )
+    batch = problems("train", args.prompts, args.seed)
+    print_error_states(student, teacher, tokenizer, batch, args)
+    print("mode              cos(grad, ref)  sign step . ref (normalised)")
+    for mode in MODES:
+        generator = torch.Generator().manual_seed(args.seed)
+        g = flat_grad(mode_loss(mode, student, teacher, tokenizer, batch, args, generator), student)
+        cos = float(g @ target / (g.norm() * target.norm()))
+        sign = float(torch.sign(g) @ target / (target.norm() * g.numel() ** 0.5))
+        print(f"{mode:17s} {cos:+14.3f}  {sign:+.4f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("mode", choices=MODES, nargs="?", default="reverse_kl")
     parser.add_argument("--student", default=str(STUDENT_PATH))
     parser.add_argument("--teacher", default=str(TEACHER_PATH))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    parser.add_argument("--warmup", type=int, default=1, help="linear warmup steps")
     parser.add_argument("--prompts", type=int, default=16, help="problems per step")
     parser.add_argument("--samples", type=int, default=4, help="rollouts (or copies) per problem")
+    parser.add_argument(
+        "--horizon", type=int, default=MAX_NEW_TOKENS, help="tokens per rollout or solution"
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--align", action="store_true", help="print first-step alignment, exit")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     teacher, tokenizer = load_model(args.teacher)
     student, _ = load_model(args.student)
+    if args.align:
+        print_alignment(student, teacher, tokenizer, args)
+        return
     data = problems("train", args.steps * args.prompts, args.seed)
     eval_set = problems("eval", args.eval_n, args.seed)
+    held_out = problems("eval", 64, args.seed + 1)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
-    print(f"{args.mode} lr {args.lr}: step 0 accuracy {accuracy:.3f}", flush=True)
+
+    def report(step: int) -> None:
+        accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
+        nll = reference_nll(student, tokenizer, held_out)
+        print(f"step {step} accuracy {accuracy:.3f} reference NLL {nll:.4f}", flush=True)
+
+    print(f"{args.mode} lr {args.lr} horizon {args.horizon}", flush=True)
+    report(0)
     for step in range(args.steps):
         batch = data[step * args.prompts : (step + 1) * args.prompts]
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        if args.mode == "sft":
-            ids, labels = sft_batch(tokenizer, [p for p in batch for _ in range(args.samples)])
-            loss = student(input_ids=ids, labels=labels).loss
-        else:
-            loss = opd_loss(args.mode, student, teacher, tokenizer, batch, args.samples, generator)
+        loss = mode_loss(args.mode, student, teacher, tokenizer, batch, args, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
-            print(
-                f"step {step + 1} loss {float(loss.detach()):.4f} accuracy {accuracy:.3f}",
-                flush=True,
-            )
+            report(step + 1)
 
 
 if __name__ == "__main__":
