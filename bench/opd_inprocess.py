@@ -39,10 +39,13 @@ TEACHER_FORCED = ("sft", "gt_forward_kl")
 MODES = ON_POLICY + TEACHER_FORCED
 
 
-def on_policy_loss(mode, student, teacher, tokenizer, batch, samples, horizon, generator):
-    rollouts = sample_rollouts(
-        student, tokenizer, batch, samples, horizon, generator, lambda _: None, 10**9
+def rollouts_for(student, tokenizer, batch, args, generator):
+    return sample_rollouts(
+        student, tokenizer, batch, args.samples, args.horizon, generator, lambda _: None, 10**9
     )
+
+
+def on_policy_loss(mode, student, teacher, rollouts):
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
     student_B_T_V, _ = student_logprobs(student, rollouts)
@@ -79,11 +82,7 @@ def teacher_forced_loss(mode, student, teacher, tokenizer, batch, horizon):
     return (nll_B_T * mask_B_T).sum() / mask_B_T.sum()
 
 
-def mode_loss(mode, student, teacher, tokenizer, batch, args, generator) -> torch.Tensor:
-    if mode in ON_POLICY:
-        return on_policy_loss(
-            mode, student, teacher, tokenizer, batch, args.samples, args.horizon, generator
-        )
+def teacher_forced_mode_loss(mode, student, teacher, tokenizer, batch, args):
     copies = [p for p in batch for _ in range(args.samples)]
     return teacher_forced_loss(mode, student, teacher, tokenizer, copies, args.horizon)
 
@@ -101,13 +100,9 @@ def flat_grad(loss: torch.Tensor, model) -> torch.Tensor:
     )
 
 
-def print_error_states(student, teacher, tokenizer, batch, args) -> None:
+def print_error_states(student, teacher, rollouts) -> None:
     """How many rollouts contain an error (a token the teacher gives at least 2 nats less than the
     student does), and how many rollout tokens come after a rollout's first error."""
-    generator = torch.Generator().manual_seed(args.seed)
-    rollouts = sample_rollouts(
-        student, tokenizer, batch, args.samples, args.horizon, generator, lambda _: None, 10**9
-    )
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
         student_B_T_V, _ = student_logprobs(student, rollouts)
@@ -122,17 +117,24 @@ def print_error_states(student, teacher, tokenizer, batch, args) -> None:
 
 def print_alignment(student, teacher, tokenizer, args) -> None:
     """How well each mode's first AdamW step (the sign of its gradient) and its raw gradient point
-    down the reference-solution NLL of *other* problems, next to an SFT batch's own numbers."""
+    down the reference-solution NLL of *other* problems, next to an SFT batch's own numbers. The
+    on-policy modes share one set of rollouts."""
     target = flat_grad(
         teacher_forced_loss("sft", student, None, tokenizer, problems("train", 64, 101), 10**9),
         student,
     )
     batch = problems("train", args.prompts, args.seed)
-    print_error_states(student, teacher, tokenizer, batch, args)
+    rollouts = rollouts_for(
+        student, tokenizer, batch, args, torch.Generator().manual_seed(args.seed)
+    )
+    print_error_states(student, teacher, rollouts)
     print("mode              cos(grad, ref)  sign step . ref (normalised)")
     for mode in MODES:
-        generator = torch.Generator().manual_seed(args.seed)
-        g = flat_grad(mode_loss(mode, student, teacher, tokenizer, batch, args, generator), student)
+        if mode in ON_POLICY:
+            loss = on_policy_loss(mode, student, teacher, rollouts)
+        else:
+            loss = teacher_forced_mode_loss(mode, student, teacher, tokenizer, batch, args)
+        g = flat_grad(loss, student)
         cos = float(g @ target / (g.norm() * target.norm()))
         sign = float(torch.sign(g) @ target / (target.norm() * g.numel() ** 0.5))
         print(f"{mode:17s} {cos:+14.3f}  {sign:+.4f}", flush=True)
@@ -182,7 +184,11 @@ def main() -> None:
         batch = data[step * args.prompts : (step + 1) * args.prompts]
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = mode_loss(args.mode, student, teacher, tokenizer, batch, args, generator)
+        if args.mode in ON_POLICY:
+            rollouts = rollouts_for(student, tokenizer, batch, args, generator)
+            loss = on_policy_loss(args.mode, student, teacher, rollouts)
+        else:
+            loss = teacher_forced_mode_loss(args.mode, student, teacher, tokenizer, batch, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

@@ -65,15 +65,12 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
         try:
             response = httpx.get(url + "/ready", timeout=2)
         except httpx.TransportError:
-            response = None
-        if response is not None and response.status_code == 200:
+            time.sleep(0.2)  # not listening yet
+            continue
+        if response.status_code == 200:
             return
         # 503 without Retry-After: the model failed to load and never will (see routes.ready_state).
-        if (
-            response is not None
-            and response.status_code == 503
-            and "retry-after" not in response.headers
-        ):
+        if response.status_code == 503 and "retry-after" not in response.headers:
             raise RuntimeError(f"teacher at {url}: {response.json()['error']['message']}")
         time.sleep(0.2)
     raise TimeoutError(f"teacher at {url} not ready after {timeout:.0f} s")
