@@ -5,6 +5,7 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py reverse_kl --steps 20 --eval-every 10
     python bench/opd_inprocess.py sft --prompts 64 --samples 1 --steps 30 --eval-every 10
     python bench/opd_inprocess.py sft --prompts 64 --samples 1 --horizon 40 --steps 20
+    python bench/opd_inprocess.py forward_kl --prompts 64 --samples 4 --states clean --steps 10
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
 Modes on the student's rollouts (sampled at temperature 1, cut at --horizon): reverse_kl (the
@@ -12,6 +13,10 @@ trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (su
 of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T - log p_S)). Modes on
 the reference solutions (teacher-forced, first --horizon target tokens): sft (cross-entropy on the
 solution) and gt_forward_kl (forward KL to the teacher's distribution on the solution's prefixes).
+`--states clean|deviated` trains an on-policy mode only on the rollout positions whose prefix still is
+the reference solution's, or only on those after the rollout left it; `--states before_flag` only on
+the positions up to a rollout's first error as the teacher flags it (>= 2 nats below the student),
+which needs no reference solution (the trainer's `--cut-at-error 2`).
 Every evaluation prints greedy accuracy and the student's per-token NLL of held-out reference
 solutions, a smooth measure of whether an update helped.
 """
@@ -37,6 +42,7 @@ from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
 ON_POLICY = ("reverse_kl", "exact_reverse_kl", "forward_kl")
 TEACHER_FORCED = ("sft", "gt_forward_kl")
 MODES = ON_POLICY + TEACHER_FORCED
+ERROR_NATS = 2.0  # an error: the teacher gives the token this much less log-prob than the student
 
 
 def rollouts_for(student, tokenizer, batch, args, generator):
@@ -45,10 +51,34 @@ def rollouts_for(student, tokenizer, batch, args, generator):
     )
 
 
-def on_policy_loss(mode, student, teacher, rollouts):
+def clean_prefix_mask(tokenizer, rollouts, width: int) -> torch.Tensor:
+    """[B, T]: 1 where the rollout so far equals its problem's reference solution (the first
+    deviating token included), 0 after it. Only a bench with ground truth can draw this line."""
+    clean_B_T = torch.zeros(len(rollouts), width)
+    for b, r in enumerate(rollouts):
+        ref = tokenizer(r.problem.target, add_special_tokens=False)["input_ids"]
+        ref = ref + [tokenizer.eos_token_id]
+        t = 0
+        while t < len(r.completion_ids) and r.completion_ids[:t] == ref[:t]:
+            clean_B_T[b, t] = 1
+            t += 1
+    return clean_B_T
+
+
+def on_policy_loss(mode, student, teacher, rollouts, tokenizer=None, states="all"):
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
     student_B_T_V, _ = student_logprobs(student, rollouts)
+    if states == "before_flag":
+        mask_B_T = losses.mask_after_first_error(
+            sampled_logprobs(teacher_B_T_V, rollouts),
+            sampled_logprobs(student_B_T_V, rollouts),
+            mask_B_T,
+            ERROR_NATS,
+        )
+    elif states != "all":
+        clean_B_T = clean_prefix_mask(tokenizer, rollouts, mask_B_T.shape[1]).to(mask_B_T)
+        mask_B_T = mask_B_T * (clean_B_T if states == "clean" else 1 - clean_B_T)
     if mode == "exact_reverse_kl":
         return losses.full_reverse_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
     if mode == "forward_kl":
@@ -106,12 +136,13 @@ def print_error_states(student, teacher, rollouts) -> None:
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
         student_B_T_V, _ = student_logprobs(student, rollouts)
-    gap_B_T = sampled_logprobs(teacher_B_T_V, rollouts) - sampled_logprobs(student_B_T_V, rollouts)
-    error_B_T = ((gap_B_T < -2) & (mask_B_T > 0)).float()
-    after_B_T = (error_B_T.cumsum(1) - error_B_T > 0).float() * mask_B_T
+    teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
+    student_B_T = sampled_logprobs(student_B_T_V, rollouts)
+    kept_B_T = losses.mask_after_first_error(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
+    with_error = int(((teacher_B_T - student_B_T <= -ERROR_NATS) & (mask_B_T > 0)).any(1).sum())
     print(
-        f"rollouts with an error: {int((error_B_T.sum(1) > 0).sum())} of {len(rollouts)}; "
-        f"tokens after a rollout's first error: {int(after_B_T.sum())} of {int(mask_B_T.sum())}"
+        f"rollouts with an error: {with_error} of {len(rollouts)}; tokens after a rollout's first "
+        f"error: {int((mask_B_T - kept_B_T).sum())} of {int(mask_B_T.sum())}"
     )
 
 
@@ -155,6 +186,15 @@ def main() -> None:
     parser.add_argument(
         "--horizon", type=int, default=MAX_NEW_TOKENS, help="tokens per rollout or solution"
     )
+    parser.add_argument(
+        "--states",
+        choices=["all", "clean", "deviated", "before_flag"],
+        default="all",
+        help="on-policy modes: train on every rollout position, only on those whose prefix is the "
+        "reference solution's (clean), only on those after the rollout left it (deviated), or "
+        "on those up to the rollout's first teacher-flagged error (before_flag: the trainer's "
+        "--cut-at-error 2, no reference needed)",
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -186,7 +226,7 @@ def main() -> None:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         if args.mode in ON_POLICY:
             rollouts = rollouts_for(student, tokenizer, batch, args, generator)
-            loss = on_policy_loss(args.mode, student, teacher, rollouts)
+            loss = on_policy_loss(args.mode, student, teacher, rollouts, tokenizer, args.states)
         else:
             loss = teacher_forced_mode_loss(args.mode, student, teacher, tokenizer, batch, args)
         optimizer.zero_grad(set_to_none=True)

@@ -53,6 +53,12 @@ class RunConfig(BaseModel):
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
     )
     adv_clip: float | None = Field(None, gt=0, description="Clip |A_t| to this (none by default).")
+    cut_at_error: float | None = Field(
+        None,
+        gt=0,
+        description="Train each rollout only up to its first error: a token the teacher gives at "
+        "least this many nats less than the student (off by default; 2 is a good start).",
+    )
     micro_batch: int = Field(16, ge=1, description="Rollouts per frame streamed to the teacher.")
     eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.")

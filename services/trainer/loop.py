@@ -164,6 +164,8 @@ class Run:
             "step": state.step,
             "horizon": horizon,
             "truncated_fraction": sum(not r.finished for r in rollouts) / len(rollouts),
+            # Share of rollout tokens left out of the loss by --cut-at-error (0 when it is off).
+            "cut_fraction": result.cut_tokens / max(1, tokens),
             "reverse_kl": result.reverse_kl,
             "loss": float(result.loss.detach()),
             "grad_norm": float(grad_norm),

@@ -32,6 +32,22 @@ def reverse_kl_advantage(
     return adv
 
 
+def mask_after_first_error(
+    teacher_logp_B_T: torch.Tensor,
+    student_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    nats: float,
+) -> torch.Tensor:
+    """`mask_B_T` with every position after a rollout's first error set to 0. An error is a real token
+    the teacher gives at least `nats` less log-prob than the student does; it stays in the mask, so its
+    negative advantage still teaches the student to avoid it. What follows it is a state the teacher's
+    own solutions never visit, and training on those hurt a small student (README, Results)."""
+    gap_B_T = (teacher_logp_B_T - student_logp_B_T).detach()
+    error_B_T = ((gap_B_T <= -nats) & (mask_B_T > 0)).float()
+    after_B_T = (error_B_T.cumsum(1) - error_B_T) > 0
+    return mask_B_T * (~after_B_T).float()
+
+
 def policy_gradient_loss(
     logp_B_T: torch.Tensor,
     sample_logp_B_T: torch.Tensor,

@@ -19,6 +19,7 @@ class StepLoss:
     reverse_kl: float  # per-token estimate of KL(student || teacher) on the rollouts
     kl_profile: list[float | None]  # the same by position bucket of 8 tokens
     tokens: int  # completion tokens trained on
+    cut_tokens: int  # rollout tokens left out for following a teacher-flagged error
 
 
 def padded(rows: list[list], width: int, fill, dtype) -> torch.Tensor:
@@ -52,7 +53,9 @@ def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch
     """[B, T]: the log-prob each distribution gave the rollout's own token (0 past its end)."""
     width = logp_B_T_V.shape[1]
     tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long)
-    return logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
+    real_B_T = padded([[1.0] * len(r.completion_ids) for r in rollouts], width, 0.0, torch.float32)
+    picked_B_T = logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
+    return picked_B_T * real_B_T.to(picked_B_T.device)
 
 
 def distillation_loss(
@@ -65,6 +68,11 @@ def distillation_loss(
     teacher_B_T = padded(
         [scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0, torch.float32
     ).to(device)
+    rollout_mask_B_T = mask_B_T
+    if cfg.cut_at_error is not None:
+        mask_B_T = losses.mask_after_first_error(
+            teacher_B_T, student_B_T, mask_B_T, cfg.cut_at_error
+        )
     if cfg.loss == "reverse_kl":
         sample_B_T = padded([r.sample_logprobs for r in rollouts], width, 0.0, torch.float32)
         adv_B_T = losses.reverse_kl_advantage(
@@ -85,9 +93,10 @@ def distillation_loss(
             loss = losses.topk_jsd(student_topk, topk_lp.to(device), mask_B_T, cfg.jsd_beta)
     return StepLoss(
         loss=loss,
-        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, mask_B_T),
-        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, mask_B_T),
+        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, rollout_mask_B_T),
+        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, rollout_mask_B_T),
         tokens=int(mask_B_T.sum()),
+        cut_tokens=int((rollout_mask_B_T - mask_B_T).sum()),
     )
 
 
@@ -95,5 +104,6 @@ def padded3(arrays: list, width: int, k: int, fill, dtype) -> torch.Tensor:
     """[B, width, k] from per-row [n_b, k] arrays."""
     out = torch.full((len(arrays), width, k), fill, dtype=dtype)
     for b, a in enumerate(arrays):
-        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k], dtype=dtype)
+        # A copy: arrays decoded from the wire are read-only views, which torch warns about.
+        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k].copy(), dtype=dtype)
     return out
