@@ -139,7 +139,7 @@ def print_error_states(student, teacher, rollouts) -> None:
     teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
     student_B_T = sampled_logprobs(student_B_T_V, rollouts)
     kept_B_T = losses.mask_after_first_error(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
-    with_error = int(((teacher_B_T - student_B_T <= -ERROR_NATS) & (mask_B_T > 0)).any(1).sum())
+    with_error = int(losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS).any(1).sum())
     print(
         f"rollouts with an error: {with_error} of {len(rollouts)}; tokens after a rollout's first "
         f"error: {int((mask_B_T - kept_B_T).sum())} of {int(mask_B_T.sum())}"

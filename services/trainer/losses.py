@@ -42,10 +42,20 @@ def mask_after_first_error(
     the teacher gives at least `nats` less log-prob than the student does; it stays in the mask, so its
     negative advantage still teaches the student to avoid it. What follows it is a state the teacher's
     own solutions never visit, and training on those hurt a small student (README, Results)."""
-    gap_B_T = (teacher_logp_B_T - student_logp_B_T).detach()
-    error_B_T = ((gap_B_T <= -nats) & (mask_B_T > 0)).float()
+    error_B_T = errors(teacher_logp_B_T, student_logp_B_T, mask_B_T, nats).float()
     after_B_T = (error_B_T.cumsum(1) - error_B_T) > 0
     return mask_B_T * (~after_B_T).float()
+
+
+def errors(
+    teacher_logp_B_T: torch.Tensor,
+    student_logp_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    nats: float,
+) -> torch.Tensor:
+    """[B, T] bool: real tokens the teacher gives at least `nats` less log-prob than the student."""
+    gap_B_T = (teacher_logp_B_T - student_logp_B_T).detach()
+    return (gap_B_T <= -nats) & (mask_B_T > 0)
 
 
 def policy_gradient_loss(

@@ -53,9 +53,9 @@ def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch
     """[B, T]: the log-prob each distribution gave the rollout's own token (0 past its end)."""
     width = logp_B_T_V.shape[1]
     tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long)
-    real_B_T = padded([[1.0] * len(r.completion_ids) for r in rollouts], width, 0.0, torch.float32)
+    real_B_T = padded([[True] * len(r.completion_ids) for r in rollouts], width, False, torch.bool)
     picked_B_T = logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
-    return picked_B_T * real_B_T.to(picked_B_T.device)
+    return torch.where(real_B_T.to(picked_B_T.device), picked_B_T, 0.0)
 
 
 def distillation_loss(
@@ -68,17 +68,19 @@ def distillation_loss(
     teacher_B_T = padded(
         [scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0, torch.float32
     ).to(device)
-    rollout_mask_B_T = mask_B_T
+    loss_mask_B_T = mask_B_T
     if cfg.cut_at_error is not None:
-        mask_B_T = losses.mask_after_first_error(
+        loss_mask_B_T = losses.mask_after_first_error(
             teacher_B_T, student_B_T, mask_B_T, cfg.cut_at_error
         )
     if cfg.loss == "reverse_kl":
         sample_B_T = padded([r.sample_logprobs for r in rollouts], width, 0.0, torch.float32)
         adv_B_T = losses.reverse_kl_advantage(
-            teacher_B_T, student_B_T, mask_B_T, gamma=cfg.gamma, clip=cfg.adv_clip
+            teacher_B_T, student_B_T, loss_mask_B_T, gamma=cfg.gamma, clip=cfg.adv_clip
         )
-        loss = losses.policy_gradient_loss(student_B_T, sample_B_T.to(device), adv_B_T, mask_B_T)
+        loss = losses.policy_gradient_loss(
+            student_B_T, sample_B_T.to(device), adv_B_T, loss_mask_B_T
+        )
     else:
         topk_ids = padded3(
             [scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long
@@ -88,15 +90,16 @@ def distillation_loss(
         )
         student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
         if cfg.loss == "forward_kl_topk":
-            loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), mask_B_T)
+            loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), loss_mask_B_T)
         else:
-            loss = losses.topk_jsd(student_topk, topk_lp.to(device), mask_B_T, cfg.jsd_beta)
+            loss = losses.topk_jsd(student_topk, topk_lp.to(device), loss_mask_B_T, cfg.jsd_beta)
+    # The KL is measured on every rollout token, whatever the loss trained on.
     return StepLoss(
         loss=loss,
-        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, rollout_mask_B_T),
-        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, rollout_mask_B_T),
-        tokens=int(mask_B_T.sum()),
-        cut_tokens=int((rollout_mask_B_T - mask_B_T).sum()),
+        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, mask_B_T),
+        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, mask_B_T),
+        tokens=int(loss_mask_B_T.sum()),
+        cut_tokens=int((mask_B_T - loss_mask_B_T).sum()),
     )
 
 

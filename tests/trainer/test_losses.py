@@ -91,13 +91,13 @@ def test_full_kls_match_their_definitions_and_vanish_on_equal_distributions():
     assert rkl > 0 and fkl > 0
 
 
-def test_mask_after_first_error_keeps_the_error_and_ignores_padding():
+def test_mask_after_first_error_keeps_the_error_and_skips_masked_positions():
     teacher = torch.zeros(3, 5)
     student = torch.zeros(3, 5)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.float)
     teacher[0, 1] = -3.0  # an error at 1, and a smaller gap later that does not count
     teacher[0, 3] = -1.0
     teacher[1, 2] = -1.5  # below the threshold: no error
-    teacher[2, 3] = -9.0  # in the padding: not an error of a real token
+    teacher[2, 1] = -9.0  # at a masked position: not an error of a real token
     kept = losses.mask_after_first_error(teacher, student, mask, nats=2.0)
-    assert kept.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert kept.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 1, 1]]

@@ -41,40 +41,43 @@ def test_sampled_logprobs_pick_each_rollouts_tokens_and_are_zero_past_its_end(st
 
 def scores_with_an_error(rollouts, error_at: int, after: float) -> dict[int, SequenceScore]:
     """Teacher log-probs equal to the student's, except an error (-20) at `error_at` of rollout 0 and
-    the value `after` at every later position of it."""
+    the value `after` at every later position of it; the top-2 lists say the same."""
     scores = {}
     for r in rollouts:
         lp = np.array(r.sample_logprobs, dtype=np.float32)
         if r.key == 0:
             lp[error_at] = -20.0
             lp[error_at + 1 :] = after
-        scores[r.key] = SequenceScore(logprobs=lp)
+        ids = np.array([[t, (t + 1) % 10] for t in r.completion_ids], dtype=np.int32)
+        top_lp = np.stack([lp, 2 * lp - 1.0], axis=1).astype(np.float32)
+        scores[r.key] = SequenceScore(logprobs=lp, topk_ids=ids, topk_logprobs=top_lp)
     return scores
 
 
 def test_cut_at_error_drops_what_follows_the_first_error_and_keeps_the_error(student):
+    model = student[0]
     rollouts = rollouts_of(student)
     error_at = 5
     n0 = len(rollouts[0].completion_ids)
     assert n0 > error_at + 3
     total = sum(len(r.completion_ids) for r in rollouts)
-    cut = RunConfig(cut_at_error=2.0)
-    losses = []
-    for after in (-0.5, -15.0):
-        result = distillation_loss(
-            student[0], rollouts, scores_with_an_error(rollouts, error_at, after), cut
-        )
-        assert result.cut_tokens == n0 - error_at - 1
-        assert result.tokens == total - result.cut_tokens
-        losses.append(float(result.loss))
-    # What the teacher said after the error does not reach the loss; the error itself does.
-    assert losses[0] == losses[1]
-    clean = scores_with_an_error(rollouts, error_at, -0.5)
-    clean[0] = SequenceScore(logprobs=np.array(rollouts[0].sample_logprobs, dtype=np.float32))
-    without_error = distillation_loss(student[0], rollouts, clean, cut)
-    assert without_error.cut_tokens == 0 and float(without_error.loss) != losses[0]
-    # Off by default: every rollout token is trained on.
-    uncut = distillation_loss(
-        student[0], rollouts, scores_with_an_error(rollouts, error_at, -15.0), RunConfig()
-    )
-    assert uncut.cut_tokens == 0 and uncut.tokens == total and float(uncut.loss) != losses[1]
+    for loss in ("reverse_kl", "forward_kl_topk"):
+        for cut_at_error in (2.0, None):
+            cfg = RunConfig(cut_at_error=cut_at_error, loss=loss, top_k=2)
+            mild, harsh = (
+                distillation_loss(
+                    model, rollouts, scores_with_an_error(rollouts, error_at, after), cfg
+                )
+                for after in (-0.5, -15.0)
+            )
+            # The reported KL covers every rollout token, cut or not.
+            assert harsh.reverse_kl > mild.reverse_kl
+            if cut_at_error is None:  # off (the default): every token is trained on
+                assert mild.cut_tokens == 0 and mild.tokens == total
+                assert float(mild.loss.detach()) != float(harsh.loss.detach()), loss
+                continue
+            # The error stays in the loss; what the teacher said after it does not reach it.
+            for result in (mild, harsh):
+                assert result.cut_tokens == n0 - error_at - 1
+                assert result.tokens == total - result.cut_tokens
+            assert float(mild.loss.detach()) == float(harsh.loss.detach()), loss
