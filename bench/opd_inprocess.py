@@ -58,10 +58,9 @@ def clean_prefix_mask(tokenizer, rollouts, width: int) -> torch.Tensor:
     for b, r in enumerate(rollouts):
         ref = tokenizer(r.problem.target, add_special_tokens=False)["input_ids"]
         ref = ref + [tokenizer.eos_token_id]
-        t = 0
-        while t < len(r.completion_ids) and r.completion_ids[:t] == ref[:t]:
-            clean_B_T[b, t] = 1
-            t += 1
+        same = [x == y for x, y in zip(r.completion_ids, ref)]
+        first_deviation = same.index(False) if False in same else len(same)
+        clean_B_T[b, : min(first_deviation + 1, len(r.completion_ids))] = 1
     return clean_B_T
 
 

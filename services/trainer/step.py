@@ -53,7 +53,8 @@ def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch
     """[B, T]: the log-prob each distribution gave the rollout's own token (0 past its end)."""
     width = logp_B_T_V.shape[1]
     tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long)
-    real_B_T = padded([[True] * len(r.completion_ids) for r in rollouts], width, False, torch.bool)
+    lengths_B = torch.tensor([len(r.completion_ids) for r in rollouts])
+    real_B_T = torch.arange(width)[None, :] < lengths_B[:, None]
     picked_B_T = logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
     return torch.where(real_B_T.to(picked_B_T.device), picked_B_T, 0.0)
 
