@@ -1,0 +1,196 @@
+"""What the teacher writes after a student-style error: a wrong operand digit in the first column.
+
+For held-out problems whose first column has at least 3 terms, the prefix is the prompt and the
+first column's line up to its second term, with that term replaced by a wrong digit ("1:8+3=" where
+the reference says "1:8+2="); the teacher continues greedily to the end. The control gives the same
+prefix with the right digit. Each continuation is parsed into its column lines and checked:
+
+- sum follows the page: every "x+y=z" it writes has z = x + y (the teacher keeps its own arithmetic);
+- rest of the line: the first column's remaining terms are the operands' remaining digits;
+- later columns: every later column adds the right operand digits (carries aside);
+- answer follows the page: the A: line is the number its own column digits spell.
+
+`--make-robust DIR` first fine-tunes the teacher so that it keeps going right after a slip: half of
+each batch is a worked solution with one wrong term written somewhere (a digit or a carry), the rest
+of the page following from it, and the wrong term itself left out of the loss; the result is saved to
+DIR and probed instead. It tests whether the teacher's targets after a student's first error are what
+makes on-policy distillation fail here (`python bench/opd_inprocess.py --teacher DIR`).
+
+    python bench/teacher_after_error.py --n 200    # output in bench/results/teacher_after_error.log
+    python bench/teacher_after_error.py --make-robust /tmp/robust-teacher --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from opd.evaluate import evaluate  # noqa: E402
+from opd.models import TEACHER_PATH, load_model  # noqa: E402
+from opd.sft import SFTConfig, lr_at, sft_batch  # noqa: E402
+from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
+
+_LINE_RE = re.compile(r"^(\d+):([0-9+=,]+)>(\d)c(\d+)$")
+CHECKS = ("sum follows the page", "rest of the line", "later columns", "answer follows the page")
+
+
+def column_digits(problem: Problem, col: int) -> list[int]:
+    return [int(str(x)[-1 - col]) for x in problem.operands if col < len(str(x))]
+
+
+def parse(text: str) -> tuple[list[list[int]], list[bool], str, str | None]:
+    """(terms per column line, whether each x+y=z holds, the number its column lines spell, answer)."""
+    terms, sums_ok, digits, carry, answer = [], [], [], "0", None
+    for line in text.splitlines():
+        if line.startswith("A:"):
+            answer = line[2:]
+            break
+        m = _LINE_RE.match(line)
+        if not m:
+            break
+        chain = [s.split("=") for s in m.group(2).split(",")]
+        line_terms = [int(chain[0][0].split("+")[0])] + [int(c[0].split("+")[1]) for c in chain]
+        sums_ok += [sum(map(int, lhs.split("+"))) == int(rhs) for lhs, rhs in chain]
+        terms.append(line_terms)
+        digits.append(m.group(3))
+        carry = m.group(4)
+    spelled = (carry if carry != "0" else "") + "".join(reversed(digits))
+    return terms, sums_ok, spelled, answer
+
+
+def checks(problem: Problem, text: str) -> dict[str, bool]:
+    terms, sums_ok, spelled, answer = parse(text)
+    width = max(len(str(x)) for x in problem.operands)
+    later = [
+        col < len(terms)
+        and terms[col][: len(column_digits(problem, col))] == column_digits(problem, col)
+        for col in range(1, width)
+    ]
+    return {
+        "sum follows the page": bool(sums_ok) and all(sums_ok),
+        "rest of the line": bool(terms) and terms[0][2:] == column_digits(problem, 0)[2:],
+        "later columns": all(later),
+        "answer follows the page": answer is not None and answer == spelled,
+    }
+
+
+@dataclass(frozen=True)
+class Slipped:
+    """A worked solution with one wrong term at character `slip` of `target` (sft_batch reads
+    `prompt` and `target`)."""
+
+    prompt: str
+    target: str
+    slip: int
+
+
+def slipped(problem: Problem, rng: random.Random) -> Slipped:
+    """The solution with one term written wrong (a digit off, or a wrong carry) in a random column;
+    every later sum, carry and the answer follow from what is on the page."""
+    operands = problem.operands
+    width = max(len(str(x)) for x in operands)
+    slip_col, text, carry, slip = rng.randrange(width), "", 0, -1
+    for col in range(width):
+        terms = column_digits(problem, col) + ([carry] if col > 0 else [])
+        k = rng.randrange(len(terms)) if col == slip_col else -1
+        if k == len(terms) - 1 and col > 0:
+            terms[k] = rng.choice([c for c in range(4) if c != terms[k]])
+        elif k >= 0:
+            terms[k] = (terms[k] + rng.randint(1, 9)) % 10
+        text += f"{col + 1}:"
+        slip = len(text) if k == 0 else slip
+        total = terms[0]
+        text += str(total)
+        for i, term in enumerate(terms[1:], start=1):
+            text += ("," + str(total) if i > 1 else "") + "+"
+            slip = len(text) if k == i else slip
+            text += f"{term}={total + term}"
+            total += term
+        text += f">{total % 10}c{total // 10}\n"
+        carry = total // 10
+    digits = "".join(line.split(">")[1][0] for line in text.splitlines())[::-1]
+    return Slipped(problem.prompt, f"{text}A:{int(str(carry) + digits)}\n", slip)
+
+
+def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
+    """Fine-tune on half clean, half slipped solutions (batch 64, AdamW lr 3e-4 with 20 warmup steps
+    and cosine decay, bf16 autocast as in `opd make-models`), then save to `out`."""
+    cfg = SFTConfig("teacher", steps=steps, lr=3e-4, warmup=20, seed=seed)
+    rng = random.Random(seed)
+    data = problems("train", steps * cfg.batch_size, seed=seed + 7)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher.train()
+    for step in tqdm(range(steps), desc="slip fine-tune", unit="step"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        batch = [slipped(p, rng) if i % 2 else p for i, p in enumerate(batch)]
+        ids, labels = sft_batch(tokenizer, batch)
+        for b, item in enumerate(batch):
+            if isinstance(item, Slipped):  # never teach the slip itself
+                labels[b, len(tokenizer(item.prompt)["input_ids"]) + item.slip] = -100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = teacher(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        optimizer.step()
+    teacher.eval()
+    teacher.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    accuracy = evaluate(teacher, tokenizer, problems("eval", 200, seed), progress=False).accuracy
+    print(f"saved {out}: greedy accuracy {accuracy:.1%} on 200 held-out problems", flush=True)
+
+
+def continuation(teacher, tokenizer, text: str) -> str:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = teacher.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--teacher", default=str(TEACHER_PATH))
+    parser.add_argument("--n", type=int, default=200, help="problems with >= 3 first-column terms")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--make-robust", metavar="DIR", help="slip fine-tune, save here, probe it")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tune steps (--make-robust)")
+    args = parser.parse_args()
+    teacher, tokenizer = load_model(args.teacher)
+    if args.make_robust:
+        make_robust(teacher, tokenizer, args.make_robust, args.steps, args.seed)
+        args.teacher = args.make_robust
+    rng = random.Random(args.seed)
+    chosen = [p for p in problems("eval", 4 * args.n, args.seed) if len(p.operands) >= 3]
+    counts = {kind: dict.fromkeys(CHECKS, 0) for kind in ("control", "wrong digit")}
+    for problem in chosen[: args.n]:
+        first, second = column_digits(problem, 0)[:2]
+        wrong = (second + rng.randint(1, 9)) % 10
+        for kind, digit in (("control", second), ("wrong digit", wrong)):
+            page = f"1:{first}+{digit}="
+            written = page + continuation(teacher, tokenizer, problem.prompt + page)
+            for check, ok in checks(problem, written).items():
+                counts[kind][check] += ok
+    n = len(chosen[: args.n])
+    print(f"teacher {args.teacher}, {n} held-out problems (seed {args.seed}), greedy")
+    print(f"{'check':26s} {'control':>9s} {'wrong digit':>12s}")
+    for check in CHECKS:
+        print(
+            f"{check:26s} {counts['control'][check] / n:9.1%} {counts['wrong digit'][check] / n:12.1%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
