@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opd.evaluate import evaluate  # noqa: E402
 from opd.models import TEACHER_PATH, load_model  # noqa: E402
-from opd.sft import SFTConfig, lr_at, sft_batch  # noqa: E402
+from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
 from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
 
 _LINE_RE = re.compile(r"^(\d+):([0-9+=,]+)>(\d)c(\d+)$")
@@ -128,7 +128,6 @@ def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
     rng = random.Random(seed)
     data = problems("train", steps * cfg.batch_size, seed=seed + 7)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    teacher.train()
     for step in tqdm(range(steps), desc="slip fine-tune", unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -138,12 +137,7 @@ def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
         for b, item in enumerate(batch):
             if isinstance(item, Slipped):  # never teach the slip itself
                 labels[b, len(tokenizer(item.prompt)["input_ids"]) + item.slip] = -100
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = teacher(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
-        optimizer.step()
+        sft_step(teacher, optimizer, ids, labels)
     teacher.eval()
     teacher.save_pretrained(out)
     tokenizer.save_pretrained(out)

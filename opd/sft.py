@@ -74,6 +74,23 @@ def length_bucketed(data: list[Problem], batch_size: int, seed: int) -> list[lis
     return batches
 
 
+def sft_step(
+    model: LlamaForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+) -> float:
+    """One cross-entropy update in bf16 autocast with the gradient norm clipped to 1; the loss."""
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> dict:
     """Train one model from scratch and save it (with the tokenizer) to `out_dir`; returns a report."""
     torch.manual_seed(cfg.seed)
@@ -97,19 +114,12 @@ def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> 
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids, labels = sft_batch(tokenizer, batches[step])
-        model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", dev_acc=f"{dev_acc:.3f}")
+        loss = sft_step(model, optimizer, *sft_batch(tokenizer, batches[step]))
+        bar.set_postfix(loss=f"{loss:.4f}", dev_acc=f"{dev_acc:.3f}")
         if (step + 1) % cfg.eval_every == 0:
             model.eval()
             dev_acc = evaluate(model, tokenizer, dev, progress=False).accuracy
-            bar.write(f"  step {step + 1}: loss {loss.item():.4f}, dev accuracy {dev_acc:.3f}")
+            bar.write(f"  step {step + 1}: loss {loss:.4f}, dev accuracy {dev_acc:.3f}")
             if cfg.stop_above is not None and dev_acc >= cfg.stop_above:
                 break
     bar.close()
