@@ -135,7 +135,8 @@ def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
         batch = [slipped(p, rng) if i % 2 else p for i, p in enumerate(batch)]
         ids, labels = sft_batch(tokenizer, batch)
         for b, item in enumerate(batch):
-            if isinstance(item, Slipped):  # never teach the slip itself
+            # Never teach the slip itself (the tokenizer has one token per character).
+            if isinstance(item, Slipped):
                 labels[b, len(tokenizer(item.prompt)["input_ids"]) + item.slip] = -100
         sft_step(teacher, optimizer, ids, labels)
     teacher.eval()
