@@ -37,14 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opd.evaluate import evaluate  # noqa: E402
 from opd.models import TEACHER_PATH, load_model  # noqa: E402
 from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
-from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
+from shared.task import (  # noqa: E402
+    MAX_NEW_TOKENS,
+    Problem,
+    column_digits,
+    column_line,
+    problems,
+)
 
 _LINE_RE = re.compile(r"^(\d+):([0-9+=,]+)>(\d)c(\d+)$")
 CHECKS = ("sum follows the page", "rest of the line", "later columns", "answer follows the page")
-
-
-def column_digits(problem: Problem, col: int) -> list[int]:
-    return [int(str(x)[-1 - col]) for x in problem.operands if col < len(str(x))]
 
 
 def parse(text: str) -> tuple[list[list[int]], list[bool], str, str | None]:
@@ -70,14 +72,14 @@ def parse(text: str) -> tuple[list[list[int]], list[bool], str, str | None]:
 def checks(problem: Problem, text: str) -> dict[str, bool]:
     terms, sums_ok, spelled, answer = parse(text)
     width = max(len(str(x)) for x in problem.operands)
+    columns = [column_digits(problem.operands, col) for col in range(width)]
     later = [
-        col < len(terms)
-        and terms[col][: len(column_digits(problem, col))] == column_digits(problem, col)
+        col < len(terms) and terms[col][: len(columns[col])] == columns[col]
         for col in range(1, width)
     ]
     return {
         "sum follows the page": bool(sums_ok) and all(sums_ok),
-        "rest of the line": bool(terms) and terms[0][2:] == column_digits(problem, 0)[2:],
+        "rest of the line": bool(terms) and terms[0][2:] == columns[0][2:],
         "later columns": all(later),
         "answer follows the page": answer is not None and answer == spelled,
     }
@@ -96,29 +98,24 @@ class Slipped:
 def slipped(problem: Problem, rng: random.Random) -> Slipped:
     """The solution with one term written wrong (a digit off, or a wrong carry) in a random column;
     every later sum, carry and the answer follow from what is on the page."""
-    operands = problem.operands
-    width = max(len(str(x)) for x in operands)
-    slip_col, text, carry, slip = rng.randrange(width), "", 0, -1
+    width = max(len(str(x)) for x in problem.operands)
+    slip_col, text, carry = rng.randrange(width), "", 0
     for col in range(width):
-        terms = column_digits(problem, col) + ([carry] if col > 0 else [])
-        k = rng.randrange(len(terms)) if col == slip_col else -1
-        if k == len(terms) - 1 and col > 0:
-            terms[k] = rng.choice([c for c in range(4) if c != terms[k]])
-        elif k >= 0:
-            terms[k] = (terms[k] + rng.randint(1, 9)) % 10
-        text += f"{col + 1}:"
-        slip = len(text) if k == 0 else slip
-        total = terms[0]
-        text += str(total)
-        for i, term in enumerate(terms[1:], start=1):
-            text += ("," + str(total) if i > 1 else "") + "+"
-            slip = len(text) if k == i else slip
-            text += f"{term}={total + term}"
-            total += term
-        text += f">{total % 10}c{total // 10}\n"
-        carry = total // 10
+        terms = column_digits(problem.operands, col) + ([carry] if col > 0 else [])
+        if col == slip_col:
+            k = rng.randrange(len(terms))
+            if k == len(terms) - 1 and col > 0:
+                terms[k] = rng.choice([c for c in range(4) if c != terms[k]])
+            else:
+                terms[k] = (terms[k] + rng.randint(1, 9)) % 10
+        line, carry = column_line(col, terms)
+        text += line
     digits = "".join(line.split(">")[1][0] for line in text.splitlines())[::-1]
-    return Slipped(problem.prompt, f"{text}A:{int(str(carry) + digits)}\n", slip)
+    target = f"{text}A:{int(str(carry) + digits)}\n"
+    # Every term is one character and the slipped one differs from the reference's, so the texts
+    # part exactly there.
+    slip = next(i for i, (a, b) in enumerate(zip(target, problem.target)) if a != b)
+    return Slipped(problem.prompt, target, slip)
 
 
 def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
@@ -135,9 +132,10 @@ def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
         batch = [slipped(p, rng) if i % 2 else p for i, p in enumerate(batch)]
         ids, labels = sft_batch(tokenizer, batch)
         for b, item in enumerate(batch):
-            # Never teach the slip itself (the tokenizer has one token per character).
+            # Never teach the slip itself: the target's labels start at the first one that is not
+            # -100, and the tokenizer has one token per character.
             if isinstance(item, Slipped):
-                labels[b, len(tokenizer(item.prompt)["input_ids"]) + item.slip] = -100
+                labels[b, int((labels[b] != -100).nonzero()[0]) + item.slip] = -100
         sft_step(teacher, optimizer, ids, labels)
     teacher.eval()
     teacher.save_pretrained(out)
@@ -168,17 +166,17 @@ def main() -> None:
         make_robust(teacher, tokenizer, args.make_robust, args.steps, args.seed)
         args.teacher = args.make_robust
     rng = random.Random(args.seed)
-    chosen = [p for p in problems("eval", 4 * args.n, args.seed) if len(p.operands) >= 3]
+    chosen = [p for p in problems("eval", 4 * args.n, args.seed) if len(p.operands) >= 3][: args.n]
     counts = {kind: dict.fromkeys(CHECKS, 0) for kind in ("control", "wrong digit")}
-    for problem in chosen[: args.n]:
-        first, second = column_digits(problem, 0)[:2]
+    for problem in chosen:
+        first, second = column_digits(problem.operands, 0)[:2]
         wrong = (second + rng.randint(1, 9)) % 10
         for kind, digit in (("control", second), ("wrong digit", wrong)):
             page = f"1:{first}+{digit}="
             written = page + continuation(teacher, tokenizer, problem.prompt + page)
             for check, ok in checks(problem, written).items():
                 counts[kind][check] += ok
-    n = len(chosen[: args.n])
+    n = len(chosen)
     print(f"teacher {args.teacher}, {n} held-out problems (seed {args.seed}), greedy")
     print(f"{'check':26s} {'control':>9s} {'wrong digit':>12s}")
     for check in CHECKS:

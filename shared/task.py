@@ -61,21 +61,28 @@ def solution_text(operands: tuple[int, ...]) -> str:
     """The step-by-step chain of thought for adding `operands`, ending in the answer line."""
     lines = []
     carry = 0
-    width = max(len(str(x)) for x in operands)
-    for col in range(width):
-        digits = [int(str(x)[-1 - col]) for x in operands if col < len(str(x))]
+    for col in range(max(len(str(x)) for x in operands)):
         # The carry joins the chain as its last term from the second column on, even when it is 0,
         # so every column line has the same shape.
-        terms = digits + ([carry] if col > 0 else [])
-        total = terms[0]
-        sums = []
-        for term in terms[1:]:
-            sums.append(f"{total}+{term}={total + term}")
-            total += term
-        lines.append(f"{col + 1}:{','.join(sums)}>{total % 10}c{total // 10}\n")
-        carry = total // 10
+        line, carry = column_line(col, column_digits(operands, col) + ([carry] if col > 0 else []))
+        lines.append(line)
     lines.append(f"A:{sum(operands)}\n")
     return "".join(lines)
+
+
+def column_digits(operands: tuple[int, ...], col: int) -> list[int]:
+    """The digits of column `col` (0 = units) of the operands that have one."""
+    return [int(str(x)[-1 - col]) for x in operands if col < len(str(x))]
+
+
+def column_line(col: int, terms: list[int]) -> tuple[str, int]:
+    """(the line adding `terms` as a chain of two-term sums, then its digit and carry; the carry)."""
+    total = terms[0]
+    sums = []
+    for term in terms[1:]:
+        sums.append(f"{total}+{term}={total + term}")
+        total += term
+    return f"{col + 1}:{','.join(sums)}>{total % 10}c{total // 10}\n", total // 10
 
 
 def extract_answer(text: str) -> int | None:
