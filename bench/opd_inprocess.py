@@ -6,9 +6,11 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py sft --prompts 64 --samples 1 --steps 30 --eval-every 10
     python bench/opd_inprocess.py sft --prompts 64 --samples 1 --horizon 40 --steps 20
     python bench/opd_inprocess.py forward_kl --prompts 64 --samples 4 --states clean --steps 10
+    python bench/opd_inprocess.py reverse_kl --temperature 0.6 --steps 20 --eval-every 10
+    python bench/opd_inprocess.py reverse_kl --optimizer sgd --lr 0.02 --steps 20 --eval-every 10
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
-Modes on the student's rollouts (sampled at temperature 1, cut at --horizon): reverse_kl (the
+Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon): reverse_kl (the
 trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (sum over the vocabulary
 of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T - log p_S)). Modes on
 the reference solutions (teacher-forced, first --horizon target tokens): sft (cross-entropy on the
@@ -47,8 +49,22 @@ ERROR_NATS = 2.0  # an error: the teacher gives the token this much less log-pro
 
 def rollouts_for(student, tokenizer, batch, args, generator):
     return sample_rollouts(
-        student, tokenizer, batch, args.samples, args.horizon, generator, lambda _: None, 10**9
+        student,
+        tokenizer,
+        batch,
+        args.samples,
+        args.horizon,
+        generator,
+        lambda _: None,
+        10**9,
+        temperature=args.temperature,
     )
+
+
+def make_optimizer(student, args) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(student.parameters(), lr=args.lr)
+    return torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
 
 
 def clean_prefix_mask(tokenizer, rollouts, width: int) -> torch.Tensor:
@@ -194,6 +210,20 @@ def main() -> None:
         "on those up to the rollout's first teacher-flagged error (before_flag: the trainer's "
         "--cut-at-error 2, no reference needed)",
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="on-policy modes: sample the rollouts at this temperature (the losses still use the "
+        "student's temperature-1 log-probs, as if on-policy)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="sgd: plain SGD, whose step follows the clipped gradient's size instead of AdamW's "
+        "per-weight sign-like first steps",
+    )
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,7 +239,7 @@ def main() -> None:
     data = problems("train", args.steps * args.prompts, args.seed)
     eval_set = problems("eval", args.eval_n, args.seed)
     held_out = problems("eval", 64, args.seed + 1)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(student, args)
     generator = torch.Generator().manual_seed(args.seed)
 
     def report(step: int) -> None:

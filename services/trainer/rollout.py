@@ -33,9 +33,11 @@ def sample_rollouts(
     generator: torch.Generator,
     on_ready: Callable[[list[Rollout]], None],
     micro_batch: int,
+    temperature: float = 1.0,
 ) -> list[Rollout]:
     """G samples per problem, each at most `horizon` tokens. `on_ready` gets micro-batches of
-    finished rollouts (the last one may be smaller); returns all rollouts in batch order."""
+    finished rollouts (the last one may be smaller); returns all rollouts in batch order. The
+    trainer samples at temperature 1 (on-policy); other temperatures are for experiments."""
     jobs = [p for p in problems for _ in range(samples_per_prompt)]
     prompts = encode_prompts(tokenizer, jobs)
     done: dict[int, Rollout] = {}
@@ -64,7 +66,7 @@ def sample_rollouts(
         horizon,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
-        temperature=1.0,
+        temperature=temperature,
         generator=generator,
         on_done=collect,
     )

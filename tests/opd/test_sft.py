@@ -1,0 +1,70 @@
+"""The SFT recipe behind `opd make-models`: batches, schedule, the update, and a saved model."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from opd.models import load_model
+from opd.sft import SFTConfig, length_bucketed, lr_at, sft_batch, sft_step, train
+from shared.task import problems
+
+
+def test_sft_batch_labels_only_the_solution_and_eos(student):
+    _, tokenizer = student
+    batch = problems("train", 5, seed=3)
+    ids, labels = sft_batch(tokenizer, batch)
+    for b, problem in enumerate(batch):
+        prompt = tokenizer(problem.prompt)["input_ids"]
+        labelled = labels[b][labels[b] != -100].tolist()
+        assert ids[b, : len(prompt)].tolist() == prompt
+        assert (labels[b, : len(prompt)] == -100).all()
+        assert labelled[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(labelled[:-1]) == problem.target
+        end = len(prompt) + len(labelled)
+        assert ids[b, len(prompt) : end].tolist() == labelled
+        assert (ids[b, end:] == tokenizer.pad_token_id).all()
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    cfg = SFTConfig(kind="student", steps=1000, lr=1e-3, warmup=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(550, cfg) == pytest.approx(0.55e-3)
+    assert lr_at(1000, cfg) == pytest.approx(1e-4)
+    assert lr_at(5000, cfg) == pytest.approx(1e-4)
+
+
+def test_length_bucketing_keeps_every_problem_once():
+    data = problems("train", 300, seed=1)
+    batches = length_bucketed(data, batch_size=16, seed=0)
+    assert Counter(p for batch in batches for p in batch) == Counter(data)
+    assert all(len(batch) <= 16 for batch in batches)
+    # Within a sorted window, a batch's lengths span less than the whole data's.
+    spread = max(len(p.target) for p in data) - min(len(p.target) for p in data)
+    widest = max(max(len(p.target) for p in b) - min(len(p.target) for p in b) for b in batches)
+    assert widest < spread
+
+
+def test_sft_step_lowers_the_loss_on_its_batch(student):
+    model = copy.deepcopy(student[0])
+    ids, labels = sft_batch(student[1], problems("train", 8, seed=5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses = [sft_step(model, optimizer, ids, labels) for _ in range(6)]
+    # Fitting one batch: every step lowers its loss, to well under half in six steps.
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_train_saves_a_model_that_loads(student, tmp_path):
+    _, tokenizer = student
+    cfg = SFTConfig(kind="student", steps=2, batch_size=4, warmup=1, eval_every=2, eval_n=2)
+    report = train(cfg, tokenizer, tmp_path)
+    model, loaded_tokenizer = load_model(tmp_path)
+    assert report["steps"] == 2
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["parameters"] == sum(p.numel() for p in student[0].parameters())
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
