@@ -147,17 +147,22 @@ def flat_grad(loss: torch.Tensor, model) -> torch.Tensor:
 
 def print_error_states(student, teacher, rollouts) -> None:
     """How many rollouts contain an error (a token the teacher gives at least 2 nats less than the
-    student does), and how many rollout tokens come after a rollout's first error."""
+    student does), how many rollout tokens come after a rollout's first error, and how sure the
+    teacher is on the tokens up to that error and after it (its mean entropy)."""
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
         student_B_T_V, _ = student_logprobs(student, rollouts)
     teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
     student_B_T = sampled_logprobs(student_B_T_V, rollouts)
     kept_B_T = losses.mask_after_first_error(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
+    after_B_T = mask_B_T - kept_B_T
     with_error = int(losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS).any(1).sum())
+    entropy_B_T = -(teacher_B_T_V.exp() * teacher_B_T_V).sum(-1)
     print(
         f"rollouts with an error: {with_error} of {len(rollouts)}; tokens after a rollout's first "
-        f"error: {int((mask_B_T - kept_B_T).sum())} of {int(mask_B_T.sum())}"
+        f"error: {int(after_B_T.sum())} of {int(mask_B_T.sum())}; teacher entropy (nats) up to it "
+        f"{float((entropy_B_T * kept_B_T).sum() / kept_B_T.sum()):.4f}, after it "
+        f"{float((entropy_B_T * after_B_T).sum() / after_B_T.sum()):.4f}"
     )
 
 
