@@ -10,11 +10,12 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py reverse_kl --optimizer sgd --lr 0.02 --steps 20 --eval-every 10
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
-Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon): reverse_kl (the
-trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (sum over the vocabulary
-of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T - log p_S)). Modes on
-the reference solutions (teacher-forced, first --horizon target tokens): sft (cross-entropy on the
-solution) and gt_forward_kl (forward KL to the teacher's distribution on the solution's prefixes).
+Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon):
+reverse_kl (the trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (sum over
+the vocabulary of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T -
+log p_S)). Modes on the reference solutions (teacher-forced, first --horizon target tokens): sft
+(cross-entropy on the solution) and gt_forward_kl (forward KL to the teacher's distribution on the
+solution's prefixes).
 `--states clean|deviated` trains an on-policy mode only on the rollout positions whose prefix still is
 the reference solution's, or only on those after the rollout left it; `--states before_flag` only on
 the positions up to a rollout's first error as the teacher flags it (>= 2 nats below the student),
