@@ -159,11 +159,14 @@ def print_error_states(student, teacher, rollouts) -> None:
     after_B_T = mask_B_T - kept_B_T
     with_error = int(losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS).any(1).sum())
     entropy_B_T = -(teacher_B_T_V.exp() * teacher_B_T_V).sum(-1)
+
+    def mean_entropy(where_B_T: torch.Tensor) -> float:
+        return float((entropy_B_T * where_B_T).sum() / where_B_T.sum().clamp(min=1))
+
     print(
         f"rollouts with an error: {with_error} of {len(rollouts)}; tokens after a rollout's first "
         f"error: {int(after_B_T.sum())} of {int(mask_B_T.sum())}; teacher entropy (nats) up to it "
-        f"{float((entropy_B_T * kept_B_T).sum() / kept_B_T.sum()):.4f}, after it "
-        f"{float((entropy_B_T * after_B_T).sum() / after_B_T.sum()):.4f}"
+        f"{mean_entropy(kept_B_T):.4f}, after it {mean_entropy(after_B_T):.4f}"
     )
 
 
