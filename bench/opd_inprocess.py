@@ -8,6 +8,7 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py forward_kl --prompts 64 --samples 4 --states clean --steps 10
     python bench/opd_inprocess.py reverse_kl --temperature 0.6 --steps 20 --eval-every 10
     python bench/opd_inprocess.py reverse_kl --optimizer sgd --lr 0.02 --steps 20 --eval-every 10
+    python bench/opd_inprocess.py reverse_kl --lr 3e-5 --steps 30 --eval-every 10 --objective
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
 Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon):
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
 from services.trainer.step import sampled_logprobs, student_logprobs  # noqa: E402
-from shared.task import MAX_NEW_TOKENS, Problem, problems  # noqa: E402
+from shared.task import MAX_NEW_TOKENS, Problem, is_correct, problems  # noqa: E402
 
 ON_POLICY = ("reverse_kl", "exact_reverse_kl", "forward_kl")
 TEACHER_FORCED = ("sft", "gt_forward_kl")
@@ -146,27 +148,78 @@ def flat_grad(loss: torch.Tensor, model) -> torch.Tensor:
     )
 
 
-def print_error_states(student, teacher, rollouts) -> None:
-    """How many rollouts contain an error (a token the teacher gives at least 2 nats less than the
-    student does), how many rollout tokens come after a rollout's first error, and how sure the
-    teacher is on the tokens up to that error and after it (its mean entropy)."""
+@dataclass
+class ErrorSplit:
+    """Teacher and student log-probs on a set of rollouts, and the split at each first error."""
+
+    teacher_B_T_V: torch.Tensor
+    teacher_B_T: torch.Tensor
+    student_B_T: torch.Tensor
+    mask_B_T: torch.Tensor  # real tokens
+    kept_B_T: torch.Tensor  # real tokens up to a rollout's first error, the error included
+    with_error: int  # rollouts that contain an error
+
+    @property
+    def after_B_T(self) -> torch.Tensor:
+        return self.mask_B_T - self.kept_B_T
+
+
+def split_at_first_error(student, teacher, rollouts) -> ErrorSplit:
+    """An error is a token the teacher gives at least ERROR_NATS less log-prob than the student."""
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
         student_B_T_V, _ = student_logprobs(student, rollouts)
     teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
     student_B_T = sampled_logprobs(student_B_T_V, rollouts)
+    errors_B_T = losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
     kept_B_T = losses.mask_after_first_error(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
-    after_B_T = mask_B_T - kept_B_T
-    with_error = int(losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS).any(1).sum())
-    entropy_B_T = -(teacher_B_T_V.exp() * teacher_B_T_V).sum(-1)
+    return ErrorSplit(
+        teacher_B_T_V, teacher_B_T, student_B_T, mask_B_T, kept_B_T, int(errors_B_T.any(1).sum())
+    )
 
-    def mean_entropy(where_B_T: torch.Tensor) -> float:
-        return float((entropy_B_T * where_B_T).sum() / where_B_T.sum().clamp(min=1))
 
+def print_error_states(student, teacher, rollouts) -> None:
+    """How many rollouts contain an error, how many rollout tokens come after a rollout's first
+    error, and how sure the teacher is on the tokens up to that error and after it (its mean
+    entropy)."""
+    split = split_at_first_error(student, teacher, rollouts)
+    entropy_B_T = -(split.teacher_B_T_V.exp() * split.teacher_B_T_V).sum(-1)
     print(
-        f"rollouts with an error: {with_error} of {len(rollouts)}; tokens after a rollout's first "
-        f"error: {int(after_B_T.sum())} of {int(mask_B_T.sum())}; teacher entropy (nats) up to it "
-        f"{mean_entropy(kept_B_T):.4f}, after it {mean_entropy(after_B_T):.4f}"
+        f"rollouts with an error: {split.with_error} of {len(rollouts)}; tokens after a rollout's "
+        f"first error: {int(split.after_B_T.sum())} of {int(split.mask_B_T.sum())}; teacher "
+        f"entropy (nats) up to it {float(losses.masked_mean(entropy_B_T, split.kept_B_T)):.4f}, "
+        f"after it {float(losses.masked_mean(entropy_B_T, split.after_B_T)):.4f}"
+    )
+
+
+def objective_report(student, teacher, tokenizer, held_out: list[Problem], args) -> str:
+    """OPD's own objective on 4 fresh rollouts of each held-out problem (the same sampling seed each
+    time, whatever the mode's --samples): the per-token reverse KL, also up to each rollout's first
+    error and after it, next to the share of rollouts with an error and of rollouts that are correct."""
+    rollouts = sample_rollouts(
+        student,
+        tokenizer,
+        held_out,
+        4,
+        args.horizon,
+        torch.Generator().manual_seed(0),
+        lambda _: None,
+        10**9,
+        temperature=args.temperature,
+    )
+    split = split_at_first_error(student, teacher, rollouts)
+
+    def kl(where_B_T: torch.Tensor) -> float:
+        return losses.reverse_kl_estimate(split.teacher_B_T, split.student_B_T, where_B_T)
+
+    correct = sum(
+        is_correct(r.problem, tokenizer.decode(r.completion_ids, skip_special_tokens=True))
+        for r in rollouts
+    )
+    return (
+        f"rollouts: reverse KL {kl(split.mask_B_T):.3f} (up to first error "
+        f"{kl(split.kept_B_T):.3f}, after {kl(split.after_B_T):.3f}), with an error "
+        f"{split.with_error / len(rollouts):.3f}, correct {correct / len(rollouts):.3f}"
     )
 
 
@@ -236,6 +289,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--objective",
+        action="store_true",
+        help="each evaluation also prints OPD's objective (per-token reverse KL, split at the first "
+        "error) on 4 fresh rollouts of each held-out problem",
+    )
     parser.add_argument("--align", action="store_true", help="print first-step alignment, exit")
     args = parser.parse_args()
 
@@ -254,7 +313,10 @@ def main() -> None:
     def report(step: int) -> None:
         accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
         nll = reference_nll(student, tokenizer, held_out)
-        print(f"step {step} accuracy {accuracy:.3f} reference NLL {nll:.4f}", flush=True)
+        line = f"step {step} accuracy {accuracy:.3f} reference NLL {nll:.4f}"
+        if args.objective:
+            line += "; " + objective_report(student, teacher, tokenizer, held_out, args)
+        print(line, flush=True)
 
     print(f"{args.mode} lr {args.lr} horizon {args.horizon}", flush=True)
     report(0)

@@ -2,7 +2,7 @@
 # For machines that cannot pull from an image registry: build the base image the Dockerfiles start
 # from (Debian bookworm with python3), with debootstrap, and copy this machine's local CA
 # certificates into it so pip works behind a TLS-inspecting proxy. Then copy this machine's torch CPU
-# wheel (if it keeps one) where the Dockerfiles look for local wheels. As root:
+# wheel (if it keeps one) where docker/Dockerfile looks for local wheels. As root:
 #   bash docker/base-image.sh            # then: OPD_BASE_IMAGE=opd-base:bookworm docker compose up
 set -euo pipefail
 image=${1:-opd-base:bookworm}

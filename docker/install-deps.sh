@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs what the images need into /opt/venv, in two cacheable phases (shared by both Dockerfiles):
+# Installs what the images need into /opt/venv, in two cacheable phases (docker/Dockerfile's shared stage):
 #   install-deps.sh torch VARIANT   torch: a local CPU wheel from /wheels if there is one, else the
 #                                   CPU index (cpu) or PyPI's CUDA build (cuda)
 #   install-deps.sh deps VARIANT    the dependencies listed in /build/pyproject.toml (+ vLLM on cuda)

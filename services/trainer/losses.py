@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+def masked_mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where the mask is 1; 0 when nothing is masked in."""
+    return (x_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+
+
 def reverse_kl_advantage(
     teacher_logp_B_T: torch.Tensor,
     student_logp_B_T: torch.Tensor,
@@ -70,7 +75,7 @@ def policy_gradient_loss(
     gradient is the plain policy gradient A_t * grad log p(x_t)).
     """
     ratio = torch.exp(logp_B_T - sample_logp_B_T.detach())
-    return -(ratio * adv_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+    return -masked_mean(ratio * adv_B_T, mask_B_T)
 
 
 def topk_forward_kl(
@@ -82,7 +87,7 @@ def topk_forward_kl(
     """
     p_teacher = torch.softmax(teacher_logp_B_T_K, dim=-1)
     kl = (p_teacher * (torch.log_softmax(teacher_logp_B_T_K, -1) - student_logp_B_T_K)).sum(-1)
-    return (kl * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+    return masked_mean(kl, mask_B_T)
 
 
 def topk_jsd(
@@ -105,7 +110,7 @@ def topk_jsd(
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     jsd = beta * kl_pm + (1 - beta) * kl_qm
-    return (jsd * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+    return masked_mean(jsd, mask_B_T)
 
 
 def full_reverse_kl(
@@ -114,7 +119,7 @@ def full_reverse_kl(
     """Exact KL(p_S || p_T) per position over the whole vocabulary, mean over real tokens. Needs the
     teacher's full distribution (an in-process teacher, or top_k = vocabulary size)."""
     kl_B_T = (student_logp_B_T_V.exp() * (student_logp_B_T_V - teacher_logp_B_T_V)).sum(-1)
-    return (kl_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+    return masked_mean(kl_B_T, mask_B_T)
 
 
 def full_forward_kl(
@@ -128,8 +133,7 @@ def reverse_kl_estimate(
     teacher_logp_B_T: torch.Tensor, student_logp_B_T: torch.Tensor, mask_B_T: torch.Tensor
 ) -> float:
     """Sample estimate of KL(p_S || p_T) per token: mean of log p_S(x_t) - log p_T(x_t), x_t ~ p_S."""
-    diff = (student_logp_B_T - teacher_logp_B_T).detach() * mask_B_T
-    return float(diff.sum() / mask_B_T.sum().clamp(min=1))
+    return float(masked_mean((student_logp_B_T - teacher_logp_B_T).detach(), mask_B_T))
 
 
 def kl_by_position(

@@ -13,6 +13,13 @@ STUDENT = -torch.rand(B, T) * 3
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.float)
 
 
+def test_masked_mean_averages_real_tokens_and_is_zero_when_there_are_none():
+    x = torch.arange(B * T, dtype=torch.float).reshape(B, T)
+    want = float(sum(x[b, t] for b in range(B) for t in range(T) if MASK[b, t])) / MASK.sum()
+    assert torch.isclose(losses.masked_mean(x, MASK), torch.as_tensor(want))
+    assert losses.masked_mean(x, torch.zeros(B, T)) == 0
+
+
 def test_advantage_is_teacher_minus_student_on_real_tokens():
     adv = losses.reverse_kl_advantage(TEACHER, STUDENT, MASK)
     assert torch.allclose(adv, (TEACHER - STUDENT) * MASK)
