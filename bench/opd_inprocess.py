@@ -110,7 +110,7 @@ def on_policy_loss(mode, student, teacher, rollouts, tokenizer=None, states="all
 def teacher_forced_logprobs(model, tokenizer, batch: list[Problem], horizon: int):
     """(logp_B_T_V, labels_B_T, mask_B_T) at the positions that predict the first `horizon` tokens of
     each reference solution (and its eos)."""
-    ids_B_L, labels_B_L = sft_batch(tokenizer, batch)
+    ids_B_L, labels_B_L = (t.to(model.device) for t in sft_batch(tokenizer, batch))
     labels_B_T = labels_B_L[:, 1:]
     mask_B_T = (labels_B_T != -100).float()
     mask_B_T = mask_B_T * (mask_B_T.cumsum(1) <= horizon).float()
@@ -202,7 +202,7 @@ def objective_report(student, teacher, tokenizer, held_out: list[Problem], args)
         held_out,
         4,
         args.horizon,
-        torch.Generator().manual_seed(0),
+        torch.Generator(student.device).manual_seed(0),
         lambda _: None,
         10**9,
         temperature=args.temperature,
@@ -233,7 +233,7 @@ def print_alignment(student, teacher, tokenizer, args) -> None:
     )
     batch = problems("train", args.prompts, args.seed)
     rollouts = rollouts_for(
-        student, tokenizer, batch, args, torch.Generator().manual_seed(args.seed)
+        student, tokenizer, batch, args, torch.Generator(student.device).manual_seed(args.seed)
     )
     print_error_states(student, teacher, rollouts)
     print("mode              cos(grad, ref)  sign step . ref (normalised)")
@@ -289,6 +289,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models)")
     parser.add_argument(
         "--objective",
         action="store_true",
@@ -299,8 +300,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    teacher, tokenizer = load_model(args.teacher)
-    student, _ = load_model(args.student)
+    teacher, tokenizer = load_model(args.teacher, device=args.device)
+    student, _ = load_model(args.student, device=args.device)
     if args.align:
         print_alignment(student, teacher, tokenizer, args)
         return
@@ -308,7 +309,7 @@ def main() -> None:
     eval_set = problems("eval", args.eval_n, args.seed)
     held_out = problems("eval", 64, args.seed + 1)
     optimizer = make_optimizer(student, args)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(student.device).manual_seed(args.seed)
 
     def report(step: int) -> None:
         accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy

@@ -45,7 +45,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Greedy accuracy when samples == 1; avg@k (mean accuracy of k samples at temperature 1) otherwise."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
     temperature = 0.0 if samples == 1 else 1.0
     jobs = [p for p in problems for _ in range(samples)]
     correct = well_formed = tokens = 0

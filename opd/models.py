@@ -68,6 +68,8 @@ def load_model(
     folder = _existing_folder(path)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"{folder}: cannot load onto {device}: CUDA is not available here")
     tokenizer = load_tokenizer(folder)
     try:
         config = AutoConfig.from_pretrained(

@@ -67,6 +67,11 @@ class RunConfig(BaseModel):
         0, ge=0, description="Checkpoint every N steps (0: only at the end)."
     )
     resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="Where the student trains and samples: cpu, cuda or cuda:N.",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.")
     api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
     progress: bool = Field(True, description="Show a progress bar.")

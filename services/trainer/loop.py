@@ -57,7 +57,7 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = load_model(cfg.student)
+        self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
         try:  # refuse a teacher that is down or speaks another tokenizer before any work
@@ -124,7 +124,7 @@ class Run:
         cfg, state = self.cfg, self.state
         horizon = self.schedule.horizon(state.step)
         batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, state.step))
+        generator = torch.Generator(self.model.device).manual_seed(step_seed(cfg.seed, state.step))
         top_k = cfg.top_k if cfg.loss != "reverse_kl" else 0
         for group in self.optimizer.param_groups:  # linear warmup, then constant
             group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.warmup_steps))

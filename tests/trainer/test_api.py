@@ -36,6 +36,7 @@ def trainer_url():
         ({"steps": 0}, "steps"),
         ({"teacher_url": ["ftp://x"]}, "teacher_url"),
         ({"loss": "mse"}, "loss"),
+        ({"device": "gpu"}, "device"),
         ({"stepz": 3}, "stepz"),
     ],
 )

@@ -86,6 +86,19 @@ def test_invalid_schedule_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_invalid_device_is_a_clear_error(tmp_path):
+    result = trainer_cli("--device", "gpu", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "--device" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_student_without_cuda_is_a_clear_error(tmp_path):
+    result = trainer_cli("--device", "cuda", "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
     other = tmp_path / "other-teacher"
     shutil.copytree(TEACHER_PATH, other)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-shot GPU run, for a lent GPU machine with torch and transformers but no FastAPI or pydantic
+# (wheels carried in .gpu/wheels are installed first): the trainer over HTTP with student and teacher
+# on the GPU, and bench/opd_inprocess.py at batch sizes the CPU cannot afford, all side by side.
+#   bash bench/gpu_trainer.sh [OUT_DIR]      # about 7 minutes on one H200
+set -uo pipefail
+out=${1:-${OUT:-/tmp}}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+if [ -d .gpu/wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bench() {  # NAME ARGS...: one bench run in the background, its output in $out/bench_NAME.log
+  local name=$1; shift
+  (echo "### $*"; timeout 420 python3 bench/opd_inprocess.py "$@" --device cuda --objective) \
+    > "$out/bench_$name.log" 2>&1 &
+}
+bench rkl_256x4_lr3e-4 reverse_kl --prompts 256 --samples 4 --lr 3e-4 --steps 40 --eval-every 10
+bench rkl_256x4_lr1e-4 reverse_kl --prompts 256 --samples 4 --lr 1e-4 --steps 40 --eval-every 10
+bench rkl_16x4_lr3e-5 reverse_kl --lr 3e-5 --steps 300 --eval-every 50
+bench fkl_cut_256x4_lr1e-4 forward_kl --prompts 256 --samples 4 --states before_flag --lr 1e-4 \
+  --steps 40 --eval-every 10
+bench sft_256_lr3e-4 sft --prompts 256 --samples 1 --lr 3e-4 --steps 40 --eval-every 10
+{
+  python3 -m services.teacher.cli serve --device cuda --port 8000 &
+  teacher=$!
+  python3 -m services.trainer.cli run --device cuda --teacher-url http://127.0.0.1:8000 --steps 8 \
+    --eval-every 4 --checkpoint-every 4 --out /tmp/run --no-progress
+  echo "trainer exit code $?"
+  kill "$teacher"
+  cp /tmp/run/metrics.jsonl "$out/trainer_metrics.jsonl"
+} > "$out/trainer.log" 2>&1
+wait
+grep -h "step\|###" "$out"/bench_*.log
