@@ -9,6 +9,8 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py reverse_kl --temperature 0.6 --steps 20 --eval-every 10
     python bench/opd_inprocess.py reverse_kl --optimizer sgd --lr 0.02 --steps 20 --eval-every 10
     python bench/opd_inprocess.py reverse_kl --lr 3e-5 --steps 30 --eval-every 10 --objective
+    python bench/opd_inprocess.py forward_kl --prompts 256 --samples 4 --states before_flag \
+        --lr 1e-4 --steps 40 --eval-every 10 --objective --device cuda     # bench/gpu_trainer.sh
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
 Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon):
