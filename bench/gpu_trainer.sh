@@ -22,14 +22,15 @@ bench rkl_16x4_lr3e-5 reverse_kl --lr 3e-5 --steps 300 --eval-every 50
 bench fkl_cut_256x4_lr1e-4 forward_kl --prompts 256 --samples 4 --states before_flag --lr 1e-4 \
   --steps 40 --eval-every 10
 bench sft_256_lr3e-4 sft --prompts 256 --samples 1 --lr 3e-4 --steps 40 --eval-every 10
+run=$(mktemp -d)
 {
   python3 -m services.teacher.cli serve --device cuda --port 8000 &
   teacher=$!
   python3 -m services.trainer.cli run --device cuda --teacher-url http://127.0.0.1:8000 --steps 8 \
-    --eval-every 4 --checkpoint-every 4 --out /tmp/run --no-progress
+    --eval-every 4 --checkpoint-every 4 --out "$run" --no-progress
   echo "trainer exit code $?"
   kill "$teacher"
-  cp /tmp/run/metrics.jsonl "$out/trainer_metrics.jsonl"
+  cp "$run/metrics.jsonl" "$out/trainer_metrics.jsonl"
 } > "$out/trainer.log" 2>&1
 wait
 grep -h "step\|###" "$out"/bench_*.log

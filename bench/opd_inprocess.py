@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opd.evaluate import evaluate  # noqa: E402
-from opd.models import STUDENT_PATH, TEACHER_PATH, load_model  # noqa: E402
+from opd.models import STUDENT_PATH, TEACHER_PATH, ModelLoadError, load_model  # noqa: E402
 from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
@@ -52,12 +52,13 @@ MODES = ON_POLICY + TEACHER_FORCED
 ERROR_NATS = 2.0  # an error: the teacher gives the token this much less log-prob than the student
 
 
-def rollouts_for(student, tokenizer, batch, args, generator):
+def rollouts_for(student, tokenizer, batch, args, generator, samples: int | None = None):
+    """`samples` (default --samples) rollouts of each problem at --temperature, cut at --horizon."""
     return sample_rollouts(
         student,
         tokenizer,
         batch,
-        args.samples,
+        samples or args.samples,
         args.horizon,
         generator,
         lambda _: None,
@@ -129,7 +130,7 @@ def teacher_forced_loss(mode, student, teacher, tokenizer, batch, horizon):
             teacher_B_T_V, _, _ = teacher_forced_logprobs(teacher, tokenizer, batch, horizon)
         return losses.full_forward_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
     nll_B_T = -student_B_T_V.gather(2, labels_B_T[..., None]).squeeze(-1)
-    return (nll_B_T * mask_B_T).sum() / mask_B_T.sum()
+    return losses.masked_mean(nll_B_T, mask_B_T)
 
 
 def teacher_forced_mode_loss(mode, student, teacher, tokenizer, batch, args):
@@ -198,17 +199,8 @@ def objective_report(student, teacher, tokenizer, held_out: list[Problem], args)
     """OPD's own objective on 4 fresh rollouts of each held-out problem (the same sampling seed each
     time, whatever the mode's --samples): the per-token reverse KL, also up to each rollout's first
     error and after it, next to the share of rollouts with an error and of rollouts that are correct."""
-    rollouts = sample_rollouts(
-        student,
-        tokenizer,
-        held_out,
-        4,
-        args.horizon,
-        torch.Generator(student.device).manual_seed(0),
-        lambda _: None,
-        10**9,
-        temperature=args.temperature,
-    )
+    generator = torch.Generator(student.device).manual_seed(0)
+    rollouts = rollouts_for(student, tokenizer, held_out, args, generator, samples=4)
     split = split_at_first_error(student, teacher, rollouts)
 
     def kl(where_B_T: torch.Tensor) -> float:
@@ -302,8 +294,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    teacher, tokenizer = load_model(args.teacher, device=args.device)
-    student, _ = load_model(args.student, device=args.device)
+    try:
+        teacher, tokenizer = load_model(args.teacher, device=args.device)
+        student, _ = load_model(args.student, device=args.device)
+    except ModelLoadError as exc:
+        parser.error(str(exc))
     if args.align:
         print_alignment(student, teacher, tokenizer, args)
         return

@@ -68,8 +68,7 @@ def load_model(
     folder = _existing_folder(path)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"{folder}: cannot load onto {device}: CUDA is not available here")
+    _check_device(folder, device)
     tokenizer = load_tokenizer(folder)
     try:
         config = AutoConfig.from_pretrained(
@@ -92,6 +91,23 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(exc)})") from exc
     return model.to(device).eval(), tokenizer
+
+
+def _check_device(folder: Path, device: str) -> None:
+    """Refuse, before any weights are read, a device this machine does not have."""
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"{folder}: cannot load onto {device!r}: not a device name") from None
+    if where.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"{folder}: cannot load onto {device}: CUDA is not available here")
+    if (where.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"{folder}: cannot load onto {device}: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def _existing_folder(path: str | Path) -> Path:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from opd.evaluate import evaluate
-from opd.models import count_parameters
+from opd.models import STUDENT_PATH, ModelLoadError, count_parameters, load_model
 from shared.task import problems
 
 # 200 held-out problems: a 95% band is then stable to about +-1.5 points, and it runs in seconds.
@@ -27,3 +30,10 @@ def test_student_is_weak_but_well_formed(student):
     result = evaluate(*student, EVAL, progress=False)
     assert 0.10 <= result.accuracy <= 0.50
     assert result.well_formed >= 0.8
+
+
+def test_a_device_the_machine_lacks_is_refused_before_loading():
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU; cuda:0 without any
+    for device, says in [("gpu", "not a device name"), (missing, "cannot load onto " + missing)]:
+        with pytest.raises(ModelLoadError, match=says):
+            load_model(STUDENT_PATH, device=device)

@@ -1,0 +1,20 @@
+"""RunConfig accepts what the trainer can use and names the field it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.trainer.config import RunConfig
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_device_names_the_trainer_can_use_are_accepted(device):
+    assert RunConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU"])
+def test_other_device_names_are_refused_naming_the_field(device):
+    with pytest.raises(ValidationError) as info:
+        RunConfig(device=device)
+    assert [e["loc"] for e in info.value.errors()] == [("device",)]
