@@ -175,7 +175,7 @@ def split_at_first_error(student, teacher, rollouts) -> ErrorSplit:
     teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
     student_B_T = sampled_logprobs(student_B_T_V, rollouts)
     errors_B_T = losses.errors(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
-    kept_B_T = losses.mask_after_first_error(teacher_B_T, student_B_T, mask_B_T, ERROR_NATS)
+    kept_B_T = losses.mask_up_to_first(errors_B_T, mask_B_T)
     return ErrorSplit(
         teacher_B_T_V, teacher_B_T, student_B_T, mask_B_T, kept_B_T, int(errors_B_T.any(1).sum())
     )

@@ -47,8 +47,13 @@ def mask_after_first_error(
     the teacher gives at least `nats` less log-prob than the student does; it stays in the mask, so its
     negative advantage still teaches the student to avoid it. What follows it is a state the teacher's
     own solutions never visit, and training on those hurt a small student (README, Results)."""
-    error_B_T = errors(teacher_logp_B_T, student_logp_B_T, mask_B_T, nats).float()
-    after_B_T = (error_B_T.cumsum(1) - error_B_T) > 0
+    return mask_up_to_first(errors(teacher_logp_B_T, student_logp_B_T, mask_B_T, nats), mask_B_T)
+
+
+def mask_up_to_first(flags_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """`mask_B_T` with every position after a row's first flagged one set to 0 (that one kept)."""
+    flag_B_T = flags_B_T.float()
+    after_B_T = (flag_B_T.cumsum(1) - flag_B_T) > 0
     return mask_B_T * (~after_B_T).float()
 
 
