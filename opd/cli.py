@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from opd.models import REPO_ROOT, ModelLoadError, count_parameters, load_model
+from shared.flags import positive_int
 from shared.task import SPLITS, problems
 
 
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
-    task.add_argument("--n", type=int, default=3, help="how many problems (default 3)")
+    task.add_argument("--n", type=positive_int, default=3, help="how many problems (default 3)")
     task.add_argument("--split", choices=SPLITS, default="eval")
     task.add_argument("--seed", type=int, default=0)
     task.add_argument("--stats", action="store_true", help="print the length distribution instead")
@@ -130,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out-dir", default=str(REPO_ROOT / "models"), help="default: models/")
     make.add_argument("--only", nargs="+", choices=["teacher", "student"], help="train only these")
     make.add_argument(
-        "--teacher-steps", type=int, default=1600, help="planned SFT steps (batch 64)"
+        "--teacher-steps", type=positive_int, default=1600, help="planned SFT steps (batch 64)"
     )
-    make.add_argument("--student-steps", type=int, default=1600, help="at most this many steps")
+    make.add_argument(
+        "--student-steps", type=positive_int, default=1600, help="at most this many steps"
+    )
     make.add_argument(
         "--student-target",
         type=float,
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the student once its dev accuracy reaches this (default 0.2)",
     )
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    make.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     make.set_defaults(func=cmd_make_models)
 
     demo = sub.add_parser(
@@ -149,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         "horizon schedule (full, TOPD, POPD) and compare them",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=32, help="steps per run (default 32)")
+    demo.add_argument("--steps", type=positive_int, default=32, help="steps per run (default 32)")
     demo.add_argument("--eval-every", type=int, default=8, help="evaluate every N steps")
-    demo.add_argument("--eval-n", type=int, default=200, help="held-out problems per evaluation")
+    demo.add_argument(
+        "--eval-n", type=positive_int, default=200, help="held-out problems per evaluation"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")
     demo.add_argument("--teacher-url", help="use this teacher server instead of starting one")
@@ -159,16 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")
     ev.add_argument("--model", required=True, help="folder of a Hugging Face causal LM")
-    ev.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    ev.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500)")
     ev.add_argument(
         "--samples",
-        type=int,
+        type=positive_int,
         default=1,
         help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1",
     )
-    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--batch-size", type=positive_int, default=128)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from shared.errors import FingerprintMismatch, NotReady, TeacherError, error_from_body
+from shared.errors import FingerprintMismatch, NotFound, NotReady, TeacherError, error_from_body
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
     FRAMES,
@@ -142,10 +142,24 @@ class _Core:
         if response.status_code >= 400:
             try:
                 body = response.json()
-            except ValueError:
-                body = {"error": {"message": response.text[:200] or f"HTTP {response.status_code}"}}
+            except ValueError:  # not a teacher's error body (a proxy, another server): no page dump
+                where = f"{response.request.method} {response.request.url}"
+                body = {"error": {"message": f"HTTP {response.status_code} from {where}"}}
             raise error_from_body(response.status_code, body, _retry_after(response))
         return response
+
+    def info_of(self, url: str, response: httpx.Response) -> dict:
+        """The replica's /info, or an error that says `url` is not a teacher."""
+        try:
+            info = response.json()
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "tokenizer_fingerprint" not in info:
+            raise TeacherError(f"{url} is not an OPD teacher: GET /info did not answer its JSON")
+        return info
+
+    def not_a_teacher(self, url: str, exc: NotFound) -> TeacherError:
+        return TeacherError(f"{url} is not an OPD teacher (wrong URL or port?): {exc}")
 
     def check_info(self, url: str, info: dict, expected: str | None) -> None:
         if expected is not None and info.get("tokenizer_fingerprint") != expected:
@@ -246,14 +260,17 @@ class TeacherClient:
         for url in self.urls:
             while True:
                 try:  # a teacher that refuses connections at start is an error, not a wait
-                    info = self._request(
+                    response = self._request(
                         "GET", "/info", url, retries=2, headers=self._core.headers
-                    ).json()
+                    )
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
+                except NotFound as exc:
+                    raise self._core.not_a_teacher(url, exc) from None
+            info = self._core.info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos
@@ -371,16 +388,17 @@ class AsyncTeacherClient:
         for url in self.urls:
             while True:
                 try:
-                    info = (
-                        await self._request(
-                            "GET", "/info", url, retries=2, headers=self._core.headers
-                        )
-                    ).json()
+                    response = await self._request(
+                        "GET", "/info", url, retries=2, headers=self._core.headers
+                    )
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
+                except NotFound as exc:
+                    raise self._core.not_a_teacher(url, exc) from None
+            info = self._core.info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos

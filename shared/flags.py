@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import typing
+from collections.abc import Collection
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 def add_flags(
@@ -37,3 +38,49 @@ def add_flags(
 def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:
     """The flags of `model`'s fields that were given on the command line."""
     return {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, else a usage error that names the flag."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def field_errors(
+    exc: ValidationError,
+    env_prefix: str | None = None,
+    config_file: str | None = None,
+    file_keys: Collection[str] = (),
+) -> list[str]:
+    """One line per bad setting, named where the user wrote it: `FILE: key` for a key read from the
+    config file, else `--flag` (with its environment variable, where the settings read one)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        key = loc[0] if loc else ""
+        if key in file_keys:
+            where = f"{config_file}: {'.'.join(loc)}"
+        else:
+            where = "--" + key.replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
+            if env_prefix:
+                where += f" (env {env_prefix}{key.upper()})"
+        # pydantic prefixes messages of validators that raise ValueError; the message says enough.
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "not a setting" + (
+                f" (keys are written with underscores: {key.replace('-', '_')})"
+                if "-" in key
+                else ""
+            )
+        lines.append(f"{where}: {message}")
+    return lines

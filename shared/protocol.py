@@ -37,7 +37,7 @@ from typing import Annotated, Any
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shared.errors import InvalidRequest, MalformedBody
 
@@ -47,8 +47,16 @@ MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
 FRAMES = "application/x-opd-frames"
 _LENGTH = struct.Struct("<I")
 
+
+def _not_bool(value: Any) -> Any:
+    # JSON true/false would pass as ids 1/0: a client bug to report, not a token to score.
+    if isinstance(value, bool):
+        raise ValueError("a token id is an integer, not a boolean")
+    return value
+
+
 # int32 on the binary wire, so ids must fit in it.
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=2**31 - 1)]
 
 
 class ScoreSequence(BaseModel):

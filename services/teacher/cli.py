@@ -14,7 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from services.teacher.settings import TeacherSettings
-from shared.flags import add_flags, given
+from shared.flags import add_flags, field_errors, given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-            print(f"opd-teacher: error: {flag}: {err['msg']}", file=sys.stderr)
+        for line in field_errors(exc, env_prefix="OPD_TEACHER_"):
+            print(f"opd-teacher: error: {line}", file=sys.stderr)
         return 2
     return serve(settings)
 
@@ -70,10 +69,24 @@ def serve(settings: TeacherSettings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    warning = open_access_warning(settings)
+    if warning:
+        logging.getLogger("opd.teacher").warning(warning)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )
     return 0
+
+
+def open_access_warning(settings: TeacherSettings) -> str | None:
+    """A line to log when the server listens beyond loopback with no API key (an unset $KEY in
+    `--api-key "$KEY"` means no key: compose passes unset variables that way)."""
+    if settings.api_key is not None or settings.host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (
+        f"serving on {settings.host} with no API key: anyone who can reach port {settings.port} "
+        "can use this teacher (set --api-key or OPD_TEACHER_API_KEY)"
+    )
 
 
 if __name__ == "__main__":

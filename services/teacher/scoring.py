@@ -49,7 +49,10 @@ def jobs_from_request(
                 f"scored {n_scored}); this server's max_seq_len is {limits.max_seq_len}",
                 param=f"sequences.{s}",
             )
-        _check_ids(ids, limits.vocab_size, f"sequences.{s}")
+        _check_ids(seq.prompt_ids, limits.vocab_size, f"sequences.{s}.prompt_ids")
+        _check_ids(
+            seq.completion_ids[:n_scored], limits.vocab_size, f"sequences.{s}.completion_ids"
+        )
         candidates = None
         if request.candidate_ids is not None:
             candidates = request.candidate_ids[s]

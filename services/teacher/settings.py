@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opd.models import TEACHER_PATH
+from opd.models import DEVICE_PATTERN, TEACHER_PATH
 
 
 class TeacherSettings(BaseSettings):
@@ -15,7 +15,9 @@ class TeacherSettings(BaseSettings):
 
     model: str = Field(str(TEACHER_PATH), description="Local folder of a Hugging Face causal LM.")
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N (hf backend).")
+    device: str = Field(
+        "cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N (hf backend)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype."
     )
@@ -41,7 +43,9 @@ class TeacherSettings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
-    log_level: str = Field("info", description="uvicorn log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and uvicorn."
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
-from shared.errors import InvalidRequest, NotFound
+from shared.errors import InvalidRequest, MalformedBody, NotFound, TeacherError
 
 router = APIRouter()
 
@@ -223,8 +223,13 @@ def create_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # as the teacher answers: 400, not a field's 422
+            reason = first.get("ctx", {}).get("error", "")
+            err: TeacherError = MalformedBody(f"body is not valid JSON ({reason})")
+            return JSONResponse(err.to_body(), status_code=err.status)
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        err = InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param)
+        message = first["msg"].removeprefix("Value error, ")
+        err = InvalidRequest(f"{param or 'body'}: {message}", param=param)
         return JSONResponse(err.to_body(), status_code=err.status)
 
     @app.exception_handler(NotFound)

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.trainer.config import RunConfig, load_config_file
-from shared.flags import add_flags, given
+from shared.flags import add_flags, field_errors, given, port_number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,18 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML or TOML file of settings (flags override it)")
     add_flags(run, RunConfig)
     serve = sub.add_parser("serve", help="serve the HTTP control API (POST /runs ...)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on [default %(default)s]"
+    )
+    serve.add_argument("--port", type=port_number, default=8100, help="[default %(default)s]")
     plot = sub.add_parser("plot", help="plot eval accuracy of runs side by side")
     plot.add_argument("runs", nargs="+", help="run folders (with eval.jsonl)")
-    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--out", required=True, type=png_path, help="PNG file to write")
     return parser
 
 
+def png_path(text: str) -> Path:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text}: the plot is written as PNG, so name a .png file")
+    return Path(text)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config from --config and the flags (flags win); a ValidationError names each bad
+    setting where the user wrote it (see `config_errors`)."""
     values = load_config_file(args.config) if args.config else {}
     values.update(given(args, RunConfig))
     return RunConfig(**values)
+
+
+def config_errors(exc: ValidationError, args: argparse.Namespace) -> list[str]:
+    from_file = (
+        set(load_config_file(args.config)) - set(given(args, RunConfig)) if args.config else ()
+    )
+    return field_errors(exc, config_file=args.config, file_keys=from_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from services.trainer.report import plot_runs
 
-        print(plot_runs([Path(r) for r in args.runs], Path(args.out)))
+        missing = [r for r in args.runs if not (Path(r) / "eval.jsonl").is_file()]
+        if missing:
+            print(f"opd-trainer: error: no eval.jsonl in {', '.join(missing)}", file=sys.stderr)
+            return 2
+        try:
+            print(plot_runs([Path(r) for r in args.runs], args.out))
+        except OSError as exc:
+            print(f"opd-trainer: error: --out {args.out}: {exc.strerror}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "serve":
         import uvicorn
@@ -62,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-            print(f"opd-trainer: error: {where}: {err['msg']}", file=sys.stderr)
+        for line in config_errors(exc, args):
+            print(f"opd-trainer: error: {line}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)
@@ -76,13 +100,13 @@ def run_from_cli(cfg: RunConfig) -> int:
     import logging
 
     from opd.models import ModelLoadError
-    from services.trainer.loop import run
+    from services.trainer.loop import RunError, run
     from shared.errors import TeacherError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = run(cfg)
-    except (TeacherError, ModelLoadError) as exc:
+    except (TeacherError, ModelLoadError, RunError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))

@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.models import STUDENT_PATH
+from opd.models import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
 from shared.task import MAX_NEW_TOKENS
 
@@ -69,7 +69,7 @@ class RunConfig(BaseModel):
     resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
     device: str = Field(
         "cpu",
-        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        pattern=DEVICE_PATTERN,
         description="Where the student trains and samples: cpu, cuda or cuda:N.",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.")
@@ -85,6 +85,11 @@ class RunConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("teacher_url", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
     @field_validator("teacher_url")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
@@ -97,13 +102,14 @@ class RunConfig(BaseModel):
 def load_config_file(path: str | Path) -> dict:
     """Settings from a .yaml/.yml/.toml file (keys are RunConfig field names)."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"{path}: config files are .yaml, .yml or .toml")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "YAML"
+        raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
     return data

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from opd.evaluate import evaluate
+from opd.evaluate import encode_prompts, evaluate
 from opd.models import load_model
 from services.trainer import checkpoint
 from services.trainer.config import RunConfig
@@ -32,6 +32,25 @@ from shared.task import problems
 
 log = logging.getLogger("opd.trainer")
 Events = Callable[[dict], None]
+
+
+class RunError(Exception):
+    """A run that cannot start as configured (its message says which setting and why)."""
+
+
+def check_teacher_limits(cfg: RunConfig, infos: list[dict], longest_prompt: int) -> None:
+    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or
+    rollouts longer than its max_seq_len."""
+    for url, info in zip(cfg.teacher_url, infos):
+        if cfg.loss != "reverse_kl" and cfg.top_k > info["max_top_k"]:
+            raise RunError(
+                f"--top-k {cfg.top_k}: the teacher at {url} allows at most {info['max_top_k']}"
+            )
+        if longest_prompt + cfg.max_new_tokens > info["max_seq_len"]:
+            raise RunError(
+                f"--max-new-tokens {cfg.max_new_tokens}: prompts of up to {longest_prompt} tokens "
+                f"plus that many exceed the max_seq_len {info['max_seq_len']} of the teacher at {url}"
+            )
 
 
 def peak_rss_mb() -> float:
@@ -59,24 +78,38 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
+        self.data = problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
+        self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
-        try:  # refuse a teacher that is down or speaks another tokenizer before any work
-            self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+        try:  # refuse a teacher that is down, speaks another tokenizer or is too small, before work
+            infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+            longest_prompt = max(len(ids) for ids in encode_prompts(self.tokenizer, self.data))
+            check_teacher_limits(cfg, infos, longest_prompt)
         except Exception:
             self.feed.close()
             raise
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.data = problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
-        self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
         self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
         resumed = checkpoint.latest(self.out) if cfg.resume else None
+        if cfg.resume and resumed is None:
+            log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
         if resumed is not None:
             self.state = checkpoint.load(resumed, self.model, self.optimizer)
+            if self.state.schedule != cfg.schedule:
+                raise RunError(
+                    f"--resume: {resumed} was trained with --schedule {self.state.schedule}, not "
+                    f"{cfg.schedule}; resume with the same schedule, or start a new --out"
+                )
             log.info("resumed from %s at step %d", resumed, self.state.step)
         keep = self.state.step if resumed is not None else None
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(
+                f"--out {self.out}: cannot make the run folder ({exc.strerror})"
+            ) from None
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
         self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
         self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from opd.cli import main
 from opd.models import STUDENT_PATH, tiny_config
 from shared.tokenizer import build_tokenizer
 
@@ -61,3 +62,21 @@ def test_task_stats_prints_the_length_distribution():
     result = opd("task", "--stats", "--n", "500")
     assert result.returncode == 0
     assert "median 113" in result.stdout and "max 211" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["task", "--stats", "--n", "0"],
+        ["task", "--n", "-3"],
+        ["eval", "--model", "models/tiny-student", "--n", "0"],
+        ["eval", "--model", "models/tiny-student", "--batch-size", "0"],
+        ["eval", "--model", "models/tiny-student", "--threads", "0"],
+        ["eval", "--model", "models/tiny-student", "--samples", "0"],
+    ],
+)
+def test_counts_below_one_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a positive integer" in err

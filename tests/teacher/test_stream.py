@@ -61,7 +61,8 @@ def test_a_bad_frame_gets_an_error_frame_and_the_rest_are_scored(teacher_url):
     errors = [i for i in items if i.error]
     assert len(errors) == 1 and errors[0].frame == 1
     assert (
-        errors[0].error["param"] == "sequences.0" and "out of range" in errors[0].error["message"]
+        errors[0].error["param"] == "sequences.0.completion_ids"
+        and "out of range" in errors[0].error["message"]
     )
     assert sorted(i.frame for i in items if i.score is not None) == [0, 2]
 

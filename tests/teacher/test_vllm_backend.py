@@ -80,7 +80,7 @@ def test_vllm_equals_hf_under_concurrency(servers, teacher):
     "body, param",
     [
         ({"sequences": []}, "sequences"),
-        (seq([1, 2], [5, 23]), "sequences.0"),
+        (seq([1, 2], [5, 23]), "sequences.0.completion_ids"),
         (seq([1] * 300, [5] * 300), "sequences.0"),
         ({**GOOD, "top_k": 21}, "top_k"),
     ],

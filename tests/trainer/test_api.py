@@ -46,6 +46,15 @@ def test_bad_config_is_422_naming_the_field(trainer_url, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_a_body_that_is_not_json_is_400_as_on_the_teacher(trainer_url):
+    r = httpx.post(
+        trainer_url + "/runs", content=b"{steps: 3", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "malformed_body"
+    assert "not valid JSON" in r.json()["error"]["message"]
+
+
 def events_of(url: str, run_id: str) -> list[dict]:
     events = []
     with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=300) as response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from opd.models import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import RunConfig
-from services.trainer.loop import run
+from services.trainer.loop import RunError, run
 from services.trainer.report import read_jsonl
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
@@ -98,6 +99,48 @@ def test_cuda_student_without_cuda_is_a_clear_error(tmp_path):
     result = trainer_cli("--device", "cuda", "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path):
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{pages.server_address[1]}"
+    try:
+        result = trainer_cli(*small_args(url, tmp_path / "run"))
+    finally:
+        pages.shutdown()
+    assert result.returncode == 1
+    assert f"{url} is not an OPD teacher" in result.stderr and "404" in result.stderr
+    assert "<html" not in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_path, teacher_process):
+    for extra, says in [
+        (["--loss", "forward_kl_topk", "--top-k", "25"], "--top-k 25: the teacher at"),
+        (["--max-new-tokens", "1000"], "exceed the max_seq_len 512"),
+    ]:
+        result = trainer_cli(*small_args(teacher_process, tmp_path / "run"), *extra)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+        assert not (tmp_path / "run").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    result = trainer_cli(*small_args(teacher_process, a_file))
+    assert result.returncode == 1 and "cannot make the run folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
+    tmp_path, teacher_process, caplog
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out), resume=True)
+    with caplog.at_level("WARNING", logger="opd.trainer"):
+        run(cfg)
+    assert "no checkpoint in" in caplog.text
+    other = cfg.model_copy(update={"steps": 2, "schedule": "full"})
+    with pytest.raises(RunError, match="trained with --schedule truncated:24, not full"):
+        run(other)
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):

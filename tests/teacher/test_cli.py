@@ -1,0 +1,39 @@
+"""`opd-teacher serve` refuses bad settings in one line naming the flag and its environment variable,
+and warns when it would serve everyone."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.teacher.cli import main, open_access_warning
+from services.teacher.settings import TeacherSettings
+
+
+def test_a_bad_device_is_refused_before_serving(capsys):
+    assert main(["serve", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device (env OPD_TEACHER_DEVICE): String should match" in err
+    assert "Traceback" not in err
+
+
+def test_a_bad_environment_value_names_its_variable(capsys, monkeypatch):
+    monkeypatch.setenv("OPD_TEACHER_MAX_TOP_K", "abc")
+    assert main(["serve"]) == 2
+    assert "OPD_TEACHER_MAX_TOP_K" in capsys.readouterr().err
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--log-level", "loud"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "host, key, warns",
+    [("0.0.0.0", "", True), ("0.0.0.0", "s3cret", False), ("127.0.0.1", "", False)],
+)
+def test_serving_beyond_loopback_without_a_key_warns(host, key, warns):
+    warning = open_access_warning(TeacherSettings(host=host, api_key=key))
+    assert (warning is not None) == warns
+    if warns:
+        assert "no API key" in warning and host in warning

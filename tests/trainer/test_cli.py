@@ -1,0 +1,68 @@
+"""`opd-trainer` refuses bad settings in one line that names them where the user wrote them (a flag,
+or a key of the --config file), before any model is loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.trainer.cli import build_parser, config_from_args, main
+
+
+def errors_of(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("bad.yaml", "steps: [1\n", "not valid YAML"),
+        ("bad.toml", "steps = = 3\n", "not valid TOML"),
+        ("list.yaml", "- steps\n", "expected a mapping"),
+        ("run.ini", "steps=3\n", ".yaml, .yml or .toml"),
+    ],
+)
+def test_an_unreadable_config_file_is_named(tmp_path, capsys, name, text, says):
+    path = tmp_path / name
+    path.write_text(text)
+    err = errors_of(capsys, "run", "--config", str(path))
+    assert str(path) in err and says in err
+
+
+def test_a_bad_key_in_the_config_file_is_named_as_the_file_wrote_it(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("prompts-per-step: 2\nsteps: 0\n")
+    err = errors_of(capsys, "run", "--config", str(path))
+    assert f"{path}: prompts-per-step: not a setting (keys are written with underscores" in err
+    assert f"{path}: steps: Input should be greater than or equal to 1" in err
+    # A flag that overrides the file's bad value is named as the flag.
+    err = errors_of(capsys, "run", "--config", str(path), "--steps", "-1")
+    assert "--steps: Input should be greater" in err and f"{path}: steps" not in err
+
+
+def test_a_bad_flag_is_named_without_pydantic_prefixes(capsys):
+    err = errors_of(capsys, "run", "--schedule", "sometimes")
+    assert "opd-trainer: error: --schedule: " in err and "Value error" not in err
+
+
+def test_one_teacher_url_may_be_a_plain_string_in_a_config_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('teacher_url = "http://10.0.0.5:8000/"\nsteps = 3\n')
+    cfg = config_from_args(build_parser().parse_args(["run", "--config", str(path)]))
+    assert cfg.teacher_url == ["http://10.0.0.5:8000"] and cfg.steps == 3
+
+
+def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, capsys):
+    err = errors_of(capsys, "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "p.png"))
+    assert "no eval.jsonl" in err and not (tmp_path / "p.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
+    assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "99999"])
+    assert exit_info.value.code == 2 and "not a TCP port" in capsys.readouterr().err
