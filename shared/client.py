@@ -148,19 +148,6 @@ class _Core:
             raise error_from_body(response.status_code, body, _retry_after(response))
         return response
 
-    def info_of(self, url: str, response: httpx.Response) -> dict:
-        """The replica's /info, or an error that says `url` is not a teacher."""
-        try:
-            info = response.json()
-        except ValueError:
-            info = None
-        if not isinstance(info, dict) or "tokenizer_fingerprint" not in info:
-            raise TeacherError(f"{url} is not an OPD teacher: GET /info did not answer its JSON")
-        return info
-
-    def not_a_teacher(self, url: str, exc: NotFound) -> TeacherError:
-        return TeacherError(f"{url} is not an OPD teacher (wrong URL or port?): {exc}")
-
     def check_info(self, url: str, info: dict, expected: str | None) -> None:
         if expected is not None and info.get("tokenizer_fingerprint") != expected:
             raise FingerprintMismatch(
@@ -187,6 +174,21 @@ def _as_sequence(item: Any) -> dict:
         return {"prompt_ids": list(item.prompt_ids), "completion_ids": list(item.completion_ids)}
     prompt_ids, completion_ids = item
     return {"prompt_ids": list(prompt_ids), "completion_ids": list(completion_ids)}
+
+
+def _info_of(url: str, response: httpx.Response) -> dict:
+    """A replica's /info, or an error that says `url` is not a teacher."""
+    try:
+        info = response.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or "tokenizer_fingerprint" not in info:
+        raise TeacherError(f"{url} is not an OPD teacher: GET /info did not answer its JSON")
+    return info
+
+
+def _not_a_teacher(url: str, exc: NotFound) -> TeacherError:
+    return TeacherError(f"{url} is not an OPD teacher (wrong URL or port?): {exc}")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -249,7 +251,11 @@ class TeacherClient:
         return self._request("GET", "/ready", url).json()
 
     def info(self, url: str | None = None) -> dict:
-        return self._request("GET", "/info", url, headers=self._core.headers).json()
+        where = url or " / ".join(self.urls)  # the replica that answers is picked per request
+        try:
+            return _info_of(where, self._request("GET", "/info", url, headers=self._core.headers))
+        except NotFound as exc:
+            raise _not_a_teacher(where, exc) from None
 
     def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
         """Wait up to `wait_s` until every replica is ready, and check its tokenizer against
@@ -269,8 +275,8 @@ class TeacherClient:
                         raise
                     time.sleep(0.5)
                 except NotFound as exc:
-                    raise self._core.not_a_teacher(url, exc) from None
-            info = self._core.info_of(url, response)
+                    raise _not_a_teacher(url, exc) from None
+            info = _info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos
@@ -379,7 +385,12 @@ class AsyncTeacherClient:
         return (await self._request("GET", "/ready", url)).json()
 
     async def info(self, url: str | None = None) -> dict:
-        return (await self._request("GET", "/info", url, headers=self._core.headers)).json()
+        where = url or " / ".join(self.urls)
+        try:
+            response = await self._request("GET", "/info", url, headers=self._core.headers)
+        except NotFound as exc:
+            raise _not_a_teacher(where, exc) from None
+        return _info_of(where, response)
 
     async def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
         expected = _expected_fingerprint(tokenizer)
@@ -397,8 +408,8 @@ class AsyncTeacherClient:
                         raise
                     await asyncio.sleep(0.5)
                 except NotFound as exc:
-                    raise self._core.not_a_teacher(url, exc) from None
-            info = self._core.info_of(url, response)
+                    raise _not_a_teacher(url, exc) from None
+            info = _info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos

@@ -116,3 +116,9 @@ def error_from_body(status: int, body: dict | None, retry_after: float | None) -
     err = (body or {}).get("error") or {}
     message = err.get("message") or f"HTTP {status}"
     return cls(message, param=err.get("param"), retry_after=retry_after)
+
+
+def field_message(error: dict) -> str:
+    """The message of one pydantic error, without the "Value error, " prefix pydantic puts before
+    what a validator raised: the message itself says what is wrong."""
+    return error["msg"].removeprefix("Value error, ")

@@ -10,6 +10,8 @@ from collections.abc import Collection
 
 from pydantic import BaseModel, ValidationError
 
+from shared.errors import field_message
+
 
 def add_flags(
     parser: argparse.ArgumentParser, model: type[BaseModel], env_prefix: str | None = None
@@ -74,8 +76,7 @@ def field_errors(
             where = "--" + key.replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
             if env_prefix:
                 where += f" (env {env_prefix}{key.upper()})"
-        # pydantic prefixes messages of validators that raise ValueError; the message says enough.
-        message = err["msg"].removeprefix("Value error, ")
+        message = field_message(err)
         if err["type"] == "extra_forbidden":
             message = "not a setting" + (
                 f" (keys are written with underscores: {key.replace('-', '_')})"

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import socket
+import functools
+import http.server
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import uvicorn
 
 from opd.models import STUDENT_PATH, TEACHER_PATH, load_model
+from services.teacher.process import free_port
 
 torch.set_num_threads(2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -49,6 +46,19 @@ def serve(app, ready_path: str | None = "/ready", timeout: float = 60.0) -> Iter
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def static_files(folder: Path) -> Iterator[str]:
+    """A plain web server on loopback serving `folder` (an HTTP server that is not a teacher)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")

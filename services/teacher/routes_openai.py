@@ -21,7 +21,7 @@ from services.teacher.routes import Authorized, Ready
 from services.teacher.routes_trl import parse
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
-from shared.protocol import ScoreRequest, SequenceScore, TokenId
+from shared.protocol import ScoreRequest, SequenceScore, TokenIds
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -50,7 +50,7 @@ _NEUTRAL = {
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: list[TokenId] | list[list[TokenId]] | str | list[str]
+    prompt: TokenIds | list[TokenIds] | str | list[str]
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)

@@ -24,14 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.teacher.routes import Authorized, Ready, read_body
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import ScoreRequest, SequenceScore, TokenId
+from shared.protocol import ScoreRequest, SequenceScore, TokenIds
 
 router = APIRouter(tags=["TRL"])
 
 
 class SequenceLogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sequences: list[list[TokenId]] = Field(min_length=1)
+    sequences: list[TokenIds] = Field(min_length=1)
     prompt_lengths: list[Annotated[int, Field(ge=0)]]
     top_logprobs: int = Field(100, ge=0)
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
-from shared.errors import InvalidRequest, MalformedBody, NotFound, TeacherError
+from shared.errors import InvalidRequest, MalformedBody, NotFound, field_message
 
 router = APIRouter()
 
@@ -225,11 +225,10 @@ def create_app() -> FastAPI:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":  # as the teacher answers: 400, not a field's 422
             reason = first.get("ctx", {}).get("error", "")
-            err: TeacherError = MalformedBody(f"body is not valid JSON ({reason})")
-            return JSONResponse(err.to_body(), status_code=err.status)
+            malformed = MalformedBody(f"body is not valid JSON ({reason})")
+            return JSONResponse(malformed.to_body(), status_code=malformed.status)
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = first["msg"].removeprefix("Value error, ")
-        err = InvalidRequest(f"{param or 'body'}: {message}", param=param)
+        err = InvalidRequest(f"{param or 'body'}: {field_message(first)}", param=param)
         return JSONResponse(err.to_body(), status_code=err.status)
 
     @app.exception_handler(NotFound)

@@ -47,19 +47,25 @@ def png_path(text: str) -> Path:
     return Path(text)
 
 
+class ConfigError(Exception):
+    """Bad settings, one line each, named where the user wrote them (a flag or a config-file key)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config from --config and the flags (flags win); a ValidationError names each bad
-    setting where the user wrote it (see `config_errors`)."""
-    values = load_config_file(args.config) if args.config else {}
-    values.update(given(args, RunConfig))
-    return RunConfig(**values)
-
-
-def config_errors(exc: ValidationError, args: argparse.Namespace) -> list[str]:
-    from_file = (
-        set(load_config_file(args.config)) - set(given(args, RunConfig)) if args.config else ()
-    )
-    return field_errors(exc, config_file=args.config, file_keys=from_file)
+    """The run config from --config and the flags (flags win)."""
+    from_file = load_config_file(args.config) if args.config else {}
+    flags = given(args, RunConfig)
+    try:
+        return RunConfig(**{**from_file, **flags})
+    except ValidationError as exc:
+        only_in_file = set(from_file) - set(flags)
+        raise ConfigError(
+            field_errors(exc, config_file=args.config, file_keys=only_in_file)
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(args)
-    except ValidationError as exc:
-        for line in config_errors(exc, args):
+    except ConfigError as exc:
+        for line in exc.lines:
             print(f"opd-trainer: error: {line}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:

@@ -76,6 +76,11 @@ class RunConfig(BaseModel):
     api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
     progress: bool = Field(True, description="Show a progress bar.")
 
+    @property
+    def teacher_top_k(self) -> int:
+        """The top-k to ask the teacher for: only the *_topk losses use one."""
+        return 0 if self.loss == "reverse_kl" else self.top_k
+
     @field_validator("schedule")
     @classmethod
     def _schedule_parses(cls, value: str) -> str:

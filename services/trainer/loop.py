@@ -38,18 +38,21 @@ class RunError(Exception):
     """A run that cannot start as configured (its message says which setting and why)."""
 
 
-def check_teacher_limits(cfg: RunConfig, infos: list[dict], longest_prompt: int) -> None:
-    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or
-    rollouts longer than its max_seq_len."""
+def check_teacher_limits(
+    cfg: RunConfig, infos: list[dict], longest_prompt: int, longest_horizon: int
+) -> None:
+    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or a
+    prompt plus the schedule's longest horizon beyond its max_seq_len."""
     for url, info in zip(cfg.teacher_url, infos):
-        if cfg.loss != "reverse_kl" and cfg.top_k > info["max_top_k"]:
+        if cfg.teacher_top_k > info["max_top_k"]:
             raise RunError(
                 f"--top-k {cfg.top_k}: the teacher at {url} allows at most {info['max_top_k']}"
             )
-        if longest_prompt + cfg.max_new_tokens > info["max_seq_len"]:
+        if longest_prompt + longest_horizon > info["max_seq_len"]:
             raise RunError(
-                f"--max-new-tokens {cfg.max_new_tokens}: prompts of up to {longest_prompt} tokens "
-                f"plus that many exceed the max_seq_len {info['max_seq_len']} of the teacher at {url}"
+                f"--schedule {cfg.schedule} with --max-new-tokens {cfg.max_new_tokens} reaches "
+                f"{longest_horizon} tokens; with prompts of up to {longest_prompt} that exceeds "
+                f"the max_seq_len {info['max_seq_len']} of the teacher at {url}"
             )
 
 
@@ -70,6 +73,7 @@ class Run:
         self.events = events or (lambda event: None)
         self.stop = stop or threading.Event()
         self.out = Path(cfg.out)
+        self.feed: TeacherFeed | None = None  # opened in setup, closed when the run ends
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -80,30 +84,19 @@ class Run:
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
         self.data = problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
         self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
-        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
-        try:  # refuse a teacher that is down, speaks another tokenizer or is too small, before work
-            infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
-            longest_prompt = max(len(ids) for ids in encode_prompts(self.tokenizer, self.data))
-            check_teacher_limits(cfg, infos, longest_prompt)
-        except Exception:
-            self.feed.close()
-            raise
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
-        resumed = checkpoint.latest(self.out) if cfg.resume else None
-        if cfg.resume and resumed is None:
-            log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
-        if resumed is not None:
-            self.state = checkpoint.load(resumed, self.model, self.optimizer)
-            if self.state.schedule != cfg.schedule:
-                raise RunError(
-                    f"--resume: {resumed} was trained with --schedule {self.state.schedule}, not "
-                    f"{cfg.schedule}; resume with the same schedule, or start a new --out"
-                )
-            log.info("resumed from %s at step %d", resumed, self.state.step)
-        keep = self.state.step if resumed is not None else None
+        resumed = self._resume()
+        # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
+        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
+        infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+        check_teacher_limits(
+            cfg,
+            infos,
+            longest_prompt=max(len(ids) for ids in encode_prompts(self.tokenizer, self.data)),
+            longest_horizon=max(self.schedule.horizon(k) for k in range(cfg.steps)),
+        )
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -111,15 +104,37 @@ class Run:
                 f"--out {self.out}: cannot make the run folder ({exc.strerror})"
             ) from None
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
+        keep = self.state.step if resumed else None
         self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
         self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)
 
+    def _resume(self) -> bool:
+        """Load the last checkpoint in `out` when asked to; whether one was loaded."""
+        cfg = self.cfg
+        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
+        found = checkpoint.latest(self.out) if cfg.resume else None
+        if cfg.resume and found is None:
+            log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
+        if found is None:
+            return False
+        self.state = checkpoint.load(found, self.model, self.optimizer)
+        # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
+        if parse_schedule(self.state.schedule, cfg.max_new_tokens) != self.schedule:
+            raise RunError(
+                f"--resume: {found} was trained with --schedule {self.state.schedule} "
+                f"(--max-new-tokens as now), not {cfg.schedule}; resume with the same schedule, "
+                "or start a new --out"
+            )
+        log.info("resumed from %s at step %d", found, self.state.step)
+        return True
+
     def run(self) -> dict:
-        self.setup()
         try:
+            self.setup()
             return self._train()
         finally:
-            self.feed.close()
+            if self.feed is not None:
+                self.feed.close()
 
     def _train(self) -> dict:
         cfg, state = self.cfg, self.state
@@ -158,11 +173,10 @@ class Run:
         horizon = self.schedule.horizon(state.step)
         batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
         generator = torch.Generator(self.model.device).manual_seed(step_seed(cfg.seed, state.step))
-        top_k = cfg.top_k if cfg.loss != "reverse_kl" else 0
         for group in self.optimizer.param_groups:  # linear warmup, then constant
             group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.warmup_steps))
         started = time.perf_counter()
-        feed = self.feed.begin(max_positions=horizon, top_k=top_k)
+        feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
         rollouts = sample_rollouts(
             self.model,
             self.tokenizer,

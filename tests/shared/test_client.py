@@ -12,8 +12,8 @@ from opd.models import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
-from shared.errors import FingerprintMismatch, InvalidRequest
-from tests.conftest import free_port, serve
+from shared.errors import FingerprintMismatch, InvalidRequest, TeacherError
+from tests.conftest import free_port, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
@@ -29,6 +29,25 @@ def test_connect_refuses_another_tokenizer(teacher_url):
     with TeacherClient(teacher_url) as client, pytest.raises(FingerprintMismatch) as info:
         client.connect("sha256:someone-elses-tokenizer")
     assert teacher_url in str(info.value) and "another tokenizer" in str(info.value)
+
+
+@pytest.mark.parametrize("page", [None, "info"])
+def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path, page):
+    if page:  # GET /info answers 200, but not with a teacher's JSON
+        (tmp_path / page).write_text("<html>hello</html>")
+    with static_files(tmp_path) as url:
+        with TeacherClient(url, max_retries=0) as client:
+            for call in (client.connect, client.info):
+                with pytest.raises(TeacherError, match=f"{url} is not an OPD teacher") as info:
+                    call()
+                assert "<html" not in str(info.value).lower()
+
+        async def connect_async():
+            async with AsyncTeacherClient(url, max_retries=0) as client:
+                await client.connect()
+
+        with pytest.raises(TeacherError, match="is not an OPD teacher"):
+            asyncio.run(connect_async())
 
 
 def test_server_errors_are_raised_with_their_type(teacher_url):

@@ -49,7 +49,7 @@ def seq(prompt, completion):
         (seq([1, -3], [5]), "sequences.0.prompt_ids.1", "greater than or equal to 0"),
         (seq([1, 2], [5, 23]), "sequences.0.completion_ids", "token id 23 is out of range"),
         (seq([1, 23], [5]), "sequences.0.prompt_ids", "token id 23 is out of range"),
-        (seq([1, True], [5]), "sequences.0.prompt_ids.1", "not a boolean"),
+        (seq([1, True], [5]), "sequences.0.prompt_ids", "integers, not booleans"),
         (seq([1] * 300, [5] * 300), "sequences.0", "max_seq_len"),
         ({**GOOD, "top_k": 21}, "top_k", "max_top_k 20"),
         ({**GOOD, "top_k": -1}, "top_k", "greater than or equal to 0"),

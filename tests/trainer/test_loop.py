@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
@@ -20,8 +19,10 @@ from safetensors.torch import load_file
 from opd.models import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import RunConfig
-from services.trainer.loop import RunError, run
+from services.trainer.loop import RunError, check_teacher_limits, run
 from services.trainer.report import read_jsonl
+from services.trainer.schedules import parse_schedule
+from tests.conftest import static_files
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -102,13 +103,8 @@ def test_cuda_student_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path):
-    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    threading.Thread(target=pages.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{pages.server_address[1]}"
-    try:
+    with static_files(tmp_path) as url:
         result = trainer_cli(*small_args(url, tmp_path / "run"))
-    finally:
-        pages.shutdown()
     assert result.returncode == 1
     assert f"{url} is not an OPD teacher" in result.stderr and "404" in result.stderr
     assert "<html" not in result.stderr.lower() and "Traceback" not in result.stderr
@@ -117,11 +113,35 @@ def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path):
 def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_path, teacher_process):
     for extra, says in [
         (["--loss", "forward_kl_topk", "--top-k", "25"], "--top-k 25: the teacher at"),
-        (["--max-new-tokens", "1000"], "exceed the max_seq_len 512"),
+        (["--schedule", "full", "--max-new-tokens", "1000"], "exceeds the max_seq_len 512"),
     ]:
         result = trainer_cli(*small_args(teacher_process, tmp_path / "run"), *extra)
         assert result.returncode == 1 and says in result.stderr, result.stderr
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "schedule, loss, refused",
+    [
+        ("truncated:24", "reverse_kl", None),  # H_max 1000, but no rollout passes 24 tokens
+        ("full", "reverse_kl", "reaches 1000 tokens"),
+        ("progressive:h0=32,dh=32,every=1", "reverse_kl", "reaches 960 tokens"),
+        ("truncated:24", "forward_kl_topk", "--top-k 25"),
+    ],
+)
+def test_teacher_limits_hold_the_schedules_longest_horizon(schedule, loss, refused):
+    cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30, max_new_tokens=1000)
+    info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 512}
+    schedule_ = parse_schedule(schedule, cfg.max_new_tokens)
+    longest = max(schedule_.horizon(k) for k in range(cfg.steps))
+    if refused is None:
+        check_teacher_limits(cfg, [info], longest_prompt=30, longest_horizon=longest)
+    else:
+        with pytest.raises(RunError, match=refused):
+            check_teacher_limits(cfg, [info], longest_prompt=30, longest_horizon=longest)
+
+
+def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, teacher_process):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
     result = trainer_cli(*small_args(teacher_process, a_file))
@@ -138,9 +158,11 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
         run(cfg)
     assert "no checkpoint in" in caplog.text
     other = cfg.model_copy(update={"steps": 2, "schedule": "full"})
-    with pytest.raises(RunError, match="trained with --schedule truncated:24, not full"):
+    with pytest.raises(RunError, match="trained with --schedule truncated:24 "):
         run(other)
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
+    # The same horizons written another way are the same schedule.
+    assert run(cfg.model_copy(update={"schedule": "truncated:24.0"}))["steps"] == 1
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
