@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from opd.models import REPO_ROOT, ModelLoadError, count_parameters, load_model
-from shared.flags import positive_int
+from shared.flags import non_negative_int, positive_int
 from shared.task import SPLITS, problems
 
 
@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=positive_int, default=32, help="steps per run (default 32)")
-    demo.add_argument("--eval-every", type=int, default=8, help="evaluate every N steps")
+    demo.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=8,
+        help="evaluate every N steps (0: at the end)",
+    )
     demo.add_argument(
         "--eval-n", type=positive_int, default=200, help="held-out problems per evaluation"
     )

@@ -50,6 +50,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (where 0 means "off")."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port."""
     port = int(text)

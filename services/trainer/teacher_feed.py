@@ -183,6 +183,17 @@ class TeacherFeed:
         return StepFeed(self, max_positions, top_k, self.queue_frames)
 
     def close(self) -> None:
-        self.call(self.client.aclose())
+        self.call(self._shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        # A step that failed mid-stream leaves its tasks waiting; cancel them rather than let the
+        # stopped loop drop them ("Task was destroyed but it is pending!").
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.aclose()

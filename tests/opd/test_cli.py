@@ -80,3 +80,9 @@ def test_counts_below_one_are_usage_errors(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "is not a positive integer" in err
+
+
+def test_a_negative_demo_interval_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--eval-every", "-1"])
+    assert exit_info.value.code == 2 and "-1 is negative" in capsys.readouterr().err
