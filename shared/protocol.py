@@ -49,9 +49,9 @@ _LENGTH = struct.Struct("<I")
 
 
 def _no_bools(ids: Any) -> Any:
-    # JSON true/false would pass as ids 1/0: a client bug to report, not a token to score. Checked
-    # once per list (a check per id slowed validation 8x); the binary wire never carries them.
-    if isinstance(ids, list) and any(isinstance(i, (bool, np.bool_)) for i in ids):
+    # JSON true/false would pass as ids 1/0: a client bug to report, not a token to score. The
+    # types are collected in C (a Python-level check per id made validation 3x slower).
+    if isinstance(ids, list) and not set(map(type, ids)).isdisjoint((bool, np.bool_)):
         raise ValueError("token ids are integers, not booleans")
     return ids
 
