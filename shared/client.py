@@ -144,7 +144,10 @@ class _Core:
                 body = response.json()
             except ValueError:  # not a teacher's error body (a proxy, another server): no page dump
                 where = f"{response.request.method} {response.request.url}"
-                body = {"error": {"message": f"HTTP {response.status_code} from {where}"}}
+                message = f"HTTP {response.status_code} from {where}"
+                if response.headers.get("content-type", "").startswith("text/plain"):
+                    message += f": {' '.join(response.text.split())[:200]}"
+                body = {"error": {"message": message}}
             raise error_from_body(response.status_code, body, _retry_after(response))
         return response
 

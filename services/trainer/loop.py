@@ -95,7 +95,7 @@ class Run:
             cfg,
             infos,
             longest_prompt=max(len(ids) for ids in encode_prompts(self.tokenizer, self.data)),
-            longest_horizon=max(self.schedule.horizon(k) for k in range(cfg.steps)),
+            longest_horizon=self.schedule.horizon(cfg.steps - 1),  # horizons never shrink
         )
         try:
             self.out.mkdir(parents=True, exist_ok=True)

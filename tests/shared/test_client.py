@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import threading
 
 import httpx
@@ -48,6 +49,30 @@ def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path, page
 
         with pytest.raises(TeacherError, match="is not an OPD teacher"):
             asyncio.run(connect_async())
+
+
+class PlainTextErrors(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (the name http.server calls)
+        self.send_response(502)
+        self.send_header("content-type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"upstream connect error\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PlainTextErrors)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    try:
+        with TeacherClient(url, max_retries=0) as client, pytest.raises(TeacherError) as info:
+            client.score([SEQ])
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert str(info.value) == f"HTTP 502 from POST {url}/score: upstream connect error"
 
 
 def test_server_errors_are_raised_with_their_type(teacher_url):

@@ -61,3 +61,20 @@ def test_linear_reaches_h_max_at_the_given_step():
 def test_bad_specs_say_what_is_wrong(spec, says):
     with pytest.raises(ScheduleError, match=says):
         parse_schedule(spec, H_MAX)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "full",
+        "truncated:0.1",
+        "truncated:40",
+        "progressive:h0=8,dh=16,every=3",
+        "linear:h0=4,steps=50",
+    ],
+)
+def test_horizons_never_shrink(spec):
+    # The trainer checks a teacher's max_seq_len against the last step's horizon alone.
+    schedule = parse_schedule(spec, 256)
+    horizons = [schedule.horizon(k) for k in range(200)]
+    assert horizons == sorted(horizons) and max(horizons) <= 256
