@@ -253,12 +253,15 @@ class TeacherClient:
     def ready(self, url: str | None = None) -> dict:
         return self._request("GET", "/ready", url).json()
 
-    def info(self, url: str | None = None) -> dict:
+    def info(self, url: str | None = None, retries: int | None = None) -> dict:
         where = url or " / ".join(self.urls)  # the replica that answers is picked per request
         try:
-            return _info_of(where, self._request("GET", "/info", url, headers=self._core.headers))
+            response = self._request(
+                "GET", "/info", url, retries=retries, headers=self._core.headers
+            )
         except NotFound as exc:
             raise _not_a_teacher(where, exc) from None
+        return _info_of(where, response)
 
     def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
         """Wait up to `wait_s` until every replica is ready, and check its tokenizer against
@@ -269,17 +272,12 @@ class TeacherClient:
         for url in self.urls:
             while True:
                 try:  # a teacher that refuses connections at start is an error, not a wait
-                    response = self._request(
-                        "GET", "/info", url, retries=2, headers=self._core.headers
-                    )
+                    info = self.info(url, retries=2)
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
-                except NotFound as exc:
-                    raise _not_a_teacher(url, exc) from None
-            info = _info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos
@@ -387,10 +385,12 @@ class AsyncTeacherClient:
     async def ready(self, url: str | None = None) -> dict:
         return (await self._request("GET", "/ready", url)).json()
 
-    async def info(self, url: str | None = None) -> dict:
+    async def info(self, url: str | None = None, retries: int | None = None) -> dict:
         where = url or " / ".join(self.urls)
         try:
-            response = await self._request("GET", "/info", url, headers=self._core.headers)
+            response = await self._request(
+                "GET", "/info", url, retries=retries, headers=self._core.headers
+            )
         except NotFound as exc:
             raise _not_a_teacher(where, exc) from None
         return _info_of(where, response)
@@ -402,17 +402,12 @@ class AsyncTeacherClient:
         for url in self.urls:
             while True:
                 try:
-                    response = await self._request(
-                        "GET", "/info", url, retries=2, headers=self._core.headers
-                    )
+                    info = await self.info(url, retries=2)
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
-                except NotFound as exc:
-                    raise _not_a_teacher(url, exc) from None
-            info = _info_of(url, response)
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos

@@ -49,9 +49,8 @@ def serve(app, ready_path: str | None = "/ready", timeout: float = 60.0) -> Iter
 
 
 @contextlib.contextmanager
-def static_files(folder: Path) -> Iterator[str]:
-    """A plain web server on loopback serving `folder` (an HTTP server that is not a teacher)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+def plain_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A plain `http.server` on loopback in a thread (an HTTP server that is not a teacher)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -59,6 +58,13 @@ def static_files(folder: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
+    """A plain web server serving `folder`."""
+    return plain_http(
+        functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    )
 
 
 @pytest.fixture(scope="session")

@@ -52,20 +52,18 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    # With a teacher of our own: it gets core 1, the student core 0, as the measured numbers assume.
-    two_cores = (
-        cfg.teacher_url is None and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
-    )
-    proc, url = (
-        (None, cfg.teacher_url)
-        if cfg.teacher_url
-        else start_teacher(
+    own_teacher = cfg.teacher_url is None
+    # A teacher of our own gets core 1 and the student core 0, as the measured numbers assume.
+    two_cores = own_teacher and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+    if own_teacher:
+        proc, url = start_teacher(
             str(TEACHER_PATH),
             threads=1,
             cpus={1} if two_cores else None,
             log_path=str(out / "teacher.log"),
         )
-    )
+    else:
+        proc, url = None, cfg.teacher_url
     if two_cores:
         os.sched_setaffinity(0, {0})
     rows = []

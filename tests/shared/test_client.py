@@ -14,7 +14,7 @@ from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
 from shared.errors import FingerprintMismatch, InvalidRequest, TeacherError
-from tests.conftest import free_port, serve, static_files
+from tests.conftest import free_port, plain_http, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
@@ -63,15 +63,9 @@ class PlainTextErrors(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PlainTextErrors)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    try:
+    with plain_http(PlainTextErrors) as url:
         with TeacherClient(url, max_retries=0) as client, pytest.raises(TeacherError) as info:
             client.score([SEQ])
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert str(info.value) == f"HTTP 502 from POST {url}/score: upstream connect error"
 
 
