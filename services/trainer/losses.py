@@ -46,7 +46,7 @@ def mask_after_first_error(
     """`mask_B_T` with every position after a rollout's first error set to 0. An error is a real token
     the teacher gives at least `nats` less log-prob than the student does; it stays in the mask, so its
     negative advantage still teaches the student to avoid it. What follows it is a state the teacher's
-    own solutions never visit, and training on those hurt a small student (README, Results)."""
+    own solutions never visit, and training on those hurt a small student (bench/results/FINDINGS.md)."""
     return mask_up_to_first(errors(teacher_logp_B_T, student_logp_B_T, mask_B_T, nats), mask_B_T)
 
 
