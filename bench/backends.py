@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.teacher_throughput import bench_http, make_sequences  # noqa: E402
-from opd.models import TEACHER_PATH  # noqa: E402
+from opd.bundled import TEACHER_PATH  # noqa: E402
 from services.teacher.process import start_teacher, stop  # noqa: E402
 
 

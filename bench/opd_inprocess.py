@@ -38,8 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opd.bundled import STUDENT_PATH, TEACHER_PATH  # noqa: E402
 from opd.evaluate import evaluate  # noqa: E402
-from opd.models import STUDENT_PATH, TEACHER_PATH, ModelLoadError, load_model  # noqa: E402
+from opd.models import ModelLoadError, load_model  # noqa: E402
 from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402

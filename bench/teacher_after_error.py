@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opd.bundled import TEACHER_PATH  # noqa: E402
 from opd.evaluate import evaluate  # noqa: E402
-from opd.models import TEACHER_PATH, load_model  # noqa: E402
+from opd.models import load_model  # noqa: E402
 from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
 from shared.task import (  # noqa: E402
     MAX_NEW_TOKENS,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from opd.models import TEACHER_PATH  # noqa: E402
+from opd.bundled import TEACHER_PATH  # noqa: E402
 from services.teacher.backends.base import ScoreJob  # noqa: E402
 from services.teacher.backends.hf import HFBackend  # noqa: E402
 from services.teacher.process import start_teacher, stop  # noqa: E402

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from opd.models import REPO_ROOT, ModelLoadError, count_parameters, load_model
+from opd.bundled import REPO_ROOT
 from shared.flags import non_negative_int, positive_int
 from shared.task import SPLITS, problems
 
@@ -40,7 +38,8 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def cmd_make_models(args: argparse.Namespace) -> int:
-    # Imported here: training needs the tokenizer builder, which the other commands do not.
+    import torch
+
     from opd.sft import SFTConfig, train
     from shared.tokenizer import build_tokenizer
 
@@ -68,7 +67,10 @@ def cmd_make_models(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from opd.evaluate import evaluate
+    from opd.models import count_parameters, load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Commands import torch where they use it: it takes seconds, which `--help` should not.
+    from opd.models import ModelLoadError
+
     try:
         return args.func(args)
     except ModelLoadError as exc:

@@ -68,13 +68,14 @@ def generate(
     mask = mask_B_P
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids = ids_B_P
+    cache_kwarg = _cache_kwarg(model)  # inspects the signature: once, not per token
     for t in range(max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{_cache_kwarg(model): cache},
+            **{cache_kwarg: cache},
         )
         logits_B_V = out.logits[:, -1, :].float()
         next_B, logprob_B = _pick(logits_B_V, temperature, generator)

@@ -18,12 +18,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEACHER_PATH = REPO_ROOT / "models" / "tiny-teacher"
-STUDENT_PATH = REPO_ROOT / "models" / "tiny-student"
-# Where a model may be placed: torch device names this project supports (a config field pattern).
-DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
-
 
 class ModelLoadError(Exception):
     """A model folder that cannot be used; the message says why in one line."""

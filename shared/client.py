@@ -24,7 +24,14 @@ from typing import Any
 
 import httpx
 
-from shared.errors import FingerprintMismatch, NotFound, NotReady, TeacherError, error_from_body
+from shared.errors import (
+    FingerprintMismatch,
+    NotFound,
+    NotReady,
+    ServerError,
+    TeacherError,
+    error_from_body,
+)
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
     FRAMES,
@@ -62,10 +69,13 @@ class _Replicas:
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
+    def is_up(self, url: str) -> bool:
+        """False while `url` sits out after a connection failure."""
+        return self.down_until[url] <= time.monotonic()
+
     def acquire(self) -> str:
         with self._lock:
-            now = time.monotonic()
-            up = [u for u in self.urls if self.down_until[u] <= now] or self.urls
+            up = [u for u in self.urls if self.is_up(u)] or self.urls
             # Rotate the starting point so ties spread evenly instead of always hitting the first.
             start = next(self._turn) % len(up)
             rotated = up[start:] + up[:start]
@@ -126,14 +136,15 @@ class _Core:
                 f"({type(exc).__name__}: {exc})"
             ) from exc
         # With another replica up, go there at once; else back off.
-        others_up = any(
-            self.replicas.down_until[u] <= time.monotonic() for u in self.replicas.urls if u != url
-        )
+        others_up = any(self.replicas.is_up(u) for u in self.replicas.urls if u != url)
         return 0.0 if others_up else self._backoff(attempt)
 
-    def delay_after_response(self, attempt: int, response: httpx.Response) -> float | None:
+    def delay_after_response(
+        self, attempt: int, response: httpx.Response, max_retries: int | None = None
+    ) -> float | None:
         """None when the response is final (success or an error to raise); else seconds to wait."""
-        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+        budget = self.max_retries if max_retries is None else max_retries
+        if response.status_code not in RETRY_STATUSES or attempt >= budget:
             return None
         retry_after = _retry_after(response)
         return retry_after if retry_after is not None else self._backoff(attempt)
@@ -161,6 +172,26 @@ class _Core:
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class _StreamReader:
+    """Decodes the result frames of a /score/stream response, whatever the chunking, and knows
+    whether the stream ended with its done frame (without it, the teacher's side was cut off)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._frames = FrameReader(2**31)
+        self._done = False
+
+    def feed(self, chunk: bytes) -> list[StreamItem]:
+        items = [decode_stream_item(payload) for payload in self._frames.feed(chunk)]
+        self._done = self._done or any(item.done for item in items)
+        return items
+
+    def finish(self) -> None:
+        self._frames.finish()
+        if not self._done:
+            raise ServerError(f"the stream from {self.url} ended without its done frame")
 
 
 def as_request(item: ScoreRequest | dict) -> ScoreRequest:
@@ -238,7 +269,7 @@ class TeacherClient:
             except httpx.TransportError as exc:
                 delay = self._core.delay_after_error(attempt, target, exc, retries)
             else:
-                delay = self._core.delay_after_response(attempt, response)
+                delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
                     return self._core.reply(response)
             finally:
@@ -315,10 +346,10 @@ class TeacherClient:
                 if response.status_code >= 400:
                     response.read()
                     self._core.reply(response)
-                reader = FrameReader(2**31)
+                reader = _StreamReader(target)
                 for chunk in response.iter_bytes():
-                    for payload in reader.feed(chunk):
-                        yield decode_stream_item(payload)
+                    yield from reader.feed(chunk)
+                reader.finish()
         finally:
             if url is None:
                 self._core.replicas.release(target)
@@ -363,7 +394,7 @@ class AsyncTeacherClient:
             except httpx.TransportError as exc:
                 delay = self._core.delay_after_error(attempt, target, exc, retries)
             else:
-                delay = self._core.delay_after_response(attempt, response)
+                delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
                     return self._core.reply(response)
             finally:
@@ -374,7 +405,7 @@ class AsyncTeacherClient:
 
     def is_up(self, url: str) -> bool:
         """False while `url` sits out after a connection failure."""
-        return self._core.replicas.down_until[url] <= time.monotonic()
+        return self._core.replicas.is_up(url)
 
     def mark_down(self, url: str, seconds: float = 2.0) -> None:
         self._core.replicas.mark_down(url, seconds)
@@ -446,10 +477,11 @@ class AsyncTeacherClient:
                 if response.status_code >= 400:
                     await response.aread()
                     self._core.reply(response)
-                reader = FrameReader(2**31)
+                reader = _StreamReader(target)
                 async for chunk in response.aiter_bytes():
-                    for payload in reader.feed(chunk):
-                        yield decode_stream_item(payload)
+                    for item in reader.feed(chunk):
+                        yield item
+                reader.finish()
         finally:
             if url is None:
                 self._core.replicas.release(target)

@@ -122,3 +122,16 @@ def field_message(error: dict) -> str:
     """The message of one pydantic error, without the "Value error, " prefix pydantic puts before
     what a validator raised: the message itself says what is wrong."""
     return error["msg"].removeprefix("Value error, ")
+
+
+def from_validation(errors: list[dict], cls: type[TeacherError] | None = None) -> TeacherError:
+    """One error (`cls`, default InvalidRequest) from pydantic's error list: `param` names the first
+    failing field, and the message says what is wrong with up to three. FastAPI's leading "body"
+    is dropped from each location, so a field reads the same whichever way it was validated."""
+
+    def where(error: dict) -> str:
+        return ".".join(str(p) for p in error["loc"] if p != "body")
+
+    parts = [f"{where(e) or 'body'}: {field_message(e)}" for e in errors[:3]]
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return (cls or InvalidRequest)("; ".join(parts) + more, param=where(errors[0]) or None)

@@ -39,7 +39,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from shared.errors import InvalidRequest, MalformedBody, field_message
+from shared.errors import InvalidRequest, MalformedBody, TeacherError, from_validation
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -133,7 +133,7 @@ def validate_request(data: Any) -> ScoreRequest:
     try:
         request = ScoreRequest.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise from_validation(exc.errors(include_url=False)) from None
     if request.candidate_ids is not None:
         if len(request.candidate_ids) != len(request.sequences):
             raise InvalidRequest(
@@ -171,7 +171,7 @@ def encode_request(request: ScoreRequest, binary: bool) -> bytes:
 
 
 def decode_request(body: bytes, binary: bool) -> ScoreRequest:
-    data = _unpack(body) if binary else _load_json(body)
+    data = _unpack(body) if binary else load_json(body)
     if binary and isinstance(data, dict):
         data = _unpack_request_arrays(data)
     return validate_request(data)
@@ -229,7 +229,7 @@ def encode_response(result: ScoreResult, binary: bool) -> bytes:
 
 
 def decode_response(body: bytes, binary: bool) -> ScoreResult:
-    data = _unpack(body) if binary else _load_json(body)
+    data = _unpack(body) if binary else load_json(body)
     read = _unpack_score if binary else _json_score
     return ScoreResult(
         model=data["model"],
@@ -294,7 +294,7 @@ class StreamItem:
     frame: int | None = None
     index: int | None = None
     score: SequenceScore | None = None
-    compute_s: float = 0.0  # teacher forward time attributed to this sequence
+    compute_s: float = 0.0  # teacher forward time of this sequence; 0: not timed (vllm)
     error: dict | None = None
     done: bool = False
 
@@ -340,6 +340,15 @@ def encode_stream_score(frame: int, index: int, score: SequenceScore, compute_s:
     return pack_frame(
         {"frame": frame, "index": index, "score": _pack_score(score), "compute_s": compute_s}
     )
+
+
+def encode_stream_error(frame: int, err: TeacherError) -> bytes:
+    """Frame `frame` was refused (or broke the stream's framing), saying why in the error shape."""
+    return pack_frame({"frame": frame, "error": err.to_body()["error"]})
+
+
+def encode_stream_done(frames: int, sequences: int) -> bytes:
+    return pack_frame({"done": True, "frames": frames, "sequences": sequences})
 
 
 def decode_stream_item(payload: bytes) -> StreamItem:
@@ -408,19 +417,8 @@ def _unpack(body: bytes) -> Any:
         raise MalformedBody(f"body is not valid msgpack ({type(exc).__name__})") from None
 
 
-def _load_json(body: bytes) -> Any:
+def load_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"body is not valid JSON ({exc})") from None
-
-
-def _invalid(exc: ValidationError) -> InvalidRequest:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {field_message(e)}" for e in errors[:3]
-    ]
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return InvalidRequest("; ".join(parts) + more, param=param)

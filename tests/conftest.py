@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +16,8 @@ import pytest
 import torch
 import uvicorn
 
-from opd.models import STUDENT_PATH, TEACHER_PATH, load_model
+from opd.bundled import STUDENT_PATH, TEACHER_PATH
+from opd.models import load_model
 from services.teacher.process import free_port
 
 torch.set_num_threads(2)
@@ -65,6 +68,17 @@ def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
     return plain_http(
         functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     )
+
+
+def help_imports_torch(module: str, argv: list[str]) -> bool:
+    """Whether `module.main(argv)` (a --help) imports torch, in a fresh interpreter."""
+    code = (
+        f"import sys\nfrom {module} import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return run.stdout.split()[-1] == "True"
 
 
 @pytest.fixture(scope="session")

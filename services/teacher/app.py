@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,7 +21,7 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
 from services.teacher.scoring import Limits
 from services.teacher.settings import TeacherSettings
-from shared.errors import ERROR_OF_STATUS, InvalidRequest, ServerError, TeacherError
+from shared.errors import ERROR_OF_STATUS, ServerError, TeacherError
 
 log = logging.getLogger("opd.teacher")
 
@@ -116,13 +115,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TeacherError)
     async def teacher_error(request: Request, exc: TeacherError) -> JSONResponse:
         return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        param = ".".join(loc) or None
-        return error_response(InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

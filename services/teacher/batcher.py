@@ -57,6 +57,7 @@ class Batcher:
         self.max_queue_tokens = max_queue_tokens
         self._metrics = metrics
         self._pending: list[_Pending] = []
+        self._taken: list[_Pending] = []  # taken by the worker, not all finished yet
         self._queued_tokens = 0  # in jobs submitted and not yet started
         self._queued_seqs = 0
         self._wakeup = asyncio.Event()
@@ -72,10 +73,10 @@ class Batcher:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        for item in self._pending:
+        for item in self._pending + self._taken:
             if not item.future.done():
                 item.future.set_exception(NotReady("the teacher is shutting down"))
-        self._pending.clear()
+        self._pending, self._taken = [], []
         self._executor.shutdown(wait=False)
 
     def depth(self) -> int:
@@ -95,7 +96,6 @@ class Batcher:
         self._pending.extend(items)
         self._queued_tokens += cost
         self._queued_seqs += len(items)
-        self._observe_queue()
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
@@ -108,14 +108,16 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            taken, self._pending = self._pending, []
-            for batch in pack_batches(taken, self.max_batch_tokens, lambda i: len(i.job.input_ids)):
+            self._taken, self._pending = self._pending, []
+            for batch in pack_batches(
+                self._taken, self.max_batch_tokens, lambda i: len(i.job.input_ids)
+            ):
                 await self._run(batch)
+            self._taken = []
 
     async def _run(self, batch: list[_Pending]) -> None:
         self._queued_tokens -= sum(len(i.job.input_ids) for i in batch)
         self._queued_seqs -= len(batch)
-        self._observe_queue()
         live = [i for i in batch if not i.future.done()]
         if not live:
             return
@@ -140,7 +142,3 @@ class Batcher:
             item.job.compute_s = elapsed * len(item.job.input_ids) / max(tokens, 1)
             if not item.future.done():
                 item.future.set_result(score)
-
-    def _observe_queue(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(self._queued_seqs)

@@ -44,8 +44,11 @@ def start_teacher(
         "warning",
         *extra_args,
     ]
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if log_path:
+        with open(log_path, "ab") as log:  # the child holds its own copy of the descriptor
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(proc.pid, cpus)
     url = f"http://127.0.0.1:{port}"
@@ -69,8 +72,8 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             continue
         if response.status_code == 200:
             return
-        # 503 without Retry-After: the model failed to load and never will (see routes.ready_state).
-        if response.status_code == 503 and "retry-after" not in response.headers:
+        # 500: the model failed to load and never will (see routes.ready_state); 503 is loading.
+        if response.status_code == 500:
             raise RuntimeError(f"teacher at {url}: {response.json()['error']['message']}")
         time.sleep(0.2)
     raise TimeoutError(f"teacher at {url} not ready after {timeout:.0f} s")

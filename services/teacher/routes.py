@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import secrets
 import socket
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from services.teacher.scoring import score_as_completed, score_request
 from shared.errors import (
+    BadRequest,
+    InvalidRequest,
+    MalformedBody,
     NotReady,
     PayloadTooLarge,
+    ServerError,
     TeacherError,
     Unauthorized,
     UnsupportedMediaType,
+    from_validation,
 )
 from shared.protocol import (
     FRAMES,
@@ -28,9 +36,14 @@ from shared.protocol import (
     ScoreResponse,
     decode_request,
     encode_response,
+    encode_stream_done,
+    encode_stream_error,
     encode_stream_score,
-    pack_frame,
+    load_json,
 )
+
+log = logging.getLogger("opd.teacher")
+M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter()
 
@@ -42,11 +55,10 @@ def get_state(request: Request):
 def ready_state(request: Request):
     """The state, once the model is loaded; 503 before."""
     state = get_state(request)
+    if state.load_error:  # permanent: a 500, which clients do not retry (a 503 they would)
+        raise ServerError(f"model failed to load: {state.load_error}")
     if state.limits is None:
-        detail = (
-            f"model failed to load: {state.load_error}" if state.load_error else "model loading"
-        )
-        raise NotReady(detail, retry_after=None if state.load_error else 2)
+        raise NotReady("model loading", retry_after=2)
     return state
 
 
@@ -111,6 +123,28 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_model(request: Request, model: type[M], limit_bytes: int) -> M:
+    """A dialect route's JSON body as `model`; what is wrong with it is a 400 naming the field, as
+    those dialects' own servers answer."""
+    try:
+        data = load_json(await read_body(request, limit_bytes))
+    except MalformedBody as exc:
+        raise BadRequest(exc.message) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc.errors(include_url=False), BadRequest) from None
+
+
+def in_dialect(exc: InvalidRequest, top_k_name: str) -> BadRequest:
+    """A refusal from the scoring path in a dialect's words: a 400, and its own name for top_k."""
+
+    def words(text: str | None) -> str | None:
+        return None if text is None else re.sub(r"\btop_k\b", top_k_name, text)
+
+    return BadRequest(words(exc.message), param=words(exc.param))
+
+
 @router.post(
     "/score",
     response_model=ScoreResponse,
@@ -120,7 +154,7 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
 )
 async def score(request: Request, state: Ready, _: Authorized) -> Response:
     binary = is_binary_request(request)
-    body = await read_body(request, int(state.settings.max_body_mb * 2**20))
+    body = await read_body(request, state.settings.max_body_bytes)
     parsed = decode_request(body, binary)
     result = await score_request(parsed, state.backend, state.limits, state.metrics)
     out_binary = wants_binary_response(request, binary)
@@ -166,7 +200,7 @@ class DuplexStreamingResponse(StreamingResponse):
 
 async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
     """Score each frame as soon as it arrives; put result frames on `out`, then None."""
-    reader = FrameReader(int(state.settings.max_body_mb * 2**20))
+    reader = FrameReader(state.settings.max_body_bytes)
     tasks: list[asyncio.Task] = []
     try:
         async for chunk in request.stream():
@@ -174,9 +208,9 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
                 tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
         reader.finish()
         counts = await asyncio.gather(*tasks)
-        await out.put(pack_frame({"done": True, "frames": len(tasks), "sequences": sum(counts)}))
+        await out.put(encode_stream_done(len(tasks), sum(counts)))
     except TeacherError as err:  # broken framing ends the stream, saying why
-        await out.put(pack_frame({"frame": len(tasks), "error": err.to_body()["error"]}))
+        await out.put(encode_stream_error(len(tasks), err))
     finally:
         for task in tasks:
             task.cancel()
@@ -192,7 +226,13 @@ async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) ->
             await out.put(encode_stream_score(frame, index, score, job.compute_s))
         return len(request.sequences)
     except TeacherError as err:  # this frame is refused; the others go on
-        await out.put(pack_frame({"frame": frame, "error": err.to_body()["error"]}))
+        await out.put(encode_stream_error(frame, err))
+        return 0
+    except Exception as exc:  # a backend failure: say so in the stream, as /score answers a 500
+        log.exception("unexpected error scoring stream frame %d", frame)
+        await out.put(
+            encode_stream_error(frame, ServerError(f"internal error ({type(exc).__name__})"))
+        )
         return 0
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.teacher.routes import Authorized, Ready
-from services.teacher.routes_trl import parse
+from services.teacher.routes import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import ScoreRequest, SequenceScore, TokenIds
@@ -56,7 +55,7 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0)
     prompt_logprobs: int | None = Field(None, ge=0)
     return_token_ids: bool | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]:
@@ -81,19 +80,15 @@ def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]
     if body.max_tokens not in (0, 1):
         raise BadRequest(
             f"max_tokens={body.max_tokens} is not supported: this teacher scores, it "
-            "does not generate (use 0, or 1 with temperature 0)",
+            "does not generate (use 0 to score the prompt, or 1 for the teacher's next token)",
             param="max_tokens",
         )
-    if body.temperature is not None and body.temperature < 0:
-        raise BadRequest("temperature must be >= 0", param="temperature")
     return prompts
 
 
 @router.post("/completions", summary="OpenAI-style completions, for scoring token-id prompts")
 async def completions(request: Request, state: Ready, _: Authorized) -> dict:
-    body: CompletionRequest = await parse(
-        request, CompletionRequest, int(state.settings.max_body_mb * 2**20)
-    )
+    body = await read_model(request, CompletionRequest, state.settings.max_body_bytes)
     info = state.backend.info
     prompts = check_supported(body, info.model)
     prompt_k = (
@@ -123,7 +118,10 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
                 sample_temperature=temperature if generate and temperature > 0 else None,
             )
         except InvalidRequest as exc:
-            raise BadRequest(exc.message.replace("top_k", "logprobs"), param="prompt") from None
+            err = in_dialect(exc, "prompt_logprobs" if body.prompt_logprobs else "logprobs")
+            if err.param and err.param.startswith("sequences"):
+                err.param = "prompt"  # the scored sequences are the prompts
+            raise err from None
         scores = dict(zip(need_scores, result.results))
     tokenizer = state.backend.tokenizer
     choices = [

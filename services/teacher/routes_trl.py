@@ -19,9 +19,9 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from services.teacher.routes import Authorized, Ready, read_body
+from services.teacher.routes import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest
 from shared.protocol import ScoreRequest, SequenceScore, TokenIds
@@ -38,30 +38,10 @@ class SequenceLogprobsRequest(BaseModel):
     response_format: Literal["json", "binary"] = "json"
 
 
-def bad_request(exc: ValidationError) -> BadRequest:
-    first = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return BadRequest(f"{param or 'body'}: {first['msg']}", param=param)
-
-
-async def parse(request: Request, model: type[BaseModel], limit_bytes: int):
-    import json
-
-    body = await read_body(request, limit_bytes)
-    try:
-        return model.model_validate(json.loads(body))
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON ({exc})") from None
-    except ValidationError as exc:
-        raise bad_request(exc) from None
-
-
 @router.post("/get_sequence_logprobs/", summary="TRL: teacher log-probs of completion tokens")
 @router.post("/get_sequence_logprobs", include_in_schema=False)
 async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -> dict:
-    body: SequenceLogprobsRequest = await parse(
-        request, SequenceLogprobsRequest, int(state.settings.max_body_mb * 2**20)
-    )
+    body = await read_model(request, SequenceLogprobsRequest, state.settings.max_body_bytes)
     if len(body.prompt_lengths) != len(body.sequences):
         raise BadRequest(
             f"{len(body.sequences)} sequences but {len(body.prompt_lengths)} prompt_lengths",
@@ -92,19 +72,13 @@ async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -
         )
         try:
             result = await score_request(request_, state.backend, state.limits, state.metrics)
-        except InvalidRequest as exc:  # TRL clients expect 400, and TRL's field names
-            raise BadRequest(_trl_words(exc.message), param=_trl_words(exc.param)) from None
+        except InvalidRequest as exc:
+            raise in_dialect(exc, "top_logprobs") from None
         scores = dict(zip(scored, result.results))
     completions = [seq[n:] for seq, n in zip(body.sequences, body.prompt_lengths)]
     if body.response_format == "binary":
         return binary_response(scores, completions, body.top_logprobs)
     return json_response(scores, completions)
-
-
-def _trl_words(text: str | None) -> str | None:
-    if text is None:
-        return None
-    return text.replace("top_k", "top_logprobs").replace("max_top_logprobs", "max_top_k")
 
 
 def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]) -> dict:

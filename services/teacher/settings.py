@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opd.models import DEVICE_PATTERN, TEACHER_PATH
+from opd.bundled import DEVICE_PATTERN, TEACHER_PATH
 
 
 class TeacherSettings(BaseSettings):
@@ -52,3 +52,7 @@ class TeacherSettings(BaseSettings):
     def _empty_key_is_none(cls, value):
         # An empty OPD_TEACHER_API_KEY (as compose passes an unset variable) means no key.
         return None if value in ("", None) else value
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)

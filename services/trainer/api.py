@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
-from shared.errors import InvalidRequest, MalformedBody, NotFound, field_message
+from shared.errors import MalformedBody, NotFound, from_validation
 
 router = APIRouter()
 
@@ -227,8 +227,7 @@ def create_app() -> FastAPI:
             reason = first.get("ctx", {}).get("error", "")
             malformed = MalformedBody(f"body is not valid JSON ({reason})")
             return JSONResponse(malformed.to_body(), status_code=malformed.status)
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        err = InvalidRequest(f"{param or 'body'}: {field_message(first)}", param=param)
+        err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)
 
     @app.exception_handler(NotFound)

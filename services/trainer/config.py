@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.models import DEVICE_PATTERN, STUDENT_PATH
+from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
 from shared.task import MAX_NEW_TOKENS
 

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd.models import STUDENT_PATH, TEACHER_PATH
+from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import start_teacher, stop
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
@@ -53,19 +53,21 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     own_teacher = cfg.teacher_url is None
-    # A teacher of our own gets core 1 and the student core 0, as the measured numbers assume.
-    two_cores = own_teacher and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+    # A teacher of our own gets one core and the student another, as the measured numbers assume;
+    # the cores come from those this process may use (taskset, a container's cpuset).
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    two_cores = own_teacher and len(allowed) >= 2
     if own_teacher:
         proc, url = start_teacher(
             str(TEACHER_PATH),
             threads=1,
-            cpus={1} if two_cores else None,
+            cpus={allowed[1]} if two_cores else None,
             log_path=str(out / "teacher.log"),
         )
     else:
         proc, url = None, cfg.teacher_url
     if two_cores:
-        os.sched_setaffinity(0, {0})
+        os.sched_setaffinity(0, {allowed[0]})
     rows = []
     try:
         for name in cfg.schedules:
@@ -89,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         if proc is not None:
             stop(proc)
         if two_cores:
-            os.sched_setaffinity(0, set(range(os.cpu_count())))
+            os.sched_setaffinity(0, allowed)
     plot_runs(
         [out / r["run"] for r in rows],
         out / "comparison.png",
@@ -115,8 +117,14 @@ def _row(name: str, folder: Path, summary: dict) -> dict:
         "generate_s": statistics.mean(s["generate_s"] for s in steps),
         "teacher_wait_s": statistics.mean(s["teacher_wait_s"] for s in steps),
         "update_s": statistics.mean(s["update_s"] for s in steps),
-        "hidden": statistics.mean(s["teacher_hidden_fraction"] for s in steps),
+        "hidden": _mean_known(s["teacher_hidden_fraction"] for s in steps),
     }
+
+
+def _mean_known(values) -> float | None:
+    """The mean of the values that are known (a teacher that does not time its forwards gives None)."""
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
 
 
 def print_table(rows: list[dict]) -> None:
@@ -131,5 +139,6 @@ def print_table(rows: list[dict]) -> None:
             f"{r['run']:<9} {r['schedule']:<34} {r['initial_accuracy']:>9.1%} "
             f"{r['final_accuracy']:>8.1%} {r['train_s']:>8.1f} {r['tokens_generated']:>8} "
             f"{r['teacher_tokens']:>9} {r['peak_rss_mb']:>8.0f} {r['generate_s']:>8.2f} "
-            f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} {r['hidden']:>7.0%}"
+            f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} "
+            + (f"{r['hidden']:>7.0%}" if r["hidden"] is not None else f"{'-':>7}")
         )

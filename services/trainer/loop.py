@@ -25,7 +25,7 @@ from services.trainer import checkpoint
 from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
-from services.trainer.schedules import parse_schedule
+from services.trainer.schedules import parse_schedule, warmup_lr
 from services.trainer.step import distillation_loss
 from services.trainer.teacher_feed import TeacherFeed
 from shared.task import problems
@@ -173,8 +173,8 @@ class Run:
         horizon = self.schedule.horizon(state.step)
         batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
         generator = torch.Generator(self.model.device).manual_seed(step_seed(cfg.seed, state.step))
-        for group in self.optimizer.param_groups:  # linear warmup, then constant
-            group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmup_lr(state.step, cfg.lr, cfg.warmup_steps)
         started = time.perf_counter()
         feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
         rollouts = sample_rollouts(
@@ -220,10 +220,11 @@ class Run:
             "generate_s": generated - started,
             "teacher_wait_s": teacher_wait,
             "teacher_compute_s": fstats.compute_s,
-            # Share of the teacher's scoring time spent while the student was still generating.
+            # Share of the teacher's scoring time spent while the student was still generating;
+            # None when the teacher does not time its forwards (the vllm backend).
             "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
             if fstats.compute_s > 0
-            else 0.0,
+            else None,
             "update_s": done - scored,
             "tokens_generated": tokens,
             "teacher_tokens": fstats.scored_tokens,

@@ -5,13 +5,20 @@
     progressive:h0=A,dh=B,every=C   H_k = min(H_max, A + B * floor(k / C))        (POPD, step-wise)
     linear:h0=A,steps=C             H_k grows linearly from A to H_max by step C
 
-Each schedule is a pure function of the step, so a resumed run picks up the same horizon.
+Each schedule is a pure function of the step, so a resumed run picks up the same horizon. The
+learning rate's warmup lives here too (`warmup_lr`), for the same reason.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """The learning rate at `step` (0-based): linear warmup to `lr` over `warmup_steps` steps (the
+    first step takes lr / warmup_steps), then constant."""
+    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
 
 
 class ScheduleError(ValueError):

@@ -36,7 +36,7 @@ def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torc
     """
     seqs = [r.prompt_ids + r.completion_ids for r in rollouts]
     ids_B_L = padded(seqs, max(len(s) for s in seqs), 0, torch.long).to(model.device)
-    logp_B_L_V = torch.log_softmax(model(input_ids=ids_B_L).logits.float(), dim=-1)
+    logits_B_L_V = model(input_ids=ids_B_L).logits
     width = max(len(r.completion_ids) for r in rollouts)
     t_T = torch.arange(width)
     # Completion token t of row b is predicted at position n_prompt_b - 1 + t.
@@ -44,9 +44,10 @@ def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torc
     n_comp_B = torch.tensor([len(r.completion_ids) for r in rollouts])
     pos_B_T = (n_prompt_B[:, None] - 1 + t_T[None, :]).clamp(max=ids_B_L.shape[1] - 1)
     mask_B_T = (t_T[None, :] < n_comp_B[:, None]).float()
-    vocab = logp_B_L_V.shape[-1]
-    logp_B_T_V = logp_B_L_V.gather(1, pos_B_T[..., None].expand(-1, -1, vocab).to(model.device))
-    return logp_B_T_V, mask_B_T.to(model.device)
+    vocab = logits_B_L_V.shape[-1]
+    # Only the completion rows: the prompt's rows never need a log-softmax.
+    logits_B_T_V = logits_B_L_V.gather(1, pos_B_T[..., None].expand(-1, -1, vocab).to(model.device))
+    return torch.log_softmax(logits_B_T_V.float(), dim=-1), mask_B_T.to(model.device)
 
 
 def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:

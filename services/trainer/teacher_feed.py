@@ -5,7 +5,7 @@ sent to the replica with the fewest sequences awaiting scores. A bounded queue b
 thread and the sender applies backpressure. If a replica dies mid-step, the sequences it had not
 answered are scored again elsewhere; each rollout's score is taken exactly once.
 
-    feed = TeacherFeed(client)                     # one per run; owns an event-loop thread
+    feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
     step.put(micro_batch)                          # from the generating thread, as rollouts finish
     scores, stats = step.finish()                  # blocks until every rollout has its score
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
 from shared.client import AsyncTeacherClient
@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 class FeedStats:
     compute_s: float = 0.0  # teacher forward time for this step's sequences
     scored_tokens: int = 0
-    frames: int = 0
     rescored: int = 0  # sequences scored again after a replica failed
-    replicas_failed: list[str] = field(default_factory=list)
 
 
 class TeacherStreamError(TeacherError):
@@ -132,7 +130,6 @@ class StepFeed:
         except Exception as exc:  # the replica died or the connection broke
             lane.failed = True
             self._feed.client.mark_down(lane.url, 5.0)
-            self.stats.replicas_failed.append(lane.url)
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.
             lane.queue.put_nowait(None)
@@ -146,7 +143,6 @@ class StepFeed:
 
     async def _rescore_missing(self) -> None:
         missing = [r for batch in self.frames for r in batch if r.key not in self.scores]
-        self.stats.frames = len(self.frames)
         if not missing:
             return
         self.stats.rescored += len(missing)

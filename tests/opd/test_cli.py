@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from opd.bundled import STUDENT_PATH
 from opd.cli import main
-from opd.models import STUDENT_PATH, tiny_config
+from opd.models import tiny_config
 from shared.tokenizer import build_tokenizer
+from tests.conftest import help_imports_torch
 
 
 def opd(*args: str) -> subprocess.CompletedProcess:
@@ -86,3 +88,8 @@ def test_a_negative_demo_interval_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--eval-every", "-1"])
     assert exit_info.value.code == 2 and "-1 is negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["demo", "--help"]])
+def test_help_is_quick_because_it_does_not_import_torch(argv):
+    assert not help_imports_torch("opd.cli", argv)

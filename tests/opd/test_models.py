@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opd.bundled import STUDENT_PATH
 from opd.evaluate import evaluate
-from opd.models import STUDENT_PATH, ModelLoadError, count_parameters, load_model
+from opd.models import ModelLoadError, count_parameters, load_model
 from shared.task import problems
 
 # 200 held-out problems: a 95% band is then stable to about +-1.5 points, and it runs in seconds.

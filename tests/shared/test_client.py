@@ -9,11 +9,11 @@ import threading
 import httpx
 import pytest
 
-from opd.models import TEACHER_PATH
+from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
-from shared.errors import FingerprintMismatch, InvalidRequest, TeacherError
+from shared.errors import FingerprintMismatch, InvalidRequest, ServerError, TeacherError
 from tests.conftest import free_port, plain_http, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
@@ -96,6 +96,13 @@ def test_503_while_loading_is_retried_until_ready():
         threading.Timer(1.0, backend.release.set).start()
         with TeacherClient(url, backoff=0.05) as client:
             assert len(client.score([SEQ]).results[0].logprobs) == 3
+
+
+def test_connect_to_a_teacher_whose_model_failed_to_load_says_why_at_once(tmp_path):
+    app = create_app(TeacherSettings(model=str(tmp_path)))
+    with serve(app, ready_path="/health") as url:
+        with TeacherClient(url) as client, pytest.raises(ServerError, match="failed to load"):
+            client.connect(wait_s=30)  # a wait would end in NotReady after 30 s
 
 
 def test_429_is_retried_after_retry_after():

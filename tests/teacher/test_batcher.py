@@ -10,6 +10,7 @@ import pytest
 
 from services.teacher.backends.base import ScoreJob
 from services.teacher.batcher import Batcher, pack_batches
+from shared.errors import NotReady
 from shared.protocol import SequenceScore
 
 
@@ -119,3 +120,18 @@ def test_cancelled_request_is_dropped_without_blocking_others(cancel_first):
     result, sizes = asyncio.run(run())
     assert sizes == [1, 1]  # the cancelled job never reached the model
     assert result[0].logprobs[0] == (7 if cancel_first else 6)
+
+
+def test_close_fails_the_requests_it_took_but_did_not_finish():
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit([job(4)]))
+        await asyncio.sleep(0.05)  # taken by the worker, and held at the gate
+        await batcher.close()
+        recorder.gate.set()
+        return await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 5)
+
+    (result,) = asyncio.run(run())
+    assert isinstance(result, NotReady)

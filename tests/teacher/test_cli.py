@@ -7,6 +7,7 @@ import pytest
 
 from services.teacher.cli import main, open_access_warning
 from services.teacher.settings import TeacherSettings
+from tests.conftest import help_imports_torch
 
 
 def test_a_bad_device_is_refused_before_serving(capsys):
@@ -37,3 +38,8 @@ def test_serving_beyond_loopback_without_a_key_warns(host, key, warns):
     assert (warning is not None) == warns
     if warns:
         assert "no API key" in warning and host in warning
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_help_is_quick_because_it_does_not_import_torch(argv):
+    assert not help_imports_torch("services.teacher.cli", argv)

@@ -10,7 +10,7 @@ import httpx
 import msgpack
 import pytest
 
-from opd.models import TEACHER_PATH
+from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
@@ -197,11 +197,12 @@ def test_ready_is_503_until_the_model_is_loaded():
         assert post(url, GOOD).status_code == 200
 
 
-def test_a_model_that_fails_to_load_says_why_on_ready(tmp_path):
+def test_a_model_that_fails_to_load_says_why_with_a_500_that_clients_do_not_retry(tmp_path):
     app = create_app(TeacherSettings(model=str(tmp_path)))
     with serve(app, ready_path="/health") as url:
         wait_for(lambda: "failed" in httpx.get(url + "/ready").text)
-        assert_error(httpx.get(url + "/ready"), 503, says="config.json")
+        assert_error(httpx.get(url + "/ready"), 500, says="config.json")
+        assert_error(post(url, GOOD), 500, says="failed to load")
 
 
 def test_info_names_model_backend_and_limits(teacher_url, teacher):

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 
 import httpx
 import numpy as np
+import pytest
 
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
+from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient
-from shared.protocol import FRAMES, FrameReader, decode_stream_item
+from shared.errors import TeacherError
+from shared.protocol import (
+    FRAMES,
+    FrameReader,
+    SequenceScore,
+    decode_stream_item,
+    encode_stream_score,
+)
+from tests.conftest import plain_http, serve
 from tests.teacher.test_scoring_correctness import mixed_sequences
 
 
@@ -80,3 +94,62 @@ def test_stream_needs_its_content_type(teacher_url):
         teacher_url + "/score/stream", content=b"", headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
+
+
+class CrashingBackend(HFBackend):
+    """The real hf backend, failing one batch on cue as a CUDA out-of-memory would."""
+
+    crash_next = False
+
+    def score_batch(self, jobs):
+        if self.crash_next:
+            self.crash_next = False
+            raise RuntimeError("CUDA out of memory")
+        return super().score_batch(jobs)
+
+
+def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly():
+    backend = CrashingBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with serve(app) as url, TeacherClient(url) as client:
+        backend.crash_next = True
+        items = list(client.score_stream(iter([good])))
+        assert items[0].error["code"] == 500 and "RuntimeError" in items[0].error["message"]
+        assert items[-1].done
+        assert len(list(client.score_stream(iter([good])))) == 2  # the server keeps serving
+
+
+class CutOffStream(http.server.BaseHTTPRequestHandler):
+    """Answers a stream with one result frame and then hangs up, as a dying replica would."""
+
+    def do_POST(self):  # noqa: N802 (the name http.server calls)
+        while size := int(self.rfile.readline(), 16):  # read the chunked request body
+            self.rfile.read(size + 2)
+        self.rfile.readline()
+        score = SequenceScore(logprobs=np.zeros(2, np.float32))
+        self.send_response(200)
+        self.send_header("content-type", FRAMES)
+        self.end_headers()
+        self.wfile.write(encode_stream_score(0, 0, score, 0.0))
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_stream_cut_off_before_its_done_frame_raises():
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with plain_http(CutOffStream) as url:
+        with TeacherClient(url) as client, pytest.raises(TeacherError, match="done frame"):
+            list(client.score_stream([good]))
+
+        async def stream_async():
+            async with AsyncTeacherClient(url) as client:
+
+                async def frames():
+                    yield good
+
+                return [item async for item in client.score_stream(frames())]
+
+        with pytest.raises(TeacherError, match="done frame"):
+            asyncio.run(stream_async())

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from opd.models import TEACHER_PATH
+from opd.bundled import TEACHER_PATH
 from services.teacher.process import start_teacher, stop
 from shared.client import AsyncTeacherClient, TeacherClient
 from tests.teacher.test_routes import GOOD, assert_error, post, seq

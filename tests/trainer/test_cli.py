@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.trainer.cli import build_parser, config_from_args, main
+from tests.conftest import help_imports_torch
 
 
 def errors_of(capsys, *argv: str) -> str:
@@ -66,3 +67,8 @@ def test_serve_refuses_a_port_out_of_range(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--port", "99999"])
     assert exit_info.value.code == 2 and "not a TCP port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["serve", "--help"]])
+def test_help_is_quick_because_it_does_not_import_torch(argv):
+    assert not help_imports_torch("services.trainer.cli", argv)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.models import STUDENT_PATH, TEACHER_PATH
+from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import RunConfig
 from services.trainer.loop import RunError, check_teacher_limits, run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.schedules import ScheduleError, parse_schedule
+from services.trainer.schedules import ScheduleError, parse_schedule, warmup_lr
 
 H_MAX = 256
 
@@ -78,3 +78,10 @@ def test_horizons_never_shrink(spec):
     schedule = parse_schedule(spec, 256)
     horizons = [schedule.horizon(k) for k in range(200)]
     assert horizons == sorted(horizons) and max(horizons) <= 256
+
+
+def test_warmup_lr_rises_linearly_then_holds():
+    assert [warmup_lr(k, 1e-3, 4) for k in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    )
+    assert warmup_lr(0, 1e-3, 0) == warmup_lr(0, 1e-3, 1) == 1e-3  # no warmup

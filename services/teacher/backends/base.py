@@ -20,7 +20,9 @@ class ScoreJob:
     want_ranks: bool = False  # also the vocabulary rank of each scored token (OpenAI dialect)
     # Sample a token from the last scored position at this temperature (OpenAI max_tokens=1).
     sample_temperature: float | None = None
-    compute_s: float = 0.0  # set by the backend: forward time attributed to this job
+    # Forward time attributed to this job, set by the hf backend's batcher; the vllm backend leaves
+    # it 0 (unknown): its scheduler runs many requests in each forward, so none has a time of its own.
+    compute_s: float = 0.0
 
     @property
     def n_scored(self) -> int:

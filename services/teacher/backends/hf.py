@@ -56,9 +56,10 @@ class HFBackend(Backend):
         self.pad_id = tokenizer.pad_token_id or 0
         vocab = self.lm_head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
-        max_len = self.max_seq_len or min(
-            model.config.max_position_embeddings, self.max_batch_tokens
-        )
+        # Capped by the model's positions, as the vllm backend is: beyond them a model with learned
+        # position embeddings fails, taking every request batched with the long one down with it.
+        positions = getattr(model.config, "max_position_embeddings", None) or self.max_batch_tokens
+        max_len = min(self.max_seq_len or self.max_batch_tokens, positions)
         if max_len > self.max_batch_tokens:
             raise ValueError(
                 f"max_seq_len {max_len} exceeds max_batch_tokens {self.max_batch_tokens}: "

@@ -147,7 +147,7 @@ class VLLMBackend(Backend):
         return self._to_score(job, ids, final, generating)
 
     def _to_score(self, job: ScoreJob, ids: list[int], final, generating: bool) -> SequenceScore:
-        rows = _rows(final.prompt_logprobs, len(ids))[job.n_prompt :]  # one dict per scored token
+        rows = _rows(final.prompt_logprobs, len(ids), job.n_prompt)  # one per scored token
         targets = ids[job.n_prompt :]
         if generating:  # the placeholder's row: the distribution of the generated token
             sample = final.outputs[0]
@@ -174,24 +174,28 @@ class VLLMBackend(Backend):
         return score
 
 
-def _rows(logprobs, length: int) -> list[dict[int, tuple[float, int]]]:
-    """vLLM's (flat or dict) log-probs as one {token: (logprob, rank)} per position, padded to
-    `length` positions with empty dicts where vLLM returned none."""
-    out: list[dict[int, tuple[float, int]]] = [{} for _ in range(length)]
+def _rows(logprobs, length: int, start: int = 0) -> list[dict[int, tuple[float, int]]]:
+    """vLLM's (flat or dict) log-probs as one {token: (logprob, rank)} per position of `start` ..
+    `length` - 1, with empty dicts where vLLM returned none (positions before `start`, the
+    prompt's, are never converted)."""
+    out: list[dict[int, tuple[float, int]]] = [{} for _ in range(length - start)]
     if logprobs is None:
         return out
     if hasattr(logprobs, "start_indices"):  # FlatLogprobs
         offset = length - len(logprobs.start_indices)
-        for p, (a, b) in enumerate(zip(logprobs.start_indices, logprobs.end_indices)):
-            out[offset + p] = {
+        for p in range(max(0, start - offset), len(logprobs.start_indices)):
+            a, b = logprobs.start_indices[p], logprobs.end_indices[p]
+            out[offset + p - start] = {
                 logprobs.token_ids[i]: (_finite(logprobs.logprobs[i]), logprobs.ranks[i] or 0)
                 for i in range(a, b)
             }
         return out
     offset = length - len(logprobs)
-    for p, position in enumerate(logprobs):
-        if position:
-            out[offset + p] = {t: (_finite(lp.logprob), lp.rank or 0) for t, lp in position.items()}
+    for p in range(max(0, start - offset), len(logprobs)):
+        if position := logprobs[p]:
+            out[offset + p - start] = {
+                t: (_finite(lp.logprob), lp.rank or 0) for t, lp in position.items()
+            }
     return out
 
 

@@ -1,0 +1,65 @@
+"""Bad input on the TRL and OpenAI dialect routes, over raw HTTP (the real TRL and openai clients are
+driven in test_dialects.py, in the vLLM stage): a 400 in the OpenAI error shape, in the dialect's own
+words, naming the field; never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.teacher.test_routes import assert_error
+
+TRL = "/get_sequence_logprobs/"
+OPENAI = "/v1/completions"
+TRL_GOOD = {"sequences": [[1, 21, 18, 5, 6]], "prompt_lengths": [3], "top_logprobs": 2}
+OPENAI_GOOD = {"prompt": [1, 21, 18, 5], "max_tokens": 0, "echo": True, "logprobs": 0}
+
+
+def post(url: str, route: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        headers = {"Content-Type": "application/json"}
+        return httpx.post(url + route, content=body, headers=headers, timeout=30)
+    return httpx.post(url + route, json=body, timeout=30)
+
+
+@pytest.mark.parametrize("route", [TRL, OPENAI])
+@pytest.mark.parametrize("body", [b"{not json", b'{"prompt": "\xff"}'])
+def test_a_body_that_is_not_json_is_400(teacher_url, route, body):
+    assert_error(post(teacher_url, route, body), 400, says="not valid JSON")
+
+
+def test_trl_field_errors_name_the_field_in_plain_words(teacher_url):
+    r = post(teacher_url, TRL, {**TRL_GOOD, "sequences": [[1, 21, True, 5]]})
+    assert_error(r, 400, param="sequences.0", says="token ids")
+    assert "Value error" not in r.json()["error"]["message"]
+
+
+def test_trl_top_logprobs_over_the_limit_is_named_in_trl_words(teacher_url):
+    r = post(teacher_url, TRL, {**TRL_GOOD, "top_logprobs": 25})
+    assert_error(
+        r, 400, param="top_logprobs", says="top_logprobs 25 exceeds this server's max_top_k"
+    )
+
+
+@pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
+def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, field):
+    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, field: 25})
+    assert_error(r, 400, param=field, says=f"{field} 25 exceeds this server's max_top_k 20")
+
+
+def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):
+    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, "prompt": [1, 21, 999]})
+    assert_error(r, 400, param="prompt", says="out of range")
+
+
+@pytest.mark.parametrize("temperature", [-1, float("nan"), float("inf")])
+def test_openai_temperature_must_be_a_finite_non_negative_number(teacher_url, temperature):
+    body = json.dumps({**OPENAI_GOOD, "temperature": temperature}).encode()  # NaN, Infinity
+    assert_error(post(teacher_url, OPENAI, body), 400, param="temperature")
+
+
+def test_the_routes_still_answer_good_requests(teacher_url):
+    assert post(teacher_url, TRL, TRL_GOOD).status_code == 200
+    assert post(teacher_url, OPENAI, OPENAI_GOOD).status_code == 200
