@@ -1,0 +1,65 @@
+"""Checkpoints: a round trip restores weights, optimizer, RNG states and position; old ones are
+pruned; a checkpoint cut off mid-write is never the one `latest` points to."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from opd.bundled import STUDENT_PATH
+from opd.models import load_model
+from services.trainer import checkpoint
+from services.trainer.checkpoint import TrainState
+
+
+def trained_student():
+    model, tokenizer = load_model(STUDENT_PATH)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(
+        input_ids=torch.tensor([[1, 5, 6, 7]]), labels=torch.tensor([[1, 5, 6, 7]])
+    ).loss.backward()
+    optimizer.step()
+    return model, tokenizer, optimizer
+
+
+def state_at(step: int) -> TrainState:
+    return TrainState(step, step * 16, "full", 1.5 * step, 100 * step, 100 * step)
+
+
+def test_a_round_trip_restores_everything_a_run_continues_from(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    path = checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(7))
+    expected = (torch.rand(3), random.random(), np.random.rand())
+
+    fresh, _ = load_model(STUDENT_PATH)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = checkpoint.load(checkpoint.latest(tmp_path), fresh, fresh_optimizer)
+
+    assert path == checkpoint.latest(tmp_path) and state == state_at(7)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    saved, restored = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert len(restored) == len(list(model.parameters()))
+    for a, b in zip(saved.values(), restored.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(
+            a["exp_avg_sq"], b["exp_avg_sq"]
+        )
+    again = (torch.rand(3), random.random(), np.random.rand())  # the RNGs as they were at save
+    assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
+
+
+def test_old_checkpoints_are_pruned_and_a_half_written_one_is_ignored(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(step), keep=2)
+    root = checkpoint.checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
+    # A run killed while writing step 4 leaves its temporary folder; `latest` still says step 3.
+    (root / ".step_000004.tmp").mkdir()
+    assert checkpoint.latest(tmp_path).name == "step_000003"
+    assert checkpoint.latest(tmp_path / "elsewhere") is None

@@ -1,0 +1,23 @@
+"""Run records: a resumed run keeps exactly the steps up to its checkpoint, so no step is recorded
+twice or lost."""
+
+from __future__ import annotations
+
+from services.trainer.report import JsonlLog, read_jsonl
+
+
+def test_a_resumed_log_keeps_the_steps_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = JsonlLog(path)
+    for step in range(1, 6):
+        log.write({"step": step})
+    resumed = JsonlLog(path, keep_through_step=3)  # the run died after step 5; resumed at 3
+    resumed.write({"step": 4})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_starts_an_empty_log(tmp_path):
+    path = tmp_path / "runs" / "eval.jsonl"
+    JsonlLog(path).write({"step": 1})
+    JsonlLog(path)
+    assert read_jsonl(path) == [] and read_jsonl(tmp_path / "missing.jsonl") == []
