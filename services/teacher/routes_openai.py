@@ -78,9 +78,11 @@ def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadRequest("prompt must hold at least one non-empty token-id list", param="prompt")
     if body.max_tokens not in (0, 1):
+        unset = "max_tokens" not in body.model_fields_set
         raise BadRequest(
-            f"max_tokens={body.max_tokens} is not supported: this teacher scores, it "
-            "does not generate (use 0 to score the prompt, or 1 for the teacher's next token)",
+            f"max_tokens={body.max_tokens}{' (the default when it is not sent)' if unset else ''} "
+            "is not supported: this teacher scores, it does not generate (send max_tokens 0 to "
+            "score the prompt, or 1 for the teacher's next token)",
             param="max_tokens",
         )
     return prompts
@@ -233,7 +235,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
 
 
 @router.get("/models", summary="The one model this teacher serves")
-async def models(state: Ready) -> dict:
+async def models(state: Ready, _: Authorized) -> dict:  # as vLLM: every /v1 route needs the key
     info = state.backend.info
     return {
         "object": "list",

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
-from shared.errors import MalformedBody, NotFound, from_validation
+from shared.errors import MalformedBody, NotFound, UnsupportedMediaType, from_validation
 
 router = APIRouter()
 
@@ -222,12 +222,20 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # As the teacher answers: a body in another form is a 415 and one that is not JSON a 400,
+        # not a field's 422 (FastAPI reads neither as JSON, so a field would seem to be missing).
         first = exc.errors()[0]
-        if first["type"] == "json_invalid":  # as the teacher answers: 400, not a field's 422
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("", "application/json"):
+            err = UnsupportedMediaType(
+                f"Content-Type {ctype!r} is not supported; send application/json",
+                param="Content-Type",
+            )
+        elif first["type"] == "json_invalid":
             reason = first.get("ctx", {}).get("error", "")
-            malformed = MalformedBody(f"body is not valid JSON ({reason})")
-            return JSONResponse(malformed.to_body(), status_code=malformed.status)
-        err = from_validation(exc.errors())
+            err = MalformedBody(f"body is not valid JSON ({reason})")
+        else:
+            err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)
 
     @app.exception_handler(NotFound)

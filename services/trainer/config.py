@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
@@ -67,6 +67,9 @@ class RunConfig(BaseModel):
         0, ge=0, description="Checkpoint every N steps (0: only at the end)."
     )
     resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
+    overwrite: bool = Field(
+        False, description="Start over in an `out` that holds a run (its checkpoints are deleted)."
+    )
     device: str = Field(
         "cpu",
         pattern=DEVICE_PATTERN,
@@ -89,6 +92,13 @@ class RunConfig(BaseModel):
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("overwrite")
+    @classmethod
+    def _not_both(cls, overwrite: bool, info: ValidationInfo) -> bool:
+        if overwrite and info.data.get("resume"):
+            raise ValueError("--overwrite starts over and --resume continues: give one of them")
+        return overwrite
 
     @field_validator("teacher_url", mode="before")
     @classmethod

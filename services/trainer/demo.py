@@ -80,6 +80,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
                     steps=cfg.steps,
                     out=str(out / name),
                     seed=cfg.seed,
+                    overwrite=True,  # the demo's runs are its own to redo
                     lr=cfg.lr,
                     eval_every=cfg.eval_every,
                     eval_n=cfg.eval_n,

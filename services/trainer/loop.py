@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -103,6 +104,8 @@ class Run:
             raise RunError(
                 f"--out {self.out}: cannot make the run folder ({exc.strerror})"
             ) from None
+        if cfg.overwrite:  # the old run's checkpoints must not outlive it
+            shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
         keep = self.state.step if resumed else None
         self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
@@ -112,10 +115,15 @@ class Run:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
         cfg = self.cfg
         self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
-        found = checkpoint.latest(self.out) if cfg.resume else None
+        found = checkpoint.latest(self.out)
+        if found is not None and not (cfg.resume or cfg.overwrite):
+            raise RunError(
+                f"--out {self.out} holds a run (checkpoint {found.name}): --resume to continue it, "
+                "--overwrite to start over, or another --out"
+            )
         if cfg.resume and found is None:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
-        if found is None:
+        if found is None or not cfg.resume:
             return False
         self.state = checkpoint.load(found, self.model, self.optimizer)
         # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.

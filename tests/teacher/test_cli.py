@@ -3,9 +3,12 @@ and warns when it would serve everyone."""
 
 from __future__ import annotations
 
-import pytest
+import importlib.util
 
-from services.teacher.cli import main, open_access_warning
+import pytest
+import torch
+
+from services.teacher.cli import main, open_access_warning, startup_error
 from services.teacher.settings import TeacherSettings
 from tests.conftest import help_imports_torch
 
@@ -43,3 +46,19 @@ def test_serving_beyond_loopback_without_a_key_warns(host, key, warns):
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
 def test_help_is_quick_because_it_does_not_import_torch(argv):
     assert not help_imports_torch("services.teacher.cli", argv)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_the_vllm_backend_without_vllm_is_refused_saying_how_to_install_it(capsys):
+    assert main(["serve", "--backend", "vllm"]) == 2
+    assert "pip install -e '.[vllm]'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_serving():
+    assert "CUDA is not available" in startup_error(TeacherSettings(device="cuda:0"))
+
+
+def test_a_folder_that_is_not_a_model_is_refused_before_serving(tmp_path):
+    assert "no config.json" in startup_error(TeacherSettings(model=str(tmp_path)))
+    assert startup_error(TeacherSettings()) is None  # the bundled teacher

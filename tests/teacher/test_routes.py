@@ -49,7 +49,11 @@ def seq(prompt, completion):
         (seq([1, -3], [5]), "sequences.0.prompt_ids.1", "greater than or equal to 0"),
         (seq([1, 2], [5, 23]), "sequences.0.completion_ids", "token id 23 is out of range"),
         (seq([1, 23], [5]), "sequences.0.prompt_ids", "token id 23 is out of range"),
-        (seq([1, True], [5]), "sequences.0.prompt_ids", "integers, not booleans"),
+        (seq([1, True], [5]), "sequences.0.prompt_ids", "not booleans"),
+        (seq([1, "21"], [5]), "sequences.0.prompt_ids", "strings"),
+        (seq([1], [5.0]), "sequences.0.completion_ids", "floats"),
+        ({**GOOD, "top_k": True}, "top_k", "must be an integer, not bool"),
+        ({**GOOD, "max_positions": 2.0}, "max_positions", "must be an integer, not float"),
         (seq([1] * 300, [5] * 300), "sequences.0", "max_seq_len"),
         ({**GOOD, "top_k": 21}, "top_k", "max_top_k 20"),
         ({**GOOD, "top_k": -1}, "top_k", "greater than or equal to 0"),
@@ -119,6 +123,7 @@ def test_api_key_is_required_when_set():
         assert_error(post(url, GOOD, {"Authorization": "Bearer wrong"}), 401)
         assert post(url, GOOD, {"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(url + "/info").status_code == 401
+        assert httpx.get(url + "/v1/models").status_code == 401  # it names the model's path
         assert httpx.get(url + "/health").status_code == 200  # probes stay open
         with TeacherClient(url, api_key="s3cret") as client:
             assert client.info()["backend"] == "hf"

@@ -63,3 +63,9 @@ def test_openai_temperature_must_be_a_finite_non_negative_number(teacher_url, te
 def test_the_routes_still_answer_good_requests(teacher_url):
     assert post(teacher_url, TRL, TRL_GOOD).status_code == 200
     assert post(teacher_url, OPENAI, OPENAI_GOOD).status_code == 200
+
+
+def test_openai_max_tokens_left_at_its_default_says_so(teacher_url):
+    body = {k: v for k, v in OPENAI_GOOD.items() if k != "max_tokens"}
+    r = post(teacher_url, OPENAI, body)
+    assert_error(r, 400, param="max_tokens", says="max_tokens=16 (the default when it is not sent)")

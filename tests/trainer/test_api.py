@@ -55,6 +55,13 @@ def test_a_body_that_is_not_json_is_400_as_on_the_teacher(trainer_url):
     assert "not valid JSON" in r.json()["error"]["message"]
 
 
+def test_a_body_in_another_form_is_415_as_on_the_teacher(trainer_url):
+    r = httpx.post(
+        trainer_url + "/runs", content=b'{"steps": 3}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
+
+
 def events_of(url: str, run_id: str) -> list[dict]:
     events = []
     with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=300) as response:

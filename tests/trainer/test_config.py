@@ -18,3 +18,8 @@ def test_other_device_names_are_refused_naming_the_field(device):
     with pytest.raises(ValidationError) as info:
         RunConfig(device=device)
     assert [e["loc"] for e in info.value.errors()] == [("device",)]
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(ValidationError, match="give one of them"):
+        RunConfig(resume=True, overwrite=True)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
+from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
 from services.trainer.loop import RunError, check_teacher_limits, run
 from services.trainer.report import read_jsonl
@@ -163,6 +164,20 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
     # The same horizons written another way are the same schedule.
     assert run(cfg.model_copy(update={"schedule": "truncated:24.0"}))["steps"] == 1
+
+
+def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process):
+    out = tmp_path / "run"
+    cfg = RunConfig(
+        **SMALL, teacher_url=[teacher_process], steps=2, checkpoint_every=1, out=str(out)
+    )
+    run(cfg)
+    with pytest.raises(RunError, match="--resume to continue it, --overwrite to start over"):
+        run(cfg.model_copy(update={"steps": 1}))
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2  # untouched
+    run(cfg.model_copy(update={"steps": 1, "overwrite": True}))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [p.name for p in checkpoint_dir(out).glob("step_*")] == ["step_000001"]
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
