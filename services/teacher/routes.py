@@ -53,7 +53,7 @@ def get_state(request: Request):
 
 
 def ready_state(request: Request):
-    """The state, once the model is loaded; 503 before."""
+    """The state, once the model is loaded; 503 while it loads, 500 if it failed to."""
     state = get_state(request)
     if state.load_error:  # permanent: a 500, which clients do not retry (a 503 they would)
         raise ServerError(f"model failed to load: {state.load_error}")
