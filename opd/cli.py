@@ -70,10 +70,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from opd.evaluate import evaluate
-    from opd.models import count_parameters, load_model
+    from opd.models import ModelLoadError, count_parameters, load_model
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    try:
+        model, tokenizer = load_model(args.model)
+    except ModelLoadError as exc:
+        print(f"opd eval: error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     items = problems("eval", args.n, args.seed)
     result = evaluate(
@@ -188,14 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Commands import torch where they use it: it takes seconds, which `--help` should not.
-    from opd.models import ModelLoadError
-
-    try:
-        return args.func(args)
-    except ModelLoadError as exc:
-        print(f"opd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    # Commands import torch where they use it: it takes seconds, which `--help` and `task` should not.
+    return args.func(args)
 
 
 if __name__ == "__main__":

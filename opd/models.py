@@ -61,10 +61,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local folder, in eval mode; checks they fit together."""
-    folder = _existing_folder(path)
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    _check_device(folder, device)
+    folder = check_loadable(path, device)
     tokenizer = load_tokenizer(folder)
     try:
         config = AutoConfig.from_pretrained(
@@ -87,6 +84,16 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(exc)})") from exc
     return model.to(device).eval(), tokenizer
+
+
+def check_loadable(path: str | Path, device: str = "cpu") -> Path:
+    """The model folder, known to exist, to hold a config.json and to name a device this machine has;
+    else ModelLoadError saying why. Reads no weights, so servers can refuse bad settings at once."""
+    folder = _existing_folder(path)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    _check_device(folder, device)
+    return folder
 
 
 def _check_device(folder: Path, device: str) -> None:

@@ -189,9 +189,9 @@ class _StreamReader:
         return items
 
     def finish(self) -> None:
-        self._frames.finish()
-        if not self._done:
+        if not self._done:  # cut off, inside a frame or between two
             raise ServerError(f"the stream from {self.url} ended without its done frame")
+        self._frames.finish()
 
 
 def as_request(item: ScoreRequest | dict) -> ScoreRequest:

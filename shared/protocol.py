@@ -55,7 +55,7 @@ _INT_TYPES = frozenset({int, *(np.dtype(c).type for c in np.typecodes["AllIntege
 def _integers_only(ids: Any) -> Any:
     # pydantic would pass JSON true/false as ids 1/0, "5" as 5 and 5.0 as 5: client bugs to report,
     # not tokens to score. The types are collected in C (a check per id made validation 3x slower).
-    if isinstance(ids, list) and not set(map(type, ids)) <= _INT_TYPES:
+    if isinstance(ids, (list, tuple)) and not set(map(type, ids)) <= _INT_TYPES:
         raise ValueError("token ids are integers (not booleans, strings or floats)")
     return ids
 

@@ -70,8 +70,8 @@ def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
-def help_imports_torch(module: str, argv: list[str]) -> bool:
-    """Whether `module.main(argv)` (a --help) imports torch, in a fresh interpreter."""
+def main_imports_torch(module: str, argv: list[str]) -> bool:
+    """Whether `module.main(argv)` (a --help, say) imports torch, in a fresh interpreter."""
     code = (
         f"import sys\nfrom {module} import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"

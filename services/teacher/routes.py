@@ -241,7 +241,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="200 once the model is loaded, 503 before")
+@router.get("/ready", summary="200 once the model is loaded, 503 while it loads, 500 if it failed")
 async def ready(state: Ready) -> dict:
     return {"status": "ready"}
 

@@ -120,7 +120,7 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
                 sample_temperature=temperature if generate and temperature > 0 else None,
             )
         except InvalidRequest as exc:
-            err = in_dialect(exc, "prompt_logprobs" if body.prompt_logprobs else "logprobs")
+            err = in_dialect(exc, "prompt_logprobs" if body.prompt_logprobs == k else "logprobs")
             if err.param and err.param.startswith("sequences"):
                 err.param = "prompt"  # the scored sequences are the prompts
             raise err from None

@@ -26,8 +26,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.trainer.config import RunConfig
-from services.trainer.loop import Run
-from shared.errors import MalformedBody, NotFound, UnsupportedMediaType, from_validation
+from services.trainer.loop import Run, RunError, check_out_is_free
+from shared.errors import (
+    InvalidRequest,
+    MalformedBody,
+    NotFound,
+    TeacherError,
+    UnsupportedMediaType,
+    from_validation,
+)
 
 router = APIRouter()
 
@@ -149,6 +156,10 @@ def runs_of(request: Request) -> Runs:
 
 @router.post("/runs", status_code=201)
 async def start_run(cfg: RunConfig, request: Request) -> dict:
+    try:  # refused here, not in the run's thread after a 201
+        check_out_is_free(cfg)
+    except RunError as exc:
+        raise InvalidRequest(str(exc), param="out") from None
     record = runs_of(request).start(cfg)
     return {"id": record.id, "status": record.status}
 
@@ -238,8 +249,8 @@ def create_app() -> FastAPI:
             err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)
 
-    @app.exception_handler(NotFound)
-    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+    @app.exception_handler(TeacherError)  # the one error shape, shared with the teacher
+    async def error_shape(request: Request, exc: TeacherError) -> JSONResponse:
         return JSONResponse(exc.to_body(), status_code=exc.status)
 
     return app

@@ -39,6 +39,19 @@ class RunError(Exception):
     """A run that cannot start as configured (its message says which setting and why)."""
 
 
+def check_out_is_free(cfg: RunConfig) -> None:
+    """Refuse to start over in an `out` that holds a run (its config.json, or a checkpoint) unless
+    the run is to continue it (--resume) or replace it (--overwrite): nothing is lost by accident."""
+    out = Path(cfg.out)
+    found = checkpoint.latest(out)
+    if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
+        held = f"checkpoint {found.name}" if found else "no checkpoint yet"
+        raise RunError(
+            f"--out {out} holds a run ({held}): --resume to continue it, --overwrite to start "
+            "over, or another --out"
+        )
+
+
 def check_teacher_limits(
     cfg: RunConfig, infos: list[dict], longest_prompt: int, longest_horizon: int
 ) -> None:
@@ -78,6 +91,7 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
+        check_out_is_free(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -115,15 +129,10 @@ class Run:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
         cfg = self.cfg
         self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
-        found = checkpoint.latest(self.out)
-        if found is not None and not (cfg.resume or cfg.overwrite):
-            raise RunError(
-                f"--out {self.out} holds a run (checkpoint {found.name}): --resume to continue it, "
-                "--overwrite to start over, or another --out"
-            )
+        found = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and found is None:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
-        if found is None or not cfg.resume:
+        if found is None:
             return False
         self.state = checkpoint.load(found, self.model, self.optimizer)
         # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
 from shared.client import AsyncTeacherClient
-from shared.errors import TeacherError
+from shared.errors import ServerError, TeacherError
 from shared.protocol import ScoreRequest, SequenceScore
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ class FeedStats:
     compute_s: float = 0.0  # teacher forward time for this step's sequences
     scored_tokens: int = 0
     rescored: int = 0  # sequences scored again after a replica failed
+
+
+def _replica_fault(error: dict) -> bool:
+    """Whether a refused frame is the replica's trouble (a failed forward, overload, shutting down),
+    which scoring elsewhere can get past, rather than a bad frame, which it cannot."""
+    code = error.get("code", 500)
+    return code >= 500 or code == 429
 
 
 class TeacherStreamError(TeacherError):
@@ -121,13 +128,15 @@ class StepFeed:
                 if item.done:
                     break
                 frame = lane.sent[item.frame]
+                if item.error is not None and _replica_fault(item.error):
+                    raise ServerError(f"frame {frame}: {item.error.get('message')}")
                 if item.error is not None:
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
                 self._take(self.frames[frame][item.index], item.score, item.compute_s)
                 lane.outstanding -= 1
         except TeacherStreamError:
             raise
-        except Exception as exc:  # the replica died or the connection broke
+        except Exception as exc:  # the replica died, broke the connection or failed
             lane.failed = True
             self._feed.client.mark_down(lane.url, 5.0)
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)

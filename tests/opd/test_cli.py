@@ -14,7 +14,7 @@ from opd.bundled import STUDENT_PATH
 from opd.cli import main
 from opd.models import tiny_config
 from shared.tokenizer import build_tokenizer
-from tests.conftest import help_imports_torch
+from tests.conftest import main_imports_torch
 
 
 def opd(*args: str) -> subprocess.CompletedProcess:
@@ -90,6 +90,8 @@ def test_a_negative_demo_interval_is_a_usage_error(capsys):
     assert exit_info.value.code == 2 and "-1 is negative" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["demo", "--help"]])
-def test_help_is_quick_because_it_does_not_import_torch(argv):
-    assert not help_imports_torch("opd.cli", argv)
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["eval", "--help"], ["demo", "--help"], ["task", "--n", "1"]]
+)
+def test_help_and_task_are_quick_because_they_do_not_import_torch(argv):
+    assert not main_imports_torch("opd.cli", argv)

@@ -7,6 +7,7 @@ import json
 import msgpack
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from shared.errors import InvalidRequest, MalformedBody
 from shared.protocol import (
@@ -115,3 +116,15 @@ def test_bad_binary_ragged_counts():
     with pytest.raises(MalformedBody) as info:
         decode_request(msgpack.packb(body), binary=True)
     assert info.value.param == "candidate_ids.0"
+
+
+@pytest.mark.parametrize("ids", [(True, 2), [1, "2"], (1, 2.0)])
+def test_token_ids_must_be_integers_in_a_list_or_a_tuple(ids):
+    with pytest.raises(ValidationError, match="token ids are integers"):
+        ScoreRequest(sequences=[{"prompt_ids": ids, "completion_ids": [5]}])
+
+
+def test_numpy_integers_from_a_clients_arrays_are_token_ids():
+    ids = np.array([1, 21, 18], dtype=np.int64)
+    request = ScoreRequest(sequences=[{"prompt_ids": list(ids), "completion_ids": (np.int32(5),)}])
+    assert request.sequences[0].prompt_ids == [1, 21, 18]

@@ -10,7 +10,7 @@ import torch
 
 from services.teacher.cli import main, open_access_warning, startup_error
 from services.teacher.settings import TeacherSettings
-from tests.conftest import help_imports_torch
+from tests.conftest import main_imports_torch
 
 
 def test_a_bad_device_is_refused_before_serving(capsys):
@@ -45,7 +45,7 @@ def test_serving_beyond_loopback_without_a_key_warns(host, key, warns):
 
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
 def test_help_is_quick_because_it_does_not_import_torch(argv):
-    assert not help_imports_torch("services.teacher.cli", argv)
+    assert not main_imports_torch("services.teacher.cli", argv)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

@@ -43,10 +43,17 @@ def test_trl_top_logprobs_over_the_limit_is_named_in_trl_words(teacher_url):
     )
 
 
-@pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
-def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, field):
-    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, field: 25})
-    assert_error(r, 400, param=field, says=f"{field} 25 exceeds this server's max_top_k 20")
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"prompt_logprobs": 25}, "prompt_logprobs"),
+        ({"logprobs": 25}, "logprobs"),
+        ({"prompt_logprobs": 2, "logprobs": 25}, "logprobs"),
+    ],
+)
+def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, named):
+    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields})
+    assert_error(r, 400, param=named, says=f"{named} 25 exceeds this server's max_top_k 20")
 
 
 def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):

@@ -14,7 +14,7 @@ from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient
-from shared.errors import TeacherError
+from shared.errors import ServerError
 from shared.protocol import (
     FRAMES,
     FrameReader,
@@ -121,7 +121,10 @@ def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly(
 
 
 class CutOffStream(http.server.BaseHTTPRequestHandler):
-    """Answers a stream with one result frame and then hangs up, as a dying replica would."""
+    """Answers a stream with one result frame, or part of one, and hangs up, as a dying replica
+    would."""
+
+    cut = 0  # bytes of the frame left unsent
 
     def do_POST(self):  # noqa: N802 (the name http.server calls)
         while size := int(self.rfile.readline(), 16):  # read the chunked request body
@@ -131,16 +134,19 @@ class CutOffStream(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", FRAMES)
         self.end_headers()
-        self.wfile.write(encode_stream_score(0, 0, score, 0.0))
+        frame = encode_stream_score(0, 0, score, 0.0)
+        self.wfile.write(frame[: len(frame) - self.cut])
 
     def log_message(self, *args):
         pass
 
 
-def test_a_stream_cut_off_before_its_done_frame_raises():
+@pytest.mark.parametrize("cut", [0, 3], ids=["between frames", "inside a frame"])
+def test_a_stream_cut_off_before_its_done_frame_raises_a_server_error(cut):
     good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
-    with plain_http(CutOffStream) as url:
-        with TeacherClient(url) as client, pytest.raises(TeacherError, match="done frame"):
+    handler = type("Cut", (CutOffStream,), {"cut": cut})
+    with plain_http(handler) as url:
+        with TeacherClient(url) as client, pytest.raises(ServerError, match="done frame"):
             list(client.score_stream([good]))
 
         async def stream_async():
@@ -151,5 +157,5 @@ def test_a_stream_cut_off_before_its_done_frame_raises():
 
                 return [item async for item in client.score_stream(frames())]
 
-        with pytest.raises(TeacherError, match="done frame"):
+        with pytest.raises(ServerError, match="done frame"):
             asyncio.run(stream_async())

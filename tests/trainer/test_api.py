@@ -62,6 +62,15 @@ def test_a_body_in_another_form_is_415_as_on_the_teacher(trainer_url):
     assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
 
 
+def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # what a previous run leaves
+    before = httpx.get(trainer_url + "/runs").json()
+    r = httpx.post(trainer_url + "/runs", json={"out": str(tmp_path), "steps": 1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "out"
+    assert "--overwrite to start over" in r.json()["error"]["message"]
+    assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
+
+
 def events_of(url: str, run_id: str) -> list[dict]:
     events = []
     with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=300) as response:

@@ -1,11 +1,12 @@
 """Checkpoints: a round trip restores weights, optimizer, RNG states and position; old ones are
-pruned; a checkpoint cut off mid-write is never the one `latest` points to."""
+pruned; a run killed mid-write leaves the previous checkpoint as the latest, whole."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from opd.bundled import STUDENT_PATH
@@ -53,13 +54,28 @@ def test_a_round_trip_restores_everything_a_run_continues_from(tmp_path):
     assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
 
 
-def test_old_checkpoints_are_pruned_and_a_half_written_one_is_ignored(tmp_path):
+def test_old_checkpoints_are_pruned(tmp_path):
     model, tokenizer, optimizer = trained_student()
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(step), keep=2)
     root = checkpoint.checkpoint_dir(tmp_path)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
-    # A run killed while writing step 4 leaves its temporary folder; `latest` still says step 3.
-    (root / ".step_000004.tmp").mkdir()
-    assert checkpoint.latest(tmp_path).name == "step_000003"
     assert checkpoint.latest(tmp_path / "elsewhere") is None
+
+
+class DiesWhileSaving:
+    """A tokenizer whose save fails, as a run killed in the middle of writing a checkpoint."""
+
+    def save_pretrained(self, folder):
+        raise KeyboardInterrupt
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, model, DiesWhileSaving(), optimizer, state_at(4))
+    found = checkpoint.latest(tmp_path)
+    assert found.name == "step_000003"
+    assert checkpoint.load(found, model, optimizer) == state_at(3)
+    assert not (checkpoint.checkpoint_dir(tmp_path) / "step_000004").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.trainer.cli import build_parser, config_from_args, main
-from tests.conftest import help_imports_torch
+from tests.conftest import main_imports_torch
 
 
 def errors_of(capsys, *argv: str) -> str:
@@ -71,4 +71,4 @@ def test_serve_refuses_a_port_out_of_range(capsys):
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["serve", "--help"]])
 def test_help_is_quick_because_it_does_not_import_torch(argv):
-    assert not help_imports_torch("services.trainer.cli", argv)
+    assert not main_imports_torch("services.trainer.cli", argv)

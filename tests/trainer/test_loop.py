@@ -178,6 +178,10 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process):
     run(cfg.model_copy(update={"steps": 1, "overwrite": True}))
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
     assert [p.name for p in checkpoint_dir(out).glob("step_*")] == ["step_000001"]
+    # A run killed before its first checkpoint left its config and logs: they are kept too.
+    (checkpoint_dir(out) / "latest").unlink()
+    with pytest.raises(RunError, match="no checkpoint yet"):
+        run(cfg)
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
