@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -44,20 +46,31 @@ def start_teacher(
         "warning",
         *extra_args,
     ]
-    if log_path:
-        with open(log_path, "ab") as log:  # the child holds its own copy of the descriptor
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    else:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # Without a log path the log still goes to a file, until the server is up: a server that exits
+    # at once says why in its last line, and the error should too.
+    log = Path(log_path or tempfile.mkstemp(prefix="opd-teacher-", suffix=".log")[1])
+    with log.open("ab") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(proc.pid, cpus)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, ready_timeout)
-    except BaseException:
+    except BaseException as exc:
+        exited = proc.poll() is not None
         stop(proc)
+        if exited and isinstance(exc, RuntimeError) and (said := _last_line(log)):
+            raise RuntimeError(f"{exc}: {said}") from None
         raise
+    finally:
+        if not log_path:
+            log.unlink(missing_ok=True)
     return proc, url
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:

@@ -1,4 +1,5 @@
-"""start_teacher: a server whose model cannot load is reported at once, with the reason, and stopped."""
+"""start_teacher: a server whose model cannot load, or that refuses its settings, is reported at once
+with the reason, and stopped."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ def test_a_model_that_cannot_load_fails_fast_with_the_reason(tmp_path):
     assert time.monotonic() - started < 60
     with pytest.raises(httpx.ConnectError):  # the server process is gone
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_a_server_that_refuses_its_settings_says_why_through_start_teacher(tmp_path):
+    with pytest.raises(RuntimeError, match=r"exited with code 2: .*no config\.json"):
+        start_teacher(str(tmp_path), threads=1)  # no log file asked for: the reason still shows
