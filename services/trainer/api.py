@@ -19,6 +19,7 @@ import itertools
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -112,6 +113,15 @@ class Runs:
         self.records: dict[str, RunRecord] = {}
         self._ids = itertools.count(1)
 
+    def writing_to(self, out: str) -> RunRecord | None:
+        """The unfinished run that writes into `out`, if any: a second run there, even with
+        --overwrite or --resume, would interleave its files with the first one's."""
+        folder = Path(out).resolve()
+        for record in self.records.values():
+            if not record.finished and Path(record.config.out).resolve() == folder:
+                return record
+        return None
+
     def start(self, cfg: RunConfig) -> RunRecord:
         record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
         self.records[record.id] = record
@@ -156,6 +166,9 @@ def runs_of(request: Request) -> Runs:
 
 @router.post("/runs", status_code=201)
 async def start_run(cfg: RunConfig, request: Request) -> dict:
+    busy = runs_of(request).writing_to(cfg.out)
+    if busy:  # its thread may not have written config.json yet, so check_out_is_free can't see it
+        raise InvalidRequest(f"out {cfg.out} is in use by {busy.id} ({busy.status})", param="out")
     try:  # refused here, not in the run's thread after a 201
         check_out_is_free(cfg)
     except RunError as exc:

@@ -102,6 +102,10 @@ def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_
 def test_stop_ends_a_run_after_the_current_step(trainer_url, teacher_url, tmp_path):
     body = {**SMALL, "teacher_url": [teacher_url], "steps": 500, "out": str(tmp_path / "run")}
     run_id = httpx.post(trainer_url + "/runs", json=body).json()["id"]
+    # A second run into the folder of a running one is refused, even one told to overwrite it.
+    second = httpx.post(trainer_url + "/runs", json={**body, "overwrite": True})
+    assert second.status_code == 422 and second.json()["error"]["param"] == "out"
+    assert f"in use by {run_id}" in second.json()["error"]["message"]
     with httpx.stream("GET", f"{trainer_url}/runs/{run_id}/events", timeout=300) as response:
         for line in response.iter_lines():
             if line.startswith("event: step"):
