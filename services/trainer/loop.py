@@ -27,7 +27,7 @@ from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import parse_schedule, warmup_lr
-from services.trainer.step import distillation_loss
+from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.task import problems
 
@@ -205,12 +205,10 @@ class Run:
             cfg.micro_batch,
         )
         generated = time.perf_counter()
-        scores, fstats = feed.finish()
-        scored = time.perf_counter()
         self.model.train()
-        result = distillation_loss(self.model, rollouts, scores, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        result = accumulate_gradients(self.model, feed.scored_frames(), cfg)
+        scores, fstats = feed.finish()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.model.eval()
@@ -222,7 +220,7 @@ class Run:
         tokens = sum(len(r.completion_ids) for r in rollouts)
         state.tokens_generated += tokens
         state.teacher_tokens += fstats.scored_tokens
-        teacher_wait = scored - generated
+        teacher_wait = fstats.wait_s
         self._sample_event(rollouts[0], scores[rollouts[0].key])
         return {
             "step": state.step,
@@ -231,18 +229,18 @@ class Run:
             # Share of rollout tokens left out of the loss by --cut-at-error (0 when it is off).
             "cut_fraction": result.cut_tokens / max(1, tokens),
             "reverse_kl": result.reverse_kl,
-            "loss": float(result.loss.detach()),
+            "loss": result.loss,
             "grad_norm": float(grad_norm),
             "step_s": done - started,
             "generate_s": generated - started,
             "teacher_wait_s": teacher_wait,
             "teacher_compute_s": fstats.compute_s,
-            # Share of the teacher's scoring time spent while the student was still generating;
-            # None when the teacher does not time its forwards (the vllm backend).
+            # Share of the teacher's scoring time spent while the student generated or trained on
+            # scored micro-batches; None when the teacher does not time its forwards (vllm backend).
             "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
             if fstats.compute_s > 0
             else None,
-            "update_s": done - scored,
+            "update_s": done - generated - teacher_wait,
             "tokens_generated": tokens,
             "teacher_tokens": fstats.scored_tokens,
             "rescored": fstats.rescored,

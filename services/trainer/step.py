@@ -1,11 +1,14 @@
 """One distillation update's tensors: the student's log-probs on its own rollouts, the teacher's from
-its scores, and the configured loss (from services.trainer.losses) over them."""
+its scores, and the configured loss (from services.trainer.losses) over them, backpropagated one
+micro-batch at a time as the teacher's scores arrive."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from services.trainer import losses
 from services.trainer.config import RunConfig
@@ -14,12 +17,27 @@ from shared.protocol import SequenceScore
 
 
 @dataclass
-class StepLoss:
-    loss: torch.Tensor
-    reverse_kl: float  # per-token estimate of KL(student || teacher) on the rollouts
-    kl_profile: list[float | None]  # the same by position bucket of 8 tokens
+class MicroBatchLoss:
+    loss: torch.Tensor  # mean over the tokens it trains on
     tokens: int  # completion tokens trained on
     cut_tokens: int  # rollout tokens left out for following a teacher-flagged error
+    teacher_B_T: torch.Tensor  # the teacher's log-prob of each rollout token (0 past its end)
+    student_B_T: torch.Tensor  # the student's, detached
+    mask_B_T: torch.Tensor  # 1 on every rollout token, trained on or cut
+
+    @property
+    def reverse_kl(self) -> float:
+        """Per-token estimate of KL(student || teacher) on every rollout token, cut or not."""
+        return losses.reverse_kl_estimate(self.teacher_B_T, self.student_B_T, self.mask_B_T)
+
+
+@dataclass
+class StepLoss:
+    loss: float  # mean over the step's trained tokens
+    reverse_kl: float  # per-token estimate of KL(student || teacher) on the rollouts
+    kl_profile: list[float | None]  # the same by position bucket of 8 tokens
+    tokens: int
+    cut_tokens: int
 
 
 def padded(rows: list[list], width: int, fill, dtype) -> torch.Tensor:
@@ -60,9 +78,46 @@ def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch
     return torch.where(real_B_T.to(picked_B_T.device), picked_B_T, 0.0)
 
 
+def accumulate_gradients(
+    model,
+    scored: Iterable[tuple[list[Rollout], dict[int, SequenceScore]]],
+    cfg: RunConfig,
+) -> StepLoss:
+    """Backpropagates the step's loss one scored micro-batch at a time, so the student trains on the
+    first ones while the teacher still scores the rest, and holds one micro-batch's activations at a
+    time. The gradient is the whole batch's: each micro-batch's mean is weighted by its token count
+    and the sum divided by the step's count (which --cut-at-error makes known only at the end)."""
+    parts = []
+    for rollouts, scores in scored:
+        part = distillation_loss(model, rollouts, scores, cfg)
+        (part.loss * part.tokens).backward()
+        parts.append(part)
+    tokens = sum(p.tokens for p in parts)
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.div_(max(tokens, 1))
+    teacher_B_T, student_B_T, mask_B_T = (
+        stacked([getattr(p, name) for p in parts])
+        for name in ("teacher_B_T", "student_B_T", "mask_B_T")
+    )
+    return StepLoss(
+        loss=sum(float(p.loss.detach()) * p.tokens for p in parts) / max(tokens, 1),
+        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, mask_B_T),
+        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, mask_B_T),
+        tokens=tokens,
+        cut_tokens=sum(p.cut_tokens for p in parts),
+    )
+
+
+def stacked(rows_B_T: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches' [B_i, T_i] tensors as one [sum B_i, max T_i], zero-padded on the right."""
+    width = max(t.shape[1] for t in rows_B_T)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in rows_B_T])
+
+
 def distillation_loss(
     model, rollouts: list[Rollout], scores: dict[int, SequenceScore], cfg: RunConfig
-) -> StepLoss:
+) -> MicroBatchLoss:
     logp_B_T_V, mask_B_T = student_logprobs(model, rollouts)
     width = mask_B_T.shape[1]
     device = logp_B_T_V.device
@@ -96,12 +151,13 @@ def distillation_loss(
         else:
             loss = losses.topk_jsd(student_topk, topk_lp.to(device), loss_mask_B_T, cfg.jsd_beta)
     # The KL is measured on every rollout token, whatever the loss trained on.
-    return StepLoss(
+    return MicroBatchLoss(
         loss=loss,
-        reverse_kl=losses.reverse_kl_estimate(teacher_B_T, student_B_T, mask_B_T),
-        kl_profile=losses.kl_by_position(teacher_B_T, student_B_T, mask_B_T),
         tokens=int(loss_mask_B_T.sum()),
         cut_tokens=int((mask_B_T - loss_mask_B_T).sum()),
+        teacher_B_T=teacher_B_T.detach().cpu(),
+        student_B_T=student_B_T.detach().cpu(),
+        mask_B_T=mask_B_T.detach().cpu(),
     )
 
 

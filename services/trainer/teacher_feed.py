@@ -8,6 +8,8 @@ answered are scored again elsewhere; each rollout's score is taken exactly once.
     feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
     step.put(micro_batch)                          # from the generating thread, as rollouts finish
+    for rollouts, scores in step.scored_frames():  # after the last put: each micro-batch once scored
+        ...
     scores, stats = step.finish()                  # blocks until every rollout has its score
 """
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
@@ -31,6 +35,7 @@ class FeedStats:
     compute_s: float = 0.0  # teacher forward time for this step's sequences
     scored_tokens: int = 0
     rescored: int = 0  # sequences scored again after a replica failed
+    wait_s: float = 0.0  # time scored_frames() blocked its caller, waiting for scores
 
 
 def _replica_fault(error: dict) -> bool:
@@ -66,17 +71,55 @@ class StepFeed:
         self.frames: list[list[Rollout]] = []
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
+        # Guards frames and scores, which the loop's thread writes and scored_frames() reads.
+        self._changed = threading.Condition()
+        self._input_closed = False  # the loop's thread has taken the end of input
+        self._closing = False  # the caller has sent it
         self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        self._done.add_done_callback(lambda _: self._notify())
 
     def put(self, rollouts: list[Rollout]) -> None:
         """Queue a micro-batch for scoring; blocks while the queue is full (backpressure)."""
         asyncio.run_coroutine_threadsafe(self._inbox.put(list(rollouts)), self._loop).result()
 
+    def scored_frames(self) -> Iterator[tuple[list[Rollout], dict[int, SequenceScore]]]:
+        """Call after the last put. Yields each micro-batch with its rollouts' scores, in the order
+        they were put, as soon as the whole micro-batch is scored: the caller can train on it while
+        the teacher scores the rest. Time spent blocked counts in stats.wait_s."""
+        self._close_input()
+        index = 0
+        while True:
+            started = time.perf_counter()
+            with self._changed:
+                self._changed.wait_for(lambda i=index: self._frame_ready(i) or self._done.done())
+                ready = self._frame_ready(index)
+                exhausted = self._input_closed and index >= len(self.frames)
+            self.stats.wait_s += time.perf_counter() - started
+            if not ready:
+                if not exhausted:
+                    self._done.result()  # the feed failed: raise its error here
+                return
+            frame = self.frames[index]
+            yield frame, {r.key: self.scores[r.key] for r in frame}
+            index += 1
+
     def finish(self) -> tuple[dict[int, SequenceScore], FeedStats]:
         """Wait for every queued rollout's score; returns {rollout.key: score} and stats."""
-        asyncio.run_coroutine_threadsafe(self._inbox.put(None), self._loop).result()
+        self._close_input()
         self._done.result()
         return self.scores, self.stats
+
+    def _close_input(self) -> None:
+        if not self._closing:
+            self._closing = True
+            asyncio.run_coroutine_threadsafe(self._inbox.put(None), self._loop).result()
+
+    def _frame_ready(self, index: int) -> bool:
+        return index < len(self.frames) and all(r.key in self.scores for r in self.frames[index])
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def _request(self, rollouts: list[Rollout]) -> ScoreRequest:
         return ScoreRequest(
@@ -91,11 +134,14 @@ class StepFeed:
         lanes: dict[str, _Lane] = {}
         while (batch := await self._inbox.get()) is not None:
             frame = len(self.frames)
-            self.frames.append(batch)
+            with self._changed:
+                self.frames.append(batch)
             lane = self._pick_lane(lanes)
             lane.sent.append(frame)
             lane.outstanding += len(batch)
             await lane.queue.put(frame)
+        with self._changed:
+            self._input_closed = True
         for lane in lanes.values():
             await lane.queue.put(None)
         outcomes = await asyncio.gather(
@@ -146,7 +192,9 @@ class StepFeed:
     def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         if rollout.key in self.scores:
             return  # already answered (a rescored duplicate): each rollout counts once
-        self.scores[rollout.key] = score
+        with self._changed:
+            self.scores[rollout.key] = score
+            self._changed.notify_all()
         self.stats.compute_s += compute_s
         self.stats.scored_tokens += len(score.logprobs)
 

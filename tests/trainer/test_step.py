@@ -1,14 +1,22 @@
-"""One update's tensors: the student's log-probs of its own tokens, and --cut-at-error leaving every
-position after a rollout's first teacher-flagged error out of the loss."""
+"""One update's tensors: the student's log-probs of its own tokens, --cut-at-error leaving every
+position after a rollout's first teacher-flagged error out of the loss, and gradients accumulated
+micro-batch by micro-batch equal to the whole batch's."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from services.trainer import losses
 from services.trainer.config import RunConfig
 from services.trainer.rollout import sample_rollouts
-from services.trainer.step import distillation_loss, sampled_logprobs, student_logprobs
+from services.trainer.step import (
+    accumulate_gradients,
+    distillation_loss,
+    sampled_logprobs,
+    student_logprobs,
+)
 from shared.protocol import SequenceScore
 from shared.task import problems
 
@@ -81,3 +89,30 @@ def test_cut_at_error_drops_what_follows_the_first_error_and_keeps_the_error(stu
                 assert result.cut_tokens == n0 - error_at - 1
                 assert result.tokens == total - result.cut_tokens
             assert float(mild.loss.detach()) == float(harsh.loss.detach()), loss
+
+
+def whole_batch_gradient(model, rollouts, scores, cfg):
+    model.zero_grad(set_to_none=True)
+    result = distillation_loss(model, rollouts, scores, cfg)
+    result.loss.backward()
+    return result, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl_topk"])
+def test_micro_batch_gradients_add_up_to_the_whole_batchs(student, loss):
+    model = student[0]
+    rollouts = rollouts_of(student, n_problems=5, horizon=48)  # 10 ragged rollouts
+    # An error in rollout 0 with the cut on: micro-batches then train on unequal token counts.
+    scores = scores_with_an_error(rollouts, error_at=5, after=-3.0)
+    cfg = RunConfig(cut_at_error=2.0, loss=loss, top_k=2)
+    whole, expected = whole_batch_gradient(model, rollouts, scores, cfg)
+    model.zero_grad(set_to_none=True)
+    parts = [rollouts[:3], rollouts[3:4], rollouts[4:]]
+    step = accumulate_gradients(model, [(p, scores) for p in parts], cfg)
+    for param, want in zip(model.parameters(), expected):
+        assert torch.allclose(param.grad, want, atol=1e-6, rtol=1e-5)
+    assert step.tokens == whole.tokens and step.cut_tokens == whole.cut_tokens > 0
+    assert step.loss == pytest.approx(float(whole.loss.detach()), abs=1e-6)
+    assert step.reverse_kl == pytest.approx(whole.reverse_kl, abs=1e-6)
+    full_profile = losses.kl_by_position(whole.teacher_B_T, whole.student_B_T, whole.mask_B_T)
+    assert step.kl_profile == pytest.approx(full_profile, abs=1e-5)

@@ -1,5 +1,6 @@
-"""The trainer's teacher feed against a real teacher server: a replica's failure is scored around,
-and closing the feed leaves nothing running."""
+"""The trainer's teacher feed against a real teacher server: scored micro-batches come back in the
+order they were put, a replica's failure is scored around, and closing the feed leaves nothing
+running."""
 
 from __future__ import annotations
 
@@ -23,9 +24,29 @@ def test_close_cancels_a_step_that_was_never_finished(teacher_url):
     assert not asyncio.all_tasks(feed.loop)  # no task left for the stopped loop to drop
 
 
-def rollouts(n: int) -> list[Rollout]:
+def rollouts(n: int, first_key: int = 0) -> list[Rollout]:
     problem = problems("train", 1, seed=0)[0]
-    return [Rollout(k, problem, [1, 21, 18], [5, 6, 7], [0.0] * 3, True) for k in range(n)]
+    return [
+        Rollout(k, problem, [1, 21, 18], [5, 6, 7], [0.0] * 3, True)
+        for k in range(first_key, first_key + n)
+    ]
+
+
+def test_scored_frames_come_in_the_order_put_each_with_its_own_scores(teacher_url):
+    feed = TeacherFeed([teacher_url])
+    try:
+        step = feed.begin(max_positions=8)
+        frames = [rollouts(3, 0), rollouts(1, 3), rollouts(2, 4)]
+        for frame in frames:
+            step.put(frame)
+        got = list(step.scored_frames())
+        scores, stats = step.finish()
+    finally:
+        feed.close()
+    assert [[r.key for r in f] for f, _ in got] == [[r.key for r in f] for f in frames]
+    assert all(sorted(s) == [r.key for r in f] for f, s in got)  # each frame's scores, no others
+    assert sorted(scores) == list(range(6)) and stats.scored_tokens == 18
+    assert stats.wait_s > 0
 
 
 def test_a_replica_whose_forward_fails_mid_step_is_scored_around():
@@ -37,8 +58,11 @@ def test_a_replica_whose_forward_fails_mid_step_is_scored_around():
             backend.crash_next = True  # the first frame's forward fails, as on a CUDA OOM
             step = feed.begin(max_positions=8)
             step.put(rollouts(4))
+            (frame, frame_scores), *more = step.scored_frames()
             scores, stats = step.finish()
         finally:
             feed.close()
     assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == 4
+    # The rescored frame is yielded once, whole.
+    assert not more and sorted(frame_scores) == sorted(scores)
     assert all(len(score.logprobs) == 3 for score in scores.values())
