@@ -18,8 +18,9 @@ Streaming form (`POST /score/stream`, Content-Type `application/x-opd-frames`): 
 of frames, each a 4-byte little-endian length and a msgpack map. Each request frame is one binary
 ScoreRequest (a micro-batch of rollouts, sent as soon as it is ready); the response streams one frame
 per scored sequence, {"frame": i, "index": j, "score": <binary SequenceScore>, "compute_s": float},
-in the order they finish, an {"frame": i, "error": {...}} frame for a frame that was refused, and a
-last {"done": true, "frames": n, "sequences": m} frame.
+in the order they finish, an {"frame": i, "error": {...}} frame for a frame that was refused (or for
+broken framing, which ends the input once the whole frames before it are answered), and a last
+{"done": true, "frames": n, "sequences": m} frame.
 
 Binary form (Content-Type / Accept `application/msgpack`): the same maps, with every id array packed
 as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of

@@ -199,18 +199,23 @@ class DuplexStreamingResponse(StreamingResponse):
 
 
 async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
-    """Score each frame as soon as it arrives; put result frames on `out`, then None."""
+    """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
+    framing ends the input, saying why, after the frames before it are answered."""
     reader = FrameReader(state.settings.max_body_bytes)
     tasks: list[asyncio.Task] = []
+    broken: TeacherError | None = None
     try:
-        async for chunk in request.stream():
-            for payload in reader.feed(chunk):
-                tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
-        reader.finish()
+        try:
+            async for chunk in request.stream():
+                for payload in reader.feed(chunk):
+                    tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
+            reader.finish()
+        except TeacherError as err:
+            broken = err
         counts = await asyncio.gather(*tasks)
+        if broken is not None:
+            await out.put(encode_stream_error(len(tasks), broken))
         await out.put(encode_stream_done(len(tasks), sum(counts)))
-    except TeacherError as err:  # broken framing ends the stream, saying why
-        await out.put(encode_stream_error(len(tasks), err))
     finally:
         for task in tasks:
             task.cancel()

@@ -18,8 +18,10 @@ from shared.errors import ServerError
 from shared.protocol import (
     FRAMES,
     FrameReader,
+    ScoreRequest,
     SequenceScore,
     decode_stream_item,
+    encode_request_frame,
     encode_stream_score,
 )
 from tests.conftest import plain_http, serve
@@ -81,12 +83,17 @@ def test_a_bad_frame_gets_an_error_frame_and_the_rest_are_scored(teacher_url):
     assert sorted(i.frame for i in items if i.score is not None) == [0, 2]
 
 
-def test_broken_framing_ends_the_stream_saying_why(teacher_url):
-    body = (100).to_bytes(4, "little") + b"short"
+def test_broken_framing_ends_the_stream_saying_why_after_answering_the_frames_before(teacher_url):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    body = encode_request_frame(ScoreRequest.model_validate(good))
+    body += (100).to_bytes(4, "little") + b"short"
     r = httpx.post(teacher_url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
     reader = FrameReader(2**20)
     items = [decode_stream_item(p) for p in reader.feed(r.content)]
-    assert items[-1].error is not None and "inside a frame" in items[-1].error["message"]
+    assert [i.frame for i in items if i.score is not None] == [0]  # the whole frame is answered
+    error, done = items[-2:]
+    assert error.frame == 1 and "inside a frame" in error.error["message"]
+    assert error.error["code"] == 400 and done.done
 
 
 def test_stream_needs_its_content_type(teacher_url):
