@@ -67,6 +67,21 @@ def _an_integer(value: Any) -> Any:
     return value
 
 
+def _a_number(value: Any) -> Any:
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"must be a number, not {type(value).__name__}")
+    return value
+
+
+# Scoring divides float32 logits by the temperature: below 0.01 they overflow to inf and NaN (vLLM
+# raises such temperatures to 0.01 for the same reason); above 1e4 every distribution is uniform.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1e4
+Temperature = Annotated[
+    float,
+    BeforeValidator(_a_number),
+    Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False),
+]
+
 # int32 on the binary wire, so ids must fit in it.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], BeforeValidator(_integers_only)]
@@ -86,7 +101,7 @@ class ScoreRequest(BaseModel):
     candidate_ids: list[list[TokenIds]] | None = Field(
         None, description="Per sequence, per scored position: token ids to score there."
     )
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Divides the logits.")
+    temperature: Temperature = Field(1.0, description="Divides the logits.")
     max_positions: Count | None = Field(
         None, ge=1, description="Score only the first H completion tokens (the rollout horizon)."
     )

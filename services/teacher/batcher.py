@@ -119,19 +119,23 @@ class Batcher:
         self._queued_tokens -= sum(len(i.job.input_ids) for i in batch)
         self._queued_seqs -= len(batch)
         live = [i for i in batch if not i.future.done()]
-        if not live:
-            return
+        if live:
+            await self._score(live)
+
+    async def _score(self, live: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             scores = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.job for i in live]
             )
-        except Exception as exc:  # the failure reaches every request in the batch
+        except Exception as exc:
             log.exception("scoring a batch of %d sequences failed", len(live))
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            if len(live) > 1:  # one sequence's failure must not fail the others batched with it
+                for item in live:
+                    await self._score([item])
+            elif not live[0].future.done():
+                live[0].future.set_exception(exc)
             return
         elapsed = loop.time() - started
         tokens = sum(len(i.job.input_ids) for i in live)

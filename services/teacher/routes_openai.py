@@ -15,12 +15,18 @@ import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.teacher.routes import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
-from shared.protocol import ScoreRequest, SequenceScore, TokenIds
+from shared.protocol import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    ScoreRequest,
+    SequenceScore,
+    TokenIds,
+)
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -55,7 +61,14 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0)
     prompt_logprobs: int | None = Field(None, ge=0)
     return_token_ids: bool | None = None
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+
+    @field_validator("temperature")
+    @classmethod
+    def greedy_or_safe(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.teacher.routes import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import ScoreRequest, SequenceScore, TokenIds
+from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds
 
 router = APIRouter(tags=["TRL"])
 
@@ -34,7 +34,7 @@ class SequenceLogprobsRequest(BaseModel):
     sequences: list[TokenIds] = Field(min_length=1)
     prompt_lengths: list[Annotated[int, Field(ge=0)]]
     top_logprobs: int = Field(100, ge=0)
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    temperature: Temperature = 1.0
     response_format: Literal["json", "binary"] = "json"
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.metrics import TeacherMetrics
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, ServerError, TeacherError
 from shared.protocol import ScoreRequest, ScoreResult, SequenceScore, Usage
 
 
@@ -106,7 +106,12 @@ async def score_request(
     """Check `request` against this server and score it on `backend`. The dialects ask for ranks,
     and for a token sampled after each sequence (at `sample_temperature`)."""
     jobs = jobs_from_request(request, limits, want_ranks, sample_temperature)
-    scores = await backend.score(jobs)
+    try:
+        scores = await backend.score(jobs)
+    except TeacherError:
+        raise
+    except Exception as exc:  # a failed forward (logged where it failed): a 500 in the error shape
+        raise ServerError(f"internal error ({type(exc).__name__})") from exc
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)
     )

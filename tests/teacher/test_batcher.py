@@ -1,4 +1,5 @@
-"""The dynamic batcher: token budget, coalescing of concurrent requests, failures reach every waiter."""
+"""The dynamic batcher: token budget, coalescing of concurrent requests, and a failure reaching only
+the requests that cause it."""
 
 from __future__ import annotations
 
@@ -29,16 +30,16 @@ def job(n: int) -> ScoreJob:
 class Recorder:
     """A run_batch that records batch sizes; the first batch waits for a gate, so others queue up."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, poison: frozenset[int] = frozenset()):
         self.sizes: list[int] = []
         self.gate = threading.Event()
-        self.fail = fail
+        self.poison = poison  # sequence lengths that make their whole batch fail
 
     def __call__(self, jobs):
         if not self.sizes:
             self.gate.wait(timeout=10)
         self.sizes.append(len(jobs))
-        if self.fail:
+        if any(len(j.input_ids) in self.poison for j in jobs):
             raise RuntimeError("backend exploded")
         return [
             SequenceScore(logprobs=np.full(j.n_scored, len(j.input_ids), np.float32)) for j in jobs
@@ -69,20 +70,20 @@ def test_concurrent_requests_are_coalesced_and_answered_in_order():
         assert result[0].logprobs[0] == 5 + i  # each request got its own sequence's answer
 
 
-def test_a_failed_batch_fails_every_waiting_request():
+def test_a_failed_batch_fails_only_the_request_that_fails_alone():
     async def run():
-        recorder = Recorder(fail=True)
+        recorder = Recorder(poison=frozenset({6}))
         batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
         batcher.start()
-        results = await submit_while_held(batcher, recorder, 3)
-        # The worker survives the failure and serves the next request.
-        recorder.fail = False
-        after = await batcher.submit([job(3)])
+        results = await submit_while_held(batcher, recorder, 3)  # lengths 4, then 5 6 7 together
+        after = await batcher.submit([job(3)])  # the worker survives and serves the next request
         await batcher.close()
-        return results, after
+        return recorder.sizes, results, after
 
-    results, after = asyncio.run(run())
-    assert all(isinstance(r, RuntimeError) for r in results)
+    sizes, results, after = asyncio.run(run())
+    assert sizes == [1, 3, 1, 1, 1, 1]  # the batch of three failed, then each was scored alone
+    assert isinstance(results[2], RuntimeError)
+    assert [r[0].logprobs[0] for r in (results[0], results[1], results[3])] == [4, 5, 7]
     assert after[0].logprobs[0] == 3
 
 

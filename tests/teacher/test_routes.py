@@ -57,7 +57,11 @@ def seq(prompt, completion):
         (seq([1] * 300, [5] * 300), "sequences.0", "max_seq_len"),
         ({**GOOD, "top_k": 21}, "top_k", "max_top_k 20"),
         ({**GOOD, "top_k": -1}, "top_k", "greater than or equal to 0"),
-        ({**GOOD, "temperature": 0}, "temperature", "greater than 0"),
+        ({**GOOD, "temperature": 0}, "temperature", "greater than or equal to 0.01"),
+        # Would overflow float32 (a 500 that failed every request batched with it) or give NaN.
+        ({**GOOD, "temperature": 1e-40}, "temperature", "greater than or equal to 0.01"),
+        ({**GOOD, "temperature": 1e39}, "temperature", "less than or equal to 10000"),
+        ({**GOOD, "temperature": "0.5"}, "temperature", "must be a number, not str"),
         ({**GOOD, "candidate_ids": [[[1], [2]]]}, "candidate_ids.0", "2 positions"),
         ({**GOOD, "candidate_ids": [[[1]] * 3, [[1]] * 3]}, "candidate_ids", "2 entries"),
         ({**GOOD, "candidate_ids": [[[1], [2], [99]]]}, "candidate_ids.0.2", "out of range"),
@@ -246,3 +250,18 @@ def test_openapi_documents_score(teacher_url):
 
 def test_unknown_route_is_404_in_the_error_shape(teacher_url):
     assert_error(httpx.get(teacher_url + "/nope"), 404)
+
+
+def test_a_failed_forward_is_a_500_and_the_connection_stays_usable():
+    from tests.teacher.test_stream import CrashingBackend
+
+    backend = CrashingBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as url, httpx.Client(base_url=url) as http:
+        for _ in range(3):
+            backend.crash_next = True
+            r = http.post("/score", json=GOOD)
+            assert_error(r, 500, says="internal error (RuntimeError)")
+            # The same keep-alive connection serves the next request: the failure was answered,
+            # not re-raised to the server (which logs it as a crash and drops the connection).
+            assert http.post("/score", json=GOOD).status_code == 200

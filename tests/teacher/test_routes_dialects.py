@@ -61,8 +61,8 @@ def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):
     assert_error(r, 400, param="prompt", says="out of range")
 
 
-@pytest.mark.parametrize("temperature", [-1, float("nan"), float("inf")])
-def test_openai_temperature_must_be_a_finite_non_negative_number(teacher_url, temperature):
+@pytest.mark.parametrize("temperature", [-1, float("nan"), float("inf"), 1e-300, 1e39])
+def test_openai_temperature_must_be_greedy_or_a_safe_number(teacher_url, temperature):
     body = json.dumps({**OPENAI_GOOD, "temperature": temperature}).encode()  # NaN, Infinity
     assert_error(post(teacher_url, OPENAI, body), 400, param="temperature")
 
@@ -76,3 +76,9 @@ def test_openai_max_tokens_left_at_its_default_says_so(teacher_url):
     body = {k: v for k, v in OPENAI_GOOD.items() if k != "max_tokens"}
     r = post(teacher_url, OPENAI, body)
     assert_error(r, 400, param="max_tokens", says="max_tokens=16 (the default when it is not sent)")
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e39, "2"])
+def test_trl_temperature_must_be_a_safe_number(teacher_url, temperature):
+    body = {**TRL_GOOD, "temperature": temperature}
+    assert_error(post(teacher_url, TRL, body), 400, param="temperature")
