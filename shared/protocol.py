@@ -199,7 +199,9 @@ def encode_request(request: ScoreRequest, binary: bool) -> bytes:
 
 def decode_request(body: bytes, binary: bool) -> ScoreRequest:
     data = _unpack(body) if binary else load_json(body)
-    if binary and isinstance(data, dict):
+    if not isinstance(data, dict):  # a list or a number is no request at all, not a bad field
+        raise MalformedBody(f"body must be a {'msgpack map' if binary else 'JSON object'}")
+    if binary:
         data = _unpack_request_arrays(data)
     return validate_request(data)
 

@@ -130,6 +130,8 @@ async def read_model(request: Request, model: type[M], limit_bytes: int) -> M:
         data = load_json(await read_body(request, limit_bytes))
     except MalformedBody as exc:
         raise BadRequest(exc.message) from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:

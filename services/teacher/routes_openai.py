@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.teacher.routes import Authorized, Ready, in_dialect, read_model
-from services.teacher.scoring import score_request
+from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
@@ -112,6 +112,12 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
         else (body.logprobs if body.echo else None)
     )
     generate = body.max_tokens == 1
+    try:  # every prompt, whether or not log-probs are asked for, as vLLM checks them
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            check_tokens(prompt, state.limits, where, extra=1 if generate else 0)
+    except InvalidRequest as exc:
+        raise in_dialect(exc, "logprobs") from None
     k = max(prompt_k or 0, body.logprobs or 0, 1 if generate else 0)
     # Position i of the scored sequence predicts prompt token i+1; a placeholder token after the
     # prompt makes the last position predict the next token, for greedy generation.
@@ -133,10 +139,9 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
                 sample_temperature=temperature if generate and temperature > 0 else None,
             )
         except InvalidRequest as exc:
-            err = in_dialect(exc, "prompt_logprobs" if body.prompt_logprobs == k else "logprobs")
-            if err.param and err.param.startswith("sequences"):
-                err.param = "prompt"  # the scored sequences are the prompts
-            raise err from None
+            raise in_dialect(
+                exc, "prompt_logprobs" if body.prompt_logprobs == k else "logprobs"
+            ) from None
         scores = dict(zip(need_scores, result.results))
     tokenizer = state.backend.tokenizer
     choices = [

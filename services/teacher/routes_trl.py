@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.teacher.routes import Authorized, Ready, in_dialect, read_model
-from services.teacher.scoring import score_request
+from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
 from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds
 
@@ -54,6 +54,11 @@ async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -
                 f"{len(seq)} (a first token with no context has no log-prob here)",
                 param=f"prompt_lengths.{i}",
             )
+    try:  # every sequence, scored or not, as vLLM checks every prompt
+        for i, seq in enumerate(body.sequences):
+            check_tokens(seq, state.limits, f"sequences.{i}")
+    except InvalidRequest as exc:
+        raise in_dialect(exc, "top_logprobs") from None
     scored = [
         i for i, (seq, n) in enumerate(zip(body.sequences, body.prompt_lengths)) if n < len(seq)
     ]

@@ -122,6 +122,19 @@ async def score_request(
     return ScoreResult(info.model, info.tokenizer_fingerprint, scores, usage)
 
 
+def check_tokens(ids: list[int], limits: Limits, where: str, extra: int = 0) -> None:
+    """A dialect's token-id list, in its own words (`where`), before it becomes a ScoreRequest:
+    every id inside the vocabulary, and the list with `extra` more tokens inside max_seq_len."""
+    if len(ids) + extra > limits.max_seq_len:
+        more = f" (+{extra} to generate)" if extra else ""
+        raise InvalidRequest(
+            f"{where} has {len(ids)} tokens{more}; this server's max_seq_len is "
+            f"{limits.max_seq_len}",
+            param=where,
+        )
+    _check_ids(ids, limits.vocab_size, where)
+
+
 def _check_ids(ids: list[int], vocab_size: int, where: str) -> None:
     if ids and max(ids) >= vocab_size:
         bad = next(i for i in ids if i >= vocab_size)

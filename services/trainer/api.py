@@ -258,6 +258,13 @@ def create_app() -> FastAPI:
         elif first["type"] == "json_invalid":
             reason = first.get("ctx", {}).get("error", "")
             err = MalformedBody(f"body is not valid JSON ({reason})")
+        elif tuple(first["loc"]) == ("body",):  # no config at all, rather than a bad field
+            empty = first["type"] == "missing"
+            err = MalformedBody(
+                "body is empty: send a JSON object ({} for every default)"
+                if empty
+                else "body must be a JSON object"
+            )
         else:
             err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)

@@ -101,7 +101,7 @@ def test_binary_is_smaller_than_json():
             InvalidRequest,
             "sequences.0.completion_ids",
         ),
-        (json.dumps([1, 2]).encode(), InvalidRequest, None),
+        (json.dumps([1, 2]).encode(), MalformedBody, None),  # no request at all
     ],
 )
 def test_bad_json_bodies(body, error, param):

@@ -3,6 +3,7 @@ serving; health, readiness, info, metrics and docs."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -93,6 +94,19 @@ def test_malformed_bodies_are_400(teacher_url):
         "multiple of 4",
     )
     assert post(teacher_url, GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("body", [[GOOD], 5, None])
+def test_a_body_that_is_no_object_is_400_not_a_field_error(teacher_url, body):
+    as_json = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    assert_error(post(teacher_url, as_json, headers), 400, says="body must be a JSON object")
+    packed = msgpack.packb(body)
+    assert_error(
+        post(teacher_url, packed, {"Content-Type": "application/msgpack"}),
+        400,
+        says="body must be a msgpack map",
+    )
 
 
 def test_unsupported_content_type_is_415(teacher_url):

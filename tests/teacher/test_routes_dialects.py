@@ -30,6 +30,12 @@ def test_a_body_that_is_not_json_is_400(teacher_url, route, body):
     assert_error(post(teacher_url, route, body), 400, says="not valid JSON")
 
 
+@pytest.mark.parametrize("route", [TRL, OPENAI])
+@pytest.mark.parametrize("body", [b"[1]", b"null"])
+def test_a_body_that_is_no_object_is_400(teacher_url, route, body):
+    assert_error(post(teacher_url, route, body), 400, says="body must be a JSON object")
+
+
 def test_trl_field_errors_name_the_field_in_plain_words(teacher_url):
     r = post(teacher_url, TRL, {**TRL_GOOD, "sequences": [[1, 21, True, 5]]})
     assert_error(r, 400, param="sequences.0", says="token ids")
@@ -54,6 +60,32 @@ def test_trl_top_logprobs_over_the_limit_is_named_in_trl_words(teacher_url):
 def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, named):
     r = post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields})
     assert_error(r, 400, param=named, says=f"{named} 25 exceeds this server's max_top_k 20")
+
+
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        # Checked even when no log-probs are asked for, as vLLM checks every prompt.
+        ({"prompt": [1, 99], "max_tokens": 0}, "prompt", "token id 99 is out of range"),
+        ({"prompt": [1] * 600, "max_tokens": 0}, "prompt", "600 tokens; this server's max_seq_len"),
+        ({**OPENAI_GOOD, "prompt": [[1, 2], [2, 99]]}, "prompt.1", "prompt.1: token id 99"),
+    ],
+)
+def test_openai_prompts_are_checked_and_named_as_sent(teacher_url, body, param, says):
+    assert_error(post(teacher_url, OPENAI, body), 400, param=param, says=says)
+
+
+@pytest.mark.parametrize(
+    "fields, param, says",
+    [
+        # The first sequence has nothing to score, so it must still count in the index.
+        ({"sequences": [[1, 2], [1, 21, 99]], "prompt_lengths": [2, 2]}, "sequences.1", "id 99"),
+        ({"sequences": [[1, 2], [1, 99]], "prompt_lengths": [1, 2]}, "sequences.1", "id 99"),
+        ({"sequences": [[1] * 600], "prompt_lengths": [3]}, "sequences.0", "max_seq_len"),
+    ],
+)
+def test_trl_sequences_are_checked_and_named_as_sent(teacher_url, fields, param, says):
+    assert_error(post(teacher_url, TRL, {**TRL_GOOD, **fields}), 400, param=param, says=says)
 
 
 def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):

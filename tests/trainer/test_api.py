@@ -55,6 +55,18 @@ def test_a_body_that_is_not_json_is_400_as_on_the_teacher(trainer_url):
     assert "not valid JSON" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "body, says",
+    [(b"[1]", "must be a JSON object"), (b"5", "must be a JSON object"), (b"", "empty")],
+)
+def test_a_body_that_is_no_object_is_400_not_a_field_error(trainer_url, body, says):
+    r = httpx.post(
+        trainer_url + "/runs", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_body"
+    assert says in r.json()["error"]["message"]
+
+
 def test_a_body_in_another_form_is_415_as_on_the_teacher(trainer_url):
     r = httpx.post(
         trainer_url + "/runs", content=b'{"steps": 3}', headers={"content-type": "text/plain"}
