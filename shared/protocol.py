@@ -76,11 +76,8 @@ def _a_number(value: Any) -> Any:
 # Scoring divides float32 logits by the temperature: below 0.01 they overflow to inf and NaN (vLLM
 # raises such temperatures to 0.01 for the same reason); above 1e4 every distribution is uniform.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1e4
-Temperature = Annotated[
-    float,
-    BeforeValidator(_a_number),
-    Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False),
-]
+Number = Annotated[float, BeforeValidator(_a_number), Field(allow_inf_nan=False)]
+Temperature = Annotated[Number, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)]
 
 # int32 on the binary wire, so ids must fit in it.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -346,14 +343,24 @@ class FrameReader:
     def __init__(self, max_frame_bytes: int):
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        self._broken: MalformedBody | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        """The whole frames so far. Broken framing raises MalformedBody, on the next call when the
+        same data held whole frames before it, so those are never lost."""
+        if self._broken is not None:
+            raise self._broken
         self._buffer += data
         frames = []
         while len(self._buffer) >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(self._buffer)
             if size > self.max_frame_bytes:
-                raise MalformedBody(f"frame of {size} bytes exceeds {self.max_frame_bytes} bytes")
+                self._broken = MalformedBody(
+                    f"frame of {size} bytes exceeds {self.max_frame_bytes} bytes"
+                )
+                if frames:
+                    return frames
+                raise self._broken
             if len(self._buffer) < _LENGTH.size + size:
                 break
             frames.append(bytes(self._buffer[_LENGTH.size : _LENGTH.size + size]))
@@ -361,6 +368,8 @@ class FrameReader:
         return frames
 
     def finish(self) -> None:
+        if self._broken is not None:
+            raise self._broken
         if self._buffer:
             raise MalformedBody(f"stream ended inside a frame ({len(self._buffer)} bytes left)")
 

@@ -3,8 +3,8 @@
 Requests put their jobs on a queue; one worker task takes everything pending, sorts it by length (so
 sequences of similar length share a batch and padding stays small), packs batches whose padded size
 (rows x longest row) fits `max_batch_tokens`, and runs each in a worker thread so the event loop keeps
-serving. A failed batch fails every request waiting on it; a request whose client went away is dropped
-without blocking anyone else.
+serving. A failed batch is run again one request at a time, so a failure reaches only the requests
+that fail on their own; a request whose client went away is dropped without blocking anyone else.
 """
 
 from __future__ import annotations
@@ -129,11 +129,12 @@ class Batcher:
             scores = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.job for i in live]
             )
-        except Exception as exc:
-            log.exception("scoring a batch of %d sequences failed", len(live))
+        except Exception as exc:  # the request's own handler logs it, with the traceback
             if len(live) > 1:  # one sequence's failure must not fail the others batched with it
+                log.warning("a batch of %d failed (%r); scoring them one at a time", len(live), exc)
                 for item in live:
-                    await self._score([item])
+                    if not item.future.done():  # a sibling's failure may have cancelled it
+                        await self._score([item])
             elif not live[0].future.done():
                 live[0].future.set_exception(exc)
             return

@@ -23,6 +23,7 @@ from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
+    Number,
     ScoreRequest,
     SequenceScore,
     TokenIds,
@@ -61,7 +62,7 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0)
     prompt_logprobs: int | None = Field(None, ge=0)
     return_token_ids: bool | None = None
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    temperature: Number | None = Field(None, ge=0, le=MAX_TEMPERATURE)
 
     @field_validator("temperature")
     @classmethod
@@ -114,7 +115,7 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
     generate = body.max_tokens == 1
     try:  # every prompt, whether or not log-probs are asked for, as vLLM checks them
         for i, prompt in enumerate(prompts):
-            where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            where = f"prompt.{i}" if isinstance(body.prompt[0], list) else "prompt"  # as sent
             check_tokens(prompt, state.limits, where, extra=1 if generate else 0)
     except InvalidRequest as exc:
         raise in_dialect(exc, "logprobs") from None

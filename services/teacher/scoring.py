@@ -8,6 +8,7 @@ of other trainers) goes through `score_request`, so there is one scoring path.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.metrics import TeacherMetrics
 from shared.errors import InvalidRequest, ServerError, TeacherError
 from shared.protocol import ScoreRequest, ScoreResult, SequenceScore, Usage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,8 @@ async def score_request(
         scores = await backend.score(jobs)
     except TeacherError:
         raise
-    except Exception as exc:  # a failed forward (logged where it failed): a 500 in the error shape
+    except Exception as exc:  # a failed forward: a 500 in the error shape
+        log.exception("scoring %d sequences failed", len(jobs))
         raise ServerError(f"internal error ({type(exc).__name__})") from exc
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)

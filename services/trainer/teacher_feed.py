@@ -98,6 +98,7 @@ class StepFeed:
             if not ready:
                 if not exhausted:
                     self._done.result()  # the feed failed: raise its error here
+                    raise RuntimeError(f"micro-batch {index} ended the step unscored")
                 return
             frame = self.frames[index]
             yield frame, {r.key: self.scores[r.key] for r in frame}

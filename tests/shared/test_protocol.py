@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from shared.errors import InvalidRequest, MalformedBody
 from shared.protocol import (
+    FrameReader,
     ScoreRequest,
     ScoreResult,
     SequenceScore,
@@ -19,6 +20,7 @@ from shared.protocol import (
     decode_response,
     encode_request,
     encode_response,
+    frame_bytes,
 )
 
 REQUEST = ScoreRequest.model_validate(
@@ -128,3 +130,29 @@ def test_numpy_integers_from_a_clients_arrays_are_token_ids():
     ids = np.array([1, 21, 18], dtype=np.int64)
     request = ScoreRequest(sequences=[{"prompt_ids": list(ids), "completion_ids": (np.int32(5),)}])
     assert request.sequences[0].prompt_ids == [1, 21, 18]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_frame_reader_splits_frames_whatever_the_chunking(chunk):
+    stream = b"".join(frame_bytes(p) for p in (b"a", b"", b"xyz" * 50))
+    reader = FrameReader(1000)
+    frames = [f for i in range(0, len(stream), chunk) for f in reader.feed(stream[i : i + chunk])]
+    reader.finish()
+    assert frames == [b"a", b"", b"xyz" * 50]
+
+
+def test_frame_reader_hands_over_whole_frames_before_broken_framing():
+    reader = FrameReader(100)
+    oversize = (2**30).to_bytes(4, "little")
+    assert reader.feed(frame_bytes(b"a") + frame_bytes(b"b") + oversize) == [b"a", b"b"]
+    with pytest.raises(MalformedBody, match="exceeds 100 bytes"):
+        reader.finish()
+    with pytest.raises(MalformedBody, match="exceeds 100 bytes"):
+        reader.feed(b"more")
+
+
+def test_frame_reader_refuses_a_stream_that_ends_inside_a_frame():
+    reader = FrameReader(100)
+    assert reader.feed(frame_bytes(b"abc")[:-1]) == []
+    with pytest.raises(MalformedBody, match="ended inside a frame"):
+        reader.finish()

@@ -87,6 +87,27 @@ def test_a_failed_batch_fails_only_the_request_that_fails_alone():
     assert after[0].logprobs[0] == 3
 
 
+def test_siblings_of_a_failed_sequence_are_not_run_after_its_request_failed():
+    async def run():
+        recorder = Recorder(poison=frozenset({3}))
+        recorder.gate.set()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        # One request of six sequences; the shortest (run first when retried alone) fails.
+        result = await asyncio.gather(
+            batcher.submit([job(n) for n in range(3, 9)]), return_exceptions=True
+        )
+        await asyncio.sleep(0.1)  # let the worker finish whatever it still runs
+        await batcher.close()
+        return recorder.sizes, result
+
+    sizes, [result] = asyncio.run(run())
+    assert isinstance(result, RuntimeError)
+    # The request failed with its first sequence, so the worker drops the rest instead of
+    # running each alone (at most the one already handed to the executor runs).
+    assert sizes[:2] == [6, 1] and len(sizes) <= 3
+
+
 def test_budget_splits_batches():
     async def run():
         recorder = Recorder()

@@ -273,7 +273,7 @@ def test_a_failed_forward_is_a_500_and_the_connection_stays_usable():
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
     with serve(app) as url, httpx.Client(base_url=url) as http:
         for _ in range(3):
-            backend.crash_next = True
+            backend.crashes = 1
             r = http.post("/score", json=GOOD)
             assert_error(r, 500, says="internal error (RuntimeError)")
             # The same keep-alive connection serves the next request: the failure was answered,

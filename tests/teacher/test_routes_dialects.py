@@ -69,6 +69,7 @@ def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, 
         ({"prompt": [1, 99], "max_tokens": 0}, "prompt", "token id 99 is out of range"),
         ({"prompt": [1] * 600, "max_tokens": 0}, "prompt", "600 tokens; this server's max_seq_len"),
         ({**OPENAI_GOOD, "prompt": [[1, 2], [2, 99]]}, "prompt.1", "prompt.1: token id 99"),
+        ({**OPENAI_GOOD, "prompt": [[2, 99]]}, "prompt.0", "prompt.0: token id 99"),
     ],
 )
 def test_openai_prompts_are_checked_and_named_as_sent(teacher_url, body, param, says):
@@ -93,7 +94,7 @@ def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):
     assert_error(r, 400, param="prompt", says="out of range")
 
 
-@pytest.mark.parametrize("temperature", [-1, float("nan"), float("inf"), 1e-300, 1e39])
+@pytest.mark.parametrize("temperature", [-1, float("nan"), float("inf"), 1e-300, 1e39, "0.5", True])
 def test_openai_temperature_must_be_greedy_or_a_safe_number(teacher_url, temperature):
     body = json.dumps({**OPENAI_GOOD, "temperature": temperature}).encode()  # NaN, Infinity
     assert_error(post(teacher_url, OPENAI, body), 400, param="temperature")

@@ -96,6 +96,17 @@ def test_broken_framing_ends_the_stream_saying_why_after_answering_the_frames_be
     assert error.error["code"] == 400 and done.done
 
 
+def test_an_oversize_frame_header_after_whole_frames_in_one_chunk_loses_none_of_them(teacher_url):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    frame = encode_request_frame(ScoreRequest.model_validate(good))
+    body = frame + frame + (2**30).to_bytes(4, "little")  # arrives as one chunk
+    r = httpx.post(teacher_url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
+    items = [decode_stream_item(p) for p in FrameReader(2**20).feed(r.content)]
+    assert sorted(i.frame for i in items if i.score is not None) == [0, 1]
+    error, done = items[-2:]
+    assert error.frame == 2 and "exceeds" in error.error["message"] and done.done
+
+
 def test_stream_needs_its_content_type(teacher_url):
     r = httpx.post(
         teacher_url + "/score/stream", content=b"", headers={"Content-Type": "application/json"}
@@ -104,13 +115,13 @@ def test_stream_needs_its_content_type(teacher_url):
 
 
 class CrashingBackend(HFBackend):
-    """The real hf backend, failing one batch on cue as a CUDA out-of-memory would."""
+    """The real hf backend, failing its next `crashes` batches as a CUDA out-of-memory would."""
 
-    crash_next = False
+    crashes = 0
 
     def score_batch(self, jobs):
-        if self.crash_next:
-            self.crash_next = False
+        if self.crashes:
+            self.crashes -= 1
             raise RuntimeError("CUDA out of memory")
         return super().score_batch(jobs)
 
@@ -120,7 +131,7 @@ def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly(
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
     good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
     with serve(app) as url, TeacherClient(url) as client:
-        backend.crash_next = True
+        backend.crashes = 1
         items = list(client.score_stream(iter([good])))
         assert items[0].error["code"] == 500 and "RuntimeError" in items[0].error["message"]
         assert items[-1].done

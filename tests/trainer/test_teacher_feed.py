@@ -49,20 +49,22 @@ def test_scored_frames_come_in_the_order_put_each_with_its_own_scores(teacher_ur
     assert stats.wait_s > 0
 
 
-def test_a_replica_whose_forward_fails_mid_step_is_scored_around():
+def test_a_replica_whose_forwards_fail_mid_step_is_scored_around(teacher_url):
     backend = CrashingBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
-    with serve(app) as url:
-        feed = TeacherFeed([url])
+    with serve(app) as broken_url:
+        feed = TeacherFeed([broken_url, teacher_url])
         try:
-            backend.crash_next = True  # the first frame's forward fails, as on a CUDA OOM
+            backend.crashes = 10**9  # every forward fails, as on a GPU in a bad state
             step = feed.begin(max_positions=8)
-            step.put(rollouts(4))
-            (frame, frame_scores), *more = step.scored_frames()
+            frames = [rollouts(4, 0), rollouts(2, 4)]
+            for frame in frames:  # the first goes to the broken replica, the second to the good one
+                step.put(frame)
+            got = list(step.scored_frames())
             scores, stats = step.finish()
         finally:
             feed.close()
-    assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == 4
-    # The rescored frame is yielded once, whole.
-    assert not more and sorted(frame_scores) == sorted(scores)
+    assert sorted(scores) == list(range(6)) and stats.rescored == 4
     assert all(len(score.logprobs) == 3 for score in scores.values())
+    # The rescored frame is yielded once, whole, in its place.
+    assert [sorted(s) for _, s in got] == [[0, 1, 2, 3], [4, 5]]
