@@ -30,6 +30,7 @@ from shared.errors import (
     NotReady,
     ServerError,
     TeacherError,
+    Unauthorized,
     error_from_body,
 )
 from shared.fingerprint import tokenizer_fingerprint
@@ -309,6 +310,8 @@ class TeacherClient:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
+                except Unauthorized as exc:  # which replica wants another key
+                    raise Unauthorized(f"teacher at {url}: {exc.message}", exc.param) from None
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos
@@ -439,6 +442,8 @@ class AsyncTeacherClient:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
+                except Unauthorized as exc:  # which replica wants another key
+                    raise Unauthorized(f"teacher at {url}: {exc.message}", exc.param) from None
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos

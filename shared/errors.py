@@ -110,6 +110,13 @@ ERROR_OF_STATUS: dict[int, type[TeacherError]] = {
 }
 
 
+def body_of_status(status: int, message: str) -> dict:
+    """The error shape for a status the web framework answers itself (404 no such route, 405 wrong
+    method), which has no error type of its own here: the status stays as it was."""
+    err = ERROR_OF_STATUS.get(status, TeacherError)(message)
+    return {"error": {**err.to_body()["error"], "code": status}}
+
+
 def error_from_body(status: int, body: dict | None, retry_after: float | None) -> TeacherError:
     """Rebuild the server's error from its status and body (client side)."""
     cls = ERROR_OF_STATUS.get(status, ServerError if status >= 500 else InvalidRequest)

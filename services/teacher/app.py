@@ -21,7 +21,7 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
 from services.teacher.scoring import Limits
 from services.teacher.settings import TeacherSettings
-from shared.errors import ERROR_OF_STATUS, ServerError, TeacherError
+from shared.errors import ServerError, TeacherError, body_of_status
 
 log = logging.getLogger("opd.teacher")
 
@@ -118,11 +118,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cls = ERROR_OF_STATUS.get(exc.status_code, TeacherError)
-        err = cls(str(exc.detail))
         return JSONResponse(
-            {"error": {**err.to_body()["error"], "code": exc.status_code}},
-            status_code=exc.status_code,
+            body_of_status(exc.status_code, str(exc.detail)), status_code=exc.status_code
         )
 
     @app.exception_handler(Exception)

@@ -21,11 +21,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from opd.models import ModelLoadError, check_loadable
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run, RunError, check_out_is_free
 from shared.errors import (
@@ -34,6 +37,7 @@ from shared.errors import (
     NotFound,
     TeacherError,
     UnsupportedMediaType,
+    body_of_status,
     from_validation,
 )
 
@@ -164,17 +168,53 @@ def runs_of(request: Request) -> Runs:
     return request.app.state.runs
 
 
+def refuse_a_student_that_cannot_load(cfg: RunConfig) -> None:
+    """What can be known at once about the student (no weights are read), named by its field."""
+    try:
+        check_loadable(cfg.student)
+    except ModelLoadError as exc:
+        raise InvalidRequest(str(exc), param="student") from None
+    try:
+        check_loadable(cfg.student, cfg.device)
+    except ModelLoadError as exc:
+        raise InvalidRequest(str(exc), param="device") from None
+
+
+async def refuse_unreachable_teachers(urls: list[str]) -> None:
+    """A teacher that does not answer at all is refused now; one still loading is waited for by
+    the run, and its other checks (tokenizer, limits) come when the run starts."""
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        for url in urls:
+            try:
+                await http.get(url + "/health")
+            except httpx.HTTPError as exc:
+                raise InvalidRequest(
+                    f"teacher at {url} is unreachable ({type(exc).__name__})", param="teacher_url"
+                ) from None
+
+
 @router.post("/runs", status_code=201)
 async def start_run(cfg: RunConfig, request: Request) -> dict:
-    busy = runs_of(request).writing_to(cfg.out)
+    # Refused here, each naming its field, rather than in the run's thread after a 201.
+    runs = runs_of(request)
+    refuse_a_folder_in_use(cfg, runs)
+    refuse_a_student_that_cannot_load(cfg)
+    await refuse_unreachable_teachers(cfg.teacher_url)
+    refuse_a_folder_in_use(cfg, runs)  # again: another request may have claimed it meanwhile
+    record = runs.start(cfg)
+    return {"id": record.id, "status": record.status}
+
+
+def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise InvalidRequest(f"out {cfg.out} is a file, not a folder", param="out")
+    busy = runs.writing_to(cfg.out)
     if busy:  # its thread may not have written config.json yet, so check_out_is_free can't see it
         raise InvalidRequest(f"out {cfg.out} is in use by {busy.id} ({busy.status})", param="out")
-    try:  # refused here, not in the run's thread after a 201
+    try:
         check_out_is_free(cfg)
     except RunError as exc:
         raise InvalidRequest(str(exc), param="out") from None
-    record = runs_of(request).start(cfg)
-    return {"id": record.id, "status": record.status}
 
 
 @router.get("/runs")
@@ -268,6 +308,12 @@ def create_app() -> FastAPI:
         else:
             err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)  # no such route, wrong method: same shape
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            body_of_status(exc.status_code, str(exc.detail)), status_code=exc.status_code
+        )
 
     @app.exception_handler(TeacherError)  # the one error shape, shared with the teacher
     async def error_shape(request: Request, exc: TeacherError) -> JSONResponse:

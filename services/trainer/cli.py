@@ -2,7 +2,7 @@
 
 opd-trainer run --teacher-url http://127.0.0.1:8000 --schedule truncated:0.1 --steps 100 --out runs/topd
 opd-trainer run --config run.yaml --steps 50          # flags override the file
-opd-trainer run --out runs/topd --resume              # continue from the last checkpoint
+opd-trainer run --out runs/topd --resume              # continue it, with its config.json's settings
 opd-trainer serve --port 8100                         # POST /runs, GET /runs/{id}/events, ...
 opd-trainer plot runs/full runs/topd --out compare.png
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.trainer.config import RunConfig, load_config_file
+from services.trainer.config import RunConfig, load_config_file, saved_settings
 from shared.flags import add_flags, field_errors, given, port_number
 
 
@@ -56,26 +56,50 @@ class ConfigError(Exception):
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config from --config and the flags (flags win)."""
+    """The run config from --config and the flags (flags win); with --resume, on top of the
+    settings the run was started with (`out`/config.json), so it goes on as it began."""
     from_file = load_config_file(args.config) if args.config else {}
     flags = given(args, RunConfig)
+    chosen = {**from_file, **flags}
+    saved = {}
+    if chosen.get("resume") is True:
+        saved = saved_settings(chosen.get("out", RunConfig.model_fields["out"].default))
     try:
-        return RunConfig(**{**from_file, **flags})
+        cfg = RunConfig(**{**saved, **chosen})
     except ValidationError as exc:
         only_in_file = set(from_file) - set(flags)
         raise ConfigError(
             field_errors(exc, config_file=args.config, file_keys=only_in_file)
         ) from None
+    changed = [
+        f"{k} {saved[k]} -> {v}"
+        for k, v in cfg.model_dump().items()
+        if k in saved and saved[k] != v
+    ]
+    if changed:  # allowed (more steps, say), but the run no longer repeats an uninterrupted one
+        print(
+            f"opd-trainer: note: resuming with changed settings: {', '.join(changed)}",
+            file=sys.stderr,
+        )
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plot":
-        from services.trainer.report import plot_runs
+        from services.trainer.report import plot_runs, read_jsonl
 
-        missing = [r for r in args.runs if not (Path(r) / "eval.jsonl").is_file()]
-        if missing:
-            print(f"opd-trainer: error: no eval.jsonl in {', '.join(missing)}", file=sys.stderr)
+        try:
+            empty = [r for r in args.runs if not read_jsonl(Path(r) / "eval.jsonl")]
+        except (OSError, ValueError) as exc:
+            print(f"opd-trainer: error: {exc}", file=sys.stderr)
+            return 2
+        if empty:
+            print(
+                f"opd-trainer: error: no evaluations in {', '.join(empty)} (no eval.jsonl, or an "
+                "empty one)",
+                file=sys.stderr,
+            )
             return 2
         try:
             print(plot_runs([Path(r) for r in args.runs], args.out))

@@ -3,9 +3,11 @@ a bad value is refused with the field named."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -29,16 +31,18 @@ class RunConfig(BaseModel):
     teacher_url: list[str] = Field(
         ["http://127.0.0.1:8000"], min_length=1, description="Teacher base URL(s)."
     )
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.")
     schedule: str = Field(
         "full",
         description="Horizon: full | truncated:R | progressive:h0=A,dh=B,every=C | linear:h0=A,steps=C",
     )
     steps: int = Field(100, ge=1, description="Optimizer steps.")
-    out: str = Field("runs/opd", description="Output folder (metrics, plots, checkpoints).")
+    out: str = Field(
+        "runs/opd", min_length=1, description="Output folder (metrics, plots, checkpoints)."
+    )
     seed: int = Field(0, description="Seed of data order, sampling and init.")
     prompts_per_step: int = Field(16, ge=1, description="Problems per step.")
     samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).")
-    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.")
     weight_decay: float = Field(0.0, ge=0)
@@ -86,9 +90,9 @@ class RunConfig(BaseModel):
 
     @field_validator("schedule")
     @classmethod
-    def _schedule_parses(cls, value: str) -> str:
+    def _schedule_parses(cls, value: str, info: ValidationInfo) -> str:
         try:
-            parse_schedule(value, MAX_NEW_TOKENS)
+            parse_schedule(value, info.data.get("max_new_tokens", MAX_NEW_TOKENS))
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -109,8 +113,13 @@ class RunConfig(BaseModel):
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
         for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http(s) URL")
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not one
+            except ValueError as exc:
+                raise ValueError(f"{url!r} is not a URL ({exc})") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL with a host")
         return [u.rstrip("/") for u in urls]
 
 
@@ -128,3 +137,18 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
     return data
+
+
+def saved_settings(out: str | Path) -> dict:
+    """The settings the run in `out` was started with (its config.json), which --resume continues
+    from; {} when there is no run there."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return {k: v for k, v in saved.items() if k not in ("resume", "overwrite")}

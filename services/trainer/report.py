@@ -36,9 +36,18 @@ class JsonlLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when there is none); ValueError naming a bad line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not JSON") from None
+    return records
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:

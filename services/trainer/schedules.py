@@ -64,18 +64,32 @@ def parse_schedule(spec: str, h_max: int) -> Schedule:
         ratio = _number(args, spec)
         if ratio <= 0:
             raise ScheduleError(f"schedule {spec!r}: R must be > 0")
+        if ratio >= 1 and not ratio.is_integer():
+            raise ScheduleError(f"schedule {spec!r}: R >= 1 is a token count, so a whole number")
+        _within(ratio, h_max, spec, "R")
         return Schedule("truncated", h_max, ratio=ratio)
     if kind == "progressive":
         p = _params(args, spec, {"h0", "dh", "every"})
         if p["h0"] < 1 or p["dh"] < 0 or p["every"] < 1:
             raise ScheduleError(f"schedule {spec!r}: need h0 >= 1, dh >= 0, every >= 1")
+        _within(p["h0"], h_max, spec, "h0")
         return Schedule("progressive", h_max, h0=p["h0"], dh=p["dh"], every=p["every"])
     if kind == "linear":
         p = _params(args, spec, {"h0", "steps"})
         if p["h0"] < 1 or p["steps"] < 1:
             raise ScheduleError(f"schedule {spec!r}: need h0 >= 1, steps >= 1")
+        _within(p["h0"], h_max, spec, "h0")
         return Schedule("linear", h_max, h0=p["h0"], steps=p["steps"])
     raise ScheduleError(f"unknown schedule {spec!r}: {_SPEC_HELP}")
+
+
+def _within(tokens: float, h_max: int, spec: str, name: str) -> None:
+    """A horizon in tokens beyond H_max would be cut to it without a word: refuse it instead."""
+    if tokens > h_max:
+        raise ScheduleError(
+            f"schedule {spec!r}: {name} = {tokens:g} tokens is beyond H_max = {h_max} "
+            "(--max-new-tokens)"
+        )
 
 
 def _number(text: str, spec: str) -> float:

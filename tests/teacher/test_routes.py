@@ -16,6 +16,7 @@ from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
+from shared.errors import Unauthorized
 from tests.conftest import serve
 
 GOOD = {"sequences": [{"prompt_ids": [1, 21, 18, 5], "completion_ids": [6, 14, 7]}]}
@@ -145,6 +146,9 @@ def test_api_key_is_required_when_set():
         assert httpx.get(url + "/health").status_code == 200  # probes stay open
         with TeacherClient(url, api_key="s3cret") as client:
             assert client.info()["backend"] == "hf"
+        with TeacherClient(url, api_key="wrong") as client:  # connect says which replica refused
+            with pytest.raises(Unauthorized, match=f"teacher at {url}: missing or wrong API key"):
+                client.connect()
 
 
 class GatedBackend(HFBackend):

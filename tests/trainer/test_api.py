@@ -4,9 +4,11 @@ stream their events, stop on request, and show up in /metrics."""
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
+import torch
 
 from services.trainer.api import create_app
 from tests.conftest import serve
@@ -81,6 +83,39 @@ def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, t
     assert r.status_code == 422 and r.json()["error"]["param"] == "out"
     assert "--overwrite to start over" in r.json()["error"]["message"]
     assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
+
+
+def a_closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teacher_url, tmp_path):
+    """Each refused before a 201, instead of a run that fails in the background."""
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        ({"teacher_url": [f"http://127.0.0.1:{a_closed_port()}"]}, "teacher_url", "unreachable"),
+        ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "Port out of range"),
+        ({"student": str(tmp_path / "nothing")}, "student", "no such file or directory"),
+        ({"out": str(tmp_path / "a-file")}, "out", "is a file"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "device", "CUDA"))
+    before = httpx.get(trainer_url + "/runs").json()
+    for fields, param, says in cases:
+        body = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "run"), **fields}
+        r = httpx.post(trainer_url + "/runs", json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (fields, r.text)
+        assert says in r.json()["error"]["message"], r.text
+    assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(trainer_url):
+    r = httpx.get(trainer_url + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = httpx.delete(trainer_url + "/runs")
+    assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
 
 
 def events_of(url: str, run_id: str) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.trainer.cli import build_parser, config_from_args, main
+from services.trainer.config import RunConfig
 from tests.conftest import main_imports_torch
 
 
@@ -57,7 +58,13 @@ def test_one_teacher_url_may_be_a_plain_string_in_a_config_file(tmp_path):
 
 def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, capsys):
     err = errors_of(capsys, "plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "p.png"))
-    assert "no eval.jsonl" in err and not (tmp_path / "p.png").exists()
+    assert "no evaluations in" in err and not (tmp_path / "p.png").exists()
+    (tmp_path / "eval.jsonl").write_text("")
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
+    assert "no evaluations in" in err and not (tmp_path / "p.png").exists()
+    (tmp_path / "eval.jsonl").write_text('{"step": 0}\ngarbage\n')
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
+    assert f"{tmp_path / 'eval.jsonl'}: line 2 is not JSON" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
     assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
@@ -72,3 +79,43 @@ def test_serve_refuses_a_port_out_of_range(capsys):
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["serve", "--help"]])
 def test_help_is_quick_because_it_does_not_import_torch(argv):
     assert not main_imports_torch("services.trainer.cli", argv)
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--teacher-url", "http://127.0.0.1:99999"], "Port out of range"),
+        (["--teacher-url", "http://127.0.0.1:abc"], "is not a URL"),
+        (["--teacher-url", "http://"], "with a host"),
+        (["--schedule", "truncated:300"], "beyond H_max = 256"),
+        (["--schedule", "truncated:2.5"], "a whole number"),
+        (["--schedule", "linear:h0=300,steps=2"], "beyond H_max"),
+        (["--out", ""], "--out: String should have at least 1 character"),
+    ],
+)
+def test_settings_that_could_only_fail_later_or_be_changed_silently_are_refused(
+    capsys, flags, says
+):
+    assert says in errors_of(capsys, "run", *flags)
+
+
+def test_a_schedule_is_checked_against_the_runs_own_max_new_tokens():
+    args = ["run", "--schedule", "truncated:300", "--max-new-tokens", "300"]
+    assert config_from_args(build_parser().parse_args(args)).schedule == "truncated:300"
+
+
+def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    began = RunConfig(
+        out=str(out), teacher_url=["http://10.0.0.5:8000"], schedule="truncated:40", steps=4
+    )
+    (out / "config.json").write_text(began.model_dump_json())
+    args = ["run", "--out", str(out), "--resume", "--steps", "10"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.teacher_url == ["http://10.0.0.5:8000"] and cfg.schedule == "truncated:40"
+    assert cfg.steps == 10 and cfg.resume
+    assert "resuming with changed settings: steps 4 -> 10" in capsys.readouterr().err
+    # Without --resume the folder's settings are not read (and the run is refused later).
+    fresh = config_from_args(build_parser().parse_args(["run", "--out", str(out)]))
+    assert fresh.schedule == "full"

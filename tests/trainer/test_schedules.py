@@ -25,7 +25,7 @@ def test_full_is_always_h_max():
         ("truncated:0.25", 64),
         ("truncated:0.5", 128),
         ("truncated:20", 20),
-        ("truncated:1000", H_MAX),
+        (f"truncated:{H_MAX}", H_MAX),
     ],
 )
 def test_truncated_is_a_fraction_below_one_else_tokens(spec, h):
@@ -56,6 +56,11 @@ def test_linear_reaches_h_max_at_the_given_step():
         ("progressive:h0=1,dh=2,every=0", "every >= 1"),
         ("linear:h0=x,steps=3", "not an integer"),
         ("linear:start=1,steps=3", "bad parameter"),
+        # Horizons the schedule could only cut or round without a word.
+        (f"truncated:{H_MAX + 1}", "beyond H_max"),
+        ("truncated:2.5", "a whole number"),
+        (f"progressive:h0={H_MAX + 1},dh=1,every=1", "beyond H_max"),
+        (f"linear:h0={H_MAX + 1},steps=3", "beyond H_max"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec, says):
