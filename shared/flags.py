@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from collections.abc import Collection
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ValidationError
 
@@ -67,19 +67,18 @@ def port_number(text: str) -> int:
 
 
 def field_errors(
-    exc: ValidationError,
-    env_prefix: str | None = None,
-    config_file: str | None = None,
-    file_keys: Collection[str] = (),
+    exc: ValidationError, env_prefix: str | None = None, files: Mapping[str, str] | None = None
 ) -> list[str]:
-    """One line per bad setting, named where the user wrote it: `FILE: key` for a key read from the
-    config file, else `--flag` (with its environment variable, where the settings read one)."""
+    """One line per bad setting, named where the user wrote it: `FILE: key` for a key read from a
+    file (`files` maps such keys to their file), else `--flag` (with its environment variable,
+    where the settings read one)."""
+    files = files or {}
     lines = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         key = loc[0] if loc else ""
-        if key in file_keys:
-            where = f"{config_file}: {'.'.join(loc)}"
+        if key in files:
+            where = f"{files[key]}: {'.'.join(loc)}"
         else:
             where = "--" + key.replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
             if env_prefix:

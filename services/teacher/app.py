@@ -119,7 +119,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
-            body_of_status(exc.status_code, str(exc.detail)), status_code=exc.status_code
+            body_of_status(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=exc.headers,  # a 405's Allow
         )
 
     @app.exception_handler(Exception)

@@ -187,7 +187,7 @@ async def refuse_unreachable_teachers(urls: list[str]) -> None:
         for url in urls:
             try:
                 await http.get(url + "/health")
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise InvalidRequest(
                     f"teacher at {url} is unreachable ({type(exc).__name__})", param="teacher_url"
                 ) from None
@@ -312,7 +312,9 @@ def create_app() -> FastAPI:
     @app.exception_handler(StarletteHTTPException)  # no such route, wrong method: same shape
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
-            body_of_status(exc.status_code, str(exc.detail)), status_code=exc.status_code
+            body_of_status(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=exc.headers,  # a 405's Allow
         )
 
     @app.exception_handler(TeacherError)  # the one error shape, shared with the teacher

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from services.trainer.config import RunConfig, load_config_file, saved_settings
 from shared.flags import add_flags, field_errors, given, port_number
@@ -61,20 +61,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     from_file = load_config_file(args.config) if args.config else {}
     flags = given(args, RunConfig)
     chosen = {**from_file, **flags}
-    saved = {}
-    if chosen.get("resume") is True:
-        saved = saved_settings(chosen.get("out", RunConfig.model_fields["out"].default))
+    out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
+    saved, saved_file = {}, Path(out) / "config.json"
+    if out and _is_true(chosen.get("resume")):
+        saved = saved_settings(out)
     try:
         cfg = RunConfig(**{**saved, **chosen})
     except ValidationError as exc:
-        only_in_file = set(from_file) - set(flags)
-        raise ConfigError(
-            field_errors(exc, config_file=args.config, file_keys=only_in_file)
-        ) from None
+        # Each bad setting named where it was written: a flag, the --config file, or the saved run.
+        files = {k: str(saved_file) for k in saved.keys() - chosen.keys()}
+        files |= {k: args.config for k in from_file.keys() - flags.keys()}
+        raise ConfigError(field_errors(exc, files=files)) from None
     changed = [
         f"{k} {saved[k]} -> {v}"
         for k, v in cfg.model_dump().items()
-        if k in saved and saved[k] != v
+        if k in saved and saved[k] != v and k not in _NOT_THE_RUNS_COURSE
     ]
     if changed:  # allowed (more steps, say), but the run no longer repeats an uninterrupted one
         print(
@@ -84,13 +85,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+# Settings that do not change what a resumed run computes.
+_NOT_THE_RUNS_COURSE = {"progress", "threads", "api_key"}
+
+
+def _is_true(value) -> bool:
+    try:
+        return TypeAdapter(bool).validate_python(value or False)
+    except ValidationError:
+        return False  # RunConfig names the bad value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "plot":
-        from services.trainer.report import plot_runs, read_jsonl
+        from services.trainer.report import plot_runs, read_evals
 
         try:
-            empty = [r for r in args.runs if not read_jsonl(Path(r) / "eval.jsonl")]
+            empty = [r for r in args.runs if not read_evals(Path(r))]
         except (OSError, ValueError) as exc:
             print(f"opd-trainer: error: {exc}", file=sys.stderr)
             return 2

@@ -4,11 +4,13 @@ a bad value is refused with the field named."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -91,8 +93,10 @@ class RunConfig(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _schedule_parses(cls, value: str, info: ValidationInfo) -> str:
+        # Checked against this run's H_max; when that is itself bad, only the spec's form.
+        h_max = info.data.get("max_new_tokens", math.inf)
         try:
-            parse_schedule(value, info.data.get("max_new_tokens", MAX_NEW_TOKENS))
+            parse_schedule(value, h_max)
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -116,7 +120,8 @@ class RunConfig(BaseModel):
             try:
                 parts = urlsplit(url)
                 parts.port  # noqa: B018 - raises ValueError for a port that is not one
-            except ValueError as exc:
+                httpx.URL(url)  # stricter: urlsplit drops tabs and newlines without a word
+            except (ValueError, httpx.InvalidURL) as exc:
                 raise ValueError(f"{url!r} is not a URL ({exc})") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"{url!r} is not an http(s) URL with a host")
@@ -151,4 +156,10 @@ def saved_settings(out: str | Path) -> dict:
         raise ValueError(f"{path}: unreadable ({exc})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
-    return {k: v for k, v in saved.items() if k not in ("resume", "overwrite")}
+    # The folder is where it was found now, not where it was made; settings this version no longer
+    # has are dropped rather than refused, so an older run can still be continued.
+    return {
+        k: v
+        for k, v in saved.items()
+        if k in RunConfig.model_fields and k not in ("out", "resume", "overwrite")
+    }

@@ -26,7 +26,7 @@ from services.trainer import checkpoint
 from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
-from services.trainer.schedules import parse_schedule, warmup_lr
+from services.trainer.schedules import ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.task import problems
@@ -136,7 +136,11 @@ class Run:
             return False
         self.state = checkpoint.load(found, self.model, self.optimizer)
         # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
-        if parse_schedule(self.state.schedule, cfg.max_new_tokens) != self.schedule:
+        try:
+            trained = parse_schedule(self.state.schedule, cfg.max_new_tokens)
+        except ScheduleError:  # e.g. a token horizon beyond a smaller --max-new-tokens
+            trained = None
+        if trained != self.schedule:
             raise RunError(
                 f"--resume: {found} was trained with --schedule {self.state.schedule} "
                 f"(--max-new-tokens as now), not {cfg.schedule}; resume with the same schedule, "

@@ -27,7 +27,8 @@ class JsonlLog:
         if keep_through_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in read_jsonl(path) if line["step"] <= keep_through_step]
+            records = read_jsonl(path, torn_tail_ok=True)
+            kept = [line for line in records if line["step"] <= keep_through_step]
             path.write_text("".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -35,26 +36,44 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file ([] when there is none); ValueError naming a bad line."""
+def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
+    """The records of a JSON-lines file ([] when there is none); ValueError naming a bad line.
+    `torn_tail_ok` drops a bad last line, as a run killed in the middle of writing it leaves."""
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except ValueError:
+            if torn_tail_ok and number == len(lines):
+                break
             raise ValueError(f"{path}: line {number} is not JSON") from None
     return records
+
+
+EVAL_FIELDS = ("step", "accuracy", "train_s", "teacher_tokens")
+
+
+def read_evals(run: Path) -> list[dict]:
+    """A run's evaluations (its eval.jsonl); ValueError naming the file when a record lacks what
+    the plots need."""
+    path = Path(run) / "eval.jsonl"
+    evals = read_jsonl(path)
+    for number, record in enumerate(evals, 1):
+        if not isinstance(record, dict) or any(k not in record for k in EVAL_FIELDS):
+            raise ValueError(f"{path}: record {number} is not an evaluation (needs {EVAL_FIELDS})")
+    return evals
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:
     """Eval accuracy against steps, training wall-clock and teacher tokens; one line per run."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     for run in run_dirs:
-        evals = read_jsonl(Path(run) / "eval.jsonl")
+        evals = read_evals(run)
         if not evals:
             continue
         label = Path(run).name

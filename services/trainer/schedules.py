@@ -62,8 +62,8 @@ def parse_schedule(spec: str, h_max: int) -> Schedule:
         return Schedule("full", h_max)
     if kind == "truncated":
         ratio = _number(args, spec)
-        if ratio <= 0:
-            raise ScheduleError(f"schedule {spec!r}: R must be > 0")
+        if not math.isfinite(ratio) or ratio <= 0:
+            raise ScheduleError(f"schedule {spec!r}: R must be a number > 0")
         if ratio >= 1 and not ratio.is_integer():
             raise ScheduleError(f"schedule {spec!r}: R >= 1 is a token count, so a whole number")
         _within(ratio, h_max, spec, "R")

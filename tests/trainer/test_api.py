@@ -116,6 +116,7 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(trainer_url):
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     r = httpx.delete(trainer_url + "/runs")
     assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+    assert "POST" in r.headers["allow"]  # the header a 405 must carry
 
 
 def events_of(url: str, run_id: str) -> list[dict]:

@@ -3,6 +3,8 @@ or a key of the --config file), before any model is loaded."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from services.trainer.cli import build_parser, config_from_args, main
@@ -65,6 +67,9 @@ def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, c
     (tmp_path / "eval.jsonl").write_text('{"step": 0}\ngarbage\n')
     err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
     assert f"{tmp_path / 'eval.jsonl'}: line 2 is not JSON" in err
+    (tmp_path / "eval.jsonl").write_text('{"step": 0}\n')
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
+    assert f"{tmp_path / 'eval.jsonl'}: record 1 is not an evaluation" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
     assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
@@ -91,6 +96,8 @@ def test_help_is_quick_because_it_does_not_import_torch(argv):
         (["--schedule", "truncated:2.5"], "a whole number"),
         (["--schedule", "linear:h0=300,steps=2"], "beyond H_max"),
         (["--out", ""], "--out: String should have at least 1 character"),
+        (["--teacher-url", "http://h\n:1"], "is not a URL"),
+        (["--schedule", "truncated:nan"], "R must be a number > 0"),
     ],
 )
 def test_settings_that_could_only_fail_later_or_be_changed_silently_are_refused(
@@ -119,3 +126,22 @@ def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys)
     # Without --resume the folder's settings are not read (and the run is refused later).
     fresh = config_from_args(build_parser().parse_args(["run", "--out", str(out)]))
     assert fresh.schedule == "full"
+
+
+def test_a_bad_max_new_tokens_is_the_only_error_not_a_schedule_beyond_a_default(capsys):
+    err = errors_of(capsys, "run", "--max-new-tokens", "abc", "--schedule", "truncated:300")
+    assert "--max-new-tokens:" in err and "--schedule" not in err
+
+
+def test_resume_reads_the_folder_it_was_given_and_names_its_files_bad_settings(tmp_path, capsys):
+    out = tmp_path / "moved"
+    out.mkdir()
+    saved = RunConfig(out="/where/it/was/made", schedule="truncated:40").model_dump()
+    (out / "config.json").write_text(json.dumps({**saved, "old_setting": 1}))
+    args = ["run", "--out", str(out) + "/", "--resume", "--no-progress"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.out == str(out) + "/" and cfg.schedule == "truncated:40"  # an older key is dropped
+    assert "changed settings" not in capsys.readouterr().err  # out and progress do not count
+    (out / "config.json").write_text(json.dumps({**saved, "steps": 0}))
+    err = errors_of(capsys, "run", "--out", str(out), "--resume")
+    assert f"{out / 'config.json'}: steps: Input should be greater" in err

@@ -3,6 +3,8 @@ twice or lost."""
 
 from __future__ import annotations
 
+import pytest
+
 from services.trainer.report import JsonlLog, read_jsonl
 
 
@@ -21,3 +23,15 @@ def test_a_fresh_run_starts_an_empty_log(tmp_path):
     JsonlLog(path).write({"step": 1})
     JsonlLog(path)
     assert read_jsonl(path) == [] and read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_line_torn_by_a_kill_is_dropped_on_resume_and_named_elsewhere(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')  # killed while writing step 3
+    with pytest.raises(ValueError, match="line 3 is not JSON"):
+        read_jsonl(path)
+    JsonlLog(path, keep_through_step=2).write({"step": 3})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # not a kill's tear: refused
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        JsonlLog(path, keep_through_step=3)

@@ -51,7 +51,7 @@ def test_linear_reaches_h_max_at_the_given_step():
     [
         ("fullish", "unknown schedule"),
         ("truncated:abc", "not a number"),
-        ("truncated:-1", "must be > 0"),
+        ("truncated:-1", "must be a number > 0"),
         ("progressive:h0=1,dh=2", "missing every"),
         ("progressive:h0=1,dh=2,every=0", "every >= 1"),
         ("linear:h0=x,steps=3", "not an integer"),
