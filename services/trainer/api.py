@@ -21,21 +21,29 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opd.models import ModelLoadError, check_loadable
+from opd.models import ModelLoadError, check_loadable, load_tokenizer
 from services.trainer.config import RunConfig
-from services.trainer.loop import Run, RunError, check_out_is_free
+from services.trainer.loop import (
+    Run,
+    RunError,
+    check_out_is_free,
+    check_teacher_limits,
+    training_problems,
+)
+from shared.client import AsyncTeacherClient
 from shared.errors import (
     InvalidRequest,
     MalformedBody,
     NotFound,
+    NotReady,
     TeacherError,
+    Unauthorized,
     UnsupportedMediaType,
     body_of_status,
     from_validation,
@@ -180,17 +188,25 @@ def refuse_a_student_that_cannot_load(cfg: RunConfig) -> None:
         raise InvalidRequest(str(exc), param="device") from None
 
 
-async def refuse_unreachable_teachers(urls: list[str]) -> None:
-    """A teacher that does not answer at all is refused now; one still loading is waited for by
-    the run, and its other checks (tokenizer, limits) come when the run starts."""
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        for url in urls:
-            try:
-                await http.get(url + "/health")
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise InvalidRequest(
-                    f"teacher at {url} is unreachable ({type(exc).__name__})", param="teacher_url"
-                ) from None
+async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
+    """What the run would check first against each teacher replica, asked now: that it answers, takes
+    the API key, speaks the student's tokenizer, and allows the top-k and the longest sequence.
+    A replica still loading passes: the run waits for it and checks it then."""
+    tokenizer = await asyncio.to_thread(load_tokenizer, cfg.student)
+    try:
+        async with AsyncTeacherClient(cfg.teacher_url, api_key=cfg.api_key) as client:
+            infos = await client.connect(tokenizer, wait_s=0)
+    except NotReady:
+        return
+    except Unauthorized as exc:
+        raise InvalidRequest(exc.message, param="api_key") from None
+    except TeacherError as exc:  # unreachable, another tokenizer, not a teacher at all
+        raise InvalidRequest(exc.message, param="teacher_url") from None
+    data = await asyncio.to_thread(training_problems, cfg)
+    try:
+        check_teacher_limits(cfg, infos, tokenizer, data)
+    except RunError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
 
 
 @router.post("/runs", status_code=201)
@@ -199,7 +215,7 @@ async def start_run(cfg: RunConfig, request: Request) -> dict:
     runs = runs_of(request)
     refuse_a_folder_in_use(cfg, runs)
     refuse_a_student_that_cannot_load(cfg)
-    await refuse_unreachable_teachers(cfg.teacher_url)
+    await refuse_teachers_that_cannot_serve(cfg)
     refuse_a_folder_in_use(cfg, runs)  # again: another request may have claimed it meanwhile
     record = runs.start(cfg)
     return {"id": record.id, "status": record.status}
@@ -214,7 +230,7 @@ def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
     try:
         check_out_is_free(cfg)
     except RunError as exc:
-        raise InvalidRequest(str(exc), param="out") from None
+        raise InvalidRequest(str(exc), param=exc.param) from None
 
 
 @router.get("/runs")

@@ -36,7 +36,12 @@ Events = Callable[[dict], None]
 
 
 class RunError(Exception):
-    """A run that cannot start as configured (its message says which setting and why)."""
+    """A run that cannot start as configured (its message says which setting and why; `param`
+    names that setting's field)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def check_out_is_free(cfg: RunConfig) -> None:
@@ -48,26 +53,34 @@ def check_out_is_free(cfg: RunConfig) -> None:
         held = f"checkpoint {found.name}" if found else "no checkpoint yet"
         raise RunError(
             f"--out {out} holds a run ({held}): --resume to continue it, --overwrite to start "
-            "over, or another --out"
+            "over, or another --out",
+            param="out",
         )
 
 
-def check_teacher_limits(
-    cfg: RunConfig, infos: list[dict], longest_prompt: int, longest_horizon: int
-) -> None:
+def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> None:
     """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or a
-    prompt plus the schedule's longest horizon beyond its max_seq_len."""
+    prompt of `data` plus the schedule's longest horizon beyond its max_seq_len."""
+    longest_prompt = max(len(ids) for ids in encode_prompts(tokenizer, data))
+    # Horizons never shrink, so the last step's is the longest.
+    longest_horizon = parse_schedule(cfg.schedule, cfg.max_new_tokens).horizon(cfg.steps - 1)
     for url, info in zip(cfg.teacher_url, infos):
         if cfg.teacher_top_k > info["max_top_k"]:
             raise RunError(
-                f"--top-k {cfg.top_k}: the teacher at {url} allows at most {info['max_top_k']}"
+                f"--top-k {cfg.top_k}: the teacher at {url} allows at most {info['max_top_k']}",
+                param="top_k",
             )
         if longest_prompt + longest_horizon > info["max_seq_len"]:
             raise RunError(
                 f"--schedule {cfg.schedule} with --max-new-tokens {cfg.max_new_tokens} reaches "
                 f"{longest_horizon} tokens; with prompts of up to {longest_prompt} that exceeds "
-                f"the max_seq_len {info['max_seq_len']} of the teacher at {url}"
+                f"the max_seq_len {info['max_seq_len']} of the teacher at {url}",
+                param="schedule",
             )
+
+
+def training_problems(cfg: RunConfig) -> list:
+    return problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
 
 
 def peak_rss_mb() -> float:
@@ -97,7 +110,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
-        self.data = problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
+        self.data = training_problems(cfg)
         self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -106,12 +119,7 @@ class Run:
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
         infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
-        check_teacher_limits(
-            cfg,
-            infos,
-            longest_prompt=max(len(ids) for ids in encode_prompts(self.tokenizer, self.data)),
-            longest_horizon=self.schedule.horizon(cfg.steps - 1),  # horizons never shrink
-        )
+        check_teacher_limits(cfg, infos, self.tokenizer, self.data)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -4,12 +4,16 @@ stream their events, stop on request, and show up in /metrics."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import httpx
 import pytest
 import torch
 
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app as create_teacher_app
+from services.teacher.settings import TeacherSettings
 from services.trainer.api import create_app
 from tests.conftest import serve
 
@@ -99,6 +103,9 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "Port out of range"),
         ({"student": str(tmp_path / "nothing")}, "student", "no such file or directory"),
         ({"out": str(tmp_path / "a-file")}, "out", "is a file"),
+        # The teacher's own limits, read from its /info as the run would.
+        ({"loss": "forward_kl_topk", "top_k": 50}, "top_k", "allows at most 20"),
+        ({"schedule": "full", "max_new_tokens": 600}, "schedule", "exceeds the max_seq_len"),
     ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "device", "CUDA"))
@@ -109,6 +116,19 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         assert r.status_code == 422 and r.json()["error"]["param"] == param, (fields, r.text)
         assert says in r.json()["error"]["message"], r.text
     assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
+
+
+def test_a_teacher_with_another_tokenizer_is_422_naming_teacher_url(trainer_url, tmp_path):
+    other = tmp_path / "other-teacher"
+    shutil.copytree(TEACHER_PATH, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages }}"  # same ids, another tokenizer: still refused
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    with serve(create_teacher_app(TeacherSettings(model=str(other)))) as url:
+        body = {**SMALL, "teacher_url": [url], "out": str(tmp_path / "run")}
+        r = httpx.post(trainer_url + "/runs", json=body)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "teacher_url"
+    assert "another tokenizer" in r.json()["error"]["message"]
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(trainer_url):

@@ -20,9 +20,8 @@ from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
-from services.trainer.loop import RunError, check_teacher_limits, run
+from services.trainer.loop import RunError, check_teacher_limits, run, training_problems
 from services.trainer.report import read_jsonl
-from services.trainer.schedules import parse_schedule
 from tests.conftest import static_files
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
@@ -122,24 +121,24 @@ def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "schedule, loss, refused",
+    "schedule, loss, refused, param",
     [
-        ("truncated:24", "reverse_kl", None),  # H_max 1000, but no rollout passes 24 tokens
-        ("full", "reverse_kl", "reaches 1000 tokens"),
-        ("progressive:h0=32,dh=32,every=1", "reverse_kl", "reaches 960 tokens"),
-        ("truncated:24", "forward_kl_topk", "--top-k 25"),
+        ("truncated:24", "reverse_kl", None, None),  # H_max 1000, but no rollout passes 24 tokens
+        ("full", "reverse_kl", "reaches 1000 tokens", "schedule"),
+        ("progressive:h0=32,dh=32,every=1", "reverse_kl", "reaches 960 tokens", "schedule"),
+        ("truncated:24", "forward_kl_topk", "--top-k 25", "top_k"),
     ],
 )
-def test_teacher_limits_hold_the_schedules_longest_horizon(schedule, loss, refused):
+def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, loss, refused, param):
     cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30, max_new_tokens=1000)
     info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 512}
-    schedule_ = parse_schedule(schedule, cfg.max_new_tokens)
-    longest = max(schedule_.horizon(k) for k in range(cfg.steps))
+    data = training_problems(cfg)
     if refused is None:
-        check_teacher_limits(cfg, [info], longest_prompt=30, longest_horizon=longest)
+        check_teacher_limits(cfg, [info], student[1], data)
     else:
-        with pytest.raises(RunError, match=refused):
-            check_teacher_limits(cfg, [info], longest_prompt=30, longest_horizon=longest)
+        with pytest.raises(RunError, match=refused) as error:
+            check_teacher_limits(cfg, [info], student[1], data)
+        assert error.value.param == param
 
 
 def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, teacher_process):
