@@ -33,8 +33,15 @@ def add_flags(
         elif origin is typing.Literal:
             choices = typing.get_args(field.annotation)
             parser.add_argument(flag, choices=choices, default=None, help=help_text)
+        elif _is_int(field.annotation):  # an int, so a model may refuse "2" and true from files
+            parser.add_argument(flag, type=int, default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, help=help_text)
+
+
+def _is_int(annotation) -> bool:
+    """int or int | None."""
+    return annotation is int or set(typing.get_args(annotation)) == {int, type(None)}
 
 
 def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:

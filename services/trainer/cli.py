@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from services.trainer.config import RunConfig, load_config_file, saved_settings
 from shared.flags import add_flags, field_errors, given, port_number
@@ -63,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     chosen = {**from_file, **flags}
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
     saved, saved_file = {}, Path(out) / "config.json"
-    if out and _is_true(chosen.get("resume")):
+    if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value
         saved = saved_settings(out)
     try:
         cfg = RunConfig(**{**saved, **chosen})
@@ -87,13 +87,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 # Settings that do not change what a resumed run computes.
 _NOT_THE_RUNS_COURSE = {"progress", "threads", "api_key"}
-
-
-def _is_true(value) -> bool:
-    try:
-        return TypeAdapter(bool).validate_python(value or False)
-    except ValidationError:
-        return False  # RunConfig names the bad value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,27 +33,29 @@ class RunConfig(BaseModel):
     teacher_url: list[str] = Field(
         ["http://127.0.0.1:8000"], min_length=1, description="Teacher base URL(s)."
     )
-    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.")
+    max_new_tokens: int = Field(
+        MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.", strict=True
+    )
     schedule: str = Field(
         "full",
         description="Horizon: full | truncated:R | progressive:h0=A,dh=B,every=C | linear:h0=A,steps=C",
     )
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.", strict=True)
     out: str = Field(
         "runs/opd", min_length=1, description="Output folder (metrics, plots, checkpoints)."
     )
-    seed: int = Field(0, description="Seed of data order, sampling and init.")
-    prompts_per_step: int = Field(16, ge=1, description="Problems per step.")
-    samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).")
+    seed: int = Field(0, description="Seed of data order, sampling and init.", strict=True)
+    prompts_per_step: int = Field(16, ge=1, description="Problems per step.", strict=True)
+    samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).", strict=True)
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(
         "reverse_kl",
         description="reverse_kl: policy gradient on A_t; *_topk use the teacher's top-k.",
     )
-    top_k: int = Field(8, ge=1, description="Teacher top-k for the *_topk losses.")
+    top_k: int = Field(8, ge=1, description="Teacher top-k for the *_topk losses.", strict=True)
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of JSD(beta).")
     gamma: float = Field(
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
@@ -65,25 +67,38 @@ class RunConfig(BaseModel):
         description="Train each rollout only up to its first error: a token the teacher gives at "
         "least this many nats less than the student (off by default; 2 is a good start).",
     )
-    micro_batch: int = Field(16, ge=1, description="Rollouts per frame streamed to the teacher.")
-    eval_every: int = Field(20, ge=0, description="Evaluate every N steps (0: only at the end).")
-    eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.")
-    eval_samples: int = Field(0, ge=0, description="k of avg@k at the final evaluation (0: off).")
-    checkpoint_every: int = Field(
-        0, ge=0, description="Checkpoint every N steps (0: only at the end)."
+    micro_batch: int = Field(
+        16, ge=1, description="Rollouts per frame streamed to the teacher.", strict=True
     )
-    resume: bool = Field(False, description="Continue from the last checkpoint in `out`.")
+    eval_every: int = Field(
+        20, ge=0, description="Evaluate every N steps (0: only at the end).", strict=True
+    )
+    eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.", strict=True)
+    eval_samples: int = Field(
+        0, ge=0, description="k of avg@k at the final evaluation (0: off).", strict=True
+    )
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="Checkpoint every N steps (0: only at the end).",
+        strict=True,
+    )
+    resume: bool = Field(
+        False, description="Continue from the last checkpoint in `out`.", strict=True
+    )
     overwrite: bool = Field(
-        False, description="Start over in an `out` that holds a run (its checkpoints are deleted)."
+        False,
+        description="Start over in an `out` that holds a run (its checkpoints are deleted).",
+        strict=True,
     )
     device: str = Field(
         "cpu",
         pattern=DEVICE_PATTERN,
         description="Where the student trains and samples: cpu, cuda or cuda:N.",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
     api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(True, description="Show a progress bar.", strict=True)
 
     @property
     def teacher_top_k(self) -> int:

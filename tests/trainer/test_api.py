@@ -44,6 +44,9 @@ def trainer_url():
         ({"loss": "mse"}, "loss"),
         ({"device": "gpu"}, "device"),
         ({"stepz": 3}, "stepz"),
+        ({"steps": "3"}, "steps"),  # a count is a JSON number, not a string that looks like one
+        ({"steps": True}, "steps"),
+        ({"resume": "yes"}, "resume"),
     ],
 )
 def test_bad_config_is_422_naming_the_field(trainer_url, body, param):

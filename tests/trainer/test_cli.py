@@ -129,7 +129,7 @@ def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys)
 
 
 def test_a_bad_max_new_tokens_is_the_only_error_not_a_schedule_beyond_a_default(capsys):
-    err = errors_of(capsys, "run", "--max-new-tokens", "abc", "--schedule", "truncated:300")
+    err = errors_of(capsys, "run", "--max-new-tokens", "0", "--schedule", "truncated:300")
     assert "--max-new-tokens:" in err and "--schedule" not in err
 
 
@@ -145,3 +145,29 @@ def test_resume_reads_the_folder_it_was_given_and_names_its_files_bad_settings(t
     (out / "config.json").write_text(json.dumps({**saved, "steps": 0}))
     err = errors_of(capsys, "run", "--out", str(out), "--resume")
     assert f"{out / 'config.json'}: steps: Input should be greater" in err
+
+
+@pytest.mark.parametrize(
+    "name, text, key",
+    [
+        ("run.yaml", "steps: true\n", "steps"),  # not 1
+        ("run.toml", 'steps = "2"\n', "steps"),  # not 2
+        ("run.yaml", "resume: 'yes'\n", "resume"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_refused_not_converted(
+    tmp_path, capsys, name, text, key
+):
+    path = tmp_path / name
+    path.write_text(text)
+    assert f"{path}: {key}: Input should be a valid" in errors_of(
+        capsys, "run", "--config", str(path)
+    )
+
+
+def test_integer_flags_are_read_as_integers(capsys):
+    cfg = config_from_args(build_parser().parse_args(["run", "--steps", "7", "--threads", "2"]))
+    assert cfg.steps == 7 and cfg.threads == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--steps", "seven"])
+    assert exit_info.value.code == 2 and "--steps: invalid int value" in capsys.readouterr().err
