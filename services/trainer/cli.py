@@ -62,9 +62,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = given(args, RunConfig)
     chosen = {**from_file, **flags}
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
-    saved, saved_file = {}, Path(out) / "config.json"
+    saved, saved_file = {}, Path(str(out)) / "config.json"
     if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value
-        saved = saved_settings(out)
+        saved = saved_settings(str(out))
     try:
         cfg = RunConfig(**{**saved, **chosen})
     except ValidationError as exc:

@@ -153,6 +153,7 @@ def test_resume_reads_the_folder_it_was_given_and_names_its_files_bad_settings(t
         ("run.yaml", "steps: true\n", "steps"),  # not 1
         ("run.toml", 'steps = "2"\n', "steps"),  # not 2
         ("run.yaml", "resume: 'yes'\n", "resume"),
+        ("run.yaml", "out: 5\nresume: true\n", "out"),
     ],
 )
 def test_a_config_file_value_of_the_wrong_type_is_refused_not_converted(
