@@ -196,8 +196,7 @@ def encode_request(request: ScoreRequest, binary: bool) -> bytes:
 
 def decode_request(body: bytes, binary: bool) -> ScoreRequest:
     data = _unpack(body) if binary else load_json(body)
-    if not isinstance(data, dict):  # a list or a number is no request at all, not a bad field
-        raise MalformedBody(f"body must be a {'msgpack map' if binary else 'JSON object'}")
+    data = an_object(data, "msgpack map" if binary else "JSON object")
     if binary:
         data = _unpack_request_arrays(data)
     return validate_request(data)
@@ -453,6 +452,13 @@ def _unpack(body: bytes) -> Any:
         return msgpack.unpackb(body, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise MalformedBody(f"body is not valid msgpack ({type(exc).__name__})") from None
+
+
+def an_object(data: Any, form: str) -> dict:
+    """A decoded body that must be a map: a list or a number is no request at all, not a bad field."""
+    if not isinstance(data, dict):
+        raise MalformedBody(f"body must be a {form}")
+    return data
 
 
 def load_json(body: bytes) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import secrets
 import socket
@@ -34,6 +33,7 @@ from shared.protocol import (
     FrameReader,
     ScoreRequest,
     ScoreResponse,
+    an_object,
     decode_request,
     encode_response,
     encode_stream_done,
@@ -42,7 +42,6 @@ from shared.protocol import (
     load_json,
 )
 
-log = logging.getLogger("opd.teacher")
 M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter()
@@ -127,11 +126,9 @@ async def read_model(request: Request, model: type[M], limit_bytes: int) -> M:
     """A dialect route's JSON body as `model`; what is wrong with it is a 400 naming the field, as
     those dialects' own servers answer."""
     try:
-        data = load_json(await read_body(request, limit_bytes))
+        data = an_object(load_json(await read_body(request, limit_bytes)), "JSON object")
     except MalformedBody as exc:
         raise BadRequest(exc.message) from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -232,14 +229,8 @@ async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) ->
         ):
             await out.put(encode_stream_score(frame, index, score, job.compute_s))
         return len(request.sequences)
-    except TeacherError as err:  # this frame is refused; the others go on
+    except TeacherError as err:  # refused, or its forward failed (a 500): the others go on
         await out.put(encode_stream_error(frame, err))
-        return 0
-    except Exception as exc:  # a backend failure: say so in the stream, as /score answers a 500
-        log.exception("unexpected error scoring stream frame %d", frame)
-        await out.put(
-            encode_stream_error(frame, ServerError(f"internal error ({type(exc).__name__})"))
-        )
         return 0
 
 

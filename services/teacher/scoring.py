@@ -82,7 +82,7 @@ async def score_as_completed(
     jobs = jobs_from_request(request, limits)
 
     async def one(index: int) -> tuple[int, ScoreJob, SequenceScore]:
-        [score] = await backend.score([jobs[index]])
+        [score] = await _score_on(backend, [jobs[index]])
         return index, jobs[index], score
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
@@ -109,13 +109,7 @@ async def score_request(
     """Check `request` against this server and score it on `backend`. The dialects ask for ranks,
     and for a token sampled after each sequence (at `sample_temperature`)."""
     jobs = jobs_from_request(request, limits, want_ranks, sample_temperature)
-    try:
-        scores = await backend.score(jobs)
-    except TeacherError:
-        raise
-    except Exception as exc:  # a failed forward: a 500 in the error shape
-        log.exception("scoring %d sequences failed", len(jobs))
-        raise ServerError(f"internal error ({type(exc).__name__})") from exc
+    scores = await _score_on(backend, jobs)
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)
     )
@@ -124,6 +118,18 @@ async def score_request(
         metrics.prompt_tokens.inc(usage.prompt_tokens)
     info = backend.info
     return ScoreResult(info.model, info.tokenizer_fingerprint, scores, usage)
+
+
+async def _score_on(backend: Backend, jobs: list[ScoreJob]) -> list[SequenceScore]:
+    """The backend's scores; a failed forward (a CUDA out-of-memory, say) becomes a ServerError, a
+    500 in the error shape on /score and an error frame on /score/stream, logged once here."""
+    try:
+        return await backend.score(jobs)
+    except TeacherError:
+        raise
+    except Exception as exc:
+        log.exception("scoring %d sequences failed", len(jobs))
+        raise ServerError(f"internal error ({type(exc).__name__})") from exc
 
 
 def check_tokens(ids: list[int], limits: Limits, where: str, extra: int = 0) -> None:

@@ -85,8 +85,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-# Settings that do not change what a resumed run computes.
-_NOT_THE_RUNS_COURSE = {"progress", "threads", "api_key"}
+# Settings that do not change what a resumed run computes (config.json never holds the API key).
+_NOT_THE_RUNS_COURSE = {"progress", "threads"}
 
 
 def main(argv: list[str] | None = None) -> int:

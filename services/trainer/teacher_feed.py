@@ -73,8 +73,7 @@ class StepFeed:
         self.stats = FeedStats()
         # Guards frames and scores, which the loop's thread writes and scored_frames() reads.
         self._changed = threading.Condition()
-        self._input_closed = False  # the loop's thread has taken the end of input
-        self._closing = False  # the caller has sent it
+        self._closing = False  # the caller has sent the end of input
         self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
         self._done.add_done_callback(lambda _: self._notify())
 
@@ -93,11 +92,10 @@ class StepFeed:
             with self._changed:
                 self._changed.wait_for(lambda i=index: self._frame_ready(i) or self._done.done())
                 ready = self._frame_ready(index)
-                exhausted = self._input_closed and index >= len(self.frames)
             self.stats.wait_s += time.perf_counter() - started
-            if not ready:
-                if not exhausted:
-                    self._done.result()  # the feed failed: raise its error here
+            if not ready:  # the feed is done: every frame has been put
+                self._done.result()  # if it failed, raise its error here
+                if index < len(self.frames):
                     raise RuntimeError(f"micro-batch {index} ended the step unscored")
                 return
             frame = self.frames[index]
@@ -141,8 +139,6 @@ class StepFeed:
             lane.sent.append(frame)
             lane.outstanding += len(batch)
             await lane.queue.put(frame)
-        with self._changed:
-            self._input_closed = True
         for lane in lanes.values():
             await lane.queue.put(None)
         outcomes = await asyncio.gather(
