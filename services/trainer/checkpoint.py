@@ -34,10 +34,14 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
 def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> Path:
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{state.step:06d}"
+    name = step_name(state.step)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -71,9 +75,7 @@ def latest(out) -> Path | None:
 
 def load(path: Path, model, optimizer) -> TrainState:
     """Restore weights, optimizer and RNG states from `path` into the given objects."""
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    load_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(
         path / "rng.pt", weights_only=False
@@ -82,6 +84,29 @@ def load(path: Path, model, optimizer) -> TrainState:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def load_weights(path: Path, model) -> None:
+    """Load the student's safetensors (one file or shards) into `model`, strictly: every weight
+    must come from the file, except one that `save_pretrained` left out because it shares storage
+    with a saved one (tied input and output embeddings), which loading its twin restores."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a weight of another shape: another model
+        raise ValueError(f"{path}: the checkpoint does not fit the student: {exc}") from None
+    params = model.state_dict()
+    loaded = {params[name].data_ptr() for name in weights if name in params}
+    missing = [name for name in missing if params[name].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the checkpoint does not fit the student (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:

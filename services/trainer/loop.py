@@ -142,7 +142,10 @@ class Run:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
         if found is None:
             return False
-        self.state = checkpoint.load(found, self.model, self.optimizer)
+        try:
+            self.state = checkpoint.load(found, self.model, self.optimizer)
+        except ValueError as exc:
+            raise RunError(f"--resume: {exc} (--student {cfg.student})", param="student") from None
         # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
         try:
             trained = parse_schedule(self.state.schedule, cfg.max_new_tokens)
@@ -300,6 +303,11 @@ class Run:
         return record
 
     def _checkpoint(self) -> None:
+        found = checkpoint.latest(self.out)
+        if found is not None and found.name == checkpoint.step_name(self.state.step):
+            # Saved already (the last step was a periodic one, or a stop came right after it):
+            # writing it again would replace the folder `latest` names, leaving a moment with none.
+            return
         checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer, self.state)
 
     def _summary(self, final: dict | None) -> dict:

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.bundled import STUDENT_PATH
 from opd.models import load_model
@@ -79,3 +80,38 @@ def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_pat
     assert found.name == "step_000003"
     assert checkpoint.load(found, model, optimizer) == state_at(3)
     assert not (checkpoint.checkpoint_dir(tmp_path) / "step_000004").exists()
+
+
+def tied_student(seed: int) -> LlamaForCausalLM:
+    """A student whose output layer shares the input embedding, as in most small real models."""
+    config = LlamaConfig(
+        vocab_size=23,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def test_a_student_with_tied_embeddings_round_trips(tmp_path):
+    _, tokenizer = load_model(STUDENT_PATH)
+    model = tied_student(0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
+
+    fresh = tied_student(1)
+    checkpoint.load(checkpoint.latest(tmp_path), fresh, torch.optim.AdamW(fresh.parameters()))
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, fresh.state_dict()[name]), name
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
+    other = tied_student(0)
+    with pytest.raises(ValueError, match="does not fit the student"):
+        checkpoint.load(checkpoint.latest(tmp_path), other, torch.optim.AdamW(other.parameters()))

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, stop
+from services.trainer import checkpoint
 from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
 from services.trainer.loop import RunError, check_teacher_limits, run, training_problems
@@ -160,17 +161,26 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
     other = cfg.model_copy(update={"steps": 2, "schedule": "full"})
     with pytest.raises(RunError, match="trained with --schedule truncated:24 "):
         run(other)
+    with pytest.raises(RunError, match="does not fit the student") as error:
+        run(cfg.model_copy(update={"steps": 2, "student": str(TEACHER_PATH)}))
+    assert error.value.param == "student"
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
     # The same horizons written another way are the same schedule.
     assert run(cfg.model_copy(update={"schedule": "truncated:24.0"}))["steps"] == 1
 
 
-def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process):
+def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monkeypatch):
     out = tmp_path / "run"
     cfg = RunConfig(
         **SMALL, teacher_url=[teacher_process], steps=2, checkpoint_every=1, out=str(out)
     )
+    saved = []
+    save = checkpoint.save
+    monkeypatch.setattr(
+        checkpoint, "save", lambda *a, **k: saved.append(a[4].step) or save(*a, **k)
+    )
     run(cfg)
+    assert saved == [1, 2]  # the last step is saved once, never replaced by itself
     with pytest.raises(RunError, match="--resume to continue it, --overwrite to start over"):
         run(cfg.model_copy(update={"steps": 1}))
     assert len(read_jsonl(out / "metrics.jsonl")) == 2  # untouched
