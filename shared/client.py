@@ -1,4 +1,5 @@
-"""Clients of the teacher server: `TeacherClient` (sync) and `AsyncTeacherClient` (asyncio), on httpx.
+"""Clients of the teacher server: `TeacherClient` (sync) and `AsyncTeacherClient` (asyncio), on httpx
+(and, for the full-duplex /score/stream, on shared.duplex).
 
     client = TeacherClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"])
     client.connect(tokenizer)            # refuses a teacher whose tokenizer differs from the student's
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from shared.duplex import open_stream, open_stream_async
 from shared.errors import (
     FingerprintMismatch,
     NotFound,
@@ -46,6 +48,7 @@ from shared.protocol import (
     decode_stream_item,
     encode_request,
     encode_request_frame,
+    validate_request,
 )
 
 # Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
@@ -64,7 +67,7 @@ class _Replicas:
     def __init__(self, urls: Sequence[str]):
         if not urls:
             raise ValueError("at least one teacher URL is needed")
-        self.urls = [u.rstrip("/") for u in urls]
+        self.urls = [_checked_url(u) for u in urls]
         self.in_flight = dict.fromkeys(self.urls, 0)
         self.down_until = dict.fromkeys(self.urls, 0.0)
         self._turn = itertools.count()
@@ -93,6 +96,18 @@ class _Replicas:
             self.down_until[url] = time.monotonic() + seconds
 
 
+def _checked_url(url: str) -> str:
+    """`url` without a trailing slash; one that is not http(s)://host[:port] is refused at once
+    (retrying it could never help)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"teacher URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"teacher URL {url!r}: expected http://host:port or https://host:port")
+    return url.rstrip("/")
+
+
 class _Core:
     """What the sync and async clients share: requests, retry decisions, replies."""
 
@@ -101,24 +116,28 @@ class _Core:
         base_urls: str | Sequence[str],
         api_key: str | None,
         binary: bool,
+        timeout: float,
         max_retries: int,
         backoff: float,
         max_backoff: float,
     ):
         self.replicas = _Replicas([base_urls] if isinstance(base_urls, str) else list(base_urls))
         self.binary = binary
+        self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):
-        request = ScoreRequest(
-            sequences=[_as_sequence(s) for s in sequences],
-            top_k=top_k,
-            candidate_ids=candidate_ids,
-            temperature=temperature,
-            max_positions=max_positions,
+        request = as_request(
+            {
+                "sequences": sequences,
+                "top_k": top_k,
+                "candidate_ids": candidate_ids,
+                "temperature": temperature,
+                "max_positions": max_positions,
+            }
         )
         ctype = MSGPACK if self.binary else JSON
         headers = {**self.headers, "Content-Type": ctype, "Accept": ctype}
@@ -126,6 +145,14 @@ class _Core:
 
     def stream_headers(self) -> dict:
         return {**self.headers, "Content-Type": FRAMES, "Accept": FRAMES}
+
+    def stream_failure(self, url: str, exc: httpx.TransportError) -> TeacherError:
+        """The error a broken stream raises; a replica that is gone sits out a while."""
+        if not isinstance(exc, httpx.TimeoutException):
+            self.replicas.mark_down(url, min(self.max_backoff, 2.0))
+        if isinstance(exc, httpx.ConnectError):
+            return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
+        return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
 
     def delay_after_error(
         self, attempt: int, url: str, exc: Exception, max_retries: int | None = None
@@ -196,19 +223,28 @@ class _StreamReader:
 
 
 def as_request(item: ScoreRequest | dict) -> ScoreRequest:
-    """A ScoreRequest from itself or from score()'s keyword arguments."""
+    """A ScoreRequest from itself or from score()'s keyword arguments; a bad field raises
+    InvalidRequest naming it, as the server would answer it."""
     if isinstance(item, ScoreRequest):
         return item
-    return ScoreRequest(**{**item, "sequences": [_as_sequence(s) for s in item["sequences"]]})
+    sequences = item.get("sequences")
+    if isinstance(sequences, (list, tuple)):
+        item = {**item, "sequences": [_as_sequence(s) for s in sequences]}
+    return validate_request(item)
 
 
-def _as_sequence(item: Any) -> dict:
-    if isinstance(item, dict):
-        return item
-    if hasattr(item, "prompt_ids"):
-        return {"prompt_ids": list(item.prompt_ids), "completion_ids": list(item.completion_ids)}
-    prompt_ids, completion_ids = item
-    return {"prompt_ids": list(prompt_ids), "completion_ids": list(completion_ids)}
+def _as_sequence(item: Any) -> Any:
+    """A (prompt_ids, completion_ids) pair or an object with those fields as the wire's dict;
+    anything else is left for validation to name."""
+    if hasattr(item, "prompt_ids") and hasattr(item, "completion_ids"):
+        item = (item.prompt_ids, item.completion_ids)
+    if isinstance(item, (list, tuple)) and len(item) == 2 and all(map(_is_ids, item)):
+        return {"prompt_ids": list(item[0]), "completion_ids": list(item[1])}
+    return item
+
+
+def _is_ids(value: Any) -> bool:
+    return hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))
 
 
 def _info_of(url: str, response: httpx.Response) -> dict:
@@ -253,7 +289,7 @@ class TeacherClient:
         backoff: float = 0.25,
         max_backoff: float = 8.0,
     ):
-        self._core = _Core(base_urls, api_key, binary, max_retries, backoff, max_backoff)
+        self._core = _Core(base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff)
         self._http = httpx.Client(timeout=timeout)
 
     @property
@@ -278,6 +314,13 @@ class TeacherClient:
                     self._core.replicas.release(target)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def is_up(self, url: str) -> bool:
+        """False while `url` sits out after a connection failure."""
+        return self._core.replicas.is_up(url)
+
+    def mark_down(self, url: str, seconds: float = 2.0) -> None:
+        self._core.replicas.mark_down(url, seconds)
 
     def health(self, url: str | None = None) -> dict:
         return self._request("GET", "/health", url).json()
@@ -334,25 +377,25 @@ class TeacherClient:
     def score_stream(
         self, requests: Iterable[ScoreRequest | dict], url: str | None = None
     ) -> Iterator[StreamItem]:
-        """Send each request as one frame of a /score/stream call as `requests` yields it; yield a
-        StreamItem per scored sequence as results come back, then one with done=True. Not retried:
-        a broken stream raises, and the caller re-sends what got no result."""
+        """Send each request as one frame of a /score/stream call as `requests` yields it (read in
+        a background thread); yield a StreamItem per scored sequence as soon as it is scored, while
+        `requests` may still be yielding, then one with done=True. Not retried: a broken stream
+        raises ServerError (TeacherUnreachable if it never connected), and the caller re-sends
+        what got no result."""
         target = url or self._core.replicas.acquire()
+        frames = (encode_request_frame(as_request(r)) for r in requests)
         try:
-            frames = (encode_request_frame(as_request(r)) for r in requests)
-            with self._http.stream(
-                "POST",
-                target + "/score/stream",
-                content=frames,
-                headers=self._core.stream_headers(),
+            with open_stream(
+                target, "/score/stream", self._core.stream_headers(), frames, self._core.timeout
             ) as response:
                 if response.status_code >= 400:
-                    response.read()
-                    self._core.reply(response)
+                    self._core.reply(response.read())
                 reader = _StreamReader(target)
                 for chunk in response.iter_bytes():
                     yield from reader.feed(chunk)
                 reader.finish()
+        except httpx.TransportError as exc:
+            raise self._core.stream_failure(target, exc) from exc
         finally:
             if url is None:
                 self._core.replicas.release(target)
@@ -380,7 +423,7 @@ class AsyncTeacherClient:
         backoff: float = 0.25,
         max_backoff: float = 8.0,
     ):
-        self._core = _Core(base_urls, api_key, binary, max_retries, backoff, max_backoff)
+        self._core = _Core(base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff)
         self._http = httpx.AsyncClient(timeout=timeout)
 
     @property
@@ -465,28 +508,26 @@ class AsyncTeacherClient:
     async def score_stream(
         self, requests: AsyncIterable[ScoreRequest | dict], url: str | None = None
     ) -> AsyncIterator[StreamItem]:
-        """Async form of TeacherClient.score_stream."""
+        """Async form of TeacherClient.score_stream (`requests` is read in a task of its own)."""
         target = url or self._core.replicas.acquire()
+
+        async def frames():
+            async for r in requests:
+                yield encode_request_frame(as_request(r))
+
         try:
-
-            async def frames():
-                async for r in requests:
-                    yield encode_request_frame(as_request(r))
-
-            async with self._http.stream(
-                "POST",
-                target + "/score/stream",
-                content=frames(),
-                headers=self._core.stream_headers(),
+            async with open_stream_async(
+                target, "/score/stream", self._core.stream_headers(), frames(), self._core.timeout
             ) as response:
                 if response.status_code >= 400:
-                    await response.aread()
-                    self._core.reply(response)
+                    self._core.reply(await response.aread())
                 reader = _StreamReader(target)
                 async for chunk in response.aiter_bytes():
                     for item in reader.feed(chunk):
                         yield item
                 reader.finish()
+        except httpx.TransportError as exc:
+            raise self._core.stream_failure(target, exc) from exc
         finally:
             if url is None:
                 self._core.replicas.release(target)

@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from services.teacher.scoring import score_as_completed, score_request
 from shared.errors import (
@@ -189,8 +190,8 @@ class DuplexStreamingResponse(StreamingResponse):
     """A streaming response that leaves the request body to the handler.
 
     Starlette's StreamingResponse also listens for a disconnect by calling receive(), which would
-    swallow the request frames still arriving; here the handler reads them, and a client that goes
-    away makes the send fail, which closes the stream.
+    swallow the request frames still arriving; here the handler reads them, and notices a client
+    that goes away (see _read_frames).
     """
 
     async def __call__(self, scope, receive, send) -> None:
@@ -199,7 +200,8 @@ class DuplexStreamingResponse(StreamingResponse):
 
 async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
     """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
-    framing ends the input, saying why, after the frames before it are answered."""
+    framing ends the input, saying why, after the frames before it are answered. A client that
+    goes away, mid-body or after it, cancels the scoring of what it sent (nobody would read it)."""
     reader = FrameReader(state.settings.max_body_bytes)
     tasks: list[asyncio.Task] = []
     broken: TeacherError | None = None
@@ -211,7 +213,16 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
             reader.finish()
         except TeacherError as err:
             broken = err
-        counts = await asyncio.gather(*tasks)
+        except ClientDisconnect:
+            return
+        scoring = asyncio.gather(*tasks)
+        gone = asyncio.create_task(_disconnected(request))
+        await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not scoring.done():
+            scoring.cancel()
+            return
+        counts = scoring.result()
         if broken is not None:
             await out.put(encode_stream_error(len(tasks), broken))
         await out.put(encode_stream_done(len(tasks), sum(counts)))
@@ -219,6 +230,14 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
         for task in tasks:
             task.cancel()
         await out.put(None)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone. Only called after the body has been read (or its framing
+    broke, when the rest is skipped): uvicorn drops what is sent to a client that has gone, so the
+    responses being sent would never tell."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) -> int:

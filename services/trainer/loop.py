@@ -235,7 +235,8 @@ class Run:
         tokens = sum(len(r.completion_ids) for r in rollouts)
         state.tokens_generated += tokens
         state.teacher_tokens += fstats.scored_tokens
-        teacher_wait = fstats.wait_s
+        # Backpressure (put blocked) is waiting on the teacher too, not generating.
+        teacher_wait = fstats.wait_s + fstats.put_wait_s
         self._sample_event(rollouts[0], scores[rollouts[0].key])
         return {
             "step": state.step,
@@ -247,7 +248,7 @@ class Run:
             "loss": result.loss,
             "grad_norm": float(grad_norm),
             "step_s": done - started,
-            "generate_s": generated - started,
+            "generate_s": generated - started - fstats.put_wait_s,
             "teacher_wait_s": teacher_wait,
             "teacher_compute_s": fstats.compute_s,
             # Share of the teacher's scoring time spent while the student generated or trained on
@@ -255,7 +256,7 @@ class Run:
             "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
             if fstats.compute_s > 0
             else None,
-            "update_s": done - generated - teacher_wait,
+            "update_s": done - generated - fstats.wait_s,
             "tokens_generated": tokens,
             "teacher_tokens": fstats.scored_tokens,
             "rescored": fstats.rescored,

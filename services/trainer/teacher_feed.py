@@ -1,9 +1,10 @@
 """Streams a step's rollouts to the teacher replicas while the student is still generating.
 
 Each step opens one `/score/stream` call per replica it uses; every micro-batch becomes one frame,
-sent to the replica with the fewest sequences awaiting scores. A bounded queue between the generating
-thread and the sender applies backpressure. If a replica dies mid-step, the sequences it had not
-answered are scored again elsewhere; each rollout's score is taken exactly once.
+sent to the replica with the fewest sequences awaiting scores. Backpressure: at most
+`frames_in_flight` frames per replica await scores, and as many wait in a bounded queue; beyond that
+`put` blocks the generating thread. If a replica dies mid-step, the sequences it had not answered are
+scored again elsewhere; each rollout's score is taken exactly once.
 
     feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
@@ -36,6 +37,7 @@ class FeedStats:
     scored_tokens: int = 0
     rescored: int = 0  # sequences scored again after a replica failed
     wait_s: float = 0.0  # time scored_frames() blocked its caller, waiting for scores
+    put_wait_s: float = 0.0  # time put() blocked the generating thread (backpressure)
 
 
 def _replica_fault(error: dict) -> bool:
@@ -62,12 +64,15 @@ class _Lane:
 
 
 class StepFeed:
-    def __init__(self, feed: TeacherFeed, max_positions: int | None, top_k: int, queue_frames: int):
+    def __init__(self, feed: TeacherFeed, max_positions: int | None, top_k: int):
         self._feed = feed
         self._loop = feed.loop
         self.max_positions = max_positions
         self.top_k = top_k
-        self._inbox: asyncio.Queue = asyncio.Queue(maxsize=queue_frames)
+        self._max_in_flight = feed.frames_in_flight * len(feed.client.urls)
+        self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
+        self._lanes: dict[str, _Lane] = {}
+        self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self.frames: list[list[Rollout]] = []
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
@@ -78,14 +83,19 @@ class StepFeed:
         self._done.add_done_callback(lambda _: self._notify())
 
     def put(self, rollouts: list[Rollout]) -> None:
-        """Queue a micro-batch for scoring; blocks while the queue is full (backpressure)."""
+        """Queue a micro-batch for scoring; blocks while the teacher is too far behind
+        (backpressure, counted in stats.put_wait_s)."""
+        started = time.perf_counter()
         asyncio.run_coroutine_threadsafe(self._inbox.put(list(rollouts)), self._loop).result()
+        self.stats.put_wait_s += time.perf_counter() - started
 
     def scored_frames(self) -> Iterator[tuple[list[Rollout], dict[int, SequenceScore]]]:
         """Call after the last put. Yields each micro-batch with its rollouts' scores, in the order
         they were put, as soon as the whole micro-batch is scored: the caller can train on it while
         the teacher scores the rest. Time spent blocked counts in stats.wait_s."""
-        self._close_input()
+        started = time.perf_counter()
+        self._close_input()  # may wait for room in the inbox
+        self.stats.wait_s += time.perf_counter() - started
         index = 0
         while True:
             started = time.perf_counter()
@@ -130,8 +140,14 @@ class StepFeed:
         )
 
     async def _run(self) -> None:
-        lanes: dict[str, _Lane] = {}
-        while (batch := await self._inbox.get()) is not None:
+        lanes = self._lanes
+        # Room first, then the next frame: so put() blocks once frames_in_flight per replica
+        # await scores and as many again wait in the inbox.
+        while True:
+            await self._room_for_a_frame()
+            batch = await self._inbox.get()
+            if batch is None:
+                break
             frame = len(self.frames)
             with self._changed:
                 self.frames.append(batch)
@@ -148,6 +164,22 @@ class StepFeed:
             if isinstance(outcome, BaseException):
                 raise outcome
         await self._rescore_missing()
+
+    async def _room_for_a_frame(self) -> None:
+        while self._frames_in_flight() >= self._max_in_flight:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def _frames_in_flight(self) -> int:
+        """Frames sent to a live replica and not yet wholly scored (a dead replica's frames wait
+        for the rescoring pass at the end of the step, so they do not hold up the stream)."""
+        return sum(
+            1
+            for lane in self._lanes.values()
+            if not lane.failed
+            for frame in lane.sent
+            if not all(r.key in self.scores for r in self.frames[frame])
+        )
 
     def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
         client = self._feed.client
@@ -181,6 +213,7 @@ class StepFeed:
             raise
         except Exception as exc:  # the replica died, broke the connection or failed
             lane.failed = True
+            self._answered.set()
             self._feed.client.mark_down(lane.url, 5.0)
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.
@@ -192,6 +225,7 @@ class StepFeed:
         with self._changed:
             self.scores[rollout.key] = score
             self._changed.notify_all()
+        self._answered.set()
         self.stats.compute_s += compute_s
         self.stats.scored_tokens += len(score.logprobs)
 
@@ -213,8 +247,8 @@ class StepFeed:
 class TeacherFeed:
     """Owns an asyncio loop in a background thread and the async client that talks to the teacher."""
 
-    def __init__(self, urls: list[str], api_key: str | None = None, queue_frames: int = 4):
-        self.queue_frames = queue_frames
+    def __init__(self, urls: list[str], api_key: str | None = None, frames_in_flight: int = 4):
+        self.frames_in_flight = frames_in_flight
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, daemon=True, name="teacher-feed"
@@ -230,7 +264,7 @@ class TeacherFeed:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def begin(self, max_positions: int | None, top_k: int = 0) -> StepFeed:
-        return StepFeed(self, max_positions, top_k, self.queue_frames)
+        return StepFeed(self, max_positions, top_k)
 
     def close(self) -> None:
         self.call(self._shutdown())

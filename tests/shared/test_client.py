@@ -144,3 +144,29 @@ def test_requests_spread_over_replicas_by_least_in_flight(teacher_url):
         assert len(asyncio.run(run())) == 10
         after = served(teacher_url), served(second)
     assert (after[0] - before[0], after[1] - before[1]) == (5, 5)
+
+
+@pytest.mark.parametrize(
+    "url", ["127.0.0.1:8000", "htp://127.0.0.1:8000", "http://", "http://[::1"]
+)
+def test_a_url_that_is_no_teacher_address_is_refused_at_once(url):
+    with pytest.raises(ValueError, match="teacher URL"):
+        TeacherClient(url)
+
+
+@pytest.mark.parametrize(
+    "call, param",
+    [
+        (dict(sequences=[]), "sequences"),
+        (dict(sequences=[([1, 2], [-1])]), "sequences.0.completion_ids.0"),
+        (dict(sequences=[SEQ], top_k=-1), "top_k"),
+        (dict(sequences=[SEQ], max_positions=0), "max_positions"),
+        (dict(sequences=SEQ), "sequences.0"),  # one pair, not a list of them
+    ],
+)
+def test_bad_arguments_are_refused_before_sending_naming_the_field(call, param):
+    # No server: the client refuses these itself, in the error the server would answer.
+    with TeacherClient(f"http://127.0.0.1:{free_port()}", max_retries=0) as client:
+        with pytest.raises(InvalidRequest) as error:
+            client.score(**call)
+    assert error.value.param == param

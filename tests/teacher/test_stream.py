@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import socket
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -13,8 +16,8 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
-from shared.client import AsyncTeacherClient, TeacherClient
-from shared.errors import ServerError
+from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
+from shared.errors import InvalidRequest, ServerError
 from shared.protocol import (
     FRAMES,
     FrameReader,
@@ -23,8 +26,10 @@ from shared.protocol import (
     decode_stream_item,
     encode_request_frame,
     encode_stream_score,
+    validate_request,
 )
-from tests.conftest import plain_http, serve
+from tests.conftest import free_port, plain_http, serve
+from tests.teacher.test_routes import GatedBackend, wait_for
 from tests.teacher.test_scoring_correctness import mixed_sequences
 
 
@@ -67,6 +72,73 @@ def test_async_stream_sends_frames_as_they_are_produced(teacher, teacher_url):
 
     items = asyncio.run(run())
     assert sum(1 for i in items if i.score is not None) == 4 and items[-1].done
+
+
+def test_results_come_back_while_the_input_is_still_open(teacher, teacher_url):
+    """Full duplex: the second frame is only produced once the first one's result is back."""
+    first, second = frames_of(mixed_sequences(teacher[1], n=2), 1)
+    answered = threading.Event()
+
+    def produce():
+        yield first
+        assert answered.wait(timeout=10), "no result before the input ended"
+        yield second
+
+    with TeacherClient(teacher_url) as client:
+        items = []
+        for item in client.score_stream(produce()):
+            items.append(item)
+            answered.set()
+    assert [i.frame for i in items if i.score is not None] == [0, 1] and items[-1].done
+
+
+def test_async_results_come_back_while_the_input_is_still_open(teacher, teacher_url):
+    first, second = frames_of(mixed_sequences(teacher[1], n=2), 1)
+
+    async def run():
+        answered = asyncio.Event()
+
+        async def produce():
+            yield first
+            await asyncio.wait_for(answered.wait(), timeout=10)
+            yield second
+
+        items = []
+        async with AsyncTeacherClient(teacher_url) as client:
+            async for item in client.score_stream(produce()):
+                items.append(item)
+                answered.set()
+        return items
+
+    items = asyncio.run(run())
+    assert [i.frame for i in items if i.score is not None] == [0, 1] and items[-1].done
+
+
+def test_an_error_in_the_callers_frames_reaches_the_caller(teacher_url):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+
+    def failing():
+        yield good
+        raise RuntimeError("generation failed")
+
+    with TeacherClient(teacher_url) as client:
+        with pytest.raises(RuntimeError, match="generation failed"):
+            list(client.score_stream(failing()))
+        bad = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [-5]}]}
+        with pytest.raises(InvalidRequest) as error:  # checked before it is sent, as /score does
+            list(client.score_stream([good, bad]))
+        assert error.value.param == "sequences.0.completion_ids.0"
+        assert len(list(client.score_stream([good]))) == 2  # the client is still usable
+
+
+def test_a_stream_to_a_replica_that_is_down_says_so_and_sits_it_out(teacher_url):
+    down = f"http://127.0.0.1:{free_port()}"
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with TeacherClient([down, teacher_url]) as client:
+        with pytest.raises(TeacherUnreachable, match=down):
+            list(client.score_stream([good], url=down))
+        assert not client.is_up(down)
+        assert list(client.score_stream([good]))[-1].done  # goes to the live replica
 
 
 def test_a_bad_frame_gets_an_error_frame_and_the_rest_are_scored(teacher_url):
@@ -177,3 +249,38 @@ def test_a_stream_cut_off_before_its_done_frame_raises_a_server_error(cut):
 
         with pytest.raises(ServerError, match="done frame"):
             asyncio.run(stream_async())
+
+
+class CountingGatedBackend(GatedBackend):
+    sequences = 0
+
+    def score_batch(self, jobs):
+        out = super().score_batch(jobs)
+        self.sequences += len(jobs)
+        return out
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def test_a_client_that_goes_away_cancels_the_scoring_of_what_it_sent():
+    backend = CountingGatedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    one = encode_request_frame(validate_request(frames_of([([1, 2], [5, 6])], 1)[0]))
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + chunk(one)
+            )
+            assert backend.running.wait(timeout=30)  # the first frame is at the gate
+            sock.sendall(chunk(one) + b"0\r\n\r\n")  # the second waits in the queue
+            time.sleep(0.2)
+        # The client has gone with its body complete: the stream ends without scoring more.
+        wait_for(lambda: 'route="/score/stream"' in httpx.get(url + "/metrics").text)
+        backend.gate.set()
+        wait_for(lambda: backend.sequences == 1)
+        time.sleep(0.5)
+        assert backend.sequences == 1

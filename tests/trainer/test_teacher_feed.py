@@ -1,10 +1,12 @@
 """The trainer's teacher feed against a real teacher server: scored micro-batches come back in the
 order they were put, a replica's failure is scored around, and closing the feed leaves nothing
-running."""
+running, and a teacher that falls behind holds up the generating thread (backpressure)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
@@ -13,6 +15,7 @@ from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed
 from shared.task import problems
 from tests.conftest import serve
+from tests.teacher.test_routes import GatedBackend
 from tests.teacher.test_stream import CrashingBackend
 
 
@@ -68,3 +71,36 @@ def test_a_replica_whose_forwards_fail_mid_step_is_scored_around(teacher_url):
     assert all(len(score.logprobs) == 3 for score in scores.values())
     # The rescored frame is yielded once, whole, in its place.
     assert [sorted(s) for _, s in got] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_put_blocks_while_the_teacher_is_behind(teacher_url):
+    backend = GatedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    put: list[int] = []
+    with serve(app) as slow_url:
+        feed = TeacherFeed([slow_url], frames_in_flight=1)
+        try:
+            step = feed.begin(max_positions=8)
+
+            def generate():
+                for key in range(4):
+                    step.put(rollouts(1, key))
+                    put.append(key)
+
+            producer = threading.Thread(target=generate)
+            producer.start()
+            deadline = time.monotonic() + 30
+            while len(put) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)  # time enough for a third put, were it not held up
+            # One frame awaits its score and one waits to be sent; the third put waits for room.
+            assert put == [0, 1]
+            backend.gate.set()
+            producer.join(timeout=30)
+            got = list(step.scored_frames())
+            scores, stats = step.finish()
+        finally:
+            backend.gate.set()
+            feed.close()
+    assert put == [0, 1, 2, 3] and [[r.key for r in f] for f, _ in got] == [[0], [1], [2], [3]]
+    assert sorted(scores) == [0, 1, 2, 3] and stats.put_wait_s >= 0.5

@@ -1,0 +1,287 @@
+"""Full-duplex HTTP/1.1 POST for /score/stream: the response is read while the body is still sent.
+
+httpx (httpcore under it) writes a request's whole body before it reads any of the response, so a
+stream's results would only come back once its input ended. HTTP/1.1 lets a server answer while
+the request body is still arriving, and the teacher does. Here the body goes out in chunked
+encoding from a thread (sync) or a task (async) while the caller reads the response through h11,
+so each result reaches the caller as soon as it is scored.
+
+    with open_stream(url, "/score/stream", headers, frames, timeout=120) as response:
+        if response.status_code >= 400:
+            response.read()                          # an httpx.Response, for the error body
+        for chunk in response.iter_bytes(): ...
+
+Plain HTTP/1.1 over TCP or TLS, one request per connection, no proxy from the environment: what
+the teacher and a load balancer in front of it need. `timeout` is the longest silence from the
+server while it has work from us, so time spent waiting for the caller's next frame never counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import h11
+import httpx
+
+_READ = 65536
+_POLL_S = 0.2
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class _Exchange:
+    """One request's h11 state: its head, then the response as received bytes complete it."""
+
+    def __init__(self, url: str, path: str, headers: dict):
+        self.url = httpx.URL(url.rstrip("/") + path)
+        if self.url.scheme not in ("http", "https") or not self.url.host:
+            raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url!r}")
+        self.port = self.url.port or (443 if self.url.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if self.url.scheme == "https" else None
+        self._conn = h11.Connection(h11.CLIENT)
+        fields = [("Host", self.url.netloc.decode()), ("Transfer-Encoding", "chunked")]
+        self.head = self._conn.send(
+            h11.Request(
+                method="POST", target=self.url.raw_path, headers=fields + list(headers.items())
+            )
+        )
+        self.status_code = 0
+        self.headers = httpx.Headers()
+        self.ended = False  # the whole response has arrived
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Feed bytes from the server (b"" when it closed); the body chunks they complete."""
+        try:
+            self._conn.receive_data(data)
+            chunks = []
+            while not self.ended and (event := self._conn.next_event()) is not h11.NEED_DATA:
+                if isinstance(event, h11.Response):
+                    self.status_code = event.status_code
+                    self.headers = httpx.Headers(
+                        [(k.decode(), v.decode()) for k, v in event.headers]
+                    )
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    self.ended = True
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise httpx.RemoteProtocolError(f"{self.url} closed the stream mid-response")
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(f"{self.url}: {exc}") from exc
+        return chunks
+
+    def as_httpx(self, body: bytes) -> httpx.Response:
+        """The finished response in httpx's form, for the clients' error handling."""
+        request = httpx.Request("POST", self.url)
+        return httpx.Response(self.status_code, headers=self.headers, content=body, request=request)
+
+
+class _Sender:
+    """What the body's sender shares with the reader: whether it waits for the caller, and how it
+    failed (an error from the caller's iterable is re-raised to the caller)."""
+
+    def __init__(self):
+        self.waiting_for_caller = False
+        self.error: BaseException | None = None
+
+    def raise_caller_error(self) -> None:
+        if self.error is not None and not isinstance(self.error, OSError):
+            raise self.error
+
+
+class StreamResponse:
+    """A response being received: status and headers at once, then the body as it arrives."""
+
+    def __init__(self, exchange: _Exchange, receive: Callable[[], list[bytes]]):
+        self._exchange = exchange
+        self._receive = receive
+        self._chunks: list[bytes] = []
+        while not exchange.status_code:
+            self._chunks += receive()
+
+    @property
+    def status_code(self) -> int:
+        return self._exchange.status_code
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        while True:
+            yield from self._chunks
+            self._chunks = []
+            if self._exchange.ended:
+                return
+            self._chunks = self._receive()
+
+    def read(self) -> httpx.Response:
+        return self._exchange.as_httpx(b"".join(self.iter_bytes()))
+
+
+@contextmanager
+def open_stream(
+    url: str, path: str, headers: dict, body: Iterable[bytes], timeout: float
+) -> Iterator[StreamResponse]:
+    """POST `body`, each item sent as it comes (iterated in a background thread), and give the
+    response while the body is still going out. Connection trouble raises httpx.TransportError
+    subclasses; an error raised by `body` itself is re-raised here."""
+    exchange = _Exchange(url, path, headers)
+    try:
+        sock = socket.create_connection((exchange.url.host, exchange.port), timeout=timeout)
+        if exchange.tls is not None:
+            sock = exchange.tls.wrap_socket(sock, server_hostname=exchange.url.host)
+    except OSError as exc:
+        raise httpx.ConnectError(f"{url}: {exc}") from exc
+    sock.settimeout(None)  # sends block while the server holds back (its backpressure)
+    sender = _Sender()
+
+    def send() -> None:
+        try:
+            sock.sendall(exchange.head)
+            iterator = iter(body)
+            while True:
+                sender.waiting_for_caller = True
+                data = next(iterator, None)
+                sender.waiting_for_caller = False
+                if data is None:
+                    break
+                if data:
+                    sock.sendall(_chunk(data))
+            sock.sendall(_LAST_CHUNK)
+        except BaseException as exc:  # noqa: BLE001 - the reader raises it
+            sender.error = exc
+            sender.waiting_for_caller = False
+            _shut(sock)
+
+    def receive() -> list[bytes]:
+        silent = 0.0
+        while True:
+            ready = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            if ready or select.select([sock], [], [], _POLL_S)[0]:
+                try:
+                    data = sock.recv(_READ)
+                except OSError as exc:
+                    sender.raise_caller_error()
+                    raise httpx.ReadError(f"{url}: {exc}") from exc
+                if not data:
+                    sender.raise_caller_error()
+                return exchange.receive(data)
+            sender.raise_caller_error()
+            silent = 0.0 if sender.waiting_for_caller else silent + _POLL_S
+            if silent > timeout:
+                raise httpx.ReadTimeout(f"{url} sent nothing for {timeout} s")
+
+    threading.Thread(target=send, daemon=True, name="stream-send").start()
+    try:
+        yield StreamResponse(exchange, receive)
+        sender.raise_caller_error()
+    finally:
+        _shut(sock)  # also ends a sender still blocked in a send
+        sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class AsyncStreamResponse:
+    """Async form of StreamResponse."""
+
+    def __init__(self, exchange: _Exchange, receive):
+        self._exchange = exchange
+        self._receive = receive  # async () -> list[bytes]
+        self._chunks: list[bytes] = []
+
+    async def _start(self) -> None:
+        while not self._exchange.status_code:
+            self._chunks += await self._receive()
+
+    @property
+    def status_code(self) -> int:
+        return self._exchange.status_code
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        while True:
+            for chunk in self._chunks:
+                yield chunk
+            self._chunks = []
+            if self._exchange.ended:
+                return
+            self._chunks = await self._receive()
+
+    async def aread(self) -> httpx.Response:
+        return self._exchange.as_httpx(b"".join([chunk async for chunk in self.aiter_bytes()]))
+
+
+@asynccontextmanager
+async def open_stream_async(
+    url: str, path: str, headers: dict, body: AsyncIterable[bytes], timeout: float
+) -> AsyncIterator[AsyncStreamResponse]:
+    """Async form of open_stream: `body` is iterated in a task of its own."""
+    exchange = _Exchange(url, path, headers)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(exchange.url.host, exchange.port, ssl=exchange.tls), timeout
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise httpx.ConnectError(f"{url}: {type(exc).__name__} {exc}") from exc
+    sender = _Sender()
+
+    async def send() -> None:
+        try:
+            writer.write(exchange.head)
+            iterator = aiter(body)
+            while True:
+                sender.waiting_for_caller = True
+                data = await anext(iterator, None)
+                sender.waiting_for_caller = False
+                if data is None:
+                    break
+                if data:
+                    writer.write(_chunk(data))
+                    await writer.drain()
+            writer.write(_LAST_CHUNK)
+            await writer.drain()
+        except BaseException as exc:  # noqa: BLE001 - the reader raises it
+            sender.error = exc
+            sender.waiting_for_caller = False
+            writer.transport.abort()
+
+    async def receive() -> list[bytes]:
+        silent = 0.0
+        while True:
+            try:
+                # Cancelling a pending StreamReader.read on timeout loses no data.
+                data = await asyncio.wait_for(reader.read(_READ), _POLL_S)
+            except asyncio.TimeoutError:
+                sender.raise_caller_error()
+                silent = 0.0 if sender.waiting_for_caller else silent + _POLL_S
+                if silent > timeout:
+                    raise httpx.ReadTimeout(f"{url} sent nothing for {timeout} s") from None
+                continue
+            except OSError as exc:
+                sender.raise_caller_error()
+                raise httpx.ReadError(f"{url}: {exc}") from exc
+            if not data:
+                sender.raise_caller_error()
+            return exchange.receive(data)
+
+    task = asyncio.create_task(send())
+    try:
+        response = AsyncStreamResponse(exchange, receive)
+        await response._start()
+        yield response
+        sender.raise_caller_error()
+    finally:
+        task.cancel()
+        writer.transport.abort()
+        await asyncio.gather(task, return_exceptions=True)
