@@ -293,6 +293,11 @@ class TeacherClient:
         self._http = httpx.Client(timeout=timeout)
 
     @property
+    def timeout(self) -> float:
+        """Seconds a request may wait for the teacher's answer."""
+        return self._core.timeout
+
+    @property
     def urls(self) -> list[str]:
         return self._core.replicas.urls
 
@@ -425,6 +430,11 @@ class AsyncTeacherClient:
     ):
         self._core = _Core(base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff)
         self._http = httpx.AsyncClient(timeout=timeout)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a request may wait for the teacher's answer."""
+        return self._core.timeout
 
     @property
     def urls(self) -> list[str]:

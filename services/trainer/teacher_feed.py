@@ -73,6 +73,7 @@ class StepFeed:
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
         self._lanes: dict[str, _Lane] = {}
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
+        self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self.frames: list[list[Rollout]] = []
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
@@ -86,7 +87,7 @@ class StepFeed:
         """Queue a micro-batch for scoring; blocks while the teacher is too far behind
         (backpressure, counted in stats.put_wait_s)."""
         started = time.perf_counter()
-        asyncio.run_coroutine_threadsafe(self._inbox.put(list(rollouts)), self._loop).result()
+        self._put(list(rollouts))
         self.stats.put_wait_s += time.perf_counter() - started
 
     def scored_frames(self) -> Iterator[tuple[list[Rollout], dict[int, SequenceScore]]]:
@@ -121,7 +122,21 @@ class StepFeed:
     def _close_input(self) -> None:
         if not self._closing:
             self._closing = True
-            asyncio.run_coroutine_threadsafe(self._inbox.put(None), self._loop).result()
+            self._put(None)
+
+    def _put(self, item: list[Rollout] | None) -> None:
+        """Put on the inbox, waiting for room; if the feed fails meanwhile, raise its error."""
+
+        async def put_unless_ended() -> None:
+            put = asyncio.ensure_future(self._inbox.put(item))
+            ended = asyncio.ensure_future(self._ended.wait())
+            await asyncio.wait({put, ended}, return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            put.cancel()
+
+        asyncio.run_coroutine_threadsafe(put_unless_ended(), self._loop).result()
+        if self._done.done():
+            self._done.result()
 
     def _frame_ready(self, index: int) -> bool:
         return index < len(self.frames) and all(r.key in self.scores for r in self.frames[index])
@@ -140,6 +155,12 @@ class StepFeed:
         )
 
     async def _run(self) -> None:
+        try:
+            await self._feed_lanes()
+        finally:
+            self._ended.set()
+
+    async def _feed_lanes(self) -> None:
         lanes = self._lanes
         # Room first, then the next frame: so put() blocks once frames_in_flight per replica
         # await scores and as many again wait in the inbox.
@@ -166,9 +187,19 @@ class StepFeed:
         await self._rescore_missing()
 
     async def _room_for_a_frame(self) -> None:
-        while self._frames_in_flight() >= self._max_in_flight:
+        timeout = self._feed.client.timeout
+        while (waiting := self._frames_in_flight()) >= self._max_in_flight:
             self._answered.clear()
-            await self._answered.wait()
+            try:
+                await asyncio.wait_for(self._answered.wait(), timeout)
+            except asyncio.TimeoutError:
+                # Rather than wait forever: a proxy that holds a request body until it ends
+                # would send no score back while the trainer holds back the rest of the body.
+                raise ServerError(
+                    f"no score came back in {timeout:.0f} s while {waiting} frames awaited theirs; "
+                    "a teacher that slow needs a longer client timeout, and a proxy in front of "
+                    "/score/stream must stream request bodies, not buffer them"
+                ) from None
 
     def _frames_in_flight(self) -> int:
         """Frames sent to a live replica and not yet wholly scored (a dead replica's frames wait
@@ -247,17 +278,23 @@ class StepFeed:
 class TeacherFeed:
     """Owns an asyncio loop in a background thread and the async client that talks to the teacher."""
 
-    def __init__(self, urls: list[str], api_key: str | None = None, frames_in_flight: int = 4):
+    def __init__(
+        self,
+        urls: list[str],
+        api_key: str | None = None,
+        frames_in_flight: int = 4,
+        timeout: float = 120.0,
+    ):
         self.frames_in_flight = frames_in_flight
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, daemon=True, name="teacher-feed"
         )
         self._thread.start()
-        self.client = self.call(self._make_client(urls, api_key))
+        self.client = self.call(self._make_client(urls, api_key, timeout))
 
-    async def _make_client(self, urls: list[str], api_key: str | None) -> AsyncTeacherClient:
-        return AsyncTeacherClient(urls, api_key=api_key)
+    async def _make_client(self, urls, api_key, timeout) -> AsyncTeacherClient:
+        return AsyncTeacherClient(urls, api_key=api_key, timeout=timeout)
 
     def call(self, coro):
         """Run a coroutine on the feed's loop and wait for its result (from any other thread)."""

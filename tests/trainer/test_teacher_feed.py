@@ -8,11 +8,14 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed
+from shared.errors import ServerError
 from shared.task import problems
 from tests.conftest import serve
 from tests.teacher.test_routes import GatedBackend
@@ -104,3 +107,18 @@ def test_put_blocks_while_the_teacher_is_behind(teacher_url):
             feed.close()
     assert put == [0, 1, 2, 3] and [[r.key for r in f] for f, _ in got] == [[0], [1], [2], [3]]
     assert sorted(scores) == [0, 1, 2, 3] and stats.put_wait_s >= 0.5
+
+
+def test_a_teacher_that_sends_nothing_back_fails_the_step_instead_of_hanging_it():
+    backend = GatedBackend(str(TEACHER_PATH))  # never opened: as a proxy that buffers the body
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as stuck_url:
+        feed = TeacherFeed([stuck_url], frames_in_flight=1, timeout=1.0)
+        try:
+            step = feed.begin(max_positions=8)
+            with pytest.raises(ServerError, match="no score came back in 1 s"):
+                for key in range(4):  # the third put would wait for room forever
+                    step.put(rollouts(1, key))
+        finally:
+            backend.gate.set()
+            feed.close()
