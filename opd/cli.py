@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -106,17 +107,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    run_demo(
-        DemoConfig(
-            out=args.out,
-            steps=args.steps,
-            eval_every=args.eval_every,
-            eval_n=args.eval_n,
-            seed=args.seed,
-            schedules=tuple(args.schedules or SCHEDULES),
-            teacher_url=args.teacher_url,
-        )
+    from pydantic import ValidationError
+
+    from opd.models import ModelLoadError
+    from services.trainer.loop import RunError
+    from shared.errors import TeacherError
+    from shared.flags import field_errors
+
+    cfg = DemoConfig(
+        out=args.out,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_n=args.eval_n,
+        seed=args.seed,
+        schedules=tuple(args.schedules or SCHEDULES),
+        teacher_url=args.teacher_url,
     )
+    # `timeout` and `docker stop` send SIGTERM: end as on Ctrl-C, so the teacher started here stops.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_demo(cfg)
+    except ValidationError as exc:
+        print("opd demo: error: " + "; ".join(field_errors(exc)), file=sys.stderr)
+        return 2
+    except (TeacherError, ModelLoadError, RunError, OSError, RuntimeError) as exc:
+        print(f"opd demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("opd demo: interrupted (each finished run is in its folder)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -48,7 +48,12 @@ def start_teacher(
     ]
     # Without a log path the log still goes to a file, until the server is up: a server that exits
     # at once says why in its last line, and the error should too.
-    log = Path(log_path or tempfile.mkstemp(prefix="opd-teacher-", suffix=".log")[1])
+    if log_path:
+        log = Path(log_path)
+    else:
+        fd, name = tempfile.mkstemp(prefix="opd-teacher-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
     with log.open("ab") as out:  # the child holds its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     if cpus and hasattr(os, "sched_setaffinity"):

@@ -49,9 +49,43 @@ class DemoConfig:
     )
 
 
+def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
+    """One run per schedule, same seed and budget (validated here, before any work)."""
+    return {
+        name: RunConfig(
+            student=str(STUDENT_PATH),
+            teacher_url=[url],
+            schedule=SCHEDULES[name],
+            steps=cfg.steps,
+            out=str(Path(cfg.out) / name),
+            seed=cfg.seed,
+            overwrite=True,  # the demo's runs are its own to redo
+            lr=cfg.lr,
+            eval_every=cfg.eval_every,
+            eval_n=cfg.eval_n,
+            threads=1,
+        )
+        for name in cfg.schedules
+    }
+
+
 def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
+    # Bad settings (a URL that is none, say) are refused before a teacher starts.
+    configs = run_configs(cfg, cfg.teacher_url or "http://127.0.0.1:1")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_all(cfg, configs, out)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a demo that did nothing leaves nothing
+            out.rmdir()
+        raise
+
+
+def _run_all(cfg: DemoConfig, configs: dict[str, RunConfig], out: Path) -> list[dict]:
     own_teacher = cfg.teacher_url is None
     # A teacher of our own gets one core and the student another, as the measured numbers assume;
     # the cores come from those this process may use (taskset, a container's cpuset).
@@ -70,23 +104,9 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         os.sched_setaffinity(0, {allowed[0]})
     rows = []
     try:
-        for name in cfg.schedules:
+        for name, run_cfg in configs.items():
             print(f"== {name}: schedule {SCHEDULES[name]}", flush=True)
-            summary = run(
-                RunConfig(
-                    student=str(STUDENT_PATH),
-                    teacher_url=[url],
-                    schedule=SCHEDULES[name],
-                    steps=cfg.steps,
-                    out=str(out / name),
-                    seed=cfg.seed,
-                    overwrite=True,  # the demo's runs are its own to redo
-                    lr=cfg.lr,
-                    eval_every=cfg.eval_every,
-                    eval_n=cfg.eval_n,
-                    threads=1,
-                )
-            )
+            summary = run(run_cfg.model_copy(update={"teacher_url": [url]}))
             rows.append(_row(name, out / name, summary))
     finally:
         if proc is not None:
