@@ -116,6 +116,12 @@ class RunConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("student")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        # As an absolute path, the run's saved config.json resumes from any working directory.
+        return str(Path(value).expanduser().absolute()) if value else value
+
     @field_validator("overwrite")
     @classmethod
     def _not_both(cls, overwrite: bool, info: ValidationInfo) -> bool:

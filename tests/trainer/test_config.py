@@ -23,3 +23,10 @@ def test_other_device_names_are_refused_naming_the_field(device):
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(ValidationError, match="give one of them"):
         RunConfig(resume=True, overwrite=True)
+
+
+def test_the_student_folder_is_kept_absolute_so_a_resume_works_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(student="models/tiny-student")
+    assert cfg.student == str(tmp_path / "models" / "tiny-student")
+    assert RunConfig.model_validate_json(cfg.model_dump_json()).student == cfg.student
