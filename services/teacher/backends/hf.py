@@ -9,6 +9,8 @@ cannot change a result.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from opd.models import load_model
@@ -19,6 +21,8 @@ from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import SequenceScore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
 # Logit rows per chunk are chosen so one chunk's float32 logits take about this many bytes.
 CHUNK_BYTES = 256 * 2**20
 
@@ -60,6 +64,13 @@ class HFBackend(Backend):
         # position embeddings fails, taking every request batched with the long one down with it.
         positions = getattr(model.config, "max_position_embeddings", None) or self.max_batch_tokens
         max_len = min(self.max_seq_len or self.max_batch_tokens, positions)
+        if self.max_seq_len and self.max_seq_len > positions:
+            log.warning(
+                "max_seq_len %d is beyond the model's %d positions: serving %d",
+                self.max_seq_len,
+                positions,
+                positions,
+            )
         if max_len > self.max_batch_tokens:
             raise ValueError(
                 f"max_seq_len {max_len} exceeds max_batch_tokens {self.max_batch_tokens}: "
