@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
-from shared.flags import non_negative_int, positive_int
+from shared.flags import fraction, non_negative_int, positive_int
 from shared.task import SPLITS, problems
 
 
@@ -59,7 +59,18 @@ def cmd_make_models(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
     }
-    for kind in args.only or ["teacher", "student"]:
+    kinds = args.only or ["teacher", "student"]
+    for kind in kinds:  # a folder that cannot be written is found now, not after the training
+        out = Path(args.out_dir) / f"tiny-{kind}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"opd make-models: error: --out-dir: cannot make {out} ({exc.strerror})",
+                file=sys.stderr,
+            )
+            return 2
+    for kind in kinds:
         out = Path(args.out_dir) / f"tiny-{kind}"
         print(f"training {kind} -> {out}", flush=True)
         report = train(plans[kind], tokenizer, out)
@@ -147,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
     task.add_argument("--n", type=positive_int, default=3, help="how many problems (default 3)")
-    task.add_argument("--split", choices=SPLITS, default="eval")
-    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--split", choices=SPLITS, default="eval", help="default: eval (held out)")
+    task.add_argument("--seed", type=int, default=0, help="which problems are drawn (default 0)")
     task.add_argument("--stats", action="store_true", help="print the length distribution instead")
     task.set_defaults(func=cmd_task)
 
@@ -156,18 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out-dir", default=str(REPO_ROOT / "models"), help="default: models/")
     make.add_argument("--only", nargs="+", choices=["teacher", "student"], help="train only these")
     make.add_argument(
-        "--teacher-steps", type=positive_int, default=1600, help="planned SFT steps (batch 64)"
+        "--teacher-steps",
+        type=positive_int,
+        default=1600,
+        help="planned SFT steps, batch 64 (default 1600)",
     )
     make.add_argument(
-        "--student-steps", type=positive_int, default=1600, help="at most this many steps"
+        "--student-steps", type=positive_int, default=1600, help="at most this many (default 1600)"
     )
     make.add_argument(
         "--student-target",
-        type=float,
+        type=fraction,
         default=0.2,
-        help="stop the student once its dev accuracy reaches this (default 0.2)",
+        help="stop the student once its dev accuracy reaches this (0 to 1, default 0.2)",
     )
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, default=0, help="initialisation and data (default 0)")
     make.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     make.set_defaults(func=cmd_make_models)
 
@@ -185,9 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate every N steps (0: at the end)",
     )
     demo.add_argument(
-        "--eval-n", type=positive_int, default=200, help="held-out problems per evaluation"
+        "--eval-n",
+        type=positive_int,
+        default=200,
+        help="held-out problems per evaluation (default 200)",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
     demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")
     demo.add_argument("--teacher-url", help="use this teacher server instead of starting one")
     demo.set_defaults(func=cmd_demo)
@@ -201,8 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1",
     )
-    ev.add_argument("--batch-size", type=positive_int, default=128)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=128,
+        help="problems decoded at once (default 128)",
+    )
+    ev.add_argument(
+        "--seed", type=int, default=0, help="which problems are drawn, and sampling (default 0)"
+    )
     ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)

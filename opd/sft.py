@@ -109,13 +109,13 @@ def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> 
     )
     dev = problems("train", cfg.eval_n, seed=cfg.seed + 10_000)
     start = time.perf_counter()
-    dev_acc, step = 0.0, 0
+    dev_acc, step = None, 0  # None until the first evaluation
     bar = tqdm(range(cfg.steps), desc=f"sft {cfg.kind}", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = sft_step(model, optimizer, *sft_batch(tokenizer, batches[step]))
-        bar.set_postfix(loss=f"{loss:.4f}", dev_acc=f"{dev_acc:.3f}")
+        bar.set_postfix(loss=f"{loss:.4f}", dev_acc="-" if dev_acc is None else f"{dev_acc:.3f}")
         if (step + 1) % cfg.eval_every == 0:
             model.eval()
             dev_acc = evaluate(model, tokenizer, dev, progress=False).accuracy

@@ -65,6 +65,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return value
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port."""
     port = int(text)

@@ -84,6 +84,16 @@ def test_counts_below_one_are_usage_errors(argv, capsys):
     assert exit_info.value.code == 2 and "is not a positive integer" in err
 
 
+def test_make_models_refuses_an_out_dir_it_cannot_write_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["make-models", "--out-dir", str(tmp_path / "file"), "--only", "student"]
+    assert main([*argv, "--student-steps", "1"]) == 2  # at once: no training step runs
+    assert "--out-dir: cannot make" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--student-target", "5"])
+    assert "5.0 is not between 0 and 1" in capsys.readouterr().err
+
+
 def test_a_negative_demo_interval_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--eval-every", "-1"])
