@@ -155,17 +155,30 @@ class _Core:
         return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
 
     def delay_after_error(
-        self, attempt: int, url: str, exc: Exception, max_retries: int | None = None
+        self,
+        attempt: int,
+        url: str,
+        exc: httpx.TransportError,
+        max_retries: int | None = None,
+        pinned: bool = False,
     ) -> float:
+        """Seconds to wait before trying again after a transport error, or the error to raise."""
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            # The replica took the request and is still at it: sending it again would only add
+            # the same work to a busy replica.
+            raise TeacherUnreachable(
+                f"teacher at {url} did not answer within {self.timeout:g} s (not retried: it may "
+                "still be working on it; give the client a longer timeout for requests this large)"
+            ) from exc
         self.replicas.mark_down(url, min(self.max_backoff, 2.0))
         if attempt >= (self.max_retries if max_retries is None else max_retries):
             raise TeacherUnreachable(
                 f"teacher at {url} is unreachable after {attempt + 1} attempts "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        # With another replica up, go there at once; else back off.
+        # With another replica up (and the request free to go there), go at once; else back off.
         others_up = any(self.replicas.is_up(u) for u in self.replicas.urls if u != url)
-        return 0.0 if others_up else self._backoff(attempt)
+        return 0.0 if others_up and not pinned else self._backoff(attempt)
 
     def delay_after_response(
         self, attempt: int, response: httpx.Response, max_retries: int | None = None
@@ -174,8 +187,12 @@ class _Core:
         budget = self.max_retries if max_retries is None else max_retries
         if response.status_code not in RETRY_STATUSES or attempt >= budget:
             return None
-        retry_after = _retry_after(response)
-        return retry_after if retry_after is not None else self._backoff(attempt)
+        retry_after = _retry_after(response)  # honoured, up to our own longest backoff
+        return (
+            min(retry_after, self.max_backoff)
+            if retry_after is not None
+            else self._backoff(attempt)
+        )
 
     def reply(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
@@ -309,7 +326,9 @@ class TeacherClient:
             try:
                 response = self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
-                delay = self._core.delay_after_error(attempt, target, exc, retries)
+                delay = self._core.delay_after_error(
+                    attempt, target, exc, retries, pinned=url is not None
+                )
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
@@ -448,7 +467,9 @@ class AsyncTeacherClient:
             try:
                 response = await self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
-                delay = self._core.delay_after_error(attempt, target, exc, retries)
+                delay = self._core.delay_after_error(
+                    attempt, target, exc, retries, pinned=url is not None
+                )
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:

@@ -21,7 +21,8 @@ class TeacherError(Exception):
 
     @property
     def status(self) -> int:
-        return STATUS_OF[type(self)]
+        # A subclass defined elsewhere (the client's TeacherUnreachable) has its base's status.
+        return next(STATUS_OF[cls] for cls in type(self).__mro__ if cls in STATUS_OF)
 
     def to_body(self) -> dict:
         return {
@@ -105,8 +106,9 @@ STATUS_OF: dict[type[TeacherError], int] = {
     NotReady: 503,
     FingerprintMismatch: 409,
 }
+# Raised by the client itself, never answered by a server: a 409 from a proxy is no fingerprint check.
 ERROR_OF_STATUS: dict[int, type[TeacherError]] = {
-    s: e for e, s in STATUS_OF.items() if e not in (TeacherError, BadRequest)
+    s: e for e, s in STATUS_OF.items() if e not in (TeacherError, BadRequest, FingerprintMismatch)
 }
 
 
@@ -120,9 +122,12 @@ def body_of_status(status: int, message: str) -> dict:
 def error_from_body(status: int, body: dict | None, retry_after: float | None) -> TeacherError:
     """Rebuild the server's error from its status and body (client side)."""
     cls = ERROR_OF_STATUS.get(status, ServerError if status >= 500 else InvalidRequest)
-    err = (body or {}).get("error") or {}
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):  # JSON, but not the error shape (a proxy, another framework)
+        said = f": {' '.join(str(body).split())[:200]}" if body else ""
+        err = {"message": f"HTTP {status}{said}"}
     message = err.get("message") or f"HTTP {status}"
-    return cls(message, param=err.get("param"), retry_after=retry_after)
+    return cls(str(message), param=err.get("param"), retry_after=retry_after)
 
 
 def field_message(error: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
+import time
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
 from shared.errors import FingerprintMismatch, InvalidRequest, ServerError, TeacherError
 from tests.conftest import free_port, plain_http, serve, static_files
-from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
 
@@ -124,6 +125,32 @@ def test_429_is_retried_after_retry_after():
             t.join()
         text = httpx.get(url + "/metrics").text
         assert 'route="/score",status="429"' in text
+
+
+def test_a_read_timeout_is_not_sent_again_to_a_busy_replica():
+    backend = GatedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as url:
+        try:
+            with TeacherClient(url, timeout=0.5) as client:
+                with pytest.raises(TeacherUnreachable, match="did not answer within 0.5 s"):
+                    client.score([SEQ])
+                assert client.is_up(url)  # slow is not down
+        finally:
+            backend.gate.set()
+        done = 'opd_teacher_requests_total{route="/score",status="200"}'
+        wait_for(lambda: done in httpx.get(url + "/metrics").text)
+        time.sleep(0.3)  # a second copy, had one been sent, was queued behind the first
+        assert f"{done} 1.0" in httpx.get(url + "/metrics").text  # sent once
+
+
+def test_retries_to_a_pinned_replica_back_off_even_when_another_is_up(teacher_url):
+    down = f"http://127.0.0.1:{free_port()}"
+    with TeacherClient([down, teacher_url], max_retries=2, backoff=0.2) as client:
+        started = time.monotonic()
+        with pytest.raises(TeacherUnreachable):
+            client.health(down)
+        assert time.monotonic() - started >= 0.3  # 0.1-0.2 s, then 0.2-0.4 s
 
 
 def test_requests_spread_over_replicas_by_least_in_flight(teacher_url):

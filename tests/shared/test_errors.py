@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from shared.errors import (
     STATUS_OF,
     BadRequest,
+    FingerprintMismatch,
     InvalidRequest,
     NotReady,
     ServerError,
@@ -17,8 +18,10 @@ from shared.errors import (
     from_validation,
 )
 
+SERVER_ANSWERS = [c for c in STATUS_OF if c not in (TeacherError, BadRequest, FingerprintMismatch)]
 
-@pytest.mark.parametrize("cls", [c for c in STATUS_OF if c not in (TeacherError, BadRequest)])
+
+@pytest.mark.parametrize("cls", SERVER_ANSWERS)
 def test_an_error_survives_the_wire(cls):
     err = cls("what went wrong", param="field", retry_after=2.0)
     back = error_from_body(err.status, err.to_body(), retry_after=2.0)
@@ -29,6 +32,22 @@ def test_a_status_the_table_lacks_still_gives_a_useful_type():
     assert type(error_from_body(502, None, None)) is ServerError
     assert type(error_from_body(418, {}, None)) is InvalidRequest
     assert str(error_from_body(503, None, 1.0)) == "HTTP 503" and NotReady in STATUS_OF
+
+
+@pytest.mark.parametrize("body", [{"error": "boom"}, ["a", "list"], {"detail": "no"}, "text"])
+def test_a_json_body_that_is_not_the_error_shape_is_kept_in_the_message(body):
+    err = error_from_body(502, body, None)
+    assert type(err) is ServerError and err.message.startswith("HTTP 502: ")
+    assert str(body if not isinstance(body, dict) else list(body.values())[0])[:2] in err.message
+
+
+def test_a_409_from_a_proxy_is_no_fingerprint_check_and_subclasses_keep_their_status():
+    assert type(error_from_body(409, None, None)) is InvalidRequest
+
+    class Unreachable(ServerError):  # as the client's TeacherUnreachable
+        pass
+
+    assert Unreachable("gone").status == 500
 
 
 class Settings(BaseModel):
