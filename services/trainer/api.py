@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,10 @@ from shared.errors import (
     body_of_status,
     from_validation,
 )
+
+log = logging.getLogger("opd.trainer.api")
+# On shutdown, how long to wait for runs to end their step and save a checkpoint.
+SHUTDOWN_WAIT_S = 120.0
 
 router = APIRouter()
 
@@ -100,6 +106,7 @@ class RunRecord:
     history: list[dict] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    thread: threading.Thread | None = None
 
     @property
     def finished(self) -> bool:
@@ -137,8 +144,22 @@ class Runs:
     def start(self, cfg: RunConfig) -> RunRecord:
         record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
         self.records[record.id] = record
-        threading.Thread(target=self._train, args=(record,), daemon=True, name=record.id).start()
+        record.thread = threading.Thread(
+            target=self._train, args=(record,), daemon=True, name=record.id
+        )
+        record.thread.start()
         return record
+
+    def stop_all(self, timeout: float) -> list[str]:
+        """Stop every run at its next step boundary (each writes its checkpoint) and wait for
+        them, up to `timeout` seconds in all; returns the ids of runs still going."""
+        for record in self.records.values():
+            record.stop.set()
+        deadline = time.monotonic() + timeout
+        for record in self.records.values():
+            if record.thread is not None:
+                record.thread.join(max(0.0, deadline - time.monotonic()))
+        return [r.id for r in self.records.values() if r.thread is not None and r.thread.is_alive()]
 
     def get(self, run_id: str) -> RunRecord:
         if run_id not in self.records:
@@ -293,8 +314,11 @@ def create_app() -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.runs = Runs(asyncio.get_running_loop(), metrics)
         yield
-        for record in app.state.runs.records.values():
-            record.stop.set()
+        # A server that stops (Ctrl-C, SIGTERM, `docker stop`) lets each run end its step and save
+        # its checkpoint rather than killing it mid-step with the process.
+        left = await asyncio.to_thread(app.state.runs.stop_all, SHUTDOWN_WAIT_S)
+        if left:
+            log.warning("stopped waiting for runs %s; they resume from their last checkpoint", left)
 
     app = FastAPI(title="OPD trainer", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics

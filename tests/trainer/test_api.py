@@ -14,8 +14,10 @@ import torch
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app as create_teacher_app
 from services.teacher.settings import TeacherSettings
+from services.trainer import checkpoint
 from services.trainer.api import create_app
 from tests.conftest import serve
+from tests.teacher.test_routes import wait_for
 
 SMALL = dict(
     prompts_per_step=2,
@@ -192,3 +194,15 @@ def test_stop_ends_a_run_after_the_current_step(trainer_url, teacher_url, tmp_pa
 def test_unknown_run_is_404(trainer_url):
     r = httpx.get(trainer_url + "/runs/run-999")
     assert r.status_code == 404 and r.json()["error"]["param"] == "id"
+
+
+def test_a_server_that_stops_lets_its_runs_end_their_step_and_save(teacher_url, tmp_path):
+    out = tmp_path / "run"
+    body = {**SMALL, "teacher_url": [teacher_url], "steps": 10_000, "out": str(out)}
+    with serve(create_app(), ready_path="/health") as url:  # no checkpoint_every: only at the end
+        run_id = httpx.post(url + "/runs", json=body).json()["id"]
+        wait_for(lambda: httpx.get(f"{url}/runs/{run_id}").json()["last_step"] is not None)
+    # The server has shut down: the run stopped at a step boundary and wrote its checkpoint.
+    found = checkpoint.latest(out)
+    assert found is not None
+    assert json.loads((found / "state.json").read_text())["step"] >= 1
