@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -139,13 +141,38 @@ def run_from_cli(cfg: RunConfig) -> int:
     from shared.errors import TeacherError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def stop_after_this_step(signum, frame) -> None:
+        if stop.is_set():  # the second time: at once
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nopd-trainer: stopping after this step, with a checkpoint (again to stop at once)",
+            file=sys.stderr,
+        )
+
+    # Ctrl-C, `timeout`, `docker stop`: the run ends its step and saves, so --resume goes on.
+    signals = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        before = {sig: signal.signal(sig, stop_after_this_step) for sig in signals}
+    else:
+        before = {}
     try:
-        summary = run(cfg)
+        summary = run(cfg, stop=stop)
     except (TeacherError, ModelLoadError, RunError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "opd-trainer: interrupted; --resume goes on from the last checkpoint", file=sys.stderr
+        )
+        return 130
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     print(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
-    return 0
+    return 0 if summary["completed"] else 130
 
 
 if __name__ == "__main__":

@@ -239,6 +239,31 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / latest / "model.safetensors")
 
 
+def test_sigterm_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, teacher_process):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.trainer.cli",
+            "run",
+            *small_args(teacher_process, out, 500),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not read_jsonl(out / "metrics.jsonl") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopping after this step" in stderr
+    done = len(read_jsonl(out / "metrics.jsonl"))
+    assert json.loads(stdout)["steps"] == done < 500 and "Traceback" not in stderr
+    assert json.loads((checkpoint.latest(out) / "state.json").read_text())["step"] == done
+
+
 def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
     steps = 6
     straight = tmp_path / "straight"
