@@ -11,9 +11,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from services.teacher import routes_openai, routes_trl
 from services.teacher.backends.base import Backend
@@ -123,6 +124,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,  # a 405's Allow
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away while sending its body: no one to answer, and nothing failed here.
+        # 499 (nginx's "client closed request") keeps it apart from our own errors in /metrics.
+        log.info("client went away while sending %s", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,6 +4,7 @@ serving; health, readiness, info, metrics and docs."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -283,3 +284,17 @@ def test_a_failed_forward_is_a_500_and_the_connection_stays_usable():
             # The same keep-alive connection serves the next request: the failure was answered,
             # not re-raised to the server (which logs it as a crash and drops the connection).
             assert http.post("/score", json=GOOD).status_code == 200
+
+
+def test_a_client_that_goes_away_mid_body_is_a_499_not_a_server_error():
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b'{"sequences": ['
+            )
+            time.sleep(0.2)
+        counted = 'opd_teacher_requests_total{route="/score",status="499"}'
+        wait_for(lambda: counted in httpx.get(url + "/metrics").text)
+        assert 'route="/score",status="500"' not in httpx.get(url + "/metrics").text
