@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from services.teacher import routes_openai, routes_trl
@@ -22,7 +21,8 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
 from services.teacher.scoring import Limits
 from services.teacher.settings import TeacherSettings
-from shared.errors import ServerError, TeacherError, body_of_status
+from shared.errors import ServerError
+from shared.web import error_response, install_error_shape
 
 log = logging.getLogger("opd.teacher")
 
@@ -105,25 +105,8 @@ async def _load(state: TeacherState) -> None:
     log.info("ready: %s (%s, %s) on %s", info.model, info.backend, info.dtype, info.device)
 
 
-def error_response(err: TeacherError) -> JSONResponse:
-    headers = {}
-    if err.retry_after is not None:
-        headers["Retry-After"] = str(int(round(err.retry_after)))
-    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(TeacherError)
-    async def teacher_error(request: Request, exc: TeacherError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            body_of_status(exc.status_code, str(exc.detail)),
-            status_code=exc.status_code,
-            headers=exc.headers,  # a 405's Allow
-        )
+    install_error_shape(app)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

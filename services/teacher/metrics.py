@@ -3,7 +3,7 @@ build many apps in one process)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144)
@@ -57,6 +57,3 @@ class TeacherMetrics:
         self.batch_size.observe(sequences)
         self.batch_tokens.observe(tokens)
         self.batch_seconds.observe(seconds)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

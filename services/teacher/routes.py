@@ -42,6 +42,7 @@ from shared.protocol import (
     encode_stream_score,
     load_json,
 )
+from shared.web import metrics_response
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -285,4 +286,4 @@ async def info(state: Ready, _: Authorized) -> dict:
 async def metrics(request: Request) -> Response:
     state = get_state(request)
     state.metrics.queue_depth.set(state.backend.queue_depth())
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return metrics_response(state.metrics.registry)

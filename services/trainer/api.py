@@ -26,8 +26,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from opd.models import ModelLoadError, check_loadable, load_tokenizer
 from services.trainer.config import RunConfig
@@ -47,9 +46,9 @@ from shared.errors import (
     TeacherError,
     Unauthorized,
     UnsupportedMediaType,
-    body_of_status,
     from_validation,
 )
+from shared.web import install_error_shape, metrics_response
 
 log = logging.getLogger("opd.trainer.api")
 # On shutdown, how long to wait for runs to end their step and save a checkpoint.
@@ -295,9 +294,7 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type="text/plain; version=0.0.4"
-    )
+    return metrics_response(request.app.state.metrics.registry)
 
 
 @router.get("/health")
@@ -349,16 +346,5 @@ def create_app() -> FastAPI:
             err = from_validation(exc.errors())
         return JSONResponse(err.to_body(), status_code=err.status)
 
-    @app.exception_handler(StarletteHTTPException)  # no such route, wrong method: same shape
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            body_of_status(exc.status_code, str(exc.detail)),
-            status_code=exc.status_code,
-            headers=exc.headers,  # a 405's Allow
-        )
-
-    @app.exception_handler(TeacherError)  # the one error shape, shared with the teacher
-    async def error_shape(request: Request, exc: TeacherError) -> JSONResponse:
-        return JSONResponse(exc.to_body(), status_code=exc.status)
-
+    install_error_shape(app)  # the one error shape, shared with the teacher
     return app
