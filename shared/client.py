@@ -288,6 +288,11 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _expected_fingerprint(tokenizer: Any) -> str | None:
+    if isinstance(tokenizer, str) and not tokenizer.startswith("sha256:"):
+        raise ValueError(
+            f"connect() takes a tokenizer or its fingerprint ('sha256:...'), not {tokenizer!r}: "
+            "load the tokenizer first (opd.models.load_tokenizer)"
+        )
     if tokenizer is None or isinstance(tokenizer, str):
         return tokenizer
     return tokenizer_fingerprint(tokenizer)
@@ -363,8 +368,10 @@ class TeacherClient:
         return _info_of(where, response)
 
     def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
-        """Wait up to `wait_s` until every replica is ready, and check its tokenizer against
-        `tokenizer` (a HF tokenizer or a fingerprint string). Returns each replica's /info."""
+        """Wait up to `wait_s` while each replica loads its model (503), and check its tokenizer
+        against `tokenizer` (a HF tokenizer or its 'sha256:...' fingerprint). A replica that does
+        not accept connections at all fails at once (TeacherUnreachable, after the usual couple
+        of retries): a wrong URL should not cost `wait_s`. Returns each replica's /info."""
         expected = _expected_fingerprint(tokenizer)
         deadline = time.monotonic() + wait_s
         infos = []

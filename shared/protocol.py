@@ -276,17 +276,19 @@ def _pack_score(r: SequenceScore) -> dict:
     }
 
 
+def _array(data: bytes, dtype: str) -> np.ndarray:
+    """A writable copy: a view of the message's bytes would be read-only, unlike the JSON form's."""
+    return np.frombuffer(data, dtype=dtype).copy()
+
+
 def _unpack_score(d: dict) -> SequenceScore:
-    logprobs = np.frombuffer(d["logprobs"], dtype="<f4")
     k = d["top_k"]
     return SequenceScore(
-        logprobs=logprobs,
-        topk_ids=None
-        if d["topk_ids"] is None
-        else np.frombuffer(d["topk_ids"], "<i4").reshape(-1, k),
+        logprobs=_array(d["logprobs"], "<f4"),
+        topk_ids=None if d["topk_ids"] is None else _array(d["topk_ids"], "<i4").reshape(-1, k),
         topk_logprobs=None
         if d["topk_logprobs"] is None
-        else np.frombuffer(d["topk_logprobs"], "<f4").reshape(-1, k),
+        else _array(d["topk_logprobs"], "<f4").reshape(-1, k),
         candidate_logprobs=None
         if d["candidate_logprobs"] is None
         else _split_ragged(d["candidate_logprobs"], "<f4"),
@@ -322,6 +324,8 @@ class StreamItem:
     compute_s: float = 0.0  # teacher forward time of this sequence; 0: not timed (vllm)
     error: dict | None = None
     done: bool = False
+    frames: int | None = None  # on the done item: frames and sequences the teacher answered
+    sequences: int | None = None
 
 
 def pack_frame(obj: Any) -> bytes:
@@ -391,7 +395,7 @@ def encode_stream_done(frames: int, sequences: int) -> bytes:
 def decode_stream_item(payload: bytes) -> StreamItem:
     d = _unpack(payload)
     if d.get("done"):
-        return StreamItem(done=True)
+        return StreamItem(done=True, frames=d.get("frames"), sequences=d.get("sequences"))
     if "error" in d:
         return StreamItem(frame=d["frame"], error=d["error"])
     return StreamItem(d["frame"], d["index"], _unpack_score(d["score"]), d.get("compute_s", 0.0))
@@ -415,7 +419,7 @@ def _pack_ragged(rows: list, pack) -> dict:
 
 
 def _split_ragged(packed: dict, dtype: str) -> list[np.ndarray]:
-    values = np.frombuffer(packed["values"], dtype=dtype)
+    values = _array(packed["values"], dtype)
     counts = np.frombuffer(packed["counts"], dtype="<i4")
     return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
 

@@ -14,12 +14,11 @@ carry. The last line gives the answer, which the verifier extracts and compares 
 Harder problems (more operands, more digits) have longer chains, so the rollout horizon matters.
 Train and eval problems never overlap: each problem goes to one split by a hash of its text.
 
-    python -m shared.task --n 5 --split eval     # print a few problems
+    opd task --n 5 --split eval     # print a few problems (opd/cli.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 import re
@@ -125,17 +124,3 @@ def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
         seen.add(problem.operands)
         out.append(problem)
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Print problems of the bundled addition task.")
-    parser.add_argument("--n", type=int, default=3, help="how many problems")
-    parser.add_argument("--split", choices=SPLITS, default="train")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for problem in problems(args.split, args.n, args.seed):
-        print(problem.prompt + problem.target)
-
-
-if __name__ == "__main__":
-    main()

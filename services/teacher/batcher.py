@@ -3,8 +3,8 @@
 Requests put their jobs on a queue; one worker task takes everything pending, sorts it by length (so
 sequences of similar length share a batch and padding stays small), packs batches whose padded size
 (rows x longest row) fits `max_batch_tokens`, and runs each in a worker thread so the event loop keeps
-serving. A failed batch is run again one request at a time, so a failure reaches only the requests
-that fail on their own; a request whose client went away is dropped without blocking anyone else.
+serving. A failed batch is run again one sequence at a time, so a failure reaches only the requests
+whose own sequences fail; a request whose client went away is dropped without blocking anyone else.
 """
 
 from __future__ import annotations

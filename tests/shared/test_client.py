@@ -197,3 +197,18 @@ def test_bad_arguments_are_refused_before_sending_naming_the_field(call, param):
         with pytest.raises(InvalidRequest) as error:
             client.score(**call)
     assert error.value.param == param
+
+
+def test_health_and_ready_answer_per_replica_and_connect_takes_no_path(teacher_url):
+    with TeacherClient(teacher_url) as client:
+        assert (
+            client.health() == {"status": "ok"} and client.ready(teacher_url)["status"] == "ready"
+        )
+        with pytest.raises(ValueError, match="takes a tokenizer or its fingerprint"):
+            client.connect("models/tiny-student")
+
+    async def probe():
+        async with AsyncTeacherClient(teacher_url) as client:
+            return await client.health(teacher_url), await client.ready()
+
+    assert asyncio.run(probe()) == ({"status": "ok"}, {"status": "ready"})

@@ -50,12 +50,15 @@ def test_stream_results_equal_score_results(teacher, teacher_url):
         items = list(client.score_stream(iter(frames)))
         direct = client.score(seqs, top_k=3)
     assert items[-1].done and not any(i.error for i in items)
+    assert (items[-1].frames, items[-1].sequences) == (3, 7)  # what the teacher says it answered
     got = {(i.frame * 3 + i.index): i.score for i in items[:-1]}
     assert sorted(got) == list(range(7))  # every sequence exactly once
     for k, want in enumerate(direct.results):
         assert np.allclose(got[k].logprobs, want.logprobs, atol=1e-5)
         assert np.array_equal(got[k].topk_ids, want.topk_ids)
     assert all(i.compute_s > 0 for i in items[:-1])
+    got[0].logprobs *= 2  # results are the caller's arrays, writable as from JSON
+    direct.results[0].topk_logprobs[0, 0] = 0.0
 
 
 def test_async_stream_sends_frames_as_they_are_produced(teacher, teacher_url):
