@@ -64,9 +64,15 @@ def read_evals(run: Path) -> list[dict]:
     path = Path(run) / "eval.jsonl"
     evals = read_jsonl(path)
     for number, record in enumerate(evals, 1):
-        if not isinstance(record, dict) or any(k not in record for k in EVAL_FIELDS):
-            raise ValueError(f"{path}: record {number} is not an evaluation (needs {EVAL_FIELDS})")
+        if not isinstance(record, dict) or not all(_is_number(record.get(k)) for k in EVAL_FIELDS):
+            raise ValueError(
+                f"{path}: record {number} is not an evaluation (needs numbers {EVAL_FIELDS})"
+            )
     return evals
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:

@@ -70,6 +70,10 @@ def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, c
     (tmp_path / "eval.jsonl").write_text('{"step": 0}\n')
     err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
     assert f"{tmp_path / 'eval.jsonl'}: record 1 is not an evaluation" in err
+    typed = '{"step": "a", "accuracy": "x", "train_s": null, "teacher_tokens": {}}\n'
+    (tmp_path / "eval.jsonl").write_text(typed)  # every field there, none a number
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
+    assert f"{tmp_path / 'eval.jsonl'}: record 1 is not an evaluation" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
     assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
