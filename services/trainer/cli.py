@@ -79,6 +79,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         for k, v in cfg.model_dump().items()
         if k in saved and saved[k] != v and k not in _NOT_THE_RUNS_COURSE
     ]
+    for name in (n for n in cfg.ignored_settings() if n in chosen):  # given now, not saved
+        flag = "--" + name.replace("_", "-")
+        print(f"opd-trainer: note: {flag} does nothing with --loss {cfg.loss}", file=sys.stderr)
     if changed:  # allowed (more steps, say), but the run no longer repeats an uninterrupted one
         print(
             f"opd-trainer: note: resuming with changed settings: {', '.join(changed)}",

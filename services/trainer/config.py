@@ -100,6 +100,16 @@ class RunConfig(BaseModel):
     api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
     progress: bool = Field(True, description="Show a progress bar.", strict=True)
 
+    def ignored_settings(self) -> list[str]:
+        """Settings given (not defaulted) that the chosen --loss does not use: a likely mistake."""
+        uses = {
+            "reverse_kl": {"gamma", "adv_clip"},
+            "forward_kl_topk": {"top_k"},
+            "jsd_topk": {"top_k", "jsd_beta"},
+        }[self.loss]
+        unused = {"gamma", "adv_clip", "top_k", "jsd_beta"} - uses
+        return sorted(f for f in self.model_fields_set & unused)
+
     @property
     def teacher_top_k(self) -> int:
         """The top-k to ask the teacher for: only the *_topk losses use one."""

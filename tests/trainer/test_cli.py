@@ -126,7 +126,9 @@ def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys)
     cfg = config_from_args(build_parser().parse_args(args))
     assert cfg.teacher_url == ["http://10.0.0.5:8000"] and cfg.schedule == "truncated:40"
     assert cfg.steps == 10 and cfg.resume
-    assert "resuming with changed settings: steps 4 -> 10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming with changed settings: steps 4 -> 10" in err
+    assert "does nothing" not in err  # the saved top_k was never given by the user
     # Without --resume the folder's settings are not read (and the run is refused later).
     fresh = config_from_args(build_parser().parse_args(["run", "--out", str(out)]))
     assert fresh.schedule == "full"
@@ -176,3 +178,8 @@ def test_integer_flags_are_read_as_integers(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--steps", "seven"])
     assert exit_info.value.code == 2 and "--steps: invalid int value" in capsys.readouterr().err
+
+
+def test_a_flag_the_loss_ignores_gets_a_note(capsys):
+    config_from_args(build_parser().parse_args(["run", "--top-k", "50"]))
+    assert "note: --top-k does nothing with --loss reverse_kl" in capsys.readouterr().err

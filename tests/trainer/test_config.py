@@ -30,3 +30,17 @@ def test_the_student_folder_is_kept_absolute_so_a_resume_works_from_anywhere(tmp
     cfg = RunConfig(student="models/tiny-student")
     assert cfg.student == str(tmp_path / "models" / "tiny-student")
     assert RunConfig.model_validate_json(cfg.model_dump_json()).student == cfg.student
+
+
+@pytest.mark.parametrize(
+    "given, ignored",
+    [
+        (dict(top_k=50), ["top_k"]),  # reverse_kl asks the teacher for no top-k
+        (dict(loss="jsd_topk", gamma=0.5, adv_clip=1.0, top_k=4), ["adv_clip", "gamma"]),
+        (dict(loss="forward_kl_topk", jsd_beta=0.3), ["jsd_beta"]),
+        (dict(loss="jsd_topk", jsd_beta=0.3), []),
+        (dict(), []),  # defaults are never a mistake
+    ],
+)
+def test_settings_the_loss_ignores_are_named(given, ignored):
+    assert RunConfig(**given).ignored_settings() == ignored
