@@ -275,6 +275,11 @@ def _info_of(url: str, response: httpx.Response) -> dict:
     return info
 
 
+def _at(url: str, exc: TeacherError) -> TeacherError:
+    """The same error, saying which replica answered it."""
+    return type(exc)(f"teacher at {url}: {exc.message}", exc.param, exc.retry_after)
+
+
 def _not_a_teacher(url: str, exc: NotFound) -> TeacherError:
     return TeacherError(f"{url} is not an OPD teacher (wrong URL or port?): {exc}")
 
@@ -380,12 +385,12 @@ class TeacherClient:
                 try:  # a teacher that refuses connections at start is an error, not a wait
                     info = self.info(url, retries=2)
                     break
-                except NotReady:
+                except NotReady as exc:
                     if time.monotonic() > deadline:
-                        raise
+                        raise _at(url, exc) from None
                     time.sleep(0.5)
-                except Unauthorized as exc:  # which replica wants another key
-                    raise Unauthorized(f"teacher at {url}: {exc.message}", exc.param) from None
+                except (Unauthorized, ServerError) as exc:  # which replica: another key, no model
+                    raise _at(url, exc) from None
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos
@@ -519,12 +524,12 @@ class AsyncTeacherClient:
                 try:
                     info = await self.info(url, retries=2)
                     break
-                except NotReady:
+                except NotReady as exc:
                     if time.monotonic() > deadline:
-                        raise
+                        raise _at(url, exc) from None
                     await asyncio.sleep(0.5)
-                except Unauthorized as exc:  # which replica wants another key
-                    raise Unauthorized(f"teacher at {url}: {exc.message}", exc.param) from None
+                except (Unauthorized, ServerError) as exc:  # which replica: another key, no model
+                    raise _at(url, exc) from None
             self._core.check_info(url, info, expected)
             infos.append(info)
         return infos

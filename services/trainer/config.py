@@ -164,7 +164,10 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"{path}: config files are .yaml, .yml or .toml")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"--config {path}: {exc.strerror}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:

@@ -29,6 +29,7 @@ from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
+from shared.errors import Unauthorized
 from shared.task import problems
 
 log = logging.getLogger("opd.trainer")
@@ -118,7 +119,12 @@ class Run:
         resumed = self._resume()
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
-        infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+        try:
+            infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+        except Unauthorized as exc:
+            raise RunError(
+                f"{exc} (the teacher's key goes in --api-key)", param="api_key"
+            ) from None
         check_teacher_limits(cfg, infos, self.tokenizer, self.data)
         try:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,8 @@ def test_connect_to_a_teacher_whose_model_failed_to_load_says_why_at_once(tmp_pa
     with serve(app, ready_path="/health") as url:
         with TeacherClient(url) as client, pytest.raises(ServerError, match="failed to load"):
             client.connect(wait_s=30)  # a wait would end in NotReady after 30 s
+        with TeacherClient(url) as client, pytest.raises(ServerError, match=f"teacher at {url}: "):
+            client.connect()
 
 
 def test_429_is_retried_after_retry_after():

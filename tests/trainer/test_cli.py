@@ -35,6 +35,11 @@ def test_an_unreadable_config_file_is_named(tmp_path, capsys, name, text, says):
     assert str(path) in err and says in err
 
 
+def test_a_missing_config_file_names_the_flag(tmp_path, capsys):
+    err = errors_of(capsys, "run", "--config", str(tmp_path / "none.yaml"))
+    assert f"--config {tmp_path / 'none.yaml'}: No such file or directory" in err
+
+
 def test_a_bad_key_in_the_config_file_is_named_as_the_file_wrote_it(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("prompts-per-step: 2\nsteps: 0\n")

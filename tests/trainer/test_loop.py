@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
+from services.teacher.app import create_app
 from services.teacher.process import free_port, start_teacher, stop
+from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
 from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
 from services.trainer.loop import RunError, check_teacher_limits, run, training_problems
 from services.trainer.report import read_jsonl
-from tests.conftest import static_files
+from tests.conftest import serve, static_files
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -191,6 +193,17 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monk
     (checkpoint_dir(out) / "latest").unlink()
     with pytest.raises(RunError, match="no checkpoint yet"):
         run(cfg)
+
+
+def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), api_key="s3cret"))
+    with serve(app) as url:
+        cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(tmp_path / "run"))
+        with pytest.raises(RunError, match="--api-key") as error:
+            run(cfg.model_copy(update={"api_key": "wrong"}))
+        assert error.value.param == "api_key" and url in str(error.value)
+        assert run(cfg.model_copy(update={"api_key": "s3cret"}))["completed"]
+    assert "s3cret" not in (tmp_path / "run" / "config.json").read_text()
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
