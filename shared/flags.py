@@ -5,6 +5,7 @@ default is None, so only the flags given override the config (file, environment,
 from __future__ import annotations
 
 import argparse
+import socket
 import typing
 from collections.abc import Mapping
 
@@ -71,6 +72,25 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
     return value
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port (in use, not ours to take), or None; checked
+    before the server starts, so the user gets one line instead of the server's log."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"{host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
 
 
 def port_number(text: str) -> int:

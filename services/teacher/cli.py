@@ -14,7 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from services.teacher.settings import TeacherSettings
-from shared.flags import add_flags, field_errors, given
+from shared.flags import add_flags, field_errors, given, port_taken
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +95,8 @@ def startup_error(settings: TeacherSettings) -> str | None:
         check_loadable(settings.model, settings.device if settings.backend == "hf" else "cpu")
     except ModelLoadError as exc:
         return f"--model {exc}"
+    if taken := port_taken(settings.host, settings.port):
+        return f"--port {taken}"
     return None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.trainer.config import RunConfig, load_config_file, saved_settings
-from shared.flags import add_flags, field_errors, given, port_number
+from shared.flags import add_flags, field_errors, given, port_number, port_taken
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from services.trainer.api import create_app
 
+        if taken := port_taken(args.host, args.port):
+            print(f"opd-trainer: error: --port {taken}", file=sys.stderr)
+            return 2
         uvicorn.run(create_app(), host=args.host, port=args.port)
         return 0
     try:

@@ -4,6 +4,7 @@ and warns when it would serve everyone."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 
 import pytest
 import torch
@@ -61,7 +62,15 @@ def test_a_cuda_device_without_cuda_is_refused_before_serving():
 
 def test_a_folder_that_is_not_a_model_is_refused_before_serving(tmp_path):
     assert "no config.json" in startup_error(TeacherSettings(model=str(tmp_path)))
-    assert startup_error(TeacherSettings()) is None  # the bundled teacher
+    assert startup_error(TeacherSettings(port=0)) is None  # the bundled teacher
+
+
+def test_a_port_in_use_is_refused_before_serving():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert "Address already in use" in startup_error(TeacherSettings(port=port))
 
 
 def test_a_sequence_limit_beyond_the_batch_budget_is_refused_before_serving():
