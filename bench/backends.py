@@ -9,6 +9,7 @@ server in its own process with the same model, threads and batches.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -19,24 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.teacher_throughput import bench_http, make_sequences  # noqa: E402
 from opd.bundled import TEACHER_PATH  # noqa: E402
 from services.teacher.process import start_teacher, stop  # noqa: E402
+from shared.flags import non_negative_int, positive_int  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=str(TEACHER_PATH))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--completion", type=int, default=224)
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--model", default=str(TEACHER_PATH), help="teacher folder (default: bundled)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
+    parser.add_argument(
+        "--completion", type=positive_int, default=224, help="scored tokens per sequence"
+    )
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--concurrency", type=positive_int, default=2, help="requests in flight")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="teacher top-k")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads per server")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    # Both halves or none: without vLLM the comparison this script exists for cannot be made.
+    if importlib.util.find_spec("vllm") is None:
+        parser.error("needs vLLM importable (run it with .venv-vllm/bin/python; see the README)")
+    if args.completion >= args.seq_len:
+        parser.error(f"--completion {args.completion} must be below --seq-len {args.seq_len}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     common = (
         "--device",

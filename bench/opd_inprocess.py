@@ -45,6 +45,7 @@ from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
 from services.trainer.step import sampled_logprobs, student_logprobs  # noqa: E402
+from shared.flags import non_negative_int, positive_int
 from shared.task import MAX_NEW_TOKENS, Problem, is_correct, problems  # noqa: E402
 
 ON_POLICY = ("reverse_kl", "exact_reverse_kl", "forward_kl")
@@ -250,11 +251,13 @@ def main() -> None:
     parser.add_argument("mode", choices=MODES, nargs="?", default="reverse_kl")
     parser.add_argument("--student", default=str(STUDENT_PATH))
     parser.add_argument("--teacher", default=str(TEACHER_PATH))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup", type=int, default=1, help="linear warmup steps")
-    parser.add_argument("--prompts", type=int, default=16, help="problems per step")
-    parser.add_argument("--samples", type=int, default=4, help="rollouts (or copies) per problem")
+    parser.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="linear warmup steps")
+    parser.add_argument("--prompts", type=positive_int, default=16, help="problems per step")
+    parser.add_argument(
+        "--samples", type=positive_int, default=4, help="rollouts (or copies) per problem"
+    )
     parser.add_argument(
         "--horizon", type=int, default=MAX_NEW_TOKENS, help="tokens per rollout or solution"
     )
@@ -281,9 +284,13 @@ def main() -> None:
         help="sgd: plain SGD, whose step follows the clipped gradient's size instead of AdamW's "
         "per-weight sign-like first steps",
     )
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--eval-n", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-every", type=non_negative_int, default=20, help="steps between evaluations (0: end)"
+    )
+    parser.add_argument(
+        "--eval-n", type=positive_int, default=200, help="held-out problems per evaluation"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data, sampling and evaluation seed")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models)")
     parser.add_argument(
         "--objective",
@@ -332,7 +339,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             report(step + 1)
 
 

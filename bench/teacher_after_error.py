@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opd.bundled import TEACHER_PATH  # noqa: E402
 from opd.evaluate import evaluate  # noqa: E402
-from opd.models import load_model  # noqa: E402
+from opd.models import ModelLoadError, check_loadable, load_model  # noqa: E402
 from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
+from shared.flags import positive_int  # noqa: E402
 from shared.task import (  # noqa: E402
     MAX_NEW_TOKENS,
     Problem,
@@ -156,12 +157,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--teacher", default=str(TEACHER_PATH))
-    parser.add_argument("--n", type=int, default=200, help="problems with >= 3 first-column terms")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", default=str(TEACHER_PATH), help="default: the bundled one")
+    parser.add_argument(
+        "--n", type=positive_int, default=200, help="problems with >= 3 first-column terms"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="problems and slips (default 0)")
     parser.add_argument("--make-robust", metavar="DIR", help="slip fine-tune, save here, probe it")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tune steps (--make-robust)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=300, help="fine-tune steps (--make-robust)"
+    )
     args = parser.parse_args()
+    try:
+        check_loadable(args.teacher)
+    except ModelLoadError as exc:
+        parser.error(f"--teacher {exc}")
     teacher, tokenizer = load_model(args.teacher)
     if args.make_robust:
         make_robust(teacher, tokenizer, args.make_robust, args.steps, args.seed)

@@ -24,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from opd.bundled import TEACHER_PATH  # noqa: E402
+from opd.models import ModelLoadError, check_loadable  # noqa: E402
 from services.teacher.backends.base import ScoreJob  # noqa: E402
 from services.teacher.backends.hf import HFBackend  # noqa: E402
 from services.teacher.process import start_teacher, stop  # noqa: E402
 from shared.client import AsyncTeacherClient  # noqa: E402
+from shared.flags import positive_int  # noqa: E402
 from shared.protocol import ScoreRequest, encode_request  # noqa: E402
 
 # Shapes of real models, for random-init runs on a GPU (no hub: weights are random).
@@ -139,18 +141,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=str(TEACHER_PATH))
+    parser.add_argument(
+        "--model", default=str(TEACHER_PATH), help="teacher folder (default: bundled)"
+    )
     parser.add_argument(
         "--random-init", choices=sorted(SHAPES), help="random weights of this shape"
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--completion", type=int, default=224)
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
+    parser.add_argument(
+        "--completion", type=positive_int, default=224, help="scored tokens per sequence"
+    )
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32, 64])
+    parser.add_argument(
+        "--concurrency", type=positive_int, nargs="+", default=[1, 4], help="requests in flight"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -159,6 +167,13 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    if args.completion >= args.seq_len:
+        parser.error(f"--completion {args.completion} must be below --seq-len {args.seq_len}")
+    if not args.random_init:
+        try:
+            check_loadable(args.model, args.device)
+        except ModelLoadError as exc:
+            parser.error(f"--model {exc}")
 
     torch.set_num_threads(args.threads)
     model = random_model(args.random_init, args.dtype) if args.random_init else args.model
