@@ -127,16 +127,17 @@ class StepFeed:
     def _put(self, item: list[Rollout] | None) -> None:
         """Put on the inbox, waiting for room; if the feed fails meanwhile, raise its error."""
 
-        async def put_unless_ended() -> None:
+        async def queued_unless_ended() -> bool:
             put = asyncio.ensure_future(self._inbox.put(item))
             ended = asyncio.ensure_future(self._ended.wait())
             await asyncio.wait({put, ended}, return_when=asyncio.FIRST_COMPLETED)
-            ended.cancel()
+            queued = put.done()
             put.cancel()
+            ended.cancel()
+            return queued
 
-        asyncio.run_coroutine_threadsafe(put_unless_ended(), self._loop).result()
-        if self._done.done():
-            self._done.result()
+        if not asyncio.run_coroutine_threadsafe(queued_unless_ended(), self._loop).result():
+            self._done.result()  # _run is ending: wait for it, and raise its error
 
     def _frame_ready(self, index: int) -> bool:
         return index < len(self.frames) and all(r.key in self.scores for r in self.frames[index])

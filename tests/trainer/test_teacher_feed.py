@@ -116,9 +116,12 @@ def test_a_teacher_that_sends_nothing_back_fails_the_step_instead_of_hanging_it(
         feed = TeacherFeed([stuck_url], frames_in_flight=1, timeout=1.0)
         try:
             step = feed.begin(max_positions=8)
+            put = []
             with pytest.raises(ServerError, match="no score came back in 1 s"):
                 for key in range(4):  # the third put would wait for room forever
                     step.put(rollouts(1, key))
+                    put.append(key)
+            assert put == [0, 1]  # the put that waited is the one that raises
         finally:
             backend.gate.set()
             feed.close()
