@@ -163,7 +163,7 @@ class _Core:
         pinned: bool = False,
     ) -> float:
         """Seconds to wait before trying again after a transport error, or the error to raise."""
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        if isinstance(exc, httpx.ReadTimeout):
             # The replica took the request and is still at it: sending it again would only add
             # the same work to a busy replica.
             raise TeacherUnreachable(

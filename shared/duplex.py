@@ -2,28 +2,27 @@
 
 httpx (httpcore under it) writes a request's whole body before it reads any of the response, so a
 stream's results would only come back once its input ended. HTTP/1.1 lets a server answer while
-the request body is still arriving, and the teacher does. Here the body goes out in chunked
-encoding from a thread (sync) or a task (async) while the caller reads the response through h11,
-so each result reaches the caller as soon as it is scored.
+the request body is still arriving, and the teacher does. Here a task sends the body in chunked
+encoding while the caller reads the response through h11, so each result reaches the caller as soon
+as it is scored. The sync form runs the same code on an event loop of its own, in a thread.
 
-    with open_stream(url, "/score/stream", headers, frames, timeout=120) as response:
+    async with open_stream_async(url, "/score/stream", headers, frames, timeout=120) as response:
         if response.status_code >= 400:
-            response.read()                          # an httpx.Response, for the error body
-        for chunk in response.iter_bytes(): ...
+            await response.aread()                   # an httpx.Response, for the error body
+        async for chunk in response.aiter_bytes(): ...
 
-Plain HTTP/1.1 over TCP or TLS, one request per connection, no proxy from the environment: what
-the teacher and a load balancer in front of it need. `timeout` is the longest silence from the
-server while it has work from us, so time spent waiting for the caller's next frame never counts.
+Plain HTTP/1.1 over TCP or TLS (asyncio's), one request per connection, no proxy from the
+environment: what the teacher and a load balancer in front of it need. `timeout` is the longest
+silence from the server while the body is not waiting for the caller's next item: a server that
+hangs is noticed at the latest once the caller's input has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 import ssl
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import h11
@@ -46,7 +45,8 @@ class _Exchange:
         if self.url.scheme not in ("http", "https") or not self.url.host:
             raise httpx.UnsupportedProtocol(f"not an http(s) URL: {url!r}")
         self.port = self.url.port or (443 if self.url.scheme == "https" else 80)
-        self.tls = ssl.create_default_context() if self.url.scheme == "https" else None
+        # The trust store httpx uses for the other routes, so both agree about a certificate.
+        self.tls = httpx.create_ssl_context() if self.url.scheme == "https" else None
         self._conn = h11.Connection(h11.CLIENT)
         fields = [("Host", self.url.netloc.decode()), ("Transfer-Encoding", "chunked")]
         self.head = self._conn.send(
@@ -86,8 +86,8 @@ class _Exchange:
 
 
 class _Sender:
-    """What the body's sender shares with the reader: whether it waits for the caller, and how it
-    failed (an error from the caller's iterable is re-raised to the caller)."""
+    """What the body's sender tells the reader: whether it waits for the caller, and how it failed
+    (an error from the caller's iterable is re-raised to the caller)."""
 
     def __init__(self):
         self.waiting_for_caller = False
@@ -98,103 +98,8 @@ class _Sender:
             raise self.error
 
 
-class StreamResponse:
-    """A response being received: status and headers at once, then the body as it arrives."""
-
-    def __init__(self, exchange: _Exchange, receive: Callable[[], list[bytes]]):
-        self._exchange = exchange
-        self._receive = receive
-        self._chunks: list[bytes] = []
-        while not exchange.status_code:
-            self._chunks += receive()
-
-    @property
-    def status_code(self) -> int:
-        return self._exchange.status_code
-
-    def iter_bytes(self) -> Iterator[bytes]:
-        while True:
-            yield from self._chunks
-            self._chunks = []
-            if self._exchange.ended:
-                return
-            self._chunks = self._receive()
-
-    def read(self) -> httpx.Response:
-        return self._exchange.as_httpx(b"".join(self.iter_bytes()))
-
-
-@contextmanager
-def open_stream(
-    url: str, path: str, headers: dict, body: Iterable[bytes], timeout: float
-) -> Iterator[StreamResponse]:
-    """POST `body`, each item sent as it comes (iterated in a background thread), and give the
-    response while the body is still going out. Connection trouble raises httpx.TransportError
-    subclasses; an error raised by `body` itself is re-raised here."""
-    exchange = _Exchange(url, path, headers)
-    try:
-        sock = socket.create_connection((exchange.url.host, exchange.port), timeout=timeout)
-        if exchange.tls is not None:
-            sock = exchange.tls.wrap_socket(sock, server_hostname=exchange.url.host)
-    except OSError as exc:
-        raise httpx.ConnectError(f"{url}: {exc}") from exc
-    sock.settimeout(None)  # sends block while the server holds back (its backpressure)
-    sender = _Sender()
-
-    def send() -> None:
-        try:
-            sock.sendall(exchange.head)
-            iterator = iter(body)
-            while True:
-                sender.waiting_for_caller = True
-                data = next(iterator, None)
-                sender.waiting_for_caller = False
-                if data is None:
-                    break
-                if data:
-                    sock.sendall(_chunk(data))
-            sock.sendall(_LAST_CHUNK)
-        except BaseException as exc:  # noqa: BLE001 - the reader raises it
-            sender.error = exc
-            sender.waiting_for_caller = False
-            _shut(sock)
-
-    def receive() -> list[bytes]:
-        silent = 0.0
-        while True:
-            ready = isinstance(sock, ssl.SSLSocket) and sock.pending()
-            if ready or select.select([sock], [], [], _POLL_S)[0]:
-                try:
-                    data = sock.recv(_READ)
-                except OSError as exc:
-                    sender.raise_caller_error()
-                    raise httpx.ReadError(f"{url}: {exc}") from exc
-                if not data:
-                    sender.raise_caller_error()
-                return exchange.receive(data)
-            sender.raise_caller_error()
-            silent = 0.0 if sender.waiting_for_caller else silent + _POLL_S
-            if silent > timeout:
-                raise httpx.ReadTimeout(f"{url} sent nothing for {timeout} s")
-
-    threading.Thread(target=send, daemon=True, name="stream-send").start()
-    try:
-        yield StreamResponse(exchange, receive)
-        sender.raise_caller_error()
-    finally:
-        _shut(sock)  # also ends a sender still blocked in a send
-        sock.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 class AsyncStreamResponse:
-    """Async form of StreamResponse."""
+    """A response being received: status and headers first, then the body as it arrives."""
 
     def __init__(self, exchange: _Exchange, receive):
         self._exchange = exchange
@@ -226,13 +131,21 @@ class AsyncStreamResponse:
 async def open_stream_async(
     url: str, path: str, headers: dict, body: AsyncIterable[bytes], timeout: float
 ) -> AsyncIterator[AsyncStreamResponse]:
-    """Async form of open_stream: `body` is iterated in a task of its own."""
+    """POST `body`, each item sent as it comes (iterated in a task of its own), and give the
+    response while the body is still going out. Connection trouble raises httpx.TransportError
+    subclasses; an error raised by `body` itself is re-raised here."""
     exchange = _Exchange(url, path, headers)
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(exchange.url.host, exchange.port, ssl=exchange.tls), timeout
+            asyncio.open_connection(
+                exchange.url.host,
+                exchange.port,
+                ssl=exchange.tls,
+                server_hostname=exchange.url.host if exchange.tls else None,
+            ),
+            timeout,
         )
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
         raise httpx.ConnectError(f"{url}: {type(exc).__name__} {exc}") from exc
     sender = _Sender()
 
@@ -285,3 +198,64 @@ async def open_stream_async(
         task.cancel()
         writer.transport.abort()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class StreamResponse:
+    """Sync form of AsyncStreamResponse: each call waits on the stream's own event loop."""
+
+    def __init__(self, response: AsyncStreamResponse, call):
+        self._response = response
+        self._call = call  # run a coroutine on the stream's loop and wait for its result
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status_code
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        chunks = self._response.aiter_bytes()
+
+        async def next_chunk() -> bytes | None:
+            return await anext(chunks, None)
+
+        while (chunk := self._call(next_chunk())) is not None:
+            yield chunk
+
+    def read(self) -> httpx.Response:
+        return self._call(self._response.aread())
+
+
+@contextmanager
+def open_stream(
+    url: str, path: str, headers: dict, body: Iterable[bytes], timeout: float
+) -> Iterator[StreamResponse]:
+    """Sync form of open_stream_async, on an event loop of its own in a thread; `body` is read in
+    a worker thread of that loop. If the stream ends early (an error), that worker stops at the
+    caller's next item: a `body` that blocks forever holds it until the process ends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="stream-loop")
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    items = iter(body)
+
+    async def body_async() -> AsyncIterator[bytes]:
+        while (item := await loop.run_in_executor(None, next, items, None)) is not None:
+            yield item
+
+    stream = open_stream_async(url, path, headers, body_async(), timeout)
+    try:
+        response = call(stream.__aenter__())
+        try:
+            yield StreamResponse(response, call)
+        except BaseException as exc:
+            if not call(stream.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            call(stream.__aexit__(None, None, None))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()

@@ -218,10 +218,13 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
             return
         scoring = asyncio.gather(*tasks)
         gone = asyncio.create_task(_disconnected(request))
-        await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not scoring.done():
-            scoring.cancel()
+        try:
+            await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this reader is cancelled
+            gone.cancel()
+            if not scoring.done():
+                scoring.cancel()
+        if scoring.cancelled():
             return
         counts = scoring.result()
         if broken is not None:

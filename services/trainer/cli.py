@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if taken := port_taken(args.host, args.port):
             print(f"opd-trainer: error: --port {taken}", file=sys.stderr)
             return 2
-        uvicorn.run(create_app(), host=args.host, port=args.port)
+        # Open event streams last as long as their runs: without a limit, shutting down would
+        # wait for them before it stops the runs (which end the streams).
+        uvicorn.run(create_app(), host=args.host, port=args.port, timeout_graceful_shutdown=5)
         return 0
     try:
         cfg = config_from_args(args)

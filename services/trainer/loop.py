@@ -176,7 +176,7 @@ class Run:
 
     def _train(self) -> dict:
         cfg, state = self.cfg, self.state
-        if state.step == 0:
+        if state.step == 0 and not self.stop.is_set():
             self._evaluate()
         bar = tqdm(
             total=cfg.steps,
@@ -310,6 +310,8 @@ class Run:
         return record
 
     def _checkpoint(self) -> None:
+        if self.state.step == 0:  # stopped before its first step: nothing to keep
+            return
         found = checkpoint.latest(self.out)
         if found is not None and found.name == checkpoint.step_name(self.state.step):
             # Saved already (the last step was a periodic one, or a stop came right after it):
@@ -333,9 +335,10 @@ class Run:
             "state": asdict(self.state),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_runs(
-            [self.out], self.out / "accuracy.png", title=f"{self.out.name}: {self.cfg.schedule}"
-        )
+        if evals:  # none when the run was stopped before it began
+            plot_runs(
+                [self.out], self.out / "accuracy.png", title=f"{self.out.name}: {self.cfg.schedule}"
+            )
         self.events({"type": "done", **summary})
         return summary
 

@@ -72,8 +72,10 @@ class StepFeed:
         self._max_in_flight = feed.frames_in_flight * len(feed.client.urls)
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
         self._lanes: dict[str, _Lane] = {}
+        self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
+        self._refused: TeacherStreamError | None = None  # a frame the teacher refused
         self.frames: list[list[Rollout]] = []
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
@@ -131,7 +133,7 @@ class StepFeed:
             put = asyncio.ensure_future(self._inbox.put(item))
             ended = asyncio.ensure_future(self._ended.wait())
             await asyncio.wait({put, ended}, return_when=asyncio.FIRST_COMPLETED)
-            queued = put.done()
+            queued = put.done() and not self._ended.is_set()  # a dead inbox is no queue
             put.cancel()
             ended.cancel()
             return queued
@@ -158,6 +160,13 @@ class StepFeed:
     async def _run(self) -> None:
         try:
             await self._feed_lanes()
+        except BaseException:
+            # Failing early (a refused frame, a stall): stop the streams and collect their
+            # outcomes, so none is left running or logged as never retrieved.
+            for task in self._streams:
+                task.cancel()
+            await asyncio.gather(*self._streams, return_exceptions=True)
+            raise
         finally:
             self._ended.set()
 
@@ -188,8 +197,13 @@ class StepFeed:
         await self._rescore_missing()
 
     async def _room_for_a_frame(self) -> None:
+        """Wait until a frame may go out; a refused frame ends the step here, by name."""
         timeout = self._feed.client.timeout
-        while (waiting := self._frames_in_flight()) >= self._max_in_flight:
+        while True:
+            if self._refused is not None:
+                raise self._refused
+            if (waiting := self._frames_in_flight()) < self._max_in_flight:
+                return
             self._answered.clear()
             try:
                 await asyncio.wait_for(self._answered.wait(), timeout)
@@ -223,6 +237,7 @@ class StepFeed:
         if url not in lanes or lanes[url].failed:
             lanes[url] = _Lane(url)
             lanes[url].task = asyncio.create_task(self._stream(lanes[url]))
+            self._streams.append(lanes[url].task)
         return lanes[url]
 
     async def _stream(self, lane: _Lane) -> None:
@@ -241,7 +256,10 @@ class StepFeed:
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
                 self._take(self.frames[frame][item.index], item.score, item.compute_s)
                 lane.outstanding -= 1
-        except TeacherStreamError:
+        except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
+            self._refused = exc
+            lane.failed = True
+            self._answered.set()
             raise
         except Exception as exc:  # the replica died, broke the connection or failed
             lane.failed = True

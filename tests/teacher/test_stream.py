@@ -134,6 +134,19 @@ def test_an_error_in_the_callers_frames_reaches_the_caller(teacher_url):
         assert len(list(client.score_stream([good]))) == 2  # the client is still usable
 
 
+def test_a_sync_stream_leaves_no_thread_behind_however_it_ends(teacher_url):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    bad = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [-5]}]}
+    with TeacherClient(teacher_url) as client:
+        assert list(client.score_stream([good]))[-1].done  # to the end
+        with pytest.raises(InvalidRequest):
+            list(client.score_stream([good, bad]))  # the caller's input fails
+        early = client.score_stream([good, good])
+        next(early)
+        early.close()  # the caller stops reading
+    assert not [t for t in threading.enumerate() if t.name == "stream-loop"]
+
+
 def test_a_stream_to_a_replica_that_is_down_says_so_and_sits_it_out(teacher_url):
     down = f"http://127.0.0.1:{free_port()}"
     good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}

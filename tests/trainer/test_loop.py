@@ -252,6 +252,16 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / latest / "model.safetensors")
 
 
+def test_a_run_stopped_before_its_first_step_does_no_work(tmp_path, teacher_process):
+    stopped = threading.Event()
+    stopped.set()  # as a Ctrl-C while the run was still connecting
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=3, out=str(out))
+    summary = run(cfg, stop=stopped)
+    assert summary["steps"] == 0 and not summary["completed"]
+    assert not read_jsonl(out / "eval.jsonl") and checkpoint.latest(out) is None
+
+
 def test_sigterm_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, teacher_process):
     out = tmp_path / "run"
     proc = subprocess.Popen(

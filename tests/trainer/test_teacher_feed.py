@@ -14,7 +14,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
-from services.trainer.teacher_feed import TeacherFeed
+from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
 from shared.errors import ServerError
 from shared.task import problems
 from tests.conftest import serve
@@ -125,3 +125,21 @@ def test_a_teacher_that_sends_nothing_back_fails_the_step_instead_of_hanging_it(
         finally:
             backend.gate.set()
             feed.close()
+
+
+def test_a_refused_frame_fails_the_step_at_once_saying_why(teacher_url):
+    feed = TeacherFeed([teacher_url], frames_in_flight=1, timeout=30.0)
+    try:
+        step = feed.begin(max_positions=8)
+        bad = rollouts(1, 0)
+        bad[0].completion_ids = [10**6]  # no such token: the teacher refuses the frame
+        started = time.monotonic()
+        with pytest.raises(TeacherStreamError, match="teacher refused frame 0"):
+            for key in range(6):
+                step.put(bad if key == 0 else rollouts(1, key))
+            list(step.scored_frames())
+        assert time.monotonic() - started < 10  # not after the 30 s stall timeout
+        with pytest.raises(TeacherStreamError):  # put() after the failure raises too
+            step.put(rollouts(1, 9))
+    finally:
+        feed.close()
