@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from services.teacher import routes_openai, routes_trl
+from services.teacher import routes_openai, routes_stream, routes_trl
 from services.teacher.backends.base import Backend
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
@@ -86,6 +86,7 @@ def create_app(settings: TeacherSettings, backend: Backend | None = None) -> Fas
     )
     app.state.teacher = state
     app.include_router(router)
+    app.include_router(routes_stream.router)
     app.include_router(routes_trl.router)
     app.include_router(routes_openai.router)
     _install_error_handlers(app)

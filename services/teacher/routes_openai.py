@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.teacher.routes import Authorized, Ready, in_dialect, read_model
+from services.teacher.deps import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (

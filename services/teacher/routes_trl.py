@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.teacher.routes import Authorized, Ready, in_dialect, read_model
+from services.teacher.deps import Authorized, Ready, in_dialect, read_model
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
 from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds

@@ -272,7 +272,7 @@ def test_unknown_route_is_404_in_the_error_shape(teacher_url):
 
 
 def test_a_failed_forward_is_a_500_and_the_connection_stays_usable():
-    from tests.teacher.test_stream import CrashingBackend
+    from tests.teacher.test_routes_stream import CrashingBackend
 
     backend = CrashingBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)

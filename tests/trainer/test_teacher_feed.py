@@ -19,7 +19,7 @@ from shared.errors import ServerError
 from shared.task import problems
 from tests.conftest import serve
 from tests.teacher.test_routes import GatedBackend
-from tests.teacher.test_stream import CrashingBackend
+from tests.teacher.test_routes_stream import CrashingBackend
 
 
 def test_close_cancels_a_step_that_was_never_finished(teacher_url):

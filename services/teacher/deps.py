@@ -1,0 +1,112 @@
+"""What the teacher's routers share: the app state as dependencies (ready, API key) and request
+helpers (content negotiation, a bounded body read, a dialect's validation errors)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from shared.errors import (
+    BadRequest,
+    InvalidRequest,
+    MalformedBody,
+    NotReady,
+    PayloadTooLarge,
+    ServerError,
+    Unauthorized,
+    UnsupportedMediaType,
+    from_validation,
+)
+from shared.protocol import JSON, MSGPACK, MSGPACK_TYPES, an_object, load_json
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def get_state(request: Request):
+    return request.app.state.teacher
+
+
+def ready_state(request: Request):
+    """The state, once the model is loaded; 503 while it loads, 500 if it failed to."""
+    state = get_state(request)
+    if state.load_error:  # permanent: a 500, which clients do not retry (a 503 they would)
+        raise ServerError(f"model failed to load: {state.load_error}")
+    if state.limits is None:
+        raise NotReady("model loading", retry_after=2)
+    return state
+
+
+def check_api_key(request: Request) -> None:
+    key = get_state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), key.get_secret_value().encode()
+    ):
+        raise Unauthorized(
+            "missing or wrong API key (send 'Authorization: Bearer KEY')", param="Authorization"
+        )
+
+
+Ready = Annotated[object, Depends(ready_state)]
+Authorized = Annotated[None, Depends(check_api_key)]
+
+
+def is_binary_request(request: Request) -> bool:
+    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if ctype in MSGPACK_TYPES:
+        return True
+    if ctype in (JSON, ""):
+        return False
+    raise UnsupportedMediaType(
+        f"Content-Type {ctype!r} is not supported; send {JSON} or {MSGPACK}", param="Content-Type"
+    )
+
+
+def wants_binary_response(request: Request, binary_request: bool) -> bool:
+    """msgpack when Accept names it; with no Accept, answer in the request's own form."""
+    accept = request.headers.get("accept", "").lower()
+    if any(t in accept for t in MSGPACK_TYPES):
+        return True
+    return binary_request and accept in ("", "*/*")
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_model(request: Request, model: type[M], limit_bytes: int) -> M:
+    """A dialect route's JSON body as `model`; what is wrong with it is a 400 naming the field, as
+    those dialects' own servers answer."""
+    try:
+        data = an_object(load_json(await read_body(request, limit_bytes)), "JSON object")
+    except MalformedBody as exc:
+        raise BadRequest(exc.message) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc.errors(include_url=False), BadRequest) from None
+
+
+def in_dialect(exc: InvalidRequest, top_k_name: str) -> BadRequest:
+    """A refusal from the scoring path in a dialect's words: a 400, and its own name for top_k."""
+
+    def words(text: str | None) -> str | None:
+        return None if text is None else re.sub(r"\btop_k\b", top_k_name, text)
+
+    return BadRequest(words(exc.message), param=words(exc.param))

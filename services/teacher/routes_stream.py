@@ -1,0 +1,119 @@
+"""POST /score/stream: length-prefixed msgpack frames in (one micro-batch each), one result frame
+per scored sequence out as soon as it is scored, while the request body is still arriving."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from services.teacher.deps import Authorized, Ready
+from services.teacher.scoring import score_as_completed
+from shared.errors import TeacherError, UnsupportedMediaType
+from shared.protocol import (
+    FRAMES,
+    FrameReader,
+    decode_request,
+    encode_stream_done,
+    encode_stream_error,
+    encode_stream_score,
+)
+
+router = APIRouter()
+
+
+@router.post(
+    "/score/stream",
+    openapi_extra={"requestBody": {"required": True, "content": {FRAMES: {}}}},
+    responses={200: {"content": {FRAMES: {}}}},
+    summary="Stream micro-batches in, one result frame per sequence out (see shared.protocol)",
+)
+async def score_stream(request: Request, state: Ready, _: Authorized) -> StreamingResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != FRAMES:
+        raise UnsupportedMediaType(
+            f"/score/stream takes {FRAMES}, not {ctype!r}", param="Content-Type"
+        )
+    out: asyncio.Queue = asyncio.Queue()
+    reader = asyncio.create_task(_read_frames(request, state, out))
+
+    async def frames():
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()  # the client went away: stop reading and scoring
+
+    return DuplexStreamingResponse(frames(), media_type=FRAMES)
+
+
+class DuplexStreamingResponse(StreamingResponse):
+    """A streaming response that leaves the request body to the handler.
+
+    Starlette's StreamingResponse also listens for a disconnect by calling receive(), which would
+    swallow the request frames still arriving; here the handler reads them, and notices a client
+    that goes away (see _read_frames).
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.stream_response(send)
+
+
+async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
+    """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
+    framing ends the input, saying why, after the frames before it are answered. A client that
+    goes away, mid-body or after it, cancels the scoring of what it sent (nobody would read it)."""
+    reader = FrameReader(state.settings.max_body_bytes)
+    tasks: list[asyncio.Task] = []
+    broken: TeacherError | None = None
+    try:
+        try:
+            async for chunk in request.stream():
+                for payload in reader.feed(chunk):
+                    tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
+            reader.finish()
+        except TeacherError as err:
+            broken = err
+        except ClientDisconnect:
+            return
+        scoring = asyncio.gather(*tasks)
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this reader is cancelled
+            gone.cancel()
+            if not scoring.done():
+                scoring.cancel()
+        if scoring.cancelled():
+            return
+        counts = scoring.result()
+        if broken is not None:
+            await out.put(encode_stream_error(len(tasks), broken))
+        await out.put(encode_stream_done(len(tasks), sum(counts)))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await out.put(None)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone. Only called after the body has been read (or its framing
+    broke, when the rest is skipped): uvicorn drops what is sent to a client that has gone, so the
+    responses being sent would never tell."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) -> int:
+    try:
+        request = decode_request(payload, binary=True)
+        async for index, job, score in score_as_completed(
+            request, state.backend, state.limits, state.metrics
+        ):
+            await out.put(encode_stream_score(frame, index, score, job.compute_s))
+        return len(request.sequences)
+    except TeacherError as err:  # refused, or its forward failed (a 500): the others go on
+        await out.put(encode_stream_error(frame, err))
+        return 0
