@@ -1,0 +1,153 @@
+"""The control API's runs: each trains in a thread of its own, reports its events to the API's
+event loop (for GET /runs/{id} and its server-sent events) and to Prometheus, and can be stopped at
+a step boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.trainer.config import RunConfig
+from services.trainer.loop import Run
+from shared.errors import NotFound
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.steps = Counter("opd_trainer_steps", "Optimizer steps", ["run"], registry=r)
+        self.tokens = Counter("opd_trainer_tokens_generated", "Rollout tokens", ["run"], registry=r)
+        self.teacher_tokens = Counter(
+            "opd_trainer_teacher_tokens", "Tokens scored by the teacher", ["run"], registry=r
+        )
+        self.reverse_kl = Gauge(
+            "opd_trainer_reverse_kl", "Per-token reverse KL, last step", ["run"], registry=r
+        )
+        self.horizon = Gauge(
+            "opd_trainer_horizon", "Rollout horizon, last step", ["run"], registry=r
+        )
+        self.accuracy = Gauge(
+            "opd_trainer_eval_accuracy", "Held-out accuracy, last eval", ["run"], registry=r
+        )
+        self.step_seconds = Histogram(
+            "opd_trainer_step_seconds",
+            "Step wall-clock",
+            ["run"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+        )
+
+    def observe(self, run_id: str, event: dict) -> None:
+        if event["type"] == "step":
+            self.steps.labels(run_id).inc()
+            self.tokens.labels(run_id).inc(event["tokens_generated"])
+            self.teacher_tokens.labels(run_id).inc(event["teacher_tokens"])
+            self.reverse_kl.labels(run_id).set(event["reverse_kl"])
+            self.horizon.labels(run_id).set(event["horizon"])
+            self.step_seconds.labels(run_id).observe(event["step_s"])
+        elif event["type"] == "eval":
+            self.accuracy.labels(run_id).set(event["accuracy"])
+
+
+@dataclass
+class RunRecord:
+    id: str
+    config: RunConfig
+    status: str = "starting"  # starting | running | completed | stopped | failed
+    error: str | None = None
+    summary: dict | None = None
+    last_step: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    thread: threading.Thread | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "stopped", "failed")
+
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "error": self.error,
+            "config": self.config.model_dump(exclude={"api_key"}),
+            "last_step": self.last_step,
+            "summary": self.summary,
+        }
+
+
+class Runs:
+    """Runs of this server; each trains in its own thread and reports events to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: TrainerMetrics):
+        self.loop = loop
+        self.metrics = metrics
+        self.records: dict[str, RunRecord] = {}
+        self._ids = itertools.count(1)
+
+    def writing_to(self, out: str) -> RunRecord | None:
+        """The unfinished run that writes into `out`, if any: a second run there, even with
+        --overwrite or --resume, would interleave its files with the first one's."""
+        folder = Path(out).resolve()
+        for record in self.records.values():
+            if not record.finished and Path(record.config.out).resolve() == folder:
+                return record
+        return None
+
+    def start(self, cfg: RunConfig) -> RunRecord:
+        record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
+        self.records[record.id] = record
+        record.thread = threading.Thread(
+            target=self._train, args=(record,), daemon=True, name=record.id
+        )
+        record.thread.start()
+        return record
+
+    def stop_all(self, timeout: float) -> list[str]:
+        """Stop every run at its next step boundary (each writes its checkpoint) and wait for
+        them, up to `timeout` seconds in all; returns the ids of runs still going."""
+        for record in self.records.values():
+            record.stop.set()
+        deadline = time.monotonic() + timeout
+        for record in self.records.values():
+            if record.thread is not None:
+                record.thread.join(max(0.0, deadline - time.monotonic()))
+        return [r.id for r in self.records.values() if r.thread is not None and r.thread.is_alive()]
+
+    def get(self, run_id: str) -> RunRecord:
+        if run_id not in self.records:
+            raise NotFound(f"no run {run_id!r}", param="id")
+        return self.records[run_id]
+
+    def _train(self, record: RunRecord) -> None:
+        def emit(event: dict) -> None:
+            self.metrics.observe(record.id, event)
+            self.loop.call_soon_threadsafe(self._publish, record, event)
+
+        self.loop.call_soon_threadsafe(setattr, record, "status", "running")
+        try:
+            summary = Run(record.config, emit, record.stop).run()
+            status = "completed" if summary["completed"] else "stopped"
+            self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
+        except Exception as exc:  # reported on the run, never a dead thread with no word
+            error = f"{type(exc).__name__}: {exc}"
+            self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
+
+    def _publish(self, record: RunRecord, event: dict) -> None:
+        record.history.append(event)
+        if event["type"] == "step":
+            record.last_step = {k: v for k, v in event.items() if k != "kl_by_position"}
+        record.changed.set()
+
+    def _finish(self, record: RunRecord, status: str, summary: dict | None, error: str | None):
+        record.status, record.summary, record.error = status, summary, error
+        if error:
+            record.history.append({"type": "failed", "error": error})
+        record.changed.set()
