@@ -17,8 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.teacher_throughput import bench_http, make_sequences  # noqa: E402
-from opd.bundled import TEACHER_PATH  # noqa: E402
+from bench.teacher_throughput import (  # noqa: E402
+    add_workload_flags,
+    bench_http,
+    check_workload,
+    make_sequences,
+)
 from services.teacher.process import start_teacher, stop  # noqa: E402
 from shared.flags import non_negative_int, positive_int  # noqa: E402
 
@@ -27,16 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", default=str(TEACHER_PATH), help="teacher folder (default: bundled)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence")
-    parser.add_argument(
-        "--completion", type=positive_int, default=224, help="scored tokens per sequence"
-    )
-    parser.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32, 64])
+    add_workload_flags(parser)
     parser.add_argument("--concurrency", type=positive_int, default=2, help="requests in flight")
     parser.add_argument("--top-k", type=non_negative_int, default=0, help="teacher top-k")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row")
@@ -46,8 +41,7 @@ def main() -> None:
     # Both halves or none: without vLLM the comparison this script exists for cannot be made.
     if importlib.util.find_spec("vllm") is None:
         parser.error("needs vLLM importable (run it with .venv-vllm/bin/python; see the README)")
-    if args.completion >= args.seq_len:
-        parser.error(f"--completion {args.completion} must be below --seq-len {args.seq_len}")
+    check_workload(parser, args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     common = (
         "--device",

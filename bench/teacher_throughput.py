@@ -137,15 +137,10 @@ def flops_per_token(backend: HFBackend, seq_len: int) -> float:
     return 2 * params + attention
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and the sequences to score (shared with bench/backends.py)."""
     parser.add_argument(
         "--model", default=str(TEACHER_PATH), help="teacher folder (default: bundled)"
-    )
-    parser.add_argument(
-        "--random-init", choices=sorted(SHAPES), help="random weights of this shape"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -154,6 +149,21 @@ def main() -> None:
         "--completion", type=positive_int, default=224, help="scored tokens per sequence"
     )
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32, 64])
+
+
+def check_workload(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.completion >= args.seq_len:
+        parser.error(f"--completion {args.completion} must be below --seq-len {args.seq_len}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_workload_flags(parser)
+    parser.add_argument(
+        "--random-init", choices=sorted(SHAPES), help="random weights of this shape"
+    )
     parser.add_argument(
         "--concurrency", type=positive_int, nargs="+", default=[1, 4], help="requests in flight"
     )
@@ -167,8 +177,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    if args.completion >= args.seq_len:
-        parser.error(f"--completion {args.completion} must be below --seq-len {args.seq_len}")
+    check_workload(parser, args)
     if not args.random_init:
         try:
             check_loadable(args.model, args.device)
