@@ -163,6 +163,11 @@ class _Core:
         pinned: bool = False,
     ) -> float:
         """Seconds to wait before trying again after a transport error, or the error to raise."""
+        if isinstance(exc, httpx.PoolTimeout):  # our own pool is full: no replica's fault
+            raise TeacherUnreachable(
+                f"no free connection to {url} within {self.timeout:g} s (too many requests in "
+                "flight from this client)"
+            ) from exc
         if isinstance(exc, httpx.ReadTimeout):
             # The replica took the request and is still at it: sending it again would only add
             # the same work to a busy replica.

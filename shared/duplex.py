@@ -31,6 +31,7 @@ import httpx
 _READ = 65536
 _POLL_S = 0.2
 _LAST_CHUNK = b"0\r\n\r\n"
+_END = object()  # the end of the caller's body (None could be an item)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -116,9 +117,8 @@ class AsyncStreamResponse:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         while True:
-            for chunk in self._chunks:
-                yield chunk
-            self._chunks = []
+            while self._chunks:  # taken as yielded: a later call goes on where this one stopped
+                yield self._chunks.pop(0)
             if self._exchange.ended:
                 return
             self._chunks = await self._receive()
@@ -155,10 +155,12 @@ async def open_stream_async(
             iterator = aiter(body)
             while True:
                 sender.waiting_for_caller = True
-                data = await anext(iterator, None)
+                data = await anext(iterator, _END)
                 sender.waiting_for_caller = False
-                if data is None:
+                if data is _END:
                     break
+                if not isinstance(data, (bytes, bytearray)):
+                    raise TypeError(f"a request body item must be bytes, not {type(data).__name__}")
                 if data:
                     writer.write(_chunk(data))
                     await writer.drain()
@@ -229,22 +231,21 @@ def open_stream(
     url: str, path: str, headers: dict, body: Iterable[bytes], timeout: float
 ) -> Iterator[StreamResponse]:
     """Sync form of open_stream_async, on an event loop of its own in a thread; `body` is read in
-    a worker thread of that loop. If the stream ends early (an error), that worker stops at the
-    caller's next item: a `body` that blocks forever holds it until the process ends."""
+    a daemon thread, so a `body` that blocks forever after the stream ended cannot keep the process
+    from exiting."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="stream-loop")
     thread.start()
 
     def call(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:  # Ctrl-C while waiting: the coroutine must not go on alone
+            future.cancel()
+            raise
 
-    items = iter(body)
-
-    async def body_async() -> AsyncIterator[bytes]:
-        while (item := await loop.run_in_executor(None, next, items, None)) is not None:
-            yield item
-
-    stream = open_stream_async(url, path, headers, body_async(), timeout)
+    stream = open_stream_async(url, path, headers, _read_in_a_thread(body, loop), timeout)
     try:
         response = call(stream.__aenter__())
         try:
@@ -255,7 +256,39 @@ def open_stream(
         else:
             call(stream.__aexit__(None, None, None))
     finally:
+        asyncio.run_coroutine_threadsafe(_cancel_pending(), loop).result(timeout=5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         if not thread.is_alive():
             loop.close()
+
+
+async def _read_in_a_thread(body: Iterable[bytes], loop) -> AsyncIterator[bytes]:
+    """`body`'s items, read by a daemon thread (started on the first item asked for), one ahead."""
+    items: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    def read() -> None:
+        try:
+            for item in body:
+                asyncio.run_coroutine_threadsafe(items.put(item), loop).result()
+            outcome = _END
+        except BaseException as exc:  # noqa: BLE001 - raised where the body is read
+            outcome = exc
+        try:
+            asyncio.run_coroutine_threadsafe(items.put(outcome), loop)
+        except RuntimeError:  # the stream is over and its loop closed: nobody is reading
+            pass
+
+    threading.Thread(target=read, daemon=True, name="stream-body").start()
+    while (item := await items.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+async def _cancel_pending() -> None:
+    """Cancel what is left on a stream's loop (after an interrupt) before the loop stops."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -90,7 +90,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             continue
         if response.status_code == 200:
             return
-        # 500: the model failed to load and never will (see routes.ready_state); 503 is loading.
+        # 500: the model failed to load and never will (see deps.ready_state); 503 is loading.
         if response.status_code == 500:
             raise RuntimeError(f"teacher at {url}: {response.json()['error']['message']}")
         time.sleep(0.2)

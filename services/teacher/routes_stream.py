@@ -80,13 +80,17 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
             return
         scoring = asyncio.gather(*tasks)
         gone = asyncio.create_task(_disconnected(request))
+        scored = False
         try:
             await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+            scored = scoring.done()
         finally:  # also when this reader is cancelled
             gone.cancel()
-            if not scoring.done():
+            if not scored:
                 scoring.cancel()
-        if scoring.cancelled():
+                # Collect the cancelled gather's outcome, so it is not logged as never retrieved.
+                scoring.add_done_callback(lambda done: done.cancelled() or done.exception())
+        if not scored:  # the client has gone
             return
         counts = scoring.result()
         if broken is not None:

@@ -179,6 +179,8 @@ class StepFeed:
             batch = await self._inbox.get()
             if batch is None:
                 break
+            if self._refused is not None:  # refused while this frame waited in the inbox
+                raise self._refused
             frame = len(self.frames)
             with self._changed:
                 self.frames.append(batch)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,6 +147,31 @@ def test_a_sync_stream_leaves_no_thread_behind_however_it_ends(teacher_url):
         next(early)
         early.close()  # the caller stops reading
     assert not [t for t in threading.enumerate() if t.name == "stream-loop"]
+
+
+BLOCKED_BODY = """
+import sys, threading
+from shared.client import TeacherClient
+
+def frames():
+    yield {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    threading.Event().wait()  # a producer that never comes back
+
+stream = TeacherClient(sys.argv[1]).score_stream(frames())
+next(stream)
+stream.close()
+print("done")
+"""
+
+
+def test_a_body_that_blocks_forever_does_not_keep_the_process_alive(teacher_url):
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_BODY, teacher_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
 
 
 def test_a_stream_to_a_replica_that_is_down_says_so_and_sits_it_out(teacher_url):
