@@ -44,8 +44,8 @@ def has_compose_v2() -> bool:
 def stack(tmp_path_factory):
     if not has_compose_v2():
         pytest.skip("needs a Docker daemon and compose v2 (see docker/setup-ci.sh)")
-    results = tmp_path_factory.mktemp("results")
-    results.chmod(0o777)  # the containers run as an unprivileged user
+    # Not made here: Docker makes it, owned by root, as on a user's first `docker compose up`.
+    results = tmp_path_factory.mktemp("compose") / "results"
     port = free_port()
     env = {
         **os.environ,
@@ -55,6 +55,7 @@ def stack(tmp_path_factory):
     }
     compose("build", env=env)
     try:
+        compose("run", "--rm", "results", env=env)  # as `up` runs it before the trainer
         compose("up", "-d", "--scale", "teacher=2", "lb", env=env)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
