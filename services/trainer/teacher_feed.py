@@ -58,7 +58,6 @@ class _Lane:
         self.url = url
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sent: list[int] = []  # global frame ids, in the order this stream carries them
-        self.outstanding = 0  # sequences sent and not yet answered
         self.task: asyncio.Task | None = None
         self.failed = False
 
@@ -142,7 +141,7 @@ class StepFeed:
             self._done.result()  # _run is ending: wait for it, and raise its error
 
     def _frame_ready(self, index: int) -> bool:
-        return index < len(self.frames) and all(r.key in self.scores for r in self.frames[index])
+        return index < len(self.frames) and not self._unanswered(index)
 
     def _notify(self) -> None:
         with self._changed:
@@ -186,7 +185,6 @@ class StepFeed:
                 self.frames.append(batch)
             lane = self._pick_lane(lanes)
             lane.sent.append(frame)
-            lane.outstanding += len(batch)
             await lane.queue.put(frame)
         for lane in lanes.values():
             await lane.queue.put(None)
@@ -226,16 +224,23 @@ class StepFeed:
             for lane in self._lanes.values()
             if not lane.failed
             for frame in lane.sent
-            if not all(r.key in self.scores for r in self.frames[frame])
+            if self._unanswered(frame)
         )
+
+    def _unanswered(self, frame: int) -> int:
+        """Sequences of `frame` without a score yet."""
+        return sum(r.key not in self.scores for r in self.frames[frame])
 
     def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
         client = self._feed.client
         urls = [u for u in client.urls if client.is_up(u) and not (u in lanes and lanes[u].failed)]
         if not urls:  # every replica is down: the rescoring pass retries with backoff
             urls = list(client.urls)
-        # Least outstanding first; a replica with no stream yet counts as idle.
-        url = min(urls, key=lambda u: lanes[u].outstanding if u in lanes else 0)
+        # Fewest sequences awaiting scores first; a replica with no stream yet counts as idle.
+        url = min(
+            urls,
+            key=lambda u: sum(self._unanswered(f) for f in lanes[u].sent) if u in lanes else 0,
+        )
         if url not in lanes or lanes[url].failed:
             lanes[url] = _Lane(url)
             lanes[url].task = asyncio.create_task(self._stream(lanes[url]))
@@ -257,7 +262,6 @@ class StepFeed:
                 if item.error is not None:
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
                 self._take(self.frames[frame][item.index], item.score, item.compute_s)
-                lane.outstanding -= 1
         except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
             self._refused = exc
             lane.failed = True
