@@ -92,16 +92,16 @@ def load_weights(path: Path, model) -> None:
     with a saved one (tied input and output embeddings), which loading its twin restores."""
     from safetensors.torch import load_file
 
-    weights = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(shard))
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # a weight of another shape: another model
-        raise ValueError(f"{path}: the checkpoint does not fit the student: {exc}") from None
     params = model.state_dict()
-    loaded = {params[name].data_ptr() for name in weights if name in params}
-    missing = [name for name in missing if params[name].data_ptr() not in loaded]
+    loaded, unexpected = set(), []
+    for shard in sorted(path.glob("*.safetensors")):  # one at a time: a large student's shards
+        weights = load_file(shard)  # need not all be in memory at once
+        try:
+            unexpected += model.load_state_dict(weights, strict=False).unexpected_keys
+        except RuntimeError as exc:  # a weight of another shape: another model
+            raise ValueError(f"{path}: the checkpoint does not fit the student: {exc}") from None
+        loaded |= {params[name].data_ptr() for name in weights if name in params}
+    missing = [name for name, value in params.items() if value.data_ptr() not in loaded]
     if missing or unexpected:
         raise ValueError(
             f"{path}: the checkpoint does not fit the student (missing {missing[:5]}, "
