@@ -88,7 +88,9 @@ def clean_prefix_mask(tokenizer, rollouts, width: int) -> torch.Tensor:
     return clean_B_T
 
 
-def on_policy_loss(mode, student, teacher, rollouts, tokenizer=None, states="all"):
+def on_policy_loss(
+    mode, student, teacher, rollouts, tokenizer=None, states="all", gamma=0.0, baseline=False
+):
     with torch.no_grad():
         teacher_B_T_V, mask_B_T = student_logprobs(teacher, rollouts)
     student_B_T_V, _ = student_logprobs(student, rollouts)
@@ -108,8 +110,23 @@ def on_policy_loss(mode, student, teacher, rollouts, tokenizer=None, states="all
         return losses.full_forward_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
     student_B_T = sampled_logprobs(student_B_T_V, rollouts)
     teacher_B_T = sampled_logprobs(teacher_B_T_V, rollouts)
-    adv_B_T = losses.reverse_kl_advantage(teacher_B_T, student_B_T, mask_B_T)
+    adv_B_T = losses.reverse_kl_advantage(teacher_B_T, student_B_T, mask_B_T, gamma=gamma)
+    if baseline:
+        adv_B_T = adv_B_T - group_mean_return(adv_B_T, mask_B_T, rollouts)
     return losses.policy_gradient_loss(student_B_T, student_B_T.detach(), adv_B_T, mask_B_T)
+
+
+def group_mean_return(adv_B_T, mask_B_T, rollouts) -> torch.Tensor:
+    """[B, T]: at each position, the mean advantage over the rollouts of the same problem that reach
+    it (a per-problem, per-position baseline; it changes the variance, not the expected gradient)."""
+    out = torch.zeros_like(adv_B_T)
+    keys = [r.problem.prompt for r in rollouts]
+    for key in set(keys):
+        rows = [b for b, k in enumerate(keys) if k == key]
+        total = (adv_B_T[rows] * mask_B_T[rows]).sum(0)
+        count = mask_B_T[rows].sum(0).clamp(min=1)
+        out[rows] = (total / count) * mask_B_T[rows]
+    return out
 
 
 def teacher_forced_logprobs(model, tokenizer, batch: list[Problem], horizon: int):
@@ -290,6 +307,18 @@ def main() -> None:
     parser.add_argument(
         "--eval-n", type=positive_int, default=200, help="held-out problems per evaluation"
     )
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        default=0.0,
+        help="reverse_kl: discount of future advantages (1: each token's return is the rest of "
+        "the rollout's log-ratio, the sequence-level reverse KL's policy gradient)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="reverse_kl: subtract the mean advantage at each position over the problem's rollouts",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data, sampling and evaluation seed")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models)")
     parser.add_argument(
@@ -324,7 +353,8 @@ def main() -> None:
             line += "; " + objective_report(student, teacher, tokenizer, held_out, args)
         print(line, flush=True)
 
-    print(f"{args.mode} lr {args.lr} horizon {args.horizon}", flush=True)
+    loss_knobs = f" gamma {args.gamma}" * (args.gamma > 0) + " baseline" * args.baseline
+    print(f"{args.mode} lr {args.lr} horizon {args.horizon}{loss_knobs}", flush=True)
     report(0)
     for step in range(args.steps):
         batch = data[step * args.prompts : (step + 1) * args.prompts]
@@ -332,7 +362,16 @@ def main() -> None:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         if args.mode in ON_POLICY:
             rollouts = rollouts_for(student, tokenizer, batch, args, generator)
-            loss = on_policy_loss(args.mode, student, teacher, rollouts, tokenizer, args.states)
+            loss = on_policy_loss(
+                args.mode,
+                student,
+                teacher,
+                rollouts,
+                tokenizer,
+                args.states,
+                gamma=args.gamma,
+                baseline=args.baseline,
+            )
         else:
             loss = teacher_forced_mode_loss(args.mode, student, teacher, tokenizer, batch, args)
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-shot GPU run, for a lent GPU machine with torch and transformers but no pydantic (wheels carried
+# in .gpu/wheels are installed first): does full OPD (`reverse_kl` on whole rollouts) gain 20 points
+# given far more rollouts per step and more steps than the CPU demo can afford? Four runs side by side
+# on the one GPU, each cut off after RUN_S seconds; every evaluation is printed as it happens.
+#   bash bench/gpu_opd_long.sh [OUT_DIR]      # about 8 minutes on one H200
+set -uo pipefail
+out=${1:-${OUT:-/tmp}}
+run_s=${RUN_S:-450}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+if [ -d .gpu/wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bench() {  # NAME ARGS...: one bench run in the background, its output in $out/long_NAME.log
+  local name=$1; shift
+  (echo "### $*"; timeout "$run_s" python3 bench/opd_inprocess.py "$@" --device cuda) \
+    > "$out/long_$name.log" 2>&1 &
+}
+bench rkl_1024x4_lr3e-4 reverse_kl --prompts 1024 --samples 4 --lr 3e-4 --steps 200 --eval-every 10
+bench rkl_1024x4_lr1e-4 reverse_kl --prompts 1024 --samples 4 --lr 1e-4 --steps 200 --eval-every 10
+bench rkl_256x4_lr1e-4 reverse_kl --prompts 256 --samples 4 --lr 1e-4 --steps 400 --eval-every 20
+bench sft_256_lr1e-4 sft --prompts 256 --samples 1 --lr 1e-4 --steps 400 --eval-every 20
+wait
+grep -h "step\|###\|Error" "$out"/long_*.log
