@@ -1,5 +1,6 @@
 """The whole system in real containers: two teacher replicas behind the load balancer, a short
-distillation in the trainer container, one teacher stopped mid-run. Runs in the Docker CI stage
+distillation in the trainer container, one teacher stopped mid-run; and the GPU override as compose
+renders it (no GPU needed). Runs in the Docker CI stage
 (`make test-docker`), after docker/setup-ci.sh; skipped where Docker or compose v2 is missing."""
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ def compose(*args: str, env: dict, check: bool = True, timeout: float = 1200):
     return result
 
 
-def has_compose_v2() -> bool:
+def has_compose_cli() -> bool:
     if shutil.which("docker") is None:
         return False
-    ok = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+def has_compose_v2() -> bool:
+    """The compose v2 CLI and a Docker daemon to run its containers."""
+    ok = has_compose_cli()
     return ok and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
@@ -154,3 +160,18 @@ def test_distillation_survives_a_teacher_stopping_mid_run(stack):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none lost, none twice
     assert all(r["teacher_tokens"] == r["tokens_generated"] for r in records)
     assert (results / "ci" / "summary.json").exists()
+
+
+def test_gpu_override_gives_the_teacher_the_named_gpu():
+    """Compose merges the override onto the base file: the teacher gets GPU OPD_TEACHER_GPU (not
+    `count: 1`, which is GPU 0 for every replica), the vllm backend, and a long start period."""
+    if not has_compose_cli():
+        pytest.skip("needs the compose v2 CLI (see docker/setup-ci.sh)")
+    env = {**os.environ, "OPD_TEACHER_GPU": "3"}
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+    rendered = compose(*files, "config", "--format", "json", env=env, timeout=60).stdout
+    teacher = json.loads(rendered)["services"]["teacher"]
+    (device,) = teacher["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["3"] and "count" not in device
+    assert teacher["environment"]["OPD_TEACHER_BACKEND"] == "vllm"
+    assert teacher["healthcheck"]["start_period"] == "20m0s"
