@@ -67,7 +67,7 @@ class _Replicas:
     def __init__(self, urls: Sequence[str]):
         if not urls:
             raise ValueError("at least one teacher URL is needed")
-        self.urls = [_checked_url(u) for u in urls]
+        self.urls = [checked_url(u) for u in urls]
         self.in_flight = dict.fromkeys(self.urls, 0)
         self.down_until = dict.fromkeys(self.urls, 0.0)
         self._turn = itertools.count()
@@ -96,15 +96,19 @@ class _Replicas:
             self.down_until[url] = time.monotonic() + seconds
 
 
-def _checked_url(url: str) -> str:
+def checked_url(url: str) -> str:
     """`url` without a trailing slash; one that is not http(s)://host[:port] is refused at once
-    (retrying it could never help)."""
+    (retrying it could never help) with a ValueError that says why."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"teacher URL {url!r}: {exc}") from None
+        raise ValueError(f"teacher URL {url!r} is not a URL ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"teacher URL {url!r}: expected http://host:port or https://host:port")
+        raise ValueError(
+            f"teacher URL {url!r}: expected http(s)://host[:port], an http(s) URL with a host"
+        )
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"teacher URL {url!r}: port {parsed.port} out of range 1-65535")
     return url.rstrip("/")
 
 

@@ -8,14 +8,13 @@ import math
 import sys
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
-import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
+from shared.client import checked_url
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -147,16 +146,7 @@ class RunConfig(BaseModel):
     @field_validator("teacher_url")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            try:
-                parts = urlsplit(url)
-                parts.port  # noqa: B018 - raises ValueError for a port that is not one
-                httpx.URL(url)  # stricter: urlsplit drops tabs and newlines without a word
-            except (ValueError, httpx.InvalidURL) as exc:
-                raise ValueError(f"{url!r} is not a URL ({exc})") from None
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{url!r} is not an http(s) URL with a host")
-        return [u.rstrip("/") for u in urls]
+        return [checked_url(url) for url in urls]
 
 
 def load_config_file(path: str | Path) -> dict:

@@ -176,7 +176,15 @@ def test_requests_spread_over_replicas_by_least_in_flight(teacher_url):
 
 
 @pytest.mark.parametrize(
-    "url", ["127.0.0.1:8000", "htp://127.0.0.1:8000", "http://", "http://[::1"]
+    "url",
+    [
+        "127.0.0.1:8000",
+        "htp://127.0.0.1:8000",
+        "http://",
+        "http://[::1",
+        "http://h:99999",
+        "http://h:0",
+    ],
 )
 def test_a_url_that_is_no_teacher_address_is_refused_at_once(url):
     with pytest.raises(ValueError, match="teacher URL"):

@@ -105,7 +105,7 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
     (tmp_path / "a-file").write_text("")
     cases = [
         ({"teacher_url": [f"http://127.0.0.1:{a_closed_port()}"]}, "teacher_url", "unreachable"),
-        ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "Port out of range"),
+        ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "port 99999 out of range"),
         ({"student": str(tmp_path / "nothing")}, "student", "no such file or directory"),
         ({"out": str(tmp_path / "a-file")}, "out", "is a file"),
         # The teacher's own limits, read from its /info as the run would.
