@@ -53,6 +53,7 @@ from shared.protocol import (
 
 # Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
 RETRY_STATUSES = (429, 502, 503, 504)
+SIT_OUT_S = 2.0  # how long a replica that failed is passed over (capped at max_backoff)
 
 
 class TeacherUnreachable(TeacherError, ConnectionError):
@@ -153,7 +154,7 @@ class _Core:
     def stream_failure(self, url: str, exc: httpx.TransportError) -> TeacherError:
         """The error a broken stream raises; a replica that is gone sits out a while."""
         if not isinstance(exc, httpx.TimeoutException):
-            self.replicas.mark_down(url, min(self.max_backoff, 2.0))
+            self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
         if isinstance(exc, httpx.ConnectError):
             return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
         return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
@@ -179,7 +180,7 @@ class _Core:
                 f"teacher at {url} did not answer within {self.timeout:g} s (not retried: it may "
                 "still be working on it; give the client a longer timeout for requests this large)"
             ) from exc
-        self.replicas.mark_down(url, min(self.max_backoff, 2.0))
+        self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
         if attempt >= (self.max_retries if max_retries is None else max_retries):
             raise TeacherUnreachable(
                 f"teacher at {url} is unreachable after {attempt + 1} attempts "
@@ -362,7 +363,8 @@ class TeacherClient:
         """False while `url` sits out after a connection failure."""
         return self._core.replicas.is_up(url)
 
-    def mark_down(self, url: str, seconds: float = 2.0) -> None:
+    def mark_down(self, url: str, seconds: float = SIT_OUT_S) -> None:
+        """Pass `url` over for `seconds` (a caller that saw it fail in a way the client cannot)."""
         self._core.replicas.mark_down(url, seconds)
 
     def health(self, url: str | None = None) -> dict:
@@ -505,7 +507,8 @@ class AsyncTeacherClient:
         """False while `url` sits out after a connection failure."""
         return self._core.replicas.is_up(url)
 
-    def mark_down(self, url: str, seconds: float = 2.0) -> None:
+    def mark_down(self, url: str, seconds: float = SIT_OUT_S) -> None:
+        """Pass `url` over for `seconds` (a caller that saw it fail in a way the client cannot)."""
         self._core.replicas.mark_down(url, seconds)
 
     async def health(self, url: str | None = None) -> dict:

@@ -270,7 +270,7 @@ class StepFeed:
         except Exception as exc:  # the replica died, broke the connection or failed
             lane.failed = True
             self._answered.set()
-            self._feed.client.mark_down(lane.url, 5.0)
+            self._feed.client.mark_down(lane.url)
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.
             lane.queue.put_nowait(None)
