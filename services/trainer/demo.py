@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
-from services.teacher.process import start_teacher, stop
+from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.report import plot_runs, read_jsonl
@@ -71,42 +71,47 @@ def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
-    # Bad settings (a URL that is none, say) are refused before a teacher starts.
-    configs = run_configs(cfg, cfg.teacher_url or "http://127.0.0.1:1")
+    # Bad settings (a URL that is none, say) are refused before a teacher starts; a teacher of our
+    # own gets its port now, so its URL is checked like any other.
+    port = None if cfg.teacher_url else free_port()
+    configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_all(cfg, configs, out)
+        return _run_all(cfg, configs, out, port)
     except BaseException:
         if created and not any(out.iterdir()):  # a demo that did nothing leaves nothing
             out.rmdir()
         raise
 
 
-def _run_all(cfg: DemoConfig, configs: dict[str, RunConfig], out: Path) -> list[dict]:
-    own_teacher = cfg.teacher_url is None
+def _run_all(
+    cfg: DemoConfig, configs: dict[str, RunConfig], out: Path, port: int | None
+) -> list[dict]:
+    own_teacher = port is not None
     # A teacher of our own gets one core and the student another, as the measured numbers assume;
     # the cores come from those this process may use (taskset, a container's cpuset).
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     two_cores = own_teacher and len(allowed) >= 2
     if own_teacher:
-        proc, url = start_teacher(
+        proc, _ = start_teacher(
             str(TEACHER_PATH),
+            port=port,
             threads=1,
             cpus={allowed[1]} if two_cores else None,
             log_path=str(out / "teacher.log"),
         )
     else:
-        proc, url = None, cfg.teacher_url
+        proc = None
     if two_cores:
         os.sched_setaffinity(0, {allowed[0]})
     rows = []
     try:
         for name, run_cfg in configs.items():
             print(f"== {name}: schedule {SCHEDULES[name]}", flush=True)
-            summary = run(run_cfg.model_copy(update={"teacher_url": [url]}))
+            summary = run(run_cfg)
             rows.append(_row(name, out / name, summary))
     finally:
         if proc is not None:
