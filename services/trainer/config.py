@@ -46,9 +46,9 @@ class RunConfig(BaseModel):
     seed: int = Field(0, description="Seed of data order, sampling and init.", strict=True)
     prompts_per_step: int = Field(16, ge=1, description="Problems per step.", strict=True)
     samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).", strict=True)
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(
         "reverse_kl",

@@ -20,6 +20,16 @@ def test_other_device_names_are_refused_naming_the_field(device):
     assert [e["loc"] for e in info.value.errors()] == [("device",)]
 
 
+@pytest.mark.parametrize(
+    "field, value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("inf"))]
+)
+def test_a_step_size_that_is_not_a_finite_number_is_refused(field, value):
+    """An infinite learning rate or decay would turn every weight into nan at the first step."""
+    with pytest.raises(ValidationError) as info:
+        RunConfig(**{field: value})
+    assert [e["loc"] for e in info.value.errors()] == [(field,)]
+
+
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(ValidationError, match="give one of them"):
         RunConfig(resume=True, overwrite=True)
