@@ -19,6 +19,7 @@ import json
 import logging
 from pathlib import Path
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -159,6 +160,24 @@ async def metrics(request: Request) -> Response:
 @router.get("/health")
 async def health() -> dict:
     return {"status": "ok"}
+
+
+class TrainerServer(uvicorn.Server):
+    """uvicorn, except that stopping (Ctrl-C, SIGTERM, `docker stop`) first asks every run to stop
+    after its step. Their event streams then send the last events and end, so the wait for open
+    connections is short and no follower is cut off before a run's `done`."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        super().__init__(
+            uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
+        )
+        self.trainer_app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        runs = getattr(self.trainer_app.state, "runs", None)
+        if runs is not None:
+            runs.stop_each()
+        super().handle_exit(sig, frame)
 
 
 def create_app() -> FastAPI:

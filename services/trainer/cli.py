@@ -118,16 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "serve":
-        import uvicorn
-
-        from services.trainer.api import create_app
+        from services.trainer.api import TrainerServer, create_app
 
         if taken := port_taken(args.host, args.port):
             print(f"opd-trainer: error: --port {taken}", file=sys.stderr)
             return 2
-        # Open event streams last as long as their runs: without a limit, shutting down would
-        # wait for them before it stops the runs (which end the streams).
-        uvicorn.run(create_app(), host=args.host, port=args.port, timeout_graceful_shutdown=5)
+        TrainerServer(create_app(), args.host, args.port).run()
         return 0
     try:
         cfg = config_from_args(args)

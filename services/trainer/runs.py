@@ -110,11 +110,15 @@ class Runs:
         record.thread.start()
         return record
 
-    def stop_all(self, timeout: float) -> list[str]:
-        """Stop every run at its next step boundary (each writes its checkpoint) and wait for
-        them, up to `timeout` seconds in all; returns the ids of runs still going."""
+    def stop_each(self) -> None:
+        """Ask every run to stop at its next step boundary (each writes its checkpoint)."""
         for record in self.records.values():
             record.stop.set()
+
+    def stop_all(self, timeout: float) -> list[str]:
+        """Stop every run at its next step boundary and wait for them, up to `timeout` seconds in
+        all; returns the ids of runs still going."""
+        self.stop_each()
         deadline = time.monotonic() + timeout
         for record in self.records.values():
             if record.thread is not None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -13,6 +16,7 @@ import torch
 
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app as create_teacher_app
+from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
 from services.trainer.api import create_app
@@ -206,3 +210,45 @@ def test_a_server_that_stops_lets_its_runs_end_their_step_and_save(teacher_url, 
     found = checkpoint.latest(out)
     assert found is not None
     assert json.loads((found / "state.json").read_text())["step"] >= 1
+
+
+def test_a_server_stopped_by_sigterm_sends_its_followers_each_runs_last_events(
+    teacher_url, tmp_path
+):
+    """`opd-trainer serve` in its own process: SIGTERM stops the run after its step, and a client
+    following its events gets the run's `done` before the stream ends (not a cut connection)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.trainer.cli", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _answers(url + "/health"), timeout=120)
+        body = {**SMALL, "teacher_url": [teacher_url], "steps": 10_000, "out": str(tmp_path / "r")}
+        run_id = httpx.post(url + "/runs", json=body).json()["id"]
+        events = []
+        with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if events[-1]["type"] == "step" and server.poll() is None:
+                        server.send_signal(signal.SIGTERM)
+        # uvicorn ends by raising the signal it caught again, once it has shut down.
+        assert server.wait(timeout=120) == -signal.SIGTERM
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        server.kill()
+    assert events[-1]["type"] == "done" and not events[-1]["completed"]
+    last_step = [e for e in events if e["type"] == "step"][-1]["step"]
+    state = json.loads((checkpoint.latest(tmp_path / "r") / "state.json").read_text())
+    assert state["step"] == last_step
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
