@@ -84,8 +84,12 @@ def training_problems(cfg: RunConfig) -> list:
     return problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+def peak_memory(device: str) -> dict:
+    """This process's peak resident memory, and on a GPU the peak memory torch allocated there."""
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.device(device).type == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -267,7 +271,7 @@ class Run:
             "teacher_tokens": fstats.scored_tokens,
             "rescored": fstats.rescored,
             "train_s": state.elapsed_s,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            **peak_memory(self.cfg.device),
             "kl_by_position": result.kl_profile,
         }
 
@@ -331,7 +335,7 @@ class Run:
             "train_s": round(self.state.elapsed_s, 2),
             "tokens_generated": self.state.tokens_generated,
             "teacher_tokens": self.state.teacher_tokens,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            **peak_memory(self.cfg.device),
             "state": asdict(self.state),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -23,7 +23,13 @@ from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
 from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
-from services.trainer.loop import RunError, check_teacher_limits, run, training_problems
+from services.trainer.loop import (
+    RunError,
+    check_teacher_limits,
+    peak_memory,
+    run,
+    training_problems,
+)
 from services.trainer.report import read_jsonl
 from tests.conftest import serve, static_files
 
@@ -314,3 +320,14 @@ def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
+
+
+def test_peak_memory_names_the_gpu_only_for_a_student_on_one():
+    assert set(peak_memory("cpu")) == {"peak_rss_mb"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_gpu_memory_counts_what_torch_allocated_there():
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    assert peak_memory("cuda")["peak_gpu_mb"] >= 64
+    del block
