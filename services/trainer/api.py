@@ -28,7 +28,7 @@ from opd.models import ModelLoadError, check_loadable, load_tokenizer
 from services.trainer.config import RunConfig
 from services.trainer.loop import (
     RunError,
-    check_out_is_free,
+    check_out,
     check_teacher_limits,
     training_problems,
 )
@@ -105,10 +105,10 @@ def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise InvalidRequest(f"out {cfg.out} is a file, not a folder", param="out")
     busy = runs.writing_to(cfg.out)
-    if busy:  # its thread may not have written config.json yet, so check_out_is_free can't see it
+    if busy:  # its thread may not have written config.json yet, so check_out can't see it
         raise InvalidRequest(f"out {cfg.out} is in use by {busy.id} ({busy.status})", param="out")
     try:
-        check_out_is_free(cfg)
+        check_out(cfg)
     except RunError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
 

@@ -83,6 +83,11 @@ def load(path: Path, model, optimizer) -> TrainState:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
+    return read_state(path)
+
+
+def read_state(path: Path) -> TrainState:
+    """The step, data position and schedule of the checkpoint at `path` (no weights read)."""
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 

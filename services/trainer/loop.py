@@ -45,9 +45,10 @@ class RunError(Exception):
         self.param = param
 
 
-def check_out_is_free(cfg: RunConfig) -> None:
-    """Refuse to start over in an `out` that holds a run (its config.json, or a checkpoint) unless
-    the run is to continue it (--resume) or replace it (--overwrite): nothing is lost by accident."""
+def check_out(cfg: RunConfig) -> None:
+    """Refuse, before any work, what the run in `out` does not allow: starting over in it unless
+    told to (--resume continues it, --overwrite replaces it: nothing is lost by accident), and a
+    --resume that its last checkpoint cannot continue exactly."""
     out = Path(cfg.out)
     found = checkpoint.latest(out)
     if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
@@ -57,6 +58,45 @@ def check_out_is_free(cfg: RunConfig) -> None:
             "over, or another --out",
             param="out",
         )
+    if cfg.resume and found is not None:
+        check_resumable(cfg, found)
+
+
+def check_resumable(cfg: RunConfig, found: Path) -> None:
+    """The checkpoint `found` continues into this config: the same horizons at every step (the
+    schedule and the max_new_tokens it was trained with), and no fewer steps than it has done."""
+    try:
+        state = checkpoint.read_state(found)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(f"--resume: {found}/state.json is unreadable ({exc})", param="resume") from None
+    if state.step > cfg.steps:
+        raise RunError(
+            f"--resume: {found} is at step {state.step}, past --steps {cfg.steps}; give "
+            f"--steps {state.step} or more",
+            param="steps",
+        )
+    trained_max = _trained_max_new_tokens(Path(cfg.out), cfg.max_new_tokens)
+    # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
+    try:
+        trained = parse_schedule(state.schedule, trained_max)
+    except ScheduleError:
+        trained = None
+    if trained != parse_schedule(cfg.schedule, cfg.max_new_tokens):
+        param = "max_new_tokens" if trained_max != cfg.max_new_tokens else "schedule"
+        raise RunError(
+            f"--resume: {found} was trained with --schedule {state.schedule} and "
+            f"--max-new-tokens {trained_max}, not {cfg.schedule} and {cfg.max_new_tokens}; "
+            "resume with the same horizons, or start a new --out",
+            param=param,
+        )
+
+
+def _trained_max_new_tokens(out: Path, default: int) -> int:
+    """max_new_tokens in the run's config.json (written when it started), else `default`."""
+    try:
+        return int(json.loads((out / "config.json").read_text())["max_new_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> None:
@@ -109,7 +149,7 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
-        check_out_is_free(cfg)
+        check_out(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -152,21 +192,10 @@ class Run:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
         if found is None:
             return False
-        try:
+        try:  # check_out has checked its horizons and step
             self.state = checkpoint.load(found, self.model, self.optimizer)
         except ValueError as exc:
             raise RunError(f"--resume: {exc} (--student {cfg.student})", param="student") from None
-        # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
-        try:
-            trained = parse_schedule(self.state.schedule, cfg.max_new_tokens)
-        except ScheduleError:  # e.g. a token horizon beyond a smaller --max-new-tokens
-            trained = None
-        if trained != self.schedule:
-            raise RunError(
-                f"--resume: {found} was trained with --schedule {self.state.schedule} "
-                f"(--max-new-tokens as now), not {cfg.schedule}; resume with the same schedule, "
-                "or start a new --out"
-            )
         log.info("resumed from %s at step %d", found, self.state.step)
         return True
 
@@ -206,7 +235,7 @@ class Run:
                 tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
             )
         bar.close()
-        final = self._evaluate(samples=cfg.eval_samples) if state.step == cfg.steps else None
+        final = self._final_evaluation() if state.step == cfg.steps else None
         self._checkpoint()
         return self._summary(final)
 
@@ -287,6 +316,11 @@ class Run:
                 "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
             }
         )
+
+    def _final_evaluation(self) -> dict:
+        """The evaluation at the last step; a resumed run that has one already keeps it."""
+        done = [r for r in read_jsonl(self.out / "eval.jsonl") if r["step"] == self.cfg.steps]
+        return done[-1] if done else self._evaluate(samples=self.cfg.eval_samples)
 
     def _evaluate(self, samples: int = 0) -> dict:
         greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False)

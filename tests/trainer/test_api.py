@@ -20,6 +20,8 @@ from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
 from services.trainer.api import create_app
+from services.trainer.config import RunConfig
+from services.trainer.loop import run
 from tests.conftest import serve
 from tests.teacher.test_routes import wait_for
 
@@ -118,6 +120,11 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
     ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "device", "CUDA"))
+    # A resume its checkpoint cannot continue (a run of 1 step with SMALL's schedule).
+    done = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "done"), "steps": 1}
+    run(RunConfig(**done))
+    resume = {"out": done["out"], "resume": True}
+    cases.append(({**resume, "schedule": "full"}, "schedule", "trained with --schedule"))
     before = httpx.get(trainer_url + "/runs").json()
     for fields, param, says in cases:
         body = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "run"), **fields}

@@ -177,6 +177,30 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
     assert run(cfg.model_copy(update={"schedule": "truncated:24.0"}))["steps"] == 1
 
 
+def test_resume_refuses_fewer_steps_or_other_horizons_and_keeps_a_finished_run(
+    tmp_path, teacher_process
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2, out=str(out))
+    run(cfg)
+    summary = (out / "summary.json").read_text()
+    refused = [
+        (dict(steps=1), "steps", "is at step 2, past --steps 1"),
+        # The same schedule spec under another H_max gives other horizons.
+        (dict(max_new_tokens=128), "max_new_tokens", "--max-new-tokens 256, not truncated:24"),
+        (dict(schedule="full"), "schedule", "trained with --schedule truncated:24"),
+    ]
+    for change, param, says in refused:
+        with pytest.raises(RunError, match=says) as error:
+            run(cfg.model_copy(update={"resume": True, **change}))
+        assert error.value.param == param
+    assert (out / "summary.json").read_text() == summary  # the finished run is as it was
+    # Resumed as it is, it has nothing left to do, and records nothing twice.
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monkeypatch):
     out = tmp_path / "run"
     cfg = RunConfig(
