@@ -62,6 +62,10 @@ class NotFound(TeacherError):
     type = "not_found"
 
 
+class MethodNotAllowed(TeacherError):
+    type = "method_not_allowed"
+
+
 class PayloadTooLarge(TeacherError):
     type = "payload_too_large"
 
@@ -98,6 +102,7 @@ STATUS_OF: dict[type[TeacherError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
+    MethodNotAllowed: 405,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidRequest: 422,

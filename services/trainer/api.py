@@ -124,9 +124,12 @@ async def get_run(run_id: str, request: Request) -> dict:
 
 
 @router.post("/runs/{run_id}/stop", status_code=202)
-async def stop_run(run_id: str, request: Request) -> dict:
+async def stop_run(run_id: str, request: Request, response: Response) -> dict:
+    """202 while the run finishes its step; 200 for a run that has ended already."""
     record = runs_of(request).get(run_id)
     record.stop.set()
+    if record.finished:
+        response.status_code = 200
     return {"id": record.id, "status": record.status, "stopping": not record.finished}
 
 

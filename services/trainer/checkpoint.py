@@ -104,7 +104,9 @@ def load_weights(path: Path, model) -> None:
         try:
             unexpected += model.load_state_dict(weights, strict=False).unexpected_keys
         except RuntimeError as exc:  # a weight of another shape: another model
-            raise ValueError(f"{path}: the checkpoint does not fit the student: {exc}") from None
+            raise ValueError(
+                f"{path}: the checkpoint does not fit the student: {_first(exc)}"
+            ) from None
         loaded |= {params[name].data_ptr() for name in weights if name in params}
     missing = [name for name, value in params.items() if value.data_ptr() not in loaded]
     if missing or unexpected:
@@ -112,6 +114,15 @@ def load_weights(path: Path, model) -> None:
             f"{path}: the checkpoint does not fit the student (missing {missing[:5]}, "
             f"unexpected {unexpected[:5]})"
         )
+
+
+def _first(exc: RuntimeError) -> str:
+    """torch's first size mismatch and how many more there are, not one line per weight."""
+    lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+    if not lines:
+        return str(exc).strip().splitlines()[0]
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return lines[0].rstrip(".") + more
 
 
 def _write_atomic(path: Path, text: str) -> None:

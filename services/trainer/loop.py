@@ -68,7 +68,9 @@ def check_resumable(cfg: RunConfig, found: Path) -> None:
     try:
         state = checkpoint.read_state(found)
     except (OSError, ValueError, TypeError) as exc:
-        raise RunError(f"--resume: {found}/state.json is unreadable ({exc})", param="resume") from None
+        raise RunError(
+            f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
+        ) from None
     if state.step > cfg.steps:
         raise RunError(
             f"--resume: {found} is at step {state.step}, past --steps {cfg.steps}; give "

@@ -7,7 +7,7 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter
 
-from shared.errors import QueueFull
+from shared.errors import MethodNotAllowed, QueueFull
 from shared.web import install_error_shape, metrics_response
 from tests.conftest import serve
 
@@ -44,6 +44,7 @@ def test_errors_have_one_shape_with_their_headers():
         wrong = httpx.post(url + "/busy")
         assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
         assert wrong.json()["error"]["code"] == 405
+        assert wrong.json()["error"]["type"] == MethodNotAllowed.type
         scraped = httpx.get(url + "/metrics")
         assert scraped.headers["content-type"].startswith("text/plain; version=")
         assert "hits_total 1.0" in scraped.text

@@ -199,6 +199,8 @@ def test_stop_ends_a_run_after_the_current_step(trainer_url, teacher_url, tmp_pa
     assert events[-1]["type"] == "done" and not events[-1]["completed"]
     view = httpx.get(f"{trainer_url}/runs/{run_id}").json()
     assert view["status"] == "stopped" and view["last_step"]["step"] < 500
+    again = httpx.post(f"{trainer_url}/runs/{run_id}/stop")  # nothing left to stop
+    assert again.status_code == 200 and again.json()["stopping"] is False
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
 
 
