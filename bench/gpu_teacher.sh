@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU bench of the teacher (hf backend, bf16, random-init Qwen2 shapes), for a lent GPU
-# machine with torch/transformers but no FastAPI: wheels carried in .gpu/wheels are installed first.
+# machine with torch/transformers but no FastAPI: wheels carried in .gpu/wheels
+# (bench/gpu_wheels.sh) are installed first.
 #   bash bench/gpu_teacher.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-${OUT:-/tmp}}
