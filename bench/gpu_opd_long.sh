@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-shot GPU run, for a lent GPU machine with torch and transformers but no pydantic (wheels carried
-# in .gpu/wheels by bench/gpu_wheels.sh are installed first): does full OPD (`reverse_kl` on whole rollouts) gain 20 points
-# given far more rollouts per step and more steps than the CPU demo can afford? Four runs side by side
+# One-shot GPU run, for a lent GPU machine with torch and transformers but no pydantic (wheels
+# carried in .gpu/wheels by bench/gpu_wheels.sh are installed first): does full OPD (`reverse_kl` on
+# whole rollouts) gain 20 points given far more rollouts per step and more steps than the CPU demo
+# can afford? Four runs side by side
 # on the one GPU, each cut off after RUN_S seconds; every evaluation is printed as it happens.
 #   bash bench/gpu_opd_long.sh [OUT_DIR]      # about 8 minutes on one H200
 set -uo pipefail

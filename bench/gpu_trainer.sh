@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU run, for a lent GPU machine with torch and transformers but no FastAPI or pydantic
-# (wheels carried in .gpu/wheels by bench/gpu_wheels.sh are installed first): the trainer over HTTP with student and teacher
-# on the GPU, and bench/opd_inprocess.py at batch sizes the CPU cannot afford, all side by side.
+# (wheels carried in .gpu/wheels by bench/gpu_wheels.sh are installed first): the trainer over HTTP
+# with student and teacher on the GPU, and bench/opd_inprocess.py at batch sizes the CPU cannot
+# afford, all side by side.
 #   bash bench/gpu_trainer.sh [OUT_DIR]      # about 7 minutes on one H200
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
