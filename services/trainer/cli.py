@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if taken := port_taken(args.host, args.port):
             print(f"opd-trainer: error: --port {taken}", file=sys.stderr)
             return 2
-        TrainerServer(create_app(), args.host, args.port).run()
+        try:
+            TrainerServer(create_app(), args.host, args.port).run()
+        except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
+            return 130
         return 0
     try:
         cfg = config_from_args(args)

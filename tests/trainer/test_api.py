@@ -221,35 +221,39 @@ def test_a_server_that_stops_lets_its_runs_end_their_step_and_save(teacher_url, 
     assert json.loads((found / "state.json").read_text())["step"] >= 1
 
 
-def test_a_server_stopped_by_sigterm_sends_its_followers_each_runs_last_events(
-    teacher_url, tmp_path
+# uvicorn ends by raising the signal it caught again once it has shut down: SIGTERM's default action
+# ends the process, and Ctrl-C's KeyboardInterrupt becomes exit status 130.
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_server_stopped_by_a_signal_sends_its_followers_each_runs_last_events(
+    teacher_url, tmp_path, sig, status
 ):
-    """`opd-trainer serve` in its own process: SIGTERM stops the run after its step, and a client
+    """`opd-trainer serve` in its own process: a signal stops the run after its step, and a client
     following its events gets the run's `done` before the stream ends (not a cut connection)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "services.trainer.cli", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "services.trainer.cli", "serve", "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for(lambda: _answers(url + "/health"), timeout=120)
         body = {**SMALL, "teacher_url": [teacher_url], "steps": 10_000, "out": str(tmp_path / "r")}
         run_id = httpx.post(url + "/runs", json=body).json()["id"]
-        events = []
+        events, signalled = [], False
         with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
-                    if events[-1]["type"] == "step" and server.poll() is None:
-                        server.send_signal(signal.SIGTERM)
-        # uvicorn ends by raising the signal it caught again, once it has shut down.
-        assert server.wait(timeout=120) == -signal.SIGTERM
-        assert "Traceback" not in server.stderr.read()
+                    if events[-1]["type"] == "step" and not signalled:  # once: a second
+                        server.send_signal(sig)  # Ctrl-C is a forced exit
+                        signalled = True
+        assert server.wait(timeout=120) == status
     finally:
         server.kill()
+    assert "Traceback" not in log.read_text()
     assert events[-1]["type"] == "done" and not events[-1]["completed"]
     last_step = [e for e in events if e["type"] == "step"][-1]["step"]
     state = json.loads((checkpoint.latest(tmp_path / "r") / "state.json").read_text())
