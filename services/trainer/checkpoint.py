@@ -28,6 +28,7 @@ class TrainState:
     elapsed_s: float  # training wall-clock so far (excluding evaluation)
     teacher_tokens: int
     tokens_generated: int
+    max_new_tokens: int | None = None  # H_max of the schedule (None in checkpoints made before)
 
 
 def checkpoint_dir(out: str | Path) -> Path:

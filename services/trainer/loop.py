@@ -26,7 +26,7 @@ from services.trainer import checkpoint
 from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
-from services.trainer.schedules import ScheduleError, parse_schedule, warmup_lr
+from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.errors import Unauthorized
@@ -63,42 +63,60 @@ def check_out(cfg: RunConfig) -> None:
 
 
 def check_resumable(cfg: RunConfig, found: Path) -> None:
-    """The checkpoint `found` continues into this config: the same horizons at every step (the
+    """The checkpoint `found` continues into this config: the same horizon at every step (from the
     schedule and the max_new_tokens it was trained with), and no fewer steps than it has done."""
-    try:
-        state = checkpoint.read_state(found)
-    except (OSError, ValueError, TypeError) as exc:
-        raise RunError(
-            f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
-        ) from None
+    state = read_checkpoint_state(found)
     if state.step > cfg.steps:
         raise RunError(
             f"--resume: {found} is at step {state.step}, past --steps {cfg.steps}; give "
             f"--steps {state.step} or more",
             param="steps",
         )
-    trained_max = _trained_max_new_tokens(Path(cfg.out), cfg.max_new_tokens)
-    # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
+    now = parse_schedule(cfg.schedule, cfg.max_new_tokens)
+    trained_max = state.max_new_tokens or cfg.max_new_tokens  # older checkpoints kept none
     try:
         trained = parse_schedule(state.schedule, trained_max)
     except ScheduleError:
         trained = None
-    if trained != parse_schedule(cfg.schedule, cfg.max_new_tokens):
-        param = "max_new_tokens" if trained_max != cfg.max_new_tokens else "schedule"
+    # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
+    if trained is None or any(trained.horizon(k) != now.horizon(k) for k in range(cfg.steps)):
         raise RunError(
-            f"--resume: {found} was trained with --schedule {state.schedule} and "
-            f"--max-new-tokens {trained_max}, not {cfg.schedule} and {cfg.max_new_tokens}; "
-            "resume with the same horizons, or start a new --out",
-            param=param,
+            f"--resume: {found} was trained with --schedule {state.schedule} at "
+            f"--max-new-tokens {trained_max}; {cfg.schedule} at {cfg.max_new_tokens} gives other "
+            "horizons: resume with the same, or start a new --out",
+            param="max_new_tokens" if _same_spec(state.schedule, now) else "schedule",
         )
 
 
-def _trained_max_new_tokens(out: Path, default: int) -> int:
-    """max_new_tokens in the run's config.json (written when it started), else `default`."""
+def _same_spec(spec: str, schedule: Schedule) -> bool:
+    """`spec` is `schedule`'s own spec, whatever H_max it was given."""
     try:
-        return int(json.loads((out / "config.json").read_text())["max_new_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
+        return parse_schedule(spec, schedule.h_max) == schedule
+    except ScheduleError:
+        return False
+
+
+def read_checkpoint_state(found: Path) -> checkpoint.TrainState:
+    try:
+        return checkpoint.read_state(found)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(
+            f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
+        ) from None
+
+
+def finished_summary(cfg: RunConfig) -> dict | None:
+    """The summary of the run in `out` when --resume finds it finished at --steps already (its
+    last checkpoint there and its summary complete): then there is nothing left to do."""
+    found = checkpoint.latest(cfg.out) if cfg.resume else None
+    if found is None or read_checkpoint_state(found).step != cfg.steps:
+        return None
+    try:
+        summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = isinstance(summary, dict) and summary.get("completed") is True
+    return summary if done and summary.get("steps") == cfg.steps else None
 
 
 def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> None:
@@ -151,7 +169,6 @@ class Run:
 
     def setup(self) -> None:
         cfg = self.cfg
-        check_out(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -188,7 +205,7 @@ class Run:
     def _resume(self) -> bool:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
         cfg = self.cfg
-        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0)
+        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0, cfg.max_new_tokens)
         found = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and found is None:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)
@@ -198,10 +215,16 @@ class Run:
             self.state = checkpoint.load(found, self.model, self.optimizer)
         except ValueError as exc:
             raise RunError(f"--resume: {exc} (--student {cfg.student})", param="student") from None
+        self.state.max_new_tokens = cfg.max_new_tokens  # the same horizons, as checked
         log.info("resumed from %s at step %d", found, self.state.step)
         return True
 
     def run(self) -> dict:
+        check_out(self.cfg)
+        finished = finished_summary(self.cfg)
+        if finished is not None:
+            log.info("%s finished at step %d already; nothing to do", self.out, self.cfg.steps)
+            return finished
         try:
             self.setup()
             return self._train()

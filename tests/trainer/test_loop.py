@@ -20,7 +20,7 @@ from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.process import free_port, start_teacher, stop
 from services.teacher.settings import TeacherSettings
-from services.trainer import checkpoint
+from services.trainer import checkpoint, loop
 from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
 from services.trainer.loop import (
@@ -178,27 +178,48 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
 
 
 def test_resume_refuses_fewer_steps_or_other_horizons_and_keeps_a_finished_run(
-    tmp_path, teacher_process
+    tmp_path, teacher_process, monkeypatch
 ):
     out = tmp_path / "run"
-    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2, out=str(out))
+    cfg = RunConfig(
+        **{**SMALL, "schedule": "truncated:0.1"},
+        teacher_url=[teacher_process],
+        steps=2,
+        out=str(out),
+    )
     run(cfg)
     summary = (out / "summary.json").read_text()
     refused = [
         (dict(steps=1), "steps", "is at step 2, past --steps 1"),
-        # The same schedule spec under another H_max gives other horizons.
-        (dict(max_new_tokens=128), "max_new_tokens", "--max-new-tokens 256, not truncated:24"),
-        (dict(schedule="full"), "schedule", "trained with --schedule truncated:24"),
+        # A fraction of another H_max is another horizon (26 tokens of 256, 13 of 128).
+        (
+            dict(max_new_tokens=128),
+            "max_new_tokens",
+            "at --max-new-tokens 256; truncated:0.1 at 128",
+        ),
+        (dict(schedule="truncated:24"), "schedule", "trained with --schedule truncated:0.1"),
     ]
     for change, param, says in refused:
         with pytest.raises(RunError, match=says) as error:
             run(cfg.model_copy(update={"resume": True, **change}))
         assert error.value.param == param
-    assert (out / "summary.json").read_text() == summary  # the finished run is as it was
-    # Resumed as it is, it has nothing left to do, and records nothing twice.
-    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    # Resumed as it is, a finished run has nothing left to do: it does not even load the student.
+    monkeypatch.setattr(loop, "load_model", None)
+    assert run(cfg.model_copy(update={"resume": True})) == json.loads(summary)
+    assert (out / "summary.json").read_text() == summary
     assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_finished_run_killed_before_its_summary_resumes_to_one_final_evaluation(
+    tmp_path, teacher_process
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    run(cfg)
+    (out / "summary.json").unlink()  # as if killed between the last checkpoint and the summary
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 1]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
 def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monkeypatch):
