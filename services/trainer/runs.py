@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
-from shared.errors import NotFound
+from shared.errors import NotFound, NotReady
 
 
 class TrainerMetrics:
@@ -91,6 +91,7 @@ class Runs:
         self.metrics = metrics
         self.records: dict[str, RunRecord] = {}
         self._ids = itertools.count(1)
+        self.stopping = False  # set once the server shuts down: no run starts after that
 
     def writing_to(self, out: str) -> RunRecord | None:
         """The unfinished run that writes into `out`, if any: a second run there, even with
@@ -102,6 +103,8 @@ class Runs:
         return None
 
     def start(self, cfg: RunConfig) -> RunRecord:
+        if self.stopping:
+            raise NotReady("the trainer is shutting down; start the run on another")
         record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
         self.records[record.id] = record
         record.thread = threading.Thread(
@@ -111,8 +114,10 @@ class Runs:
         return record
 
     def stop_each(self) -> None:
-        """Ask every run to stop at its next step boundary (each writes its checkpoint)."""
-        for record in self.records.values():
+        """Ask every run to stop at its next step boundary (each writes its checkpoint), and start
+        no more."""
+        self.stopping = True
+        for record in list(self.records.values()):
             record.stop.set()
 
     def stop_all(self, timeout: float) -> list[str]:
