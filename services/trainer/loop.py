@@ -145,7 +145,8 @@ def training_problems(cfg: RunConfig) -> list:
 
 
 def peak_memory(device: str) -> dict:
-    """This process's peak resident memory, and on a GPU the peak memory torch allocated there."""
+    """This process's peak resident memory, and on a GPU the peak memory torch allocated there since
+    the run started (runs that a server trains at once share both)."""
     peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.device(device).type == "cuda":
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -172,6 +173,8 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
+        if torch.device(cfg.device).type == "cuda":  # peak_gpu_mb counts from this run's start
+            torch.cuda.reset_peak_memory_stats(cfg.device)
         self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
         self.data = training_problems(cfg)
