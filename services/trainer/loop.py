@@ -173,9 +173,9 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        if torch.device(cfg.device).type == "cuda":  # peak_gpu_mb counts from this run's start
-            torch.cuda.reset_peak_memory_stats(cfg.device)
         self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
+        if torch.device(cfg.device).type == "cuda":  # a device load_model found: peak_gpu_mb
+            torch.cuda.reset_peak_memory_stats(cfg.device)  # counts from this run's start
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
         self.data = training_problems(cfg)
         self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
