@@ -53,7 +53,8 @@ from shared.protocol import (
 
 # Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
 RETRY_STATUSES = (429, 502, 503, 504)
-SIT_OUT_S = 2.0  # how long a replica that failed is passed over (capped at max_backoff)
+SIT_OUT_S = 2.0  # how long a replica that failed is passed over (the client's own marks: at most
+# max_backoff)
 
 
 class TeacherUnreachable(TeacherError, ConnectionError):
@@ -105,9 +106,7 @@ def checked_url(url: str) -> str:
     except (httpx.InvalidURL, TypeError) as exc:
         raise ValueError(f"teacher URL {url!r} is not a URL ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(
-            f"teacher URL {url!r}: expected http(s)://host[:port], an http(s) URL with a host"
-        )
+        raise ValueError(f"teacher URL {url!r}: expected http(s)://host[:port], with a host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ValueError(f"teacher URL {url!r}: port {parsed.port} out of range 1-65535")
     return url.rstrip("/")
@@ -151,10 +150,14 @@ class _Core:
     def stream_headers(self) -> dict:
         return {**self.headers, "Content-Type": FRAMES, "Accept": FRAMES}
 
+    def sit_out(self, url: str) -> None:
+        """Pass over a replica that failed for a while, so the next tries go to the others."""
+        self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
+
     def stream_failure(self, url: str, exc: httpx.TransportError) -> TeacherError:
         """The error a broken stream raises; a replica that is gone sits out a while."""
         if not isinstance(exc, httpx.TimeoutException):
-            self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
+            self.sit_out(url)
         if isinstance(exc, httpx.ConnectError):
             return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
         return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
@@ -180,7 +183,7 @@ class _Core:
                 f"teacher at {url} did not answer within {self.timeout:g} s (not retried: it may "
                 "still be working on it; give the client a longer timeout for requests this large)"
             ) from exc
-        self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
+        self.sit_out(url)
         if attempt >= (self.max_retries if max_retries is None else max_retries):
             raise TeacherUnreachable(
                 f"teacher at {url} is unreachable after {attempt + 1} attempts "

@@ -121,7 +121,7 @@ def _first(exc: RuntimeError) -> str:
     """torch's first size mismatch and how many more there are, not one line per weight."""
     lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
     if not lines:
-        return str(exc).strip().splitlines()[0]
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
     return lines[0].rstrip(".") + more
 
