@@ -5,11 +5,7 @@
 #   bash bench/gpu_teacher.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-${OUT:-/tmp}}
-if [ -d .gpu/wheels ]; then
-  python3 -m pip install -q --no-index --find-links .gpu/wheels fastapi uvicorn pydantic pydantic-settings
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-export PYTHONPATH=$PWD
+source bench/gpu_common.sh
 python3 bench/teacher_throughput.py --random-init qwen2-1.5b --device cuda --dtype bfloat16 \
   --seq-len 2048 --completion 1792 --batches 4 16 --concurrency 1 4 --repeats 5 --threads 8 \
   --peak-tflops 787 --json "$out/gpu_qwen2_1p5b.json"

@@ -6,12 +6,8 @@
 #   bash bench/gpu_trainer.sh [OUT_DIR]      # about 7 minutes on one H200
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-if [ -d .gpu/wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+export OMP_NUM_THREADS=2
+source bench/gpu_common.sh
 bench() {  # NAME ARGS...: one bench run in the background, its output in $out/bench_NAME.log
   local name=$1; shift
   (echo "### $*"; timeout 420 python3 bench/opd_inprocess.py "$@" --device cuda --objective) \

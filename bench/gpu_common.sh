@@ -1,0 +1,9 @@
+# Sourced by the bench/gpu_*.sh scripts. A lent GPU machine's python3 has torch and transformers but
+# no pydantic, FastAPI or uvicorn: install the wheels carried in .gpu/wheels (bench/gpu_wheels.sh)
+# into /tmp/site, and put it and the repo on PYTHONPATH.
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if [ -d .gpu/wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
