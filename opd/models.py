@@ -6,6 +6,8 @@ student: LlamaForCausalLM, hidden 128, 2 layers, 4 heads of 32  (~0.43M paramete
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +19,27 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
+
+QUICK_BYTES = 256 * 2**20  # weights under this load or save too fast to need a progress bar
+
+
+@contextmanager
+def hf_bars_for(nbytes: int) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") only for weights
+    that take a while: a small model's bars would be a line of noise per load and checkpoint."""
+    if nbytes >= QUICK_BYTES or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class ModelLoadError(Exception):
@@ -77,10 +100,14 @@ def load_model(
             f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab_size}; they do not belong together"
         )
+    on_disk = sum(
+        f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")
+    )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        with hf_bars_for(on_disk):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
     except Exception as exc:
         raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(exc)})") from exc
     return model.to(device).eval(), tokenizer

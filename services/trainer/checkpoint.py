@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd.models import hf_bars_for, weight_bytes
+
 
 @dataclass
 class TrainState:
@@ -45,7 +47,8 @@ def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> 
     name = step_name(state.step)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with hf_bars_for(weight_bytes(model)):
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(

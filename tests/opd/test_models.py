@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from opd.bundled import STUDENT_PATH
 from opd.evaluate import evaluate
@@ -38,3 +39,9 @@ def test_a_device_the_machine_lacks_is_refused_before_loading():
     for device, says in [("gpu", "not a device name"), (missing, "cannot load onto " + missing)]:
         with pytest.raises(ModelLoadError, match=says):
             load_model(STUDENT_PATH, device=device)
+
+
+def test_a_small_models_load_shows_no_transformers_bar_and_leaves_bars_on(capfd):
+    load_model(STUDENT_PATH)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # a large model's load still shows its bar
