@@ -40,7 +40,13 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from shared.errors import InvalidRequest, MalformedBody, TeacherError, from_validation
+from shared.errors import (
+    InvalidRequest,
+    MalformedBody,
+    PayloadTooLarge,
+    TeacherError,
+    from_validation,
+)
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -341,26 +347,45 @@ def encode_request_frame(request: ScoreRequest) -> bytes:
 
 
 class FrameReader:
-    """Splits a byte stream into frame payloads, whatever the chunking."""
+    """Splits a byte stream into frame payloads, whatever the chunking.
 
-    def __init__(self, max_frame_bytes: int):
+    A frame larger than `max_frame_bytes` is broken framing (MalformedBody), or, with
+    `skip_oversize`, a PayloadTooLarge in that frame's place: its bytes are read past, not kept,
+    and the frames after it come out as usual (the teacher answers such a frame as /score answers
+    a body that is too large, and goes on with the others)."""
+
+    def __init__(self, max_frame_bytes: int, skip_oversize: bool = False):
         self.max_frame_bytes = max_frame_bytes
+        self.skip_oversize = skip_oversize
         self._buffer = bytearray()
         self._broken: MalformedBody | None = None
+        self._skip = 0  # bytes still to read past of an oversize frame
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | PayloadTooLarge]:
         """The whole frames so far. Broken framing raises MalformedBody, on the next call when the
         same data held whole frames before it, so those are never lost."""
         if self._broken is not None:
             raise self._broken
         self._buffer += data
-        frames = []
-        while len(self._buffer) >= _LENGTH.size:
+        frames: list[bytes | PayloadTooLarge] = []
+        while True:
+            if self._skip:
+                passed = min(self._skip, len(self._buffer))
+                del self._buffer[:passed]
+                self._skip -= passed
+                if self._skip:
+                    break
+            if len(self._buffer) < _LENGTH.size:
+                break
             (size,) = _LENGTH.unpack_from(self._buffer)
             if size > self.max_frame_bytes:
-                self._broken = MalformedBody(
-                    f"frame of {size} bytes exceeds {self.max_frame_bytes} bytes"
-                )
+                message = f"frame of {size} bytes exceeds {self.max_frame_bytes} bytes"
+                if self.skip_oversize:
+                    frames.append(PayloadTooLarge(message))
+                    del self._buffer[: _LENGTH.size]
+                    self._skip = size
+                    continue
+                self._broken = MalformedBody(message)
                 if frames:
                     return frames
                 raise self._broken
@@ -371,9 +396,11 @@ class FrameReader:
         return frames
 
     def finish(self) -> None:
+        """The stream has ended: MalformedBody if it ended inside a frame (except one being read
+        past, which has had its answer)."""
         if self._broken is not None:
             raise self._broken
-        if self._buffer:
+        if self._buffer and not self._skip:
             raise MalformedBody(f"stream ended inside a frame ({len(self._buffer)} bytes left)")
 
 

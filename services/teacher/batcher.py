@@ -82,7 +82,9 @@ class Batcher:
     def depth(self) -> int:
         return self._queued_seqs
 
-    async def submit(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+    def admit(self, jobs: list[ScoreJob]) -> list[asyncio.Future]:
+        """Queue `jobs` together, or refuse them all (QueueFull); one future per job, in order.
+        Cancelling a future drops its job if it has not started."""
         cost = sum(len(j.input_ids) for j in jobs)
         # An empty queue always admits, so a request within max_seq_len can never be refused forever.
         if self._queued_tokens and self._queued_tokens + cost > self.max_queue_tokens:
@@ -97,12 +99,16 @@ class Batcher:
         self._queued_tokens += cost
         self._queued_seqs += len(items)
         self._wakeup.set()
+        return [item.future for item in items]
+
+    async def submit(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        futures = self.admit(jobs)
         try:
-            return list(await asyncio.gather(*(i.future for i in items)))
+            return list(await asyncio.gather(*futures))
         finally:
             # The client went away or a sibling failed: drop what has not started yet.
-            for item in items:
-                item.future.cancel()
+            for future in futures:
+                future.cancel()
 
     async def _work(self) -> None:
         while True:

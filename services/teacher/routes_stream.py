@@ -1,5 +1,6 @@
 """POST /score/stream: length-prefixed msgpack frames in (one micro-batch each), one result frame
-per scored sequence out as soon as it is scored, while the request body is still arriving."""
+per scored sequence out as soon as it is scored, while the request body is still arriving. A frame
+waits for room in a full queue, and the body is not read meanwhile: TCP holds the client back."""
 
 from __future__ import annotations
 
@@ -65,14 +66,20 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
     """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
     framing ends the input, saying why, after the frames before it are answered. A client that
     goes away, mid-body or after it, cancels the scoring of what it sent (nobody would read it)."""
-    reader = FrameReader(state.settings.max_body_bytes)
+    reader = FrameReader(state.settings.max_body_bytes, skip_oversize=True)
     tasks: list[asyncio.Task] = []
     broken: TeacherError | None = None
     try:
         try:
             async for chunk in request.stream():
                 for payload in reader.feed(chunk):
-                    tasks.append(asyncio.create_task(_score_frame(len(tasks), payload, state, out)))
+                    queued = asyncio.Event()
+                    tasks.append(
+                        asyncio.create_task(_score_frame(len(tasks), payload, state, out, queued))
+                    )
+                    # Backpressure: the next frame is read once this one is queued or refused, so
+                    # a full queue holds the client back instead of refusing its frames.
+                    await queued.wait()
             reader.finish()
         except TeacherError as err:
             broken = err
@@ -110,14 +117,20 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _score_frame(frame: int, payload: bytes, state, out: asyncio.Queue) -> int:
+async def _score_frame(
+    frame: int, payload: bytes | TeacherError, state, out: asyncio.Queue, queued: asyncio.Event
+) -> int:
     try:
+        if isinstance(payload, TeacherError):  # a frame too large to read, read past
+            raise payload
         request = decode_request(payload, binary=True)
         async for index, job, score in score_as_completed(
-            request, state.backend, state.limits, state.metrics
+            request, state.backend, state.limits, state.metrics, queued
         ):
             await out.put(encode_stream_score(frame, index, score, job.compute_s))
         return len(request.sequences)
     except TeacherError as err:  # refused, or its forward failed (a 500): the others go on
         await out.put(encode_stream_error(frame, err))
         return 0
+    finally:
+        queued.set()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.metrics import TeacherMetrics
-from shared.errors import InvalidRequest, ServerError, TeacherError
+from shared.errors import InvalidRequest, QueueFull, ServerError, TeacherError
 from shared.protocol import ScoreRequest, ScoreResult, SequenceScore, Usage
 
 log = logging.getLogger(__name__)
@@ -75,27 +75,43 @@ def jobs_from_request(
     return jobs
 
 
+QUEUE_POLL_S = 0.02  # how often a stream's frame looks for room in a full queue
+
+
 async def score_as_completed(
-    request: ScoreRequest, backend: Backend, limits: Limits, metrics: TeacherMetrics | None = None
+    request: ScoreRequest,
+    backend: Backend,
+    limits: Limits,
+    metrics: TeacherMetrics | None = None,
+    queued: asyncio.Event | None = None,
 ) -> AsyncIterator[tuple[int, ScoreJob, SequenceScore]]:
-    """Like score_request, but yields (index, job, score) per sequence as soon as each is done."""
+    """Like score_request, but yields (index, job, score) per sequence as soon as each is done. Its
+    sequences are queued together; while the queue is full this waits for room instead of refusing
+    (a stream's reader waits too, which holds its client back), then sets `queued`."""
     jobs = jobs_from_request(request, limits)
-
-    async def one(index: int) -> tuple[int, ScoreJob, SequenceScore]:
-        [score] = await _score_on(backend, [jobs[index]])
-        return index, jobs[index], score
-
-    tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+    while True:
+        try:
+            pending = backend.score_each(jobs)
+            break
+        except QueueFull:
+            await asyncio.sleep(QUEUE_POLL_S)
+    if queued is not None:
+        queued.set()
+    tasks = [asyncio.ensure_future(_indexed(i, p, len(jobs))) for i, p in enumerate(pending)]
     try:
         for next_done in asyncio.as_completed(tasks):
-            index, job, score = await next_done
+            index, score = await next_done
             if metrics is not None:
-                metrics.tokens_scored.inc(job.n_scored)
-                metrics.prompt_tokens.inc(job.n_prompt)
-            yield index, job, score
+                metrics.tokens_scored.inc(jobs[index].n_scored)
+                metrics.prompt_tokens.inc(jobs[index].n_prompt)
+            yield index, jobs[index], score
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _indexed(index: int, pending: Awaitable[SequenceScore], of: int):
+    return index, await _checked(pending, of)
 
 
 async def score_request(
@@ -121,14 +137,18 @@ async def score_request(
 
 
 async def _score_on(backend: Backend, jobs: list[ScoreJob]) -> list[SequenceScore]:
-    """The backend's scores; a failed forward (a CUDA out-of-memory, say) becomes a ServerError, a
-    500 in the error shape on /score and an error frame on /score/stream, logged once here."""
+    return await _checked(backend.score(jobs), len(jobs))
+
+
+async def _checked(scoring: Awaitable, sequences: int):
+    """`scoring`'s result; a failed forward (a CUDA out-of-memory, say) becomes a ServerError, a 500
+    in the error shape on /score and an error frame on /score/stream, logged once here."""
     try:
-        return await backend.score(jobs)
+        return await scoring
     except TeacherError:
         raise
     except Exception as exc:
-        log.exception("scoring %d sequences failed", len(jobs))
+        log.exception("scoring %d sequences failed", sequences)
         raise ServerError(f"internal error ({type(exc).__name__})") from exc
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared.errors import InvalidRequest, MalformedBody
+from shared.errors import InvalidRequest, MalformedBody, PayloadTooLarge
 from shared.protocol import (
     FrameReader,
     ScoreRequest,
@@ -156,3 +156,16 @@ def test_frame_reader_refuses_a_stream_that_ends_inside_a_frame():
     assert reader.feed(frame_bytes(b"abc")[:-1]) == []
     with pytest.raises(MalformedBody, match="ended inside a frame"):
         reader.finish()
+
+
+def test_frame_reader_can_read_past_an_oversize_frame_and_go_on():
+    reader = FrameReader(100, skip_oversize=True)
+    big = frame_bytes(b"x" * 150)
+    stream = frame_bytes(b"a") + big + frame_bytes(b"b")
+    frames = [f for i in range(0, len(stream), 7) for f in reader.feed(stream[i : i + 7])]
+    assert frames[0] == b"a" and frames[2] == b"b" and len(frames) == 3
+    assert isinstance(frames[1], PayloadTooLarge) and "150 bytes exceeds 100" in str(frames[1])
+    reader.finish()
+    cut = FrameReader(100, skip_oversize=True)
+    assert len(cut.feed(big[:60])) == 1  # refused at its header; a body that ends inside it
+    cut.finish()  # is not a second error

@@ -28,6 +28,7 @@ from shared.protocol import (
     decode_stream_item,
     encode_request_frame,
     encode_stream_score,
+    frame_bytes,
     validate_request,
 )
 from tests.conftest import free_port, plain_http, serve
@@ -211,15 +212,40 @@ def test_broken_framing_ends_the_stream_saying_why_after_answering_the_frames_be
     assert error.error["code"] == 400 and done.done
 
 
-def test_an_oversize_frame_header_after_whole_frames_in_one_chunk_loses_none_of_them(teacher_url):
+def test_an_oversize_frame_is_413_and_the_frames_around_it_are_scored():
+    """As /score answers a body over --max-body-mb; the stream reads past that frame and goes on
+    (all of it arriving in one chunk, the oversize frame's header among whole frames)."""
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), max_body_mb=0.01))  # 10 KiB
     good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
     frame = encode_request_frame(ScoreRequest.model_validate(good))
-    body = frame + frame + (2**30).to_bytes(4, "little")  # arrives as one chunk
-    r = httpx.post(teacher_url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
+    body = frame + frame + frame_bytes(b"x" * 20_000) + frame
+    with serve(app) as url:
+        r = httpx.post(url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
     items = [decode_stream_item(p) for p in FrameReader(2**20).feed(r.content)]
-    assert sorted(i.frame for i in items if i.score is not None) == [0, 1]
-    error, done = items[-2:]
-    assert error.frame == 2 and "exceeds" in error.error["message"] and done.done
+    assert sorted(i.frame for i in items if i.score is not None) == [0, 1, 3]
+    [error] = [i for i in items if i.error]
+    assert error.frame == 2 and error.error["code"] == 413
+    assert (
+        error.error["type"] == "payload_too_large"
+        and "exceeds 10485 bytes" in error.error["message"]
+    )
+    assert items[-1].done and items[-1].frames == 4
+
+
+def test_a_full_queue_holds_a_stream_back_instead_of_refusing_its_frames():
+    """Frames beyond the queue's room wait (the body is not read meanwhile) and are all scored,
+    where /score would answer 429; a frame larger than the queue on its own is taken when it
+    empties, as /score takes such a body."""
+    backend = GatedBackend(str(TEACHER_PATH), max_queue_tokens=20)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    seqs = [([1] * 6, [5] * 4)] * 12  # 10 tokens each: a frame of 3 is 30, over the limit alone
+    with serve(app) as url, TeacherClient(url) as client:
+        backend.gate.set()
+        items = list(client.score_stream(iter(frames_of(seqs, 3))))
+    assert not [i for i in items if i.error]
+    assert sorted((i.frame, i.index) for i in items if i.score is not None) == [
+        (f, i) for f in range(4) for i in range(3)
+    ]
 
 
 def test_stream_needs_its_content_type(teacher_url):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from shared.protocol import SequenceScore
@@ -58,6 +60,17 @@ class Backend(ABC):
     @abstractmethod
     async def score(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
         """Scores for `jobs`, in order. Concurrent calls may be batched together."""
+
+    def score_each(self, jobs: list[ScoreJob]) -> list[Awaitable[SequenceScore]]:
+        """One awaitable score per job, in order, each done as soon as its job is scored; the jobs
+        are queued together (a backend with a bounded queue takes all of them or raises QueueFull).
+        Cancelling an awaitable drops its job if it has not started."""
+
+        async def one(job: ScoreJob) -> SequenceScore:
+            [score] = await self.score([job])
+            return score
+
+        return [asyncio.ensure_future(one(job)) for job in jobs]
 
     def queue_depth(self) -> int:
         """Sequences waiting to be scored (for /metrics)."""

@@ -9,6 +9,7 @@ cannot change a result.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
@@ -100,6 +101,10 @@ class HFBackend(Backend):
     async def score(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
         assert self.batcher is not None, "start() first"
         return await self.batcher.submit(jobs)
+
+    def score_each(self, jobs: list[ScoreJob]) -> list[asyncio.Future]:
+        assert self.batcher is not None, "start() first"
+        return self.batcher.admit(jobs)
 
     def queue_depth(self) -> int:
         return self.batcher.depth() if self.batcher else 0
