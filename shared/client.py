@@ -20,7 +20,7 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -257,8 +257,13 @@ def as_request(item: ScoreRequest | dict) -> ScoreRequest:
     InvalidRequest naming it, as the server would answer it."""
     if isinstance(item, ScoreRequest):
         return item
+    if not isinstance(item, Mapping):
+        raise TypeError(
+            "a request is a ScoreRequest or a dict of its fields ({'sequences': [...], ...}), "
+            f"not {type(item).__name__}"
+        )
     sequences = item.get("sequences")
-    if isinstance(sequences, (list, tuple)):
+    if isinstance(sequences, Iterable) and not isinstance(sequences, (str, bytes, Mapping)):
         item = {**item, "sequences": [_as_sequence(s) for s in sequences]}
     return validate_request(item)
 
@@ -564,14 +569,21 @@ class AsyncTeacherClient:
         return decode_response(response.content, self._core.binary)
 
     async def score_stream(
-        self, requests: AsyncIterable[ScoreRequest | dict], url: str | None = None
+        self,
+        requests: AsyncIterable[ScoreRequest | dict] | Iterable[ScoreRequest | dict],
+        url: str | None = None,
     ) -> AsyncIterator[StreamItem]:
-        """Async form of TeacherClient.score_stream (`requests` is read in a task of its own)."""
+        """Async form of TeacherClient.score_stream (`requests`, async or not, is read in a task of
+        its own)."""
         target = url or self._core.replicas.acquire()
 
         async def frames():
-            async for r in requests:
-                yield encode_request_frame(as_request(r))
+            if isinstance(requests, AsyncIterable):
+                async for r in requests:
+                    yield encode_request_frame(as_request(r))
+            else:
+                for r in requests:
+                    yield encode_request_frame(as_request(r))
 
         try:
             async with open_stream_async(

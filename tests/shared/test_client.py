@@ -222,3 +222,9 @@ def test_health_and_ready_answer_per_replica_and_connect_takes_no_path(teacher_u
             return await client.health(teacher_url), await client.ready()
 
     assert asyncio.run(probe()) == ({"status": "ok"}, {"status": "ready"})
+
+
+def test_sequences_may_be_any_iterable_of_pairs(teacher_url):
+    with TeacherClient(teacher_url) as client:
+        from_generator = client.score(tuple(s) for s in [SEQ, SEQ])
+        assert [len(r.logprobs) for r in from_generator.results] == [3, 3]

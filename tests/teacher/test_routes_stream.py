@@ -134,7 +134,20 @@ def test_an_error_in_the_callers_frames_reaches_the_caller(teacher_url):
         with pytest.raises(InvalidRequest) as error:  # checked before it is sent, as /score does
             list(client.score_stream([good, bad]))
         assert error.value.param == "sequences.0.completion_ids.0"
+        with pytest.raises(TypeError, match="a dict of its fields .* not tuple"):
+            list(client.score_stream([good, ([1, 2], [5, 6])]))  # a pair, not a request
         assert len(list(client.score_stream([good]))) == 2  # the client is still usable
+
+
+def test_async_stream_takes_a_plain_iterable_as_the_sync_one_does(teacher_url):
+    good = {"sequences": [((1, 2), (5, 6))]}  # the pair form, as score() takes it
+
+    async def run():
+        async with AsyncTeacherClient(teacher_url) as client:
+            return [item async for item in client.score_stream([good, good])]
+
+    items = asyncio.run(run())
+    assert sorted(i.frame for i in items if i.score is not None) == [0, 1] and items[-1].done
 
 
 def test_a_sync_stream_leaves_no_thread_behind_however_it_ends(teacher_url):
