@@ -20,6 +20,7 @@ hangs is noticed at the latest once the caller's input has ended.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ssl
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
@@ -270,20 +271,35 @@ async def _read_in_a_thread(body: Iterable[bytes], loop) -> AsyncIterator[bytes]
     def read() -> None:
         try:
             for item in body:
-                asyncio.run_coroutine_threadsafe(items.put(item), loop).result()
+                if not _hand_over(items, item, loop, wait=True):
+                    return  # the stream is over: nobody reads the rest
             outcome = _END
         except BaseException as exc:  # noqa: BLE001 - raised where the body is read
             outcome = exc
-        try:
-            asyncio.run_coroutine_threadsafe(items.put(outcome), loop)
-        except RuntimeError:  # the stream is over and its loop closed: nobody is reading
-            pass
+        _hand_over(items, outcome, loop, wait=False)
 
     threading.Thread(target=read, daemon=True, name="stream-body").start()
     while (item := await items.get()) is not _END:
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
+    """Put `item` on the stream's queue from the reading thread (waiting until it is taken if
+    `wait`); False once the stream is over and its loop gone or its put cancelled."""
+    put = items.put(item)
+    try:
+        sent = asyncio.run_coroutine_threadsafe(put, loop)
+    except RuntimeError:  # the loop is closed
+        put.close()  # never to run: no "never awaited" warning
+        return False
+    if wait:
+        try:
+            sent.result()
+        except concurrent.futures.CancelledError:
+            return False
+    return True
 
 
 async def _cancel_pending() -> None:

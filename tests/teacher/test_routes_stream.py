@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.server
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
-from shared.errors import InvalidRequest, ServerError
+from shared.errors import InvalidRequest, ServerError, Unauthorized
 from shared.protocol import (
     FRAMES,
     FrameReader,
@@ -366,3 +367,38 @@ def test_a_client_that_goes_away_cancels_the_scoring_of_what_it_sent():
         wait_for(lambda: backend.sequences == 1)
         time.sleep(0.5)
         assert backend.sequences == 1
+
+
+class RefusesAtOnce(http.server.BaseHTTPRequestHandler):
+    """Answers 401 without reading the body, as a teacher with another API key does."""
+
+    def do_POST(self):
+        body = b'{"error": {"message": "no", "type": "unauthorized", "param": null, "code": 401}}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_stream_that_ends_before_its_slow_input_leaves_no_warning_behind(recwarn):
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    asked_again = threading.Event()
+
+    def slow():
+        yield good
+        time.sleep(0.3)  # the stream has ended by now
+        asked_again.set()
+        yield good
+
+    with plain_http(RefusesAtOnce) as url, TeacherClient(url, max_retries=0) as client:
+        with pytest.raises(Unauthorized):
+            list(client.score_stream(slow()))
+    assert asked_again.wait(timeout=5)
+    time.sleep(0.2)  # the reading thread offers its item to a stream that is gone
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
