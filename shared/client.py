@@ -209,15 +209,19 @@ class _Core:
 
     def reply(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
+            where = f"{response.request.method} {response.request.url}"
             try:
                 body = response.json()
             except ValueError:  # not a teacher's error body (a proxy, another server): no page dump
-                where = f"{response.request.method} {response.request.url}"
                 message = f"HTTP {response.status_code} from {where}"
                 if response.headers.get("content-type", "").startswith("text/plain"):
                     message += f": {' '.join(response.text.split())[:200]}"
                 body = {"error": {"message": message}}
-            raise error_from_body(response.status_code, body, _retry_after(response))
+            err = error_from_body(response.status_code, body, _retry_after(response))
+            if response.status_code == 404 and err.param is None and where not in err.message:
+                # No such route: most often a URL with a path after the teacher's address.
+                err = NotFound(f"{err.message}: {where} (is the URL the teacher's base URL?)")
+            raise err
         return response
 
     def check_info(self, url: str, info: dict, expected: str | None) -> None:
@@ -250,6 +254,12 @@ class _StreamReader:
         if not self._done:  # cut off, inside a frame or between two
             raise ServerError(f"the stream from {self.url} ended without its done frame")
         self._frames.finish()
+
+
+def _refuse_if_closed(http: httpx.Client | httpx.AsyncClient) -> None:
+    """A stream has its own connection; a closed client refuses it as httpx refuses the others."""
+    if http.is_closed:
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
 
 
 def as_request(item: ScoreRequest | dict) -> ScoreRequest:
@@ -437,6 +447,7 @@ class TeacherClient:
         `requests` may still be yielding, then one with done=True. Not retried: a broken stream
         raises ServerError (TeacherUnreachable if it never connected), and the caller re-sends
         what got no result."""
+        _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
         frames = (encode_request_frame(as_request(r)) for r in requests)
         try:
@@ -575,6 +586,7 @@ class AsyncTeacherClient:
     ) -> AsyncIterator[StreamItem]:
         """Async form of TeacherClient.score_stream (`requests`, async or not, is read in a task of
         its own)."""
+        _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
 
         async def frames():

@@ -14,7 +14,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
-from shared.errors import FingerprintMismatch, InvalidRequest, ServerError, TeacherError
+from shared.errors import FingerprintMismatch, InvalidRequest, NotFound, ServerError, TeacherError
 from tests.conftest import free_port, plain_http, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
@@ -228,3 +228,17 @@ def test_sequences_may_be_any_iterable_of_pairs(teacher_url):
     with TeacherClient(teacher_url) as client:
         from_generator = client.score(tuple(s) for s in [SEQ, SEQ])
         assert [len(r.logprobs) for r in from_generator.results] == [3, 3]
+
+
+def test_a_url_with_a_path_after_the_teachers_address_is_named_on_404(teacher_url):
+    with TeacherClient(teacher_url + "/api") as client:
+        with pytest.raises(NotFound, match=r"POST .*/api/score \(is the URL the teacher's base"):
+            client.score([SEQ])
+
+
+def test_a_closed_client_refuses_streams_as_it_refuses_requests(teacher_url):
+    client = TeacherClient(teacher_url)
+    client.close()
+    for call in (lambda: client.score([SEQ]), lambda: list(client.score_stream([]))):
+        with pytest.raises(RuntimeError, match="client has been closed"):
+            call()
