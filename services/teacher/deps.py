@@ -3,12 +3,15 @@ helpers (content negotiation, a bounded body read, a dialect's validation errors
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
+from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from shared.errors import (
     BadRequest,
@@ -24,6 +27,7 @@ from shared.errors import (
 from shared.protocol import JSON, MSGPACK, MSGPACK_TYPES, an_object, load_json
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def get_state(request: Request):
@@ -110,3 +114,28 @@ def in_dialect(exc: InvalidRequest, top_k_name: str) -> BadRequest:
         return None if text is None else re.sub(r"\btop_k\b", top_k_name, text)
 
     return BadRequest(words(exc.message), param=words(exc.param))
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client goes away first (its request timed out, say): then the
+    work is cancelled, so sequences not yet started leave the queue to others, and the request
+    ends as a ClientDisconnect (499). Call it once the body has been read."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.create_task(client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the client has gone. Only after the body has been read (or skipped): the
+    request's messages are the body's until then."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

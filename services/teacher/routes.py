@@ -13,6 +13,7 @@ from services.teacher.deps import (
     is_binary_request,
     read_body,
     wants_binary_response,
+    while_connected,
 )
 from services.teacher.scoring import score_request
 from shared.protocol import (
@@ -50,7 +51,8 @@ async def score(request: Request, state: Ready, _: Authorized) -> Response:
     binary = is_binary_request(request)
     body = await read_body(request, state.settings.max_body_bytes)
     parsed = decode_request(body, binary)
-    result = await score_request(parsed, state.backend, state.limits, state.metrics)
+    scoring = score_request(parsed, state.backend, state.limits, state.metrics)
+    result = await while_connected(request, scoring)
     out_binary = wants_binary_response(request, binary)
     return Response(encode_response(result, out_binary), media_type=MSGPACK if out_binary else JSON)
 

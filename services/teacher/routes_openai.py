@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.teacher.deps import Authorized, Ready, in_dialect, read_model
+from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
@@ -130,7 +130,7 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
     if need_scores and (prompt_k is not None or body.logprobs is not None or generate):
         try:
             temperature = 1.0 if body.temperature is None else body.temperature
-            result = await score_request(
+            scoring = score_request(
                 ScoreRequest(sequences=[seqs[i] for i in need_scores], top_k=k),
                 state.backend,
                 state.limits,
@@ -139,6 +139,7 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
                 # temperature 0 is greedy: the top-1 token, no draw
                 sample_temperature=temperature if generate and temperature > 0 else None,
             )
+            result = await while_connected(request, scoring)
         except InvalidRequest as exc:
             raise in_dialect(
                 exc, "prompt_logprobs" if body.prompt_logprobs == k else "logprobs"

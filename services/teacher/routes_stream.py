@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from services.teacher.deps import Authorized, Ready
+from services.teacher.deps import Authorized, Ready, client_gone
 from services.teacher.scoring import score_as_completed
 from shared.errors import TeacherError, UnsupportedMediaType
 from shared.protocol import (
@@ -86,7 +86,7 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
         except ClientDisconnect:
             return
         scoring = asyncio.gather(*tasks)
-        gone = asyncio.create_task(_disconnected(request))
+        gone = asyncio.create_task(client_gone(request))
         scored = False
         try:
             await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -107,14 +107,6 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
         for task in tasks:
             task.cancel()
         await out.put(None)
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client has gone. Only called after the body has been read (or its framing
-    broke, when the rest is skipped): uvicorn drops what is sent to a client that has gone, so the
-    responses being sent would never tell."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _score_frame(

@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.teacher.deps import Authorized, Ready, in_dialect, read_model
+from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
 from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds
@@ -76,7 +76,9 @@ async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -
             temperature=body.temperature,
         )
         try:
-            result = await score_request(request_, state.backend, state.limits, state.metrics)
+            result = await while_connected(
+                request, score_request(request_, state.backend, state.limits, state.metrics)
+            )
         except InvalidRequest as exc:
             raise in_dialect(exc, "top_logprobs") from None
         scores = dict(zip(scored, result.results))

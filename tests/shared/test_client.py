@@ -140,10 +140,16 @@ def test_a_read_timeout_is_not_sent_again_to_a_busy_replica():
                 assert client.is_up(url)  # slow is not down
         finally:
             backend.gate.set()
-        done = 'opd_teacher_requests_total{route="/score",status="200"}'
-        wait_for(lambda: done in httpx.get(url + "/metrics").text)
+        # The client hung up, so the teacher ended the request as a 499.
+        gone = 'opd_teacher_requests_total{route="/score",status="499"}'
+        wait_for(lambda: gone in httpx.get(url + "/metrics").text)
         time.sleep(0.3)  # a second copy, had one been sent, was queued behind the first
-        assert f"{done} 1.0" in httpx.get(url + "/metrics").text  # sent once
+        scored = [
+            line
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith('opd_teacher_requests_total{route="/score"')
+        ]
+        assert scored == [f"{gone} 1.0"]  # sent once
 
 
 def test_retries_to_a_pinned_replica_back_off_even_when_another_is_up(teacher_url):

@@ -166,6 +166,15 @@ class GatedBackend(HFBackend):
         return super().score_batch(jobs)
 
 
+class CountingGatedBackend(GatedBackend):
+    sequences = 0
+
+    def score_batch(self, jobs):
+        out = super().score_batch(jobs)
+        self.sequences += len(jobs)
+        return out
+
+
 def wait_for(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -298,3 +307,28 @@ def test_a_client_that_goes_away_mid_body_is_a_499_not_a_server_error():
         counted = 'opd_teacher_requests_total{route="/score",status="499"}'
         wait_for(lambda: counted in httpx.get(url + "/metrics").text)
         assert 'route="/score",status="500"' not in httpx.get(url + "/metrics").text
+
+
+def test_a_client_that_goes_away_before_its_turn_is_not_scored():
+    """A /score whose client timed out and hung up leaves the queue: the next requests do not wait
+    behind work nobody will read."""
+    backend = CountingGatedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    body = json.dumps(seq([1, 2], [5, 6])).encode()
+    with serve(app) as url:
+        first = threading.Thread(target=post, args=(url, seq([1, 2], [5, 6])))
+        first.start()
+        assert backend.running.wait(timeout=30)  # the first request holds the worker
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            wait_for(lambda: backend.queue_depth() == 1)  # queued behind the first
+        gone = 'route="/score",status="499"'  # its handler saw the client go and cancelled it
+        wait_for(lambda: gone in httpx.get(url + "/metrics").text)
+        backend.gate.set()
+        first.join(timeout=30)
+        time.sleep(0.3)
+        assert backend.sequences == 1

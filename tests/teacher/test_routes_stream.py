@@ -33,7 +33,7 @@ from shared.protocol import (
     validate_request,
 )
 from tests.conftest import free_port, plain_http, serve
-from tests.teacher.test_routes import GatedBackend, wait_for
+from tests.teacher.test_routes import CountingGatedBackend, GatedBackend, wait_for
 from tests.teacher.test_scoring_correctness import mixed_sequences
 
 
@@ -332,15 +332,6 @@ def test_a_stream_cut_off_before_its_done_frame_raises_a_server_error(cut):
 
         with pytest.raises(ServerError, match="done frame"):
             asyncio.run(stream_async())
-
-
-class CountingGatedBackend(GatedBackend):
-    sequences = 0
-
-    def score_batch(self, jobs):
-        out = super().score_batch(jobs)
-        self.sequences += len(jobs)
-        return out
 
 
 def chunk(data: bytes) -> bytes:
