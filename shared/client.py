@@ -584,8 +584,8 @@ class AsyncTeacherClient:
         requests: AsyncIterable[ScoreRequest | dict] | Iterable[ScoreRequest | dict],
         url: str | None = None,
     ) -> AsyncIterator[StreamItem]:
-        """Async form of TeacherClient.score_stream (`requests`, async or not, is read in a task of
-        its own)."""
+        """Async form of TeacherClient.score_stream. `requests` is read in a task of its own; a
+        plain iterable is read on the event loop, so it must not block (give an async one)."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
 

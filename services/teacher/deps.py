@@ -124,14 +124,14 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
     gone = asyncio.create_task(client_gone(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
+        if not task.done() and gone.exception() is None:  # the client hung up first
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnect()
-    return task.result()
+            raise ClientDisconnect()
+        return await task  # also when watching for the client failed: the work decides
+    finally:
+        gone.cancel()
+        task.cancel()  # when this request itself is cancelled; nothing once the task is done
 
 
 async def client_gone(request: Request) -> None:

@@ -76,6 +76,7 @@ def jobs_from_request(
 
 
 QUEUE_POLL_S = 0.02  # how often a stream's frame looks for room in a full queue
+QUEUE_WAIT_S = 60.0  # how long it looks before it is refused as /score would be (429)
 
 
 async def score_as_completed(
@@ -86,18 +87,14 @@ async def score_as_completed(
     queued: asyncio.Event | None = None,
 ) -> AsyncIterator[tuple[int, ScoreJob, SequenceScore]]:
     """Like score_request, but yields (index, job, score) per sequence as soon as each is done. Its
-    sequences are queued together; while the queue is full this waits for room instead of refusing
-    (a stream's reader waits too, which holds its client back), then sets `queued`."""
+    sequences are queued together; while the queue is full this waits for room (up to
+    QUEUE_WAIT_S, then QueueFull) instead of refusing at once, and a stream's reader waits too,
+    which holds its client back. `queued` is set once they are queued."""
     jobs = jobs_from_request(request, limits)
-    while True:
-        try:
-            pending = backend.score_each(jobs)
-            break
-        except QueueFull:
-            await asyncio.sleep(QUEUE_POLL_S)
+    pending = await _queue_when_room(backend, jobs)
     if queued is not None:
         queued.set()
-    tasks = [asyncio.ensure_future(_indexed(i, p, len(jobs))) for i, p in enumerate(pending)]
+    tasks = [asyncio.ensure_future(_indexed(i, p)) for i, p in enumerate(pending)]
     try:
         for next_done in asyncio.as_completed(tasks):
             index, score = await next_done
@@ -108,10 +105,29 @@ async def score_as_completed(
     finally:
         for task in tasks:
             task.cancel()
+        for scoring in pending:  # a wrapper cancelled before it began has not passed it on
+            if isinstance(scoring, asyncio.Future):
+                scoring.cancel()
 
 
-async def _indexed(index: int, pending: Awaitable[SequenceScore], of: int):
-    return index, await _checked(pending, of)
+async def _queue_when_room(backend: Backend, jobs: list[ScoreJob]) -> list[Awaitable]:
+    deadline = asyncio.get_running_loop().time() + QUEUE_WAIT_S
+    while True:
+        try:
+            return backend.score_each(jobs)
+        except QueueFull:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(QUEUE_POLL_S)
+        except TeacherError:
+            raise
+        except Exception as exc:  # as _checked: a 500 in the error shape, logged once
+            log.exception("queueing %d sequences failed", len(jobs))
+            raise ServerError(f"internal error ({type(exc).__name__})") from exc
+
+
+async def _indexed(index: int, pending: Awaitable[SequenceScore]) -> tuple[int, SequenceScore]:
+    return index, await _checked(pending, 1)
 
 
 async def score_request(

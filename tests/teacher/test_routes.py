@@ -318,17 +318,19 @@ def test_a_client_that_goes_away_before_its_turn_is_not_scored():
     with serve(app) as url:
         first = threading.Thread(target=post, args=(url, seq([1, 2], [5, 6])))
         first.start()
-        assert backend.running.wait(timeout=30)  # the first request holds the worker
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(
-                b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
-            )
-            wait_for(lambda: backend.queue_depth() == 1)  # queued behind the first
-        gone = 'route="/score",status="499"'  # its handler saw the client go and cancelled it
-        wait_for(lambda: gone in httpx.get(url + "/metrics").text)
-        backend.gate.set()
+        try:
+            assert backend.running.wait(timeout=30)  # the first request holds the worker
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+                )
+                wait_for(lambda: backend.queue_depth() == 1)  # queued behind the first
+            gone = 'route="/score",status="499"'  # its handler saw the client go, cancelled it
+            wait_for(lambda: gone in httpx.get(url + "/metrics").text)
+        finally:
+            backend.gate.set()
         first.join(timeout=30)
         time.sleep(0.3)
         assert backend.sequences == 1

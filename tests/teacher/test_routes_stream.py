@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
+from services.teacher import scoring
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
@@ -393,3 +394,21 @@ def test_a_stream_that_ends_before_its_slow_input_leaves_no_warning_behind(recwa
     time.sleep(0.2)  # the reading thread offers its item to a stream that is gone
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_frame_that_finds_no_room_for_long_is_refused_as_score_would_be(monkeypatch):
+    """Waiting for room has a limit (a worker that never frees the queue must not hang streams)."""
+    monkeypatch.setattr(scoring, "QUEUE_WAIT_S", 0.3)
+    backend = GatedBackend(str(TEACHER_PATH), max_queue_tokens=20)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    seqs = [([1] * 6, [5] * 4)] * 6  # frames of 2 x 10 tokens: the queue holds one
+    with serve(app) as url, TeacherClient(url) as client:
+        stream = client.score_stream(iter(frames_of(seqs, 2)))
+        try:  # frame 0 is at the gate, frame 1 fills the queue, frame 2 finds no room
+            first = next(stream)
+        finally:
+            backend.gate.set()
+        items = [first, *stream]
+    [error] = [i for i in items if i.error]
+    assert error.frame == 2 and error.error["code"] == 429
+    assert sorted(i.frame for i in items if i.score is not None) == [0, 0, 1, 1]

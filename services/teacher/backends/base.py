@@ -62,9 +62,10 @@ class Backend(ABC):
         """Scores for `jobs`, in order. Concurrent calls may be batched together."""
 
     def score_each(self, jobs: list[ScoreJob]) -> list[Awaitable[SequenceScore]]:
-        """One awaitable score per job, in order, each done as soon as its job is scored; the jobs
-        are queued together (a backend with a bounded queue takes all of them or raises QueueFull).
-        Cancelling an awaitable drops its job if it has not started."""
+        """One awaitable score per job, in order, each done as soon as its job is scored. A backend
+        with a bounded queue queues them together (all of them, or QueueFull); this default, for
+        backends without one, scores each on its own. Cancelling an awaitable drops its job if it
+        has not started."""
 
         async def one(job: ScoreJob) -> SequenceScore:
             [score] = await self.score([job])
