@@ -242,18 +242,30 @@ class _StreamReader:
 
     def __init__(self, url: str):
         self.url = url
+        self.sent = 0  # frames sent so far
         self._frames = FrameReader(2**31)
-        self._done = False
+        self._done: StreamItem | None = None
+
+    def frame(self, request: ScoreRequest | dict) -> bytes:
+        """`request` as the next frame to send, counted."""
+        data = encode_request_frame(as_request(request))
+        self.sent += 1
+        return data
 
     def feed(self, chunk: bytes) -> list[StreamItem]:
         items = [decode_stream_item(payload) for payload in self._frames.feed(chunk)]
-        self._done = self._done or any(item.done for item in items)
+        self._done = self._done or next((item for item in items if item.done), None)
         return items
 
     def finish(self) -> None:
-        if not self._done:  # cut off, inside a frame or between two
+        if self._done is None:  # cut off, inside a frame or between two
             raise ServerError(f"the stream from {self.url} ended without its done frame")
         self._frames.finish()
+        if (self._done.frames or 0) < self.sent:  # frames the teacher never read as frames
+            raise ServerError(
+                f"the teacher at {self.url} answered {self._done.frames} of the {self.sent} "
+                "frames sent; the rest got no result"
+            )
 
 
 def _refuse_if_closed(http: httpx.Client | httpx.AsyncClient) -> None:
@@ -449,14 +461,14 @@ class TeacherClient:
         what got no result."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
-        frames = (encode_request_frame(as_request(r)) for r in requests)
+        reader = _StreamReader(target)
+        frames = (reader.frame(r) for r in requests)
         try:
             with open_stream(
                 target, "/score/stream", self._core.stream_headers(), frames, self._core.timeout
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(response.read())
-                reader = _StreamReader(target)
                 for chunk in response.iter_bytes():
                     yield from reader.feed(chunk)
                 reader.finish()
@@ -588,14 +600,15 @@ class AsyncTeacherClient:
         plain iterable is read on the event loop, so it must not block (give an async one)."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
+        reader = _StreamReader(target)
 
         async def frames():
             if isinstance(requests, AsyncIterable):
                 async for r in requests:
-                    yield encode_request_frame(as_request(r))
+                    yield reader.frame(r)
             else:
                 for r in requests:
-                    yield encode_request_frame(as_request(r))
+                    yield reader.frame(r)
 
         try:
             async with open_stream_async(
@@ -603,7 +616,6 @@ class AsyncTeacherClient:
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(await response.aread())
-                reader = _StreamReader(target)
                 async for chunk in response.aiter_bytes():
                     for item in reader.feed(chunk):
                         yield item

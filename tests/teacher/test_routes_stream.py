@@ -29,6 +29,7 @@ from shared.protocol import (
     SequenceScore,
     decode_stream_item,
     encode_request_frame,
+    encode_stream_done,
     encode_stream_score,
     frame_bytes,
     validate_request,
@@ -412,3 +413,30 @@ def test_a_frame_that_finds_no_room_for_long_is_refused_as_score_would_be(monkey
     [error] = [i for i in items if i.error]
     assert error.frame == 2 and error.error["code"] == 429
     assert sorted(i.frame for i in items if i.score is not None) == [0, 0, 1, 1]
+
+
+class AnswersNoFrame(http.server.BaseHTTPRequestHandler):
+    """Reads the whole stream, then says it answered none of it (a teacher that lost frames)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        while (size := int(self.rfile.readline().strip(), 16)) > 0:
+            self.rfile.read(size + 2)  # a chunk and its CRLF
+        self.rfile.readline()
+        body = encode_stream_done(0, 0)  # a whole frame, its length first
+        self.send_response(200)
+        self.send_header("Content-Type", FRAMES)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_frames_the_teacher_did_not_answer_are_an_error_not_silence():
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with plain_http(AnswersNoFrame) as url, TeacherClient(url) as client:
+        with pytest.raises(ServerError, match="answered 0 of the 2 frames sent"):
+            list(client.score_stream([good, good]))
