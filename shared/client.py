@@ -53,8 +53,8 @@ from shared.protocol import (
 
 # Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
 RETRY_STATUSES = (429, 502, 503, 504)
-SIT_OUT_S = 2.0  # how long a replica that failed is passed over (the client's own marks: at most
-# max_backoff)
+# How long a replica that failed is passed over (the client's own marks: at most max_backoff).
+SIT_OUT_S = 2.0
 
 
 class TeacherUnreachable(TeacherError, ConnectionError):
@@ -237,8 +237,9 @@ class _Core:
 
 
 class _StreamReader:
-    """Decodes the result frames of a /score/stream response, whatever the chunking, and knows
-    whether the stream ended with its done frame (without it, the teacher's side was cut off)."""
+    """One /score/stream call's two sides: counts the frames it sends, decodes the result frames,
+    whatever the chunking, and checks at the end that the done frame came (without it, the
+    teacher's side was cut off) and answered every frame sent."""
 
     def __init__(self, url: str):
         self.url = url

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
@@ -114,16 +115,12 @@ async def _queue_when_room(backend: Backend, jobs: list[ScoreJob]) -> list[Await
     deadline = asyncio.get_running_loop().time() + QUEUE_WAIT_S
     while True:
         try:
-            return backend.score_each(jobs)
+            with _failures_as_server_errors(len(jobs)):
+                return backend.score_each(jobs)
         except QueueFull:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(QUEUE_POLL_S)
-        except TeacherError:
-            raise
-        except Exception as exc:  # as _checked: a 500 in the error shape, logged once
-            log.exception("queueing %d sequences failed", len(jobs))
-            raise ServerError(f"internal error ({type(exc).__name__})") from exc
 
 
 async def _indexed(index: int, pending: Awaitable[SequenceScore]) -> tuple[int, SequenceScore]:
@@ -157,10 +154,17 @@ async def _score_on(backend: Backend, jobs: list[ScoreJob]) -> list[SequenceScor
 
 
 async def _checked(scoring: Awaitable, sequences: int):
-    """`scoring`'s result; a failed forward (a CUDA out-of-memory, say) becomes a ServerError, a 500
-    in the error shape on /score and an error frame on /score/stream, logged once here."""
-    try:
+    with _failures_as_server_errors(sequences):
         return await scoring
+
+
+@contextmanager
+def _failures_as_server_errors(sequences: int) -> Iterator[None]:
+    """A failure that is not one of ours (a CUDA out-of-memory in a forward, say) becomes a
+    ServerError, a 500 in the error shape on /score and an error frame on /score/stream, logged
+    once here."""
+    try:
+        yield
     except TeacherError:
         raise
     except Exception as exc:

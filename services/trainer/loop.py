@@ -45,10 +45,11 @@ class RunError(Exception):
         self.param = param
 
 
-def check_out(cfg: RunConfig) -> None:
+def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     """Refuse, before any work, what the run in `out` does not allow: starting over in it unless
     told to (--resume continues it, --overwrite replaces it: nothing is lost by accident), and a
-    --resume that its last checkpoint cannot continue exactly."""
+    --resume that its last checkpoint cannot continue exactly. Returns the state of the checkpoint
+    a --resume continues from, if there is one."""
     out = Path(cfg.out)
     found = checkpoint.latest(out)
     if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
@@ -59,13 +60,19 @@ def check_out(cfg: RunConfig) -> None:
             param="out",
         )
     if cfg.resume and found is not None:
-        check_resumable(cfg, found)
+        return check_resumable(cfg, found)
+    return None
 
 
-def check_resumable(cfg: RunConfig, found: Path) -> None:
+def check_resumable(cfg: RunConfig, found: Path) -> checkpoint.TrainState:
     """The checkpoint `found` continues into this config: the same horizon at every step (from the
     schedule and the max_new_tokens it was trained with), and no fewer steps than it has done."""
-    state = read_checkpoint_state(found)
+    try:
+        state = checkpoint.read_state(found)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(
+            f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
+        ) from None
     if state.step > cfg.steps:
         raise RunError(
             f"--resume: {found} is at step {state.step}, past --steps {cfg.steps}; give "
@@ -86,6 +93,7 @@ def check_resumable(cfg: RunConfig, found: Path) -> None:
             "horizons: resume with the same, or start a new --out",
             param="max_new_tokens" if _same_spec(state.schedule, now) else "schedule",
         )
+    return state
 
 
 def _same_spec(spec: str, schedule: Schedule) -> bool:
@@ -96,20 +104,10 @@ def _same_spec(spec: str, schedule: Schedule) -> bool:
         return False
 
 
-def read_checkpoint_state(found: Path) -> checkpoint.TrainState:
-    try:
-        return checkpoint.read_state(found)
-    except (OSError, ValueError, TypeError) as exc:
-        raise RunError(
-            f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
-        ) from None
-
-
-def finished_summary(cfg: RunConfig) -> dict | None:
-    """The summary of the run in `out` when --resume finds it finished at --steps already (its
-    last checkpoint there and its summary complete): then there is nothing left to do."""
-    found = checkpoint.latest(cfg.out) if cfg.resume else None
-    if found is None or read_checkpoint_state(found).step != cfg.steps:
+def finished_summary(cfg: RunConfig, resumed: checkpoint.TrainState | None) -> dict | None:
+    """The summary of the run in `out` when the checkpoint a --resume continues from is at --steps
+    already and the summary is complete: then there is nothing left to do."""
+    if resumed is None or resumed.step != cfg.steps:
         return None
     try:
         summary = json.loads((Path(cfg.out) / "summary.json").read_text())
@@ -223,8 +221,7 @@ class Run:
         return True
 
     def run(self) -> dict:
-        check_out(self.cfg)
-        finished = finished_summary(self.cfg)
+        finished = finished_summary(self.cfg, check_out(self.cfg))
         if finished is not None:
             log.info("%s finished at step %d already; nothing to do", self.out, self.cfg.steps)
             return finished
