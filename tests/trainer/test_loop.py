@@ -278,8 +278,12 @@ def test_a_killed_replica_loses_and_duplicates_nothing(tmp_path, teacher_process
 
     def on_event(event):
         if event["type"] == "step" and event["step"] == 1:
-            # Kill it from another thread while the next step is already under way.
-            threading.Timer(0.2, lambda: (doomed.send_signal(signal.SIGKILL), killed.set())).start()
+            # Killed between steps 1 and 2, which the trainer does not know: step 2 still sends
+            # it frames. (A timer that fired mid-step 2 raced the step: at a 24-token horizon a
+            # step can be over first, leaving nothing to rescore.)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=30)
+            killed.set()
 
     out = tmp_path / "run"
     cfg = RunConfig(
