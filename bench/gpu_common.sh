@@ -7,3 +7,10 @@ if [ -d .gpu/wheels ]; then
     --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+inprocess() {  # SECONDS NAME ARGS...: bench/opd_inprocess.py ARGS on the GPU in the background, cut
+  # off after SECONDS, its output in $out/NAME.log (the sourcing script sets $out)
+  local seconds=$1 name=$2
+  shift 2
+  (echo "### $*"; timeout "$seconds" python3 bench/opd_inprocess.py "$@" --device cuda) \
+    > "$out/$name.log" 2>&1 &
+}

@@ -11,9 +11,7 @@ run_s=${RUN_S:-450}
 export OMP_NUM_THREADS=2
 source bench/gpu_common.sh
 bench() {  # NAME ARGS...: one bench run in the background, its output in $out/long_NAME.log
-  local name=$1; shift
-  (echo "### $*"; timeout "$run_s" python3 bench/opd_inprocess.py "$@" --device cuda) \
-    > "$out/long_$name.log" 2>&1 &
+  inprocess "$run_s" "long_$1" "${@:2}"
 }
 bench rkl_1024x4_lr3e-4 reverse_kl --prompts 1024 --samples 4 --lr 3e-4 --steps 200 --eval-every 10
 bench rkl_1024x4_lr1e-4 reverse_kl --prompts 1024 --samples 4 --lr 1e-4 --steps 200 --eval-every 10

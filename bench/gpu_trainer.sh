@@ -9,9 +9,7 @@ out=${1:-${OUT:-/tmp}}
 export OMP_NUM_THREADS=2
 source bench/gpu_common.sh
 bench() {  # NAME ARGS...: one bench run in the background, its output in $out/bench_NAME.log
-  local name=$1; shift
-  (echo "### $*"; timeout 420 python3 bench/opd_inprocess.py "$@" --device cuda --objective) \
-    > "$out/bench_$name.log" 2>&1 &
+  inprocess 420 "bench_$1" "${@:2}" --objective
 }
 bench rkl_256x4_lr3e-4 reverse_kl --prompts 256 --samples 4 --lr 3e-4 --steps 40 --eval-every 10
 bench rkl_256x4_lr1e-4 reverse_kl --prompts 256 --samples 4 --lr 1e-4 --steps 40 --eval-every 10

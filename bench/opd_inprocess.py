@@ -11,9 +11,11 @@ trained on ground-truth prefixes instead of the student's own.
     python bench/opd_inprocess.py reverse_kl --lr 3e-5 --steps 30 --eval-every 10 --objective
     python bench/opd_inprocess.py forward_kl --prompts 256 --samples 4 --states before_flag \
         --lr 1e-4 --steps 40 --eval-every 10 --objective --device cuda     # bench/gpu_trainer.sh
+    python bench/opd_inprocess.py reverse_kl --schedule truncated:0.1 --steps 20 --eval-every 10
     python bench/opd_inprocess.py --align            # first-step alignment of every mode, then exit
 
-Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon):
+Modes on the student's rollouts (sampled at --temperature, 1 by default, cut at --horizon, or at
+--schedule's horizon for the step with --horizon as H_max):
 reverse_kl (the trainer's policy-gradient loss on A_t = log p_T - log p_S), exact_reverse_kl (sum over
 the vocabulary of p_S (log p_S - log p_T) at each position) and forward_kl (sum of p_T (log p_T -
 log p_S)). Modes on the reference solutions (teacher-forced, first --horizon target tokens): sft
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from opd.models import ModelLoadError, load_model  # noqa: E402
 from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
 from services.trainer.rollout import sample_rollouts  # noqa: E402
+from services.trainer.schedules import ScheduleError, parse_schedule  # noqa: E402
 from services.trainer.step import sampled_logprobs, student_logprobs  # noqa: E402
 from shared.flags import non_negative_int, positive_int
 from shared.task import MAX_NEW_TOKENS, Problem, is_correct, problems  # noqa: E402
@@ -54,14 +58,23 @@ MODES = ON_POLICY + TEACHER_FORCED
 ERROR_NATS = 2.0  # an error: the teacher gives the token this much less log-prob than the student
 
 
-def rollouts_for(student, tokenizer, batch, args, generator, samples: int | None = None):
-    """`samples` (default --samples) rollouts of each problem at --temperature, cut at --horizon."""
+def rollouts_for(
+    student,
+    tokenizer,
+    batch,
+    args,
+    generator,
+    samples: int | None = None,
+    horizon: int | None = None,
+):
+    """`samples` (default --samples) rollouts of each problem at --temperature, cut at `horizon`
+    (default --horizon)."""
     return sample_rollouts(
         student,
         tokenizer,
         batch,
         samples or args.samples,
-        args.horizon,
+        horizon or args.horizon,
         generator,
         lambda _: None,
         10**9,
@@ -152,9 +165,9 @@ def teacher_forced_loss(mode, student, teacher, tokenizer, batch, horizon):
     return losses.masked_mean(nll_B_T, mask_B_T)
 
 
-def teacher_forced_mode_loss(mode, student, teacher, tokenizer, batch, args):
+def teacher_forced_mode_loss(mode, student, teacher, tokenizer, batch, args, horizon: int):
     copies = [p for p in batch for _ in range(args.samples)]
-    return teacher_forced_loss(mode, student, teacher, tokenizer, copies, args.horizon)
+    return teacher_forced_loss(mode, student, teacher, tokenizer, copies, horizon)
 
 
 def reference_nll(student, tokenizer, held_out: list[Problem]) -> float:
@@ -279,6 +292,12 @@ def main() -> None:
         "--horizon", type=int, default=MAX_NEW_TOKENS, help="tokens per rollout or solution"
     )
     parser.add_argument(
+        "--schedule",
+        default="full",
+        help="the trainer's horizon schedule with --horizon as H_max (services/trainer/"
+        "schedules.py): full, truncated:R, progressive:h0=A,dh=B,every=C, linear:h0=A,steps=C",
+    )
+    parser.add_argument(
         "--states",
         choices=["all", "clean", "deviated", "before_flag"],
         default="all",
@@ -345,23 +364,37 @@ def main() -> None:
     optimizer = make_optimizer(student, args)
     generator = torch.Generator(student.device).manual_seed(args.seed)
 
+    try:
+        schedule = parse_schedule(args.schedule, args.horizon)
+    except ScheduleError as exc:
+        parser.error(str(exc))
+    spent = Spent()
+
     def report(step: int) -> None:
         accuracy = evaluate(student, tokenizer, eval_set, progress=False).accuracy
         nll = reference_nll(student, tokenizer, held_out)
         line = f"step {step} accuracy {accuracy:.3f} reference NLL {nll:.4f}"
+        if step:
+            line += f" train_s {spent.seconds:.1f} tokens {spent.tokens}"
         if args.objective:
             line += "; " + objective_report(student, teacher, tokenizer, held_out, args)
         print(line, flush=True)
 
     loss_knobs = f" gamma {args.gamma}" * (args.gamma > 0) + " baseline" * args.baseline
-    print(f"{args.mode} lr {args.lr} horizon {args.horizon}{loss_knobs}", flush=True)
+    print(
+        f"{args.mode} lr {args.lr} horizon {args.horizon} schedule {args.schedule}{loss_knobs}",
+        flush=True,
+    )
     report(0)
     for step in range(args.steps):
+        started = time.perf_counter()
         batch = data[step * args.prompts : (step + 1) * args.prompts]
+        horizon = schedule.horizon(step)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         if args.mode in ON_POLICY:
-            rollouts = rollouts_for(student, tokenizer, batch, args, generator)
+            rollouts = rollouts_for(student, tokenizer, batch, args, generator, horizon=horizon)
+            spent.tokens += sum(len(r.completion_ids) for r in rollouts)
             loss = on_policy_loss(
                 args.mode,
                 student,
@@ -373,13 +406,27 @@ def main() -> None:
                 baseline=args.baseline,
             )
         else:
-            loss = teacher_forced_mode_loss(args.mode, student, teacher, tokenizer, batch, args)
+            loss = teacher_forced_mode_loss(
+                args.mode, student, teacher, tokenizer, batch, args, horizon
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
+        if student.device.type == "cuda":
+            torch.cuda.synchronize(student.device)
+        spent.seconds += time.perf_counter() - started
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps:
             report(step + 1)
+
+
+@dataclass
+class Spent:
+    """Training cost so far, evaluations left out: seconds, and rollout tokens sampled (each of
+    which the teacher scores)."""
+
+    seconds: float = 0.0
+    tokens: int = 0
 
 
 if __name__ == "__main__":
