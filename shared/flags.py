@@ -5,6 +5,7 @@ default is None, so only the flags given override the config (file, environment,
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import typing
 from collections.abc import Mapping
@@ -12,6 +13,15 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import field_message
+
+# A `--flag-name` in a message, not the middle of a word or path such as `a--b`.
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def field_words(message: str) -> str:
+    """A message written for the command line, reworded for an API user who sent the same settings
+    as JSON: each `--flag-name` becomes its field's name, `flag_name`."""
+    return _FLAG.sub(lambda m: m.group(1).replace("-", "_"), message)
 
 
 def add_flags(

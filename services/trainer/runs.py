@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.trainer.config import RunConfig
 from services.trainer.loop import Run
 from shared.errors import NotFound, NotReady
+from shared.flags import field_words
 
 
 class TrainerMetrics:
@@ -146,7 +147,7 @@ class Runs:
             status = "completed" if summary["completed"] else "stopped"
             self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
         except Exception as exc:  # reported on the run, never a dead thread with no word
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {field_words(str(exc))}"
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
 
     def _publish(self, record: RunRecord, event: dict) -> None:

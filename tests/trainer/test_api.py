@@ -63,6 +63,12 @@ def test_bad_config_is_422_naming_the_field(trainer_url, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_a_config_check_across_fields_speaks_of_fields_not_flags(trainer_url):
+    r = httpx.post(trainer_url + "/runs", json={"resume": True, "overwrite": True})
+    assert r.status_code == 422
+    assert "overwrite starts over and resume continues" in r.json()["error"]["message"]
+
+
 def test_a_body_that_is_not_json_is_400_as_on_the_teacher(trainer_url):
     r = httpx.post(
         trainer_url + "/runs", content=b"{steps: 3", headers={"content-type": "application/json"}
@@ -96,7 +102,8 @@ def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, t
     before = httpx.get(trainer_url + "/runs").json()
     r = httpx.post(trainer_url + "/runs", json={"out": str(tmp_path), "steps": 1})
     assert r.status_code == 422 and r.json()["error"]["param"] == "out"
-    assert "--overwrite to start over" in r.json()["error"]["message"]
+    # In the API's words: the fields a client sends, not the command line's flags.
+    assert "resume to continue it, overwrite to start over" in r.json()["error"]["message"]
     assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
 
 
@@ -124,7 +131,7 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
     done = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "done"), "steps": 1}
     run(RunConfig(**done))
     resume = {"out": done["out"], "resume": True}
-    cases.append(({**resume, "schedule": "full"}, "schedule", "trained with --schedule"))
+    cases.append(({**resume, "schedule": "full"}, "schedule", "trained with schedule"))
     before = httpx.get(trainer_url + "/runs").json()
     for fields, param, says in cases:
         body = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "run"), **fields}
