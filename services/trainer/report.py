@@ -71,6 +71,12 @@ def read_evals(run: Path) -> list[dict]:
     return evals
 
 
+def first_reaching(evals: list[dict], accuracy: float) -> dict | None:
+    """The first evaluation at `accuracy` or better; None when no evaluation gets there."""
+    # Accuracies are fractions of the problems evaluated, so the tolerance is for float rounding.
+    return next((e for e in evals if e["accuracy"] >= accuracy - 1e-9), None)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

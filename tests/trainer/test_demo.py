@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.trainer.demo import DemoConfig, print_table, run_demo
+from services.trainer.demo import DemoConfig, against_full, print_table, run_demo
+from services.trainer.report import JsonlLog
 
 
 def test_demo_uses_the_given_teacher_and_reports_each_schedule(tmp_path, teacher_url, capsys):
@@ -46,7 +47,70 @@ def test_the_table_shows_an_unknown_hidden_share_as_a_dash(capsys):
     }
     print_table([{**row, "hidden": None}, {**row, "run": "popd", "hidden": 0.57}])
     full, popd = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert full.split()[-1] == "-" and popd.split()[-1] == "57%"
+    # The hidden share is the column before "matches full" ("-": no full run was compared).
+    assert full.split()[-2:] == ["-", "-"] and popd.split()[-2:] == ["57%", "-"]
+
+
+def evals(run: Path, *points: tuple[float, float]) -> None:
+    """Writes `run`/eval.jsonl with one evaluation per (train_s, accuracy), a step apart."""
+    log = JsonlLog(run / "eval.jsonl")
+    for step, (train_s, accuracy) in enumerate(points):
+        log.write({"step": step, "accuracy": accuracy, "train_s": train_s, "teacher_tokens": step})
+
+
+def test_each_run_is_timed_to_within_2_points_of_full_opds_final_accuracy(tmp_path):
+    evals(tmp_path / "full", (0, 0.19), (10, 0.25), (20, 0.30))
+    evals(tmp_path / "topd-50", (0, 0.19), (4, 0.275), (8, 0.35))  # 27.5% is 2.5 points short
+    evals(tmp_path / "popd", (0, 0.19), (6, 0.28), (12, 0.29))  # 28% is within 2 points of 30%
+    evals(tmp_path / "topd-10", (0, 0.19), (2, 0.10))
+    rows = [
+        {"run": name, "final_accuracy": acc, "train_s": s}
+        for name, acc, s in [
+            ("full", 0.30, 20),
+            ("topd-50", 0.35, 8),
+            ("popd", 0.29, 12),
+            ("topd-10", 0.10, 2),
+        ]
+    ]
+    against_full(rows, tmp_path)
+    reached = {r["run"]: (r["matches_full_s"], r["matches_full_fraction"]) for r in rows}
+    assert reached == {
+        "full": (20, 1.0),
+        "topd-50": (8, 0.4),
+        "popd": (6, 0.3),
+        "topd-10": (None, None),
+    }
+
+
+def test_without_a_full_run_nothing_is_compared(tmp_path):
+    evals(tmp_path / "popd", (0, 0.19))
+    rows = [{"run": "popd", "final_accuracy": 0.19, "train_s": 1}]
+    against_full(rows, tmp_path)
+    assert "matches_full_s" not in rows[0]
+
+
+def test_the_table_says_when_matching_full_opd_means_nothing(capsys):
+    # Full OPD ended below its start: every run "matched" it at step 0.
+    row = {
+        "schedule": "s",
+        "initial_accuracy": 0.19,
+        "final_accuracy": 0.1,
+        "train_s": 10.0,
+        "tokens_generated": 10,
+        "teacher_tokens": 10,
+        "peak_rss_mb": 100.0,
+        "generate_s": 0.1,
+        "teacher_wait_s": 0.1,
+        "update_s": 0.1,
+        "hidden": 0.5,
+        "matches_full_s": 0.0,
+        "matches_full_fraction": 0.0,
+    }
+    print_table([{**row, "run": "full"}, {**row, "run": "popd", "matches_full_s": None}])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[2].endswith("0.0 s (0%)") and lines[3].endswith("never")
+    assert "says nothing about the schedules" in out
 
 
 def opd(*args: str, **kw) -> subprocess.Popen:

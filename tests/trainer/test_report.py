@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.report import JsonlLog, read_jsonl
+from services.trainer.report import JsonlLog, first_reaching, read_jsonl
 
 
 def test_a_resumed_log_keeps_the_steps_up_to_the_checkpoint(tmp_path):
@@ -35,3 +35,12 @@ def test_a_line_torn_by_a_kill_is_dropped_on_resume_and_named_elsewhere(tmp_path
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # not a kill's tear: refused
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         JsonlLog(path, keep_through_step=3)
+
+
+def test_first_reaching_finds_the_first_evaluation_at_an_accuracy_despite_float_rounding():
+    evals = [{"step": 0, "accuracy": 0.19}, {"step": 8, "accuracy": 24 / 200}]
+    # 28 of 200 less 2 points is 0.12000000000000001 in floats, above 24 of 200 (0.12).
+    assert 28 / 200 - 0.02 > 24 / 200
+    assert first_reaching(evals[1:], 28 / 200 - 0.02)["step"] == 8
+    assert first_reaching(evals, 0.19)["step"] == 0
+    assert first_reaching(evals, 0.2) is None
