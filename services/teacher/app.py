@@ -49,6 +49,7 @@ def build_backend(settings: TeacherSettings, metrics: TeacherMetrics) -> Backend
             max_seq_len=settings.max_seq_len,
             max_queue_tokens=settings.max_queue_tokens,
             trust_remote_code=settings.trust_remote_code,
+            share_prompts=settings.share_prompts,
             metrics=metrics,
         )
     from services.teacher.backends.vllm import VLLMBackend

@@ -43,6 +43,12 @@ class TeacherSettings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
+    share_prompts: bool = Field(
+        True,
+        description="hf backend: run a prompt that several sequences of a batch share (a trainer's "
+        "samples of it) once, their completions on copies of its KV cache; the same numbers within "
+        "float rounding.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and uvicorn."
     )

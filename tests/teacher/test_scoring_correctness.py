@@ -71,6 +71,25 @@ def test_mixed_length_batch_matches_reference_forward(teacher, teacher_url):
     assert result.usage.prompt_tokens == sum(len(p) for p, _ in seqs)
 
 
+def samples_of_few_prompts(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """What a trainer sends: 4 samples of each of 2 prompts (completions of 1 token to the whole
+    target, some alike), then one prompt of its own."""
+    seqs = []
+    for (prompt, completion), n in zip(mixed_sequences(tokenizer, n=7, seed=8)[-3:], (4, 4, 1)):
+        cuts = [1, len(completion), len(completion) // 2 + 1, len(completion)][:n]
+        seqs += [(prompt, completion[:cut]) for cut in cuts]
+    return seqs
+
+
+def test_samples_that_share_a_prompt_match_the_reference_forward(teacher, teacher_url):
+    model, tokenizer = teacher
+    seqs = samples_of_few_prompts(tokenizer)
+    candidates = [[[1, 2, 3]] * len(c) for _, c in seqs]
+    with TeacherClient(teacher_url) as client:
+        result = client.score(seqs, top_k=5, candidate_ids=candidates)
+    assert_matches_reference(model, seqs, result, top_k=5, candidates=candidates)
+
+
 def test_concurrent_clients_get_their_own_exact_answers(teacher, teacher_url):
     model, tokenizer = teacher
     seqs = mixed_sequences(tokenizer, n=12, seed=5)

@@ -4,12 +4,14 @@ Memory stays bounded on long sequences and large vocabularies: the decoder runs 
 hidden states, and the output layer + log-softmax run over the scored positions in chunks of
 `chunk_rows`, so the full [tokens, vocab] logits never exist at once. Sequences are right-padded with
 no attention mask: under causal attention a real token never sees the padding after it, so padding
-cannot change a result.
+cannot change a result. A batch that holds several sequences with one prompt (a trainer's samples of
+it) runs each prompt once and its completions on copies of its KV cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import torch
@@ -38,6 +40,7 @@ class HFBackend(Backend):
         max_seq_len: int | None = None,
         max_queue_tokens: int | None = None,
         trust_remote_code: bool = False,
+        share_prompts: bool = True,
         metrics: TeacherMetrics | None = None,
     ):
         self.model_path = model_path
@@ -47,6 +50,7 @@ class HFBackend(Backend):
         self.max_seq_len = max_seq_len
         self.max_queue_tokens = max_queue_tokens or 8 * max_batch_tokens
         self.trust_remote_code = trust_remote_code
+        self.share_prompts = share_prompts
         self.metrics = metrics
         self.batcher: Batcher | None = None
 
@@ -58,6 +62,7 @@ class HFBackend(Backend):
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
+        self.cache_arg = cache_argument(self.decoder) if self.share_prompts else None
         self.pad_id = tokenizer.pad_token_id or 0
         vocab = self.lm_head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
@@ -111,23 +116,77 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def score_batch(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
-        """Score a batch in one decoder pass (called from the batcher's worker thread)."""
-        width = max(len(j.input_ids) for j in jobs)
-        ids_B_T = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        for b, job in enumerate(jobs):
-            ids_B_T[b, : len(job.input_ids)] = torch.tensor(job.input_ids)
-        ids_B_T = ids_B_T.to(self.model.device)
+        """Score a batch (called from the batcher's worker thread): the decoder's hidden states at
+        each job's scored positions, then the output layer over them in chunks."""
+        if self.cache_arg and len({tuple(j.input_ids[: j.n_prompt]) for j in jobs}) < len(jobs):
+            rows = self._rows_sharing_prompts(jobs)
+        else:
+            rows = self._rows(jobs)
+        targets = torch.tensor([t for j in jobs for t in j.input_ids[j.n_prompt :]])
+        return chunked_scores(
+            torch.cat(rows), self.lm_head, targets.to(self.model.device), jobs, self.chunk_rows
+        )
+
+    def _rows(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
+        """Each job's hidden states at the positions that predict its scored tokens, from one
+        decoder pass over the right-padded sequences."""
+        ids_B_T = padded([j.input_ids for j in jobs], self.pad_id).to(self.model.device)
         hidden_B_T_H = self.decoder(input_ids=ids_B_T).last_hidden_state
         # Position t predicts token t+1: the scored tokens of job b sit at n_prompt .. len-1.
-        rows = [hidden_B_T_H[b, j.n_prompt - 1 : len(j.input_ids) - 1] for b, j in enumerate(jobs)]
-        targets = [ids_B_T[b, j.n_prompt : len(j.input_ids)] for b, j in enumerate(jobs)]
-        return chunked_scores(
-            torch.cat(rows),
-            self.lm_head,
-            torch.cat(targets),
-            jobs,
-            self.chunk_rows,
+        return [hidden_B_T_H[b, j.n_prompt - 1 : len(j.input_ids) - 1] for b, j in enumerate(jobs)]
+
+    def _rows_sharing_prompts(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
+        """As _rows, but each distinct prompt runs through the decoder once: a trainer sends several
+        samples of each prompt, and at short horizons the prompts are much of the work. The
+        completions then run on copies of their prompt's KV cache, with a mask that hides the
+        padding between a shorter prompt and its completion and positions that continue the prompt."""
+        device = self.model.device
+        prompts: dict[tuple[int, ...], int] = {}
+        owner = [prompts.setdefault(tuple(j.input_ids[: j.n_prompt]), len(prompts)) for j in jobs]
+        width = max(len(p) for p in prompts)
+        prompt_out = self.decoder(
+            input_ids=padded(list(prompts), self.pad_id).to(device), use_cache=True
         )
+        cache = getattr(prompt_out, self.cache_arg)
+        cache.batch_select_indices(torch.tensor(owner, device=device))
+        tails = [j.input_ids[j.n_prompt :] for j in jobs]
+        tail_ids = padded(tails, self.pad_id)
+        n_prompt_B = torch.tensor([j.n_prompt for j in jobs])
+        seen_B_L = torch.ones(len(jobs), width + tail_ids.shape[1], dtype=torch.long)
+        seen_B_L[:, :width] = (torch.arange(width)[None, :] < n_prompt_B[:, None]).long()
+        tail_B_T_H = self.decoder(
+            input_ids=tail_ids.to(device),
+            attention_mask=seen_B_L.to(device),
+            position_ids=(n_prompt_B[:, None] + torch.arange(tail_ids.shape[1])).to(device),
+            **{self.cache_arg: cache},
+        ).last_hidden_state
+        prompt_U_P_H = prompt_out.last_hidden_state
+        # The prompt's last position predicts the first completion token; each completion token
+        # but the last predicts the next.
+        return [
+            torch.cat(
+                [
+                    prompt_U_P_H[owner[b], j.n_prompt - 1 : j.n_prompt][: j.n_scored],
+                    tail_B_T_H[b, : max(0, j.n_scored - 1)],
+                ]
+            )
+            for b, j in enumerate(jobs)
+        ]
+
+
+def padded(rows: list, pad_id: int) -> torch.Tensor:
+    """[len(rows), longest] token ids, each row right-padded with `pad_id`."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def cache_argument(decoder) -> str | None:
+    """What the decoder calls its KV cache (`cache` in transformers >= 5.2x, `past_key_values`
+    before), or None for a model that takes none and so cannot share prompts."""
+    params = inspect.signature(decoder.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def chunked_scores(
