@@ -8,7 +8,7 @@ import torch
 
 from opd.bundled import TEACHER_PATH
 from services.teacher.backends.base import ScoreJob
-from services.teacher.backends.hf import HFBackend
+from services.teacher.backends.hf import HFBackend, worth_sharing
 from tests.teacher.test_scoring_correctness import samples_of_few_prompts
 
 
@@ -31,6 +31,7 @@ def test_prompts_shared_by_several_sequences_run_once_with_the_same_result(backe
         for prompt, completion in samples_of_few_prompts(backend.tokenizer)
     ]
     assert backend.cache_arg is not None  # a Llama decoder takes a KV cache
+    assert worth_sharing(jobs)  # so the HTTP test with these sequences takes the shared pass too
     with torch.inference_mode():
         shared, plain = backend._rows_sharing_prompts(jobs), backend._rows(jobs)
     for job, a, b in zip(jobs, shared, plain):
@@ -42,3 +43,12 @@ def test_share_prompts_off_leaves_every_batch_to_the_one_pass():
     plain = HFBackend(str(TEACHER_PATH), share_prompts=False)
     plain.load()
     assert plain.cache_arg is None  # score_batch then never takes the shared pass
+
+
+def test_sharing_is_for_prompts_that_are_much_of_the_batch(backend):
+    samples = [ScoreJob([1] + [5] * 30 + [7] * 26, 31) for _ in range(4)]  # 3 x 31 of 228 saved
+    assert worth_sharing(samples)
+    # The TRL dialect scores whole sequences after their <bos>: sharing it saves nothing.
+    whole = [ScoreJob(job.input_ids, 1) for job in samples]
+    assert not worth_sharing(whole)
+    assert not worth_sharing(samples[:1])

@@ -5,7 +5,7 @@ hidden states, and the output layer + log-softmax run over the scored positions 
 `chunk_rows`, so the full [tokens, vocab] logits never exist at once. Sequences are right-padded with
 no attention mask: under causal attention a real token never sees the padding after it, so padding
 cannot change a result. A batch that holds several sequences with one prompt (a trainer's samples of
-it) runs each prompt once and its completions on copies of its KV cache.
+it) runs each prompt once and its completions on copies of its KV cache, when that saves enough.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class HFBackend(Backend):
     def score_batch(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
         """Score a batch (called from the batcher's worker thread): the decoder's hidden states at
         each job's scored positions, then the output layer over them in chunks."""
-        if self.cache_arg and len({tuple(j.input_ids[: j.n_prompt]) for j in jobs}) < len(jobs):
+        if self.cache_arg and all(j.n_scored for j in jobs) and worth_sharing(jobs):
             rows = self._rows_sharing_prompts(jobs)
         else:
             rows = self._rows(jobs)
@@ -139,7 +139,8 @@ class HFBackend(Backend):
         """As _rows, but each distinct prompt runs through the decoder once: a trainer sends several
         samples of each prompt, and at short horizons the prompts are much of the work. The
         completions then run on copies of their prompt's KV cache, with a mask that hides the
-        padding between a shorter prompt and its completion and positions that continue the prompt."""
+        padding between a shorter prompt and its completion, at positions that continue their
+        prompt's. Every job scores at least one token."""
         device = self.model.device
         prompts: dict[tuple[int, ...], int] = {}
         owner = [prompts.setdefault(tuple(j.input_ids[: j.n_prompt]), len(prompts)) for j in jobs]
@@ -166,12 +167,25 @@ class HFBackend(Backend):
         return [
             torch.cat(
                 [
-                    prompt_U_P_H[owner[b], j.n_prompt - 1 : j.n_prompt][: j.n_scored],
-                    tail_B_T_H[b, : max(0, j.n_scored - 1)],
+                    prompt_U_P_H[owner[b], j.n_prompt - 1 : j.n_prompt],
+                    tail_B_T_H[b, : j.n_scored - 1],
                 ]
             )
             for b, j in enumerate(jobs)
         ]
+
+
+# The share of a batch's tokens that running each prompt once must save to be worth its second pass.
+MIN_SAVED_SHARE = 0.1
+
+
+def worth_sharing(jobs: list[ScoreJob]) -> bool:
+    """Whether the prompts that several jobs share are enough of the batch to run them once: a
+    trainer's samples are, while a route that scores whole sequences after a shared <bos> (the TRL
+    dialect's) saves nothing and keeps the one pass, so its numbers stay those of /score."""
+    distinct = {tuple(j.input_ids[: j.n_prompt]) for j in jobs}
+    saved = sum(j.n_prompt for j in jobs) - sum(len(p) for p in distinct)
+    return saved >= MIN_SAVED_SHARE * sum(len(j.input_ids) for j in jobs)
 
 
 def padded(rows: list, pad_id: int) -> torch.Tensor:
