@@ -30,21 +30,25 @@ def test_demo_uses_the_given_teacher_and_reports_each_schedule(tmp_path, teacher
     assert "topd-10" in capsys.readouterr().out
 
 
+# A row of the demo's table, as _row makes it.
+ROW = {
+    "run": "full",
+    "schedule": "full",
+    "initial_accuracy": 0.19,
+    "final_accuracy": 0.2,
+    "train_s": 1.0,
+    "tokens_generated": 10,
+    "teacher_tokens": 10,
+    "peak_rss_mb": 100.0,
+    "generate_s": 0.1,
+    "teacher_wait_s": 0.1,
+    "update_s": 0.1,
+}
+
+
 def test_the_table_shows_an_unknown_hidden_share_as_a_dash(capsys):
     # A vllm teacher does not time its forwards, so its runs have no hidden share to report.
-    row = {
-        "run": "full",
-        "schedule": "full",
-        "initial_accuracy": 0.19,
-        "final_accuracy": 0.2,
-        "train_s": 1.0,
-        "tokens_generated": 10,
-        "teacher_tokens": 10,
-        "peak_rss_mb": 100.0,
-        "generate_s": 0.1,
-        "teacher_wait_s": 0.1,
-        "update_s": 0.1,
-    }
+    row = ROW
     print_table([{**row, "hidden": None}, {**row, "run": "popd", "hidden": 0.57}])
     full, popd = capsys.readouterr().out.strip().splitlines()[-2:]
     # The hidden share is the column before "matches full" ("-": no full run was compared).
@@ -91,21 +95,8 @@ def test_without_a_full_run_nothing_is_compared(tmp_path):
 
 def test_the_table_says_when_matching_full_opd_means_nothing(capsys):
     # Full OPD ended below its start: every run "matched" it at step 0.
-    row = {
-        "schedule": "s",
-        "initial_accuracy": 0.19,
-        "final_accuracy": 0.1,
-        "train_s": 10.0,
-        "tokens_generated": 10,
-        "teacher_tokens": 10,
-        "peak_rss_mb": 100.0,
-        "generate_s": 0.1,
-        "teacher_wait_s": 0.1,
-        "update_s": 0.1,
-        "hidden": 0.5,
-        "matches_full_s": 0.0,
-        "matches_full_fraction": 0.0,
-    }
+    row = {**ROW, "final_accuracy": 0.1, "hidden": 0.5}
+    row |= {"matches_full_s": 0.0, "matches_full_fraction": 0.0}
     print_table([{**row, "run": "full"}, {**row, "run": "popd", "matches_full_s": None}])
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
