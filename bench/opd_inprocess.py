@@ -375,7 +375,8 @@ def main() -> None:
         nll = reference_nll(student, tokenizer, held_out)
         line = f"step {step} accuracy {accuracy:.3f} reference NLL {nll:.4f}"
         if step:
-            line += f" train_s {spent.seconds:.1f} tokens {spent.tokens}"
+            line += f" train_s {spent.seconds:.1f}"
+            line += f" tokens {spent.tokens}" * (args.mode in ON_POLICY)
         if args.objective:
             line += "; " + objective_report(student, teacher, tokenizer, held_out, args)
         print(line, flush=True)

@@ -8,20 +8,26 @@ import argparse
 import re
 import socket
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import field_message
 
-# A `--flag-name` in a message, not the middle of a word or path such as `a--b`.
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# A `--flag-name` in a message, not inside a word, path, URL or quoted value (`a--b`, `/--x`, `'--x'`).
+_FLAG = re.compile(r"(?<![\w/=?'\"-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
 
-def field_words(message: str) -> str:
+def field_words(message: str, fields: Iterable[str]) -> str:
     """A message written for the command line, reworded for an API user who sent the same settings
-    as JSON: each `--flag-name` becomes its field's name, `flag_name`."""
-    return _FLAG.sub(lambda m: m.group(1).replace("-", "_"), message)
+    as JSON: each `--flag-name` of one of `fields` becomes the field's name, `flag_name`."""
+    names = set(fields)
+
+    def reworded(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return name if name in names else match.group(0)
+
+    return _FLAG.sub(reworded, message)
 
 
 def add_flags(

@@ -87,7 +87,9 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
     try:
         check_teacher_limits(cfg, infos, tokenizer, data)
     except RunError as exc:
-        raise InvalidRequest(field_words(str(exc)), param=exc.param) from None
+        raise InvalidRequest(
+            field_words(str(exc), RunConfig.model_fields), param=exc.param
+        ) from None
 
 
 @router.post("/runs", status_code=201)
@@ -111,7 +113,9 @@ def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
     try:
         check_out(cfg)
     except RunError as exc:
-        raise InvalidRequest(field_words(str(exc)), param=exc.param) from None
+        raise InvalidRequest(
+            field_words(str(exc), RunConfig.model_fields), param=exc.param
+        ) from None
 
 
 @router.get("/runs")
@@ -226,7 +230,9 @@ def create_app() -> FastAPI:
             )
         else:
             err = from_validation(exc.errors())
-            err.message = field_words(err.message)  # a validator's words are the CLI's
+            err.message = field_words(
+                err.message, RunConfig.model_fields
+            )  # a validator's are the CLI's
         return JSONResponse(err.to_body(), status_code=err.status)
 
     install_error_shape(app)  # the one error shape, shared with the teacher

@@ -14,7 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.trainer.config import RunConfig
-from services.trainer.loop import Run
+from services.trainer.loop import Run, RunError
 from shared.errors import NotFound, NotReady
 from shared.flags import field_words
 
@@ -147,7 +147,11 @@ class Runs:
             status = "completed" if summary["completed"] else "stopped"
             self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
         except Exception as exc:  # reported on the run, never a dead thread with no word
-            error = f"{type(exc).__name__}: {field_words(str(exc))}"
+            # A RunError names the setting as the CLI's flag; here it is the field a client sent.
+            said = (
+                field_words(str(exc), RunConfig.model_fields) if isinstance(exc, RunError) else exc
+            )
+            error = f"{type(exc).__name__}: {said}"
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
 
     def _publish(self, record: RunRecord, event: dict) -> None:

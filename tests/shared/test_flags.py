@@ -5,6 +5,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.flags import add_flags, field_errors, field_words
 
+FIELDS = ("out", "resume", "max_new_tokens", "top_k", "api_key")
+
 
 @pytest.mark.parametrize(
     "cli, api",
@@ -15,14 +17,16 @@ from shared.flags import add_flags, field_errors, field_words
         ),
         ("--max-new-tokens 600 and --top-k 8", "max_new_tokens 600 and top_k 8"),
         ("(the teacher's key goes in --api-key)", "(the teacher's key goes in api_key)"),
-        # Not flags: a path with a double dash, a bare "--", a negative number.
-        ("/tmp/a--b is missing", "/tmp/a--b is missing"),
-        ("use -- to end options; lr -- 3", "use -- to end options; lr -- 3"),
-        ("step --3", "step --3"),
+        # Not fields: another flag, a path, a URL, a quoted value, a bare "--", a negative number.
+        ("--no-progress hides the bar", "--no-progress hides the bar"),
+        ("/tmp/a--b and /data/--resume are missing", "/tmp/a--b and /data/--resume are missing"),
+        ("http://h/x?--top-k=1 and x=--out", "http://h/x?--top-k=1 and x=--out"),
+        ("schedule '--resume' is unknown", "schedule '--resume' is unknown"),
+        ("use -- to end options; step --3", "use -- to end options; step --3"),
     ],
 )
-def test_field_words_names_each_flag_by_its_field(cli, api):
-    assert field_words(cli) == api
+def test_field_words_names_each_flag_of_a_field_by_the_field(cli, api):
+    assert field_words(cli, FIELDS) == api
 
 
 class Settings(BaseModel):
@@ -37,4 +41,4 @@ def test_a_flag_and_its_error_use_the_dashed_name_that_field_words_undoes():
         Settings(max_new_tokens=0)
     (line,) = field_errors(exc.value)
     assert line.startswith("--max-new-tokens: ")
-    assert field_words(line).startswith("max_new_tokens: ")
+    assert field_words(line, Settings.model_fields).startswith("max_new_tokens: ")

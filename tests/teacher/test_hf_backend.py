@@ -3,10 +3,12 @@ its two decoder passes: sequences that share a prompt run it once and get the sa
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from opd.bundled import TEACHER_PATH
+from opd.models import load_tokenizer
 from services.teacher.backends.base import ScoreJob
 from services.teacher.backends.hf import HFBackend, worth_sharing
 from tests.teacher.test_scoring_correctness import samples_of_few_prompts
@@ -52,3 +54,56 @@ def test_sharing_is_for_prompts_that_are_much_of_the_batch(backend):
     whole = [ScoreJob(job.input_ids, 1) for job in samples]
     assert not worth_sharing(whole)
     assert not worth_sharing(samples[:1])
+
+
+def tiny_model(folder, config) -> str:
+    """A random causal LM with `config`'s architecture and the bundled tokenizer, saved in `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer(TEACHER_PATH).save_pretrained(folder)
+    return str(folder)
+
+
+def both_passes(path: str, jobs: list[ScoreJob]) -> tuple[HFBackend, list, list]:
+    shared, plain = HFBackend(path), HFBackend(path, share_prompts=False)
+    shared.load()
+    plain.load()
+    return shared, shared.score_batch(jobs), plain.score_batch(jobs)
+
+
+def test_learned_positions_never_see_a_padding_position_past_their_last(tmp_path):
+    # GPT-2 style: 32 positions, and no sequence longer than 30. The short prompt's long tail pads
+    # the long prompt's short tail out to position 28 + 9 = 37.
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+    path = tiny_model(tmp_path / "gpt2", config)
+    long, short = [1] + [5] * 27, [1] + [6] * 4
+    jobs = [ScoreJob(long + [7] * 2, 28)] * 2 + [ScoreJob(short + [7] * 10, 5)] * 2
+    backend, shared, plain = both_passes(path, jobs)
+    assert backend.cache_arg is not None  # the shared pass ran, and stays on
+    for a, b in zip(shared, plain):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_sliding_window_model_turns_sharing_off_and_scores_as_one_pass(tmp_path):
+    from transformers import MistralConfig
+
+    config = MistralConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    path = tiny_model(tmp_path / "mistral", config)
+    short, long = [1] + [5] * 4, [1] + [6] * 15  # the short prompt padded past the window
+    jobs = [ScoreJob(p + [7] * 6, len(p)) for p in (short, short, long, long)]
+    backend, shared, plain = both_passes(path, jobs)
+    assert backend.cache_arg is None
+    for a, b in zip(shared, plain):
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)

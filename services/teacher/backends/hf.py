@@ -15,6 +15,7 @@ import inspect
 import logging
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from opd.models import load_model
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
@@ -118,9 +119,14 @@ class HFBackend(Backend):
     def score_batch(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
         """Score a batch (called from the batcher's worker thread): the decoder's hidden states at
         each job's scored positions, then the output layer over them in chunks."""
+        rows = None
         if self.cache_arg and all(j.n_scored for j in jobs) and worth_sharing(jobs):
-            rows = self._rows_sharing_prompts(jobs)
-        else:
+            try:
+                rows = self._rows_sharing_prompts(jobs)
+            except Exception as exc:  # a model the shared pass does not fit: never again
+                log.warning("sharing prompts is off for this model: %s", exc)
+                self.cache_arg = None
+        if rows is None:
             rows = self._rows(jobs)
         targets = torch.tensor([t for j in jobs for t in j.input_ids[j.n_prompt :]])
         return chunked_scores(
@@ -131,7 +137,7 @@ class HFBackend(Backend):
         """Each job's hidden states at the positions that predict its scored tokens, from one
         decoder pass over the right-padded sequences."""
         ids_B_T = padded([j.input_ids for j in jobs], self.pad_id).to(self.model.device)
-        hidden_B_T_H = self.decoder(input_ids=ids_B_T).last_hidden_state
+        hidden_B_T_H = self.decoder(input_ids=ids_B_T, use_cache=False).last_hidden_state
         # Position t predicts token t+1: the scored tokens of job b sit at n_prompt .. len-1.
         return [hidden_B_T_H[b, j.n_prompt - 1 : len(j.input_ids) - 1] for b, j in enumerate(jobs)]
 
@@ -149,16 +155,25 @@ class HFBackend(Backend):
             input_ids=padded(list(prompts), self.pad_id).to(device), use_cache=True
         )
         cache = getattr(prompt_out, self.cache_arg)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            # A sliding window keeps the padded prompt's last slots, not each prompt's own, and a
+            # recurrent state would carry the padding: only plain attention layers can be shared.
+            names = sorted({type(layer).__name__ for layer in layers or []})
+            raise ValueError(f"its KV cache holds {names or 'no layers'}, not only DynamicLayer")
         cache.batch_select_indices(torch.tensor(owner, device=device))
         tails = [j.input_ids[j.n_prompt :] for j in jobs]
         tail_ids = padded(tails, self.pad_id)
         n_prompt_B = torch.tensor([j.n_prompt for j in jobs])
+        n_tail_B = torch.tensor([len(t) for t in tails])
+        # Padding repeats the last real position, so no position passes the model's last one.
+        steps_B_T = torch.minimum(torch.arange(tail_ids.shape[1])[None, :], (n_tail_B - 1)[:, None])
         seen_B_L = torch.ones(len(jobs), width + tail_ids.shape[1], dtype=torch.long)
         seen_B_L[:, :width] = (torch.arange(width)[None, :] < n_prompt_B[:, None]).long()
         tail_B_T_H = self.decoder(
             input_ids=tail_ids.to(device),
             attention_mask=seen_B_L.to(device),
-            position_ids=(n_prompt_B[:, None] + torch.arange(tail_ids.shape[1])).to(device),
+            position_ids=(n_prompt_B[:, None] + steps_B_T).to(device),
             **{self.cache_arg: cache},
         ).last_hidden_state
         prompt_U_P_H = prompt_out.last_hidden_state
@@ -181,8 +196,9 @@ MIN_SAVED_SHARE = 0.1
 
 def worth_sharing(jobs: list[ScoreJob]) -> bool:
     """Whether the prompts that several jobs share are enough of the batch to run them once: a
-    trainer's samples are, while a route that scores whole sequences after a shared <bos> (the TRL
-    dialect's) saves nothing and keeps the one pass, so its numbers stay those of /score."""
+    trainer's samples are, while a batch of whole sequences scored after a shared <bos> (a TRL
+    dialect request on its own) saves nothing and keeps the one pass, so its numbers stay those of
+    /score's."""
     distinct = {tuple(j.input_ids[: j.n_prompt]) for j in jobs}
     saved = sum(j.n_prompt for j in jobs) - sum(len(p) for p in distinct)
     return saved >= MIN_SAVED_SHARE * sum(len(j.input_ids) for j in jobs)
