@@ -29,6 +29,15 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens_B_T, self.lengths_B)]
 
 
+def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> torch.Tensor:
+    """[len(rows), width] (width: the longest row's by default), each row right-padded with `fill`."""
+    width = max(len(r) for r in rows) if width is None else width
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts into (ids_B_P, mask_B_P) so every prompt ends at the same column."""
     width = max(len(p) for p in prompts)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from opd.generate import right_pad
 from services.trainer import losses
 from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
@@ -40,20 +41,13 @@ class StepLoss:
     cut_tokens: int
 
 
-def padded(rows: list[list], width: int, fill, dtype) -> torch.Tensor:
-    out = torch.full((len(rows), width), fill, dtype=dtype)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=dtype)
-    return out
-
-
 def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp_B_T_V, mask_B_T): the student's log-softmax at each completion position, with grad.
 
     Sequences are right-padded with no attention mask: causal attention keeps padding invisible.
     """
     seqs = [r.prompt_ids + r.completion_ids for r in rollouts]
-    ids_B_L = padded(seqs, max(len(s) for s in seqs), 0, torch.long).to(model.device)
+    ids_B_L = right_pad(seqs, 0).to(model.device)
     logits_B_L_V = model(input_ids=ids_B_L).logits
     width = max(len(r.completion_ids) for r in rollouts)
     t_T = torch.arange(width)
@@ -71,7 +65,7 @@ def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torc
 def sampled_logprobs(logp_B_T_V: torch.Tensor, rollouts: list[Rollout]) -> torch.Tensor:
     """[B, T]: the log-prob each distribution gave the rollout's own token (0 past its end)."""
     width = logp_B_T_V.shape[1]
-    tokens_B_T = padded([r.completion_ids for r in rollouts], width, 0, torch.long)
+    tokens_B_T = right_pad([r.completion_ids for r in rollouts], 0, width=width)
     lengths_B = torch.tensor([len(r.completion_ids) for r in rollouts])
     real_B_T = torch.arange(width)[None, :] < lengths_B[:, None]
     picked_B_T = logp_B_T_V.gather(2, tokens_B_T.to(logp_B_T_V.device)[..., None]).squeeze(-1)
@@ -122,8 +116,8 @@ def distillation_loss(
     width = mask_B_T.shape[1]
     device = logp_B_T_V.device
     student_B_T = sampled_logprobs(logp_B_T_V, rollouts)
-    teacher_B_T = padded(
-        [scores[r.key].logprobs.tolist() for r in rollouts], width, 0.0, torch.float32
+    teacher_B_T = right_pad(
+        [scores[r.key].logprobs.tolist() for r in rollouts], 0.0, torch.float32, width
     ).to(device)
     loss_mask_B_T = mask_B_T
     if cfg.cut_at_error is not None:
@@ -131,7 +125,7 @@ def distillation_loss(
             teacher_B_T, student_B_T, mask_B_T, cfg.cut_at_error
         )
     if cfg.loss == "reverse_kl":
-        sample_B_T = padded([r.sample_logprobs for r in rollouts], width, 0.0, torch.float32)
+        sample_B_T = right_pad([r.sample_logprobs for r in rollouts], 0.0, torch.float32, width)
         adv_B_T = losses.reverse_kl_advantage(
             teacher_B_T, student_B_T, loss_mask_B_T, gamma=cfg.gamma, clip=cfg.adv_clip
         )

@@ -17,6 +17,7 @@ import logging
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from opd.generate import right_pad
 from opd.models import load_model
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.batcher import Batcher
@@ -136,7 +137,7 @@ class HFBackend(Backend):
     def _rows(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
         """Each job's hidden states at the positions that predict its scored tokens, from one
         decoder pass over the right-padded sequences."""
-        ids_B_T = padded([j.input_ids for j in jobs], self.pad_id).to(self.model.device)
+        ids_B_T = right_pad([j.input_ids for j in jobs], self.pad_id).to(self.model.device)
         hidden_B_T_H = self.decoder(input_ids=ids_B_T, use_cache=False).last_hidden_state
         # Position t predicts token t+1: the scored tokens of job b sit at n_prompt .. len-1.
         return [hidden_B_T_H[b, j.n_prompt - 1 : len(j.input_ids) - 1] for b, j in enumerate(jobs)]
@@ -152,7 +153,7 @@ class HFBackend(Backend):
         owner = [prompts.setdefault(tuple(j.input_ids[: j.n_prompt]), len(prompts)) for j in jobs]
         width = max(len(p) for p in prompts)
         prompt_out = self.decoder(
-            input_ids=padded(list(prompts), self.pad_id).to(device), use_cache=True
+            input_ids=right_pad(list(prompts), self.pad_id).to(device), use_cache=True
         )
         cache = getattr(prompt_out, self.cache_arg)
         layers = getattr(cache, "layers", None)
@@ -163,7 +164,7 @@ class HFBackend(Backend):
             raise ValueError(f"its KV cache holds {names or 'no layers'}, not only DynamicLayer")
         cache.batch_select_indices(torch.tensor(owner, device=device))
         tails = [j.input_ids[j.n_prompt :] for j in jobs]
-        tail_ids = padded(tails, self.pad_id)
+        tail_ids = right_pad(tails, self.pad_id)
         n_prompt_B = torch.tensor([j.n_prompt for j in jobs])
         n_tail_B = torch.tensor([len(t) for t in tails])
         # Padding repeats the last real position, so no position passes the model's last one.
@@ -202,14 +203,6 @@ def worth_sharing(jobs: list[ScoreJob]) -> bool:
     distinct = {tuple(j.input_ids[: j.n_prompt]) for j in jobs}
     saved = sum(j.n_prompt for j in jobs) - sum(len(p) for p in distinct)
     return saved >= MIN_SAVED_SHARE * sum(len(j.input_ids) for j in jobs)
-
-
-def padded(rows: list, pad_id: int) -> torch.Tensor:
-    """[len(rows), longest] token ids, each row right-padded with `pad_id`."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
 
 
 def cache_argument(decoder) -> str | None:
