@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the student once its dev accuracy reaches this (0 to 1, default 0.2)",
     )
     make.add_argument("--seed", type=int, default=0, help="initialisation and data (default 0)")
-    make.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    make.add_argument(
+        "--threads", type=positive_int, default=2, help="torch CPU threads (default 2)"
+    )
     make.set_defaults(func=cmd_make_models)
 
     demo = sub.add_parser(
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=non_negative_int,
         default=8,
-        help="evaluate every N steps (0: at the end)",
+        help="evaluate every N steps (0: at the end; default 8)",
     )
     demo.add_argument(
         "--eval-n",
@@ -205,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out problems per evaluation (default 200)",
     )
     demo.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
-    demo.add_argument("--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd")
+    demo.add_argument(
+        "--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd (default all)"
+    )
     demo.add_argument("--teacher-url", help="use this teacher server instead of starting one")
     demo.set_defaults(func=cmd_demo)
 
@@ -216,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=positive_int,
         default=1,
-        help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1",
+        help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1 (default 1)",
     )
     ev.add_argument(
         "--batch-size",
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--seed", type=int, default=0, help="which problems are drawn, and sampling (default 0)"
     )
-    ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
     return parser

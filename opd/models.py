@@ -6,6 +6,7 @@ student: LlamaForCausalLM, hidden 128, 2 layers, 4 heads of 32  (~0.43M paramete
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,11 +115,18 @@ def load_model(
 
 
 def check_loadable(path: str | Path, device: str = "cpu") -> Path:
-    """The model folder, known to exist, to hold a config.json and to name a device this machine has;
-    else ModelLoadError saying why. Reads no weights, so servers can refuse bad settings at once."""
+    """The model folder, known to exist, to hold a readable config.json and to name a device this
+    machine has; else ModelLoadError saying why. Reads no weights, so servers can refuse bad settings
+    at once."""
     folder = _existing_folder(path)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder}: config.json is not a JSON object")
     _check_device(folder, device)
     return folder
 

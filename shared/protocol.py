@@ -495,5 +495,7 @@ def an_object(data: Any, form: str) -> dict:
 def load_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise MalformedBody("body is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # also an integer of more digits than Python converts, or bad UTF-8
         raise MalformedBody(f"body is not valid JSON ({exc})") from None

@@ -1,7 +1,7 @@
-"""The whole system in real containers: two teacher replicas behind the load balancer, a short
-distillation in the trainer container, one teacher stopped mid-run; and the GPU override as compose
-renders it (no GPU needed). Runs in the Docker CI stage
-(`make test-docker`), after docker/setup-ci.sh; skipped where Docker or compose v2 is missing."""
+"""The whole system in real containers, with an API key: two teacher replicas behind the load
+balancer, a short distillation in the trainer container, one teacher stopped mid-run; and the GPU
+override as compose renders it (no GPU needed). Runs in the Docker CI stage (`make test-docker`),
+after docker/setup-ci.sh; skipped where Docker or compose v2 is missing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "opdci"
 STEPS = 12
+KEY = "ci-key"
 
 
 def compose(*args: str, env: dict, check: bool = True, timeout: float = 1200):
@@ -58,6 +59,7 @@ def stack(tmp_path_factory):
         "OPD_RESULTS": str(results),
         "OPD_TEACHER_PORT": str(port),
         "OPD_BASE_IMAGE": os.environ.get("OPD_BASE_IMAGE", "opd-base:bookworm"),
+        "OPD_TEACHER_API_KEY": KEY,  # the teachers need it; the trainer must send it unasked
     }
     compose("build", env=env)
     try:
@@ -101,9 +103,11 @@ def scored_requests(container: str) -> float:
 
 def test_both_replicas_answer_score_through_the_balancer(stack):
     url, env, _ = stack
-    instances = {httpx.get(url + "/info").json()["instance"] for _ in range(20)}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    instances = {httpx.get(url + "/info", headers=auth).json()["instance"] for _ in range(20)}
     assert len(instances) == 2
-    with TeacherClient(url) as client:
+    assert httpx.post(url + "/score", json={"sequences": []}).status_code == 401
+    with TeacherClient(url, api_key=KEY) as client:
         for _ in range(10):
             result = client.score([([1, 21, 18, 5], [6, 14, 7])], top_k=2)
             assert len(result.results[0].logprobs) == 3

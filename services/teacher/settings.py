@@ -27,7 +27,10 @@ class TeacherSettings(BaseSettings):
         16384, ge=1, description="Token budget of one forward batch (rows x longest row)."
     )
     max_seq_len: int | None = Field(
-        None, ge=1, description="Longest prompt + scored tokens (default: the model's, capped)."
+        None,
+        ge=1,
+        description="Longest prompt + scored tokens "
+        "(unset: the model's positions, at most --max-batch-tokens).",
     )
     max_top_k: int = Field(20, ge=0, description="Largest top_k a request may ask for.")
     max_queue_tokens: int | None = Field(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -105,8 +104,6 @@ async def start_run(cfg: RunConfig, request: Request) -> dict:
 
 
 def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise InvalidRequest(f"out {cfg.out} is a file, not a folder", param="out")
     busy = runs.writing_to(cfg.out)
     if busy:  # its thread may not have written config.json yet, so check_out can't see it
         raise InvalidRequest(f"out {cfg.out} is in use by {busy.id} ({busy.status})", param="out")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
-from shared.client import checked_url
+from shared.client import API_KEY_ENV, checked_url
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -59,7 +59,9 @@ class RunConfig(BaseModel):
     gamma: float = Field(
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
     )
-    adv_clip: float | None = Field(None, gt=0, description="Clip |A_t| to this (none by default).")
+    adv_clip: float | None = Field(
+        None, gt=0, description="Clip |A_t| to this (None: no clipping)."
+    )
     cut_at_error: float | None = Field(
         None,
         gt=0,
@@ -96,7 +98,9 @@ class RunConfig(BaseModel):
         description="Where the student trains and samples: cpu, cuda or cuda:N.",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
-    api_key: str | None = Field(None, description="Teacher API key, if it needs one.")
+    api_key: str | None = Field(
+        None, description=f"Teacher API key, if it needs one (unset: env {API_KEY_ENV})."
+    )
     progress: bool = Field(True, description="Show a progress bar.", strict=True)
 
     def ignored_settings(self) -> list[str]:

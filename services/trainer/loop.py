@@ -29,6 +29,7 @@ from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
+from shared.client import API_KEY_ENV
 from shared.errors import Unauthorized
 from shared.task import problems
 
@@ -51,6 +52,8 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     --resume that its last checkpoint cannot continue exactly. Returns the state of the checkpoint
     a --resume continues from, if there is one."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder", param="out")
     found = checkpoint.latest(out)
     if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
         held = f"checkpoint {found.name}" if found else "no checkpoint yet"
@@ -134,7 +137,8 @@ def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> 
                 f"--schedule {cfg.schedule} with --max-new-tokens {cfg.max_new_tokens} reaches "
                 f"{longest_horizon} tokens; with prompts of up to {longest_prompt} that exceeds "
                 f"the max_seq_len {info['max_seq_len']} of the teacher at {url}",
-                param="schedule",
+                # The field to change: H_max when the schedule reaches it, else the schedule.
+                param="max_new_tokens" if longest_horizon == cfg.max_new_tokens else "schedule",
             )
 
 
@@ -187,7 +191,7 @@ class Run:
             infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
         except Unauthorized as exc:
             raise RunError(
-                f"{exc} (the teacher's key goes in --api-key)", param="api_key"
+                f"{exc} (the teacher's key goes in --api-key or {API_KEY_ENV})", param="api_key"
             ) from None
         check_teacher_limits(cfg, infos, self.tokenizer, self.data)
         try:

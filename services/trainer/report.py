@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 class JsonlLog:
@@ -96,6 +97,7 @@ def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:
     for ax, xlabel in zip(axes, ("step", "training wall-clock (s)", "teacher tokens scored (k)")):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.5 in a short run
     axes[0].set_ylabel("held-out accuracy, greedy (%)")
     axes[0].legend()
     if title:

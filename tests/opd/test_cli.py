@@ -36,6 +36,7 @@ def mismatched_model(folder) -> None:
     [
         (lambda d: d / "missing", "no such file or directory"),
         (lambda d: d, "not a Hugging Face model folder"),
+        (lambda d: (d / "config.json").write_text("[1]") and d, "config.json is not a JSON object"),
         (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "not a folder"),
         (
             lambda d: mismatched_model(d) or d,

@@ -62,6 +62,8 @@ def test_a_cuda_device_without_cuda_is_refused_before_serving():
 
 def test_a_folder_that_is_not_a_model_is_refused_before_serving(tmp_path):
     assert "no config.json" in startup_error(TeacherSettings(model=str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    assert "unreadable config.json" in startup_error(TeacherSettings(model=str(tmp_path)))
     assert startup_error(TeacherSettings(port=0)) is None  # the bundled teacher
 
 

@@ -16,7 +16,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
-from shared.client import TeacherClient
+from shared.client import API_KEY_ENV, TeacherClient
 from shared.errors import Unauthorized
 from tests.conftest import serve
 
@@ -77,12 +77,17 @@ def test_bad_request_is_422_naming_the_field(teacher_url, body, param, says):
     assert post(teacher_url, GOOD).status_code == 200  # still serving
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HUGE_INT = b'{"top_k": ' + b"9" * 5000 + b"}"  # more digits than Python converts to int
+
+
 def test_malformed_bodies_are_400(teacher_url):
-    assert_error(
-        post(teacher_url, b"{not json", {"Content-Type": "application/json"}),
-        400,
-        says="not valid JSON",
-    )
+    for body in (b"{not json", DEEP, HUGE_INT):
+        assert_error(
+            post(teacher_url, body, {"Content-Type": "application/json"}),
+            400,
+            says="not valid JSON",
+        )
     assert_error(
         post(teacher_url, b"\xc1\xc1", {"Content-Type": "application/msgpack"}),
         400,
@@ -150,6 +155,23 @@ def test_api_key_is_required_when_set():
         with TeacherClient(url, api_key="wrong") as client:  # connect says which replica refused
             with pytest.raises(Unauthorized, match=f"teacher at {url}: missing or wrong API key"):
                 client.connect()
+
+
+def test_a_client_without_a_key_sends_the_one_the_teacher_reads(monkeypatch):
+    # One variable for both ends, as compose sets it for the teacher and the trainer.
+    assert API_KEY_ENV == TeacherSettings.model_config["env_prefix"] + "API_KEY"
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)))) as url:
+        assert TeacherSettings(model=str(TEACHER_PATH)).api_key.get_secret_value() == "s3cret"
+        with TeacherClient(url) as client:
+            assert client.info()["backend"] == "hf"
+        with TeacherClient(url, api_key="wrong") as client:  # a key given wins
+            with pytest.raises(Unauthorized):
+                client.info()
+        monkeypatch.setenv(API_KEY_ENV, "")  # as compose passes an unset variable: no key
+        with TeacherClient(url) as client:
+            with pytest.raises(Unauthorized):
+                client.info()
 
 
 class GatedBackend(HFBackend):

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.teacher.test_routes import assert_error
+from tests.teacher.test_routes import DEEP, HUGE_INT, assert_error
 
 TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"
@@ -25,7 +25,7 @@ def post(url: str, route: str, body) -> httpx.Response:
 
 
 @pytest.mark.parametrize("route", [TRL, OPENAI])
-@pytest.mark.parametrize("body", [b"{not json", b'{"prompt": "\xff"}'])
+@pytest.mark.parametrize("body", [b"{not json", b'{"prompt": "\xff"}', DEEP, HUGE_INT])
 def test_a_body_that_is_not_json_is_400(teacher_url, route, body):
     assert_error(post(teacher_url, route, body), 400, says="not valid JSON")
 

@@ -120,10 +120,11 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         ({"teacher_url": [f"http://127.0.0.1:{a_closed_port()}"]}, "teacher_url", "unreachable"),
         ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "port 99999 out of range"),
         ({"student": str(tmp_path / "nothing")}, "student", "no such file or directory"),
-        ({"out": str(tmp_path / "a-file")}, "out", "is a file"),
+        ({"out": str(tmp_path / "a-file")}, "out", "a-file is a file, not a folder"),
         # The teacher's own limits, read from its /info as the run would.
         ({"loss": "forward_kl_topk", "top_k": 50}, "top_k", "allows at most 20"),
-        ({"schedule": "full", "max_new_tokens": 600}, "schedule", "exceeds the max_seq_len"),
+        ({"schedule": "full", "max_new_tokens": 600}, "max_new_tokens", "exceeds the max_seq_len"),
+        ({"schedule": "truncated:500", "max_new_tokens": 600}, "schedule", "exceeds the"),
     ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "device", "CUDA"))

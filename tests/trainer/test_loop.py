@@ -133,7 +133,7 @@ def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_pat
     "schedule, loss, refused, param",
     [
         ("truncated:24", "reverse_kl", None, None),  # H_max 1000, but no rollout passes 24 tokens
-        ("full", "reverse_kl", "reaches 1000 tokens", "schedule"),
+        ("full", "reverse_kl", "reaches 1000 tokens", "max_new_tokens"),
         ("progressive:h0=32,dh=32,every=1", "reverse_kl", "reaches 960 tokens", "schedule"),
         ("truncated:24", "forward_kl_topk", "--top-k 25", "top_k"),
     ],
@@ -154,7 +154,7 @@ def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, teacher_proce
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
     result = trainer_cli(*small_args(teacher_process, a_file))
-    assert result.returncode == 1 and "cannot make the run folder" in result.stderr
+    assert result.returncode == 1 and "notes.txt is a file, not a folder" in result.stderr
     assert "Traceback" not in result.stderr
 
 
