@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import random
 import threading
@@ -334,11 +335,13 @@ def _not_a_teacher(url: str, exc: NotFound) -> TeacherError:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+    """Retry-After in seconds; None when absent or not a usable number (an HTTP date, "nan", -1:
+    the client's own backoff is used instead)."""
     try:
-        return float(value) if value is not None else None
+        seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _expected_fingerprint(tokenizer: Any) -> str | None:

@@ -1,15 +1,19 @@
 """What the teacher's and the trainer's FastAPI apps share: answers in the one error shape, for our
-own errors and for those the framework raises itself (no such route, wrong method), and the
+own errors, for those the framework raises itself (no such route, wrong method) and for bugs, and the
 Prometheus exposition."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import TeacherError, body_of_status
+from shared.errors import ServerError, TeacherError, body_of_status
+
+log = logging.getLogger("opd.web")
 
 
 def error_response(err: TeacherError) -> JSONResponse:
@@ -20,7 +24,8 @@ def error_response(err: TeacherError) -> JSONResponse:
 
 
 def install_error_shape(app: FastAPI) -> None:
-    """Answer TeacherError and the framework's own HTTP errors (404, 405) in the error shape."""
+    """Answer TeacherError, the framework's own HTTP errors (404, 405) and any other exception (a
+    500, its traceback logged) in the error shape."""
 
     @app.exception_handler(TeacherError)
     async def teacher_error(request: Request, exc: TeacherError) -> JSONResponse:
@@ -33,6 +38,11 @@ def install_error_shape(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,  # a 405's Allow
         )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(ServerError(f"internal error ({type(exc).__name__})"))
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

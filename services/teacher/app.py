@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from services.teacher import routes_openai, routes_stream, routes_trl
@@ -21,8 +20,7 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
 from services.teacher.scoring import Limits
 from services.teacher.settings import TeacherSettings
-from shared.errors import ServerError
-from shared.web import error_response, install_error_shape
+from shared.web import install_error_shape
 
 log = logging.getLogger("opd.teacher")
 
@@ -116,11 +114,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         # 499 (nginx's "client closed request") keeps it apart from our own errors in /metrics.
         log.info("client went away while sending %s", request.url.path)
         return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(ServerError(f"internal error ({type(exc).__name__})"))
 
 
 class MetricsMiddleware:

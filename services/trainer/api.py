@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -72,19 +73,34 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
     """What the run would check first against each teacher replica, asked now: that it answers, takes
     the API key, speaks the student's tokenizer, and allows the top-k and the longest sequence.
     A replica still loading passes: the run waits for it and checks it then."""
-    tokenizer = await asyncio.to_thread(load_tokenizer, cfg.student)
     try:
-        async with AsyncTeacherClient(cfg.teacher_url, api_key=cfg.api_key) as client:
-            infos = await client.connect(tokenizer, wait_s=0)
-    except NotReady:
+        tokenizer = await asyncio.to_thread(load_tokenizer, cfg.student)
+    except ModelLoadError as exc:  # a config.json and no tokenizer beside it
+        raise InvalidRequest(str(exc), param="student") from None
+    ready, infos = [], []
+    for url in cfg.teacher_url:
+        try:
+            async with AsyncTeacherClient(url, api_key=cfg.api_key) as client:
+                infos += await client.connect(tokenizer, wait_s=0)
+        except NotReady:
+            continue
+        except Unauthorized as exc:
+            raise InvalidRequest(exc.message, param="api_key") from None
+        except TeacherError as exc:  # unreachable, another tokenizer, not a teacher at all
+            raise InvalidRequest(exc.message, param="teacher_url") from None
+        ready.append(url)
+    if not ready:
         return
-    except Unauthorized as exc:
-        raise InvalidRequest(exc.message, param="api_key") from None
-    except TeacherError as exc:  # unreachable, another tokenizer, not a teacher at all
-        raise InvalidRequest(exc.message, param="teacher_url") from None
     data = await asyncio.to_thread(training_problems, cfg)
     try:
-        check_teacher_limits(cfg, infos, tokenizer, data)
+        # Off the event loop: it tokenizes every training prompt, and other runs stream events.
+        await asyncio.to_thread(
+            check_teacher_limits,
+            cfg.model_copy(update={"teacher_url": ready}),
+            infos,
+            tokenizer,
+            data,
+        )
     except RunError as exc:
         raise InvalidRequest(
             field_words(str(exc), RunConfig.model_fields), param=exc.param
@@ -186,8 +202,6 @@ class TrainerServer(uvicorn.Server):
 
 
 def create_app() -> FastAPI:
-    from contextlib import asynccontextmanager
-
     metrics = TrainerMetrics()
 
     @asynccontextmanager

@@ -14,7 +14,14 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
-from shared.errors import FingerprintMismatch, InvalidRequest, NotFound, ServerError, TeacherError
+from shared.errors import (
+    FingerprintMismatch,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    ServerError,
+    TeacherError,
+)
 from tests.conftest import free_port, plain_http, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
@@ -68,6 +75,27 @@ def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
         with TeacherClient(url, max_retries=0) as client, pytest.raises(TeacherError) as info:
             client.score([SEQ])
     assert str(info.value) == f"HTTP 502 from POST {url}/score: upstream connect error"
+
+
+class OddRetryAfter(http.server.BaseHTTPRequestHandler):
+    values = iter(["nan", "-1", "inf", "Wed, 21 Oct 2026 07:28:00 GMT"])
+
+    def do_POST(self):  # noqa: N802 (the name http.server calls)
+        self.send_response(503)
+        self.send_header("retry-after", next(self.values, "0"))
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_retry_after_that_is_no_wait_falls_back_to_the_clients_backoff():
+    with plain_http(OddRetryAfter) as url:
+        with TeacherClient(url, max_retries=4, backoff=0.01) as client:
+            with pytest.raises(NotReady):  # retried each time (not a ValueError), then given up
+                client.score([SEQ])
+    assert next(OddRetryAfter.values, None) is None  # all four were answered and retried
 
 
 def test_server_errors_are_raised_with_their_type(teacher_url):

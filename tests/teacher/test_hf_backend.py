@@ -47,6 +47,21 @@ def test_share_prompts_off_leaves_every_batch_to_the_one_pass():
     assert plain.cache_arg is None  # score_batch then never takes the shared pass
 
 
+def test_a_shared_pass_out_of_memory_scores_the_batch_the_lean_way_and_keeps_sharing(monkeypatch):
+    hf = HFBackend(str(TEACHER_PATH))
+    hf.load()
+    jobs = [ScoreJob(p + c, len(p)) for p, c in samples_of_few_prompts(hf.tokenizer)]
+    expected = hf.score_batch(jobs)
+
+    def out_of_memory(jobs):  # as the copies of a long prompt's KV cache can be on a GPU
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(hf, "_rows_sharing_prompts", out_of_memory)
+    for a, b in zip(hf.score_batch(jobs), expected):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    assert hf.cache_arg is not None  # a batch too big for it says nothing of the model
+
+
 def test_sharing_is_for_prompts_that_are_much_of_the_batch(backend):
     samples = [ScoreJob([1] + [5] * 30 + [7] * 26, 31) for _ in range(4)]  # 3 x 31 of 228 saved
     assert worth_sharing(samples)

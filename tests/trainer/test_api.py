@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from opd.bundled import TEACHER_PATH
+from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from services.teacher.app import create_app as create_teacher_app
 from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
@@ -23,7 +23,7 @@ from services.trainer.api import create_app
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from tests.conftest import serve
-from tests.teacher.test_routes import wait_for
+from tests.teacher.test_routes import SlowLoadBackend, wait_for
 
 SMALL = dict(
     prompts_per_step=2,
@@ -153,6 +153,43 @@ def test_a_teacher_with_another_tokenizer_is_422_naming_teacher_url(trainer_url,
         r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 422 and r.json()["error"]["param"] == "teacher_url"
     assert "another tokenizer" in r.json()["error"]["message"]
+
+
+def test_a_replica_still_loading_does_not_hide_the_others_from_the_checks(
+    trainer_url, teacher_url, tmp_path
+):
+    loading = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_teacher_app(TeacherSettings(model=str(TEACHER_PATH)), backend=loading)
+    try:
+        with serve(app, ready_path="/health") as loading_url:
+            for others, param, says in [
+                ([f"http://127.0.0.1:{a_closed_port()}"], "teacher_url", "unreachable"),
+                ([teacher_url], "top_k", "allows at most 20"),  # a ready one's limits still count
+            ]:
+                body = {
+                    **SMALL,
+                    "loss": "forward_kl_topk",
+                    "top_k": 50,
+                    "teacher_url": [loading_url, *others],
+                    "out": str(tmp_path / "run"),
+                }
+                r = httpx.post(trainer_url + "/runs", json=body)
+                assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+                assert says in r.json()["error"]["message"]
+    finally:
+        loading.release.set()
+
+
+def test_a_student_folder_without_a_tokenizer_is_422_naming_student(
+    trainer_url, teacher_url, tmp_path
+):
+    student = tmp_path / "student"
+    student.mkdir()
+    shutil.copy(STUDENT_PATH / "config.json", student / "config.json")
+    body = {**SMALL, "teacher_url": [teacher_url], "student": str(student), "out": str(tmp_path)}
+    r = httpx.post(trainer_url + "/runs", json=body)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "student", r.text
+    assert "no usable tokenizer" in r.json()["error"]["message"]
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(trainer_url):

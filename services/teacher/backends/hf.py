@@ -124,6 +124,8 @@ class HFBackend(Backend):
         if self.cache_arg and all(j.n_scored for j in jobs) and worth_sharing(jobs):
             try:
                 rows = self._rows_sharing_prompts(jobs)
+            except torch.OutOfMemoryError:  # the cache's copies: this batch takes the lean pass
+                rows = None
             except Exception as exc:  # a model the shared pass does not fit: never again
                 log.warning("sharing prompts is off for this model: %s", exc)
                 self.cache_arg = None
