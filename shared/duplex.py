@@ -29,6 +29,8 @@ from contextlib import asynccontextmanager, contextmanager
 import h11
 import httpx
 
+from shared.loop_thread import LoopThread
+
 _READ = 65536
 _POLL_S = 0.2
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -234,19 +236,9 @@ def open_stream(
     """Sync form of open_stream_async, on an event loop of its own in a thread; `body` is read in
     a daemon thread, so a `body` that blocks forever after the stream ended cannot keep the process
     from exiting."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True, name="stream-loop")
-    thread.start()
-
-    def call(coro):
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result()
-        except BaseException:  # Ctrl-C while waiting: the coroutine must not go on alone
-            future.cancel()
-            raise
-
-    stream = open_stream_async(url, path, headers, _read_in_a_thread(body, loop), timeout)
+    runner = LoopThread("stream-loop")
+    call = runner.call
+    stream = open_stream_async(url, path, headers, _read_in_a_thread(body, runner.loop), timeout)
     try:
         response = call(stream.__aenter__())
         try:
@@ -257,11 +249,7 @@ def open_stream(
         else:
             call(stream.__aexit__(None, None, None))
     finally:
-        asyncio.run_coroutine_threadsafe(_cancel_pending(), loop).result(timeout=5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        if not thread.is_alive():
-            loop.close()
+        runner.close()
 
 
 async def _read_in_a_thread(body: Iterable[bytes], loop) -> AsyncIterator[bytes]:
@@ -300,11 +288,3 @@ def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
         except concurrent.futures.CancelledError:
             return False
     return True
-
-
-async def _cancel_pending() -> None:
-    """Cancel what is left on a stream's loop (after an interrupt) before the loop stops."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

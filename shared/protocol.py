@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -259,15 +261,26 @@ def encode_response(result: ScoreResult, binary: bool) -> bytes:
     return json.dumps(body).encode()
 
 
+@contextmanager
+def _a_teachers_answer(what: str) -> Iterator[None]:
+    """Decoding an answer (on the client's side): one that is not what a teacher sends, from a
+    server that only looks like one, raises TeacherError saying so, not a KeyError."""
+    try:
+        yield
+    except (MalformedBody, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise TeacherError(f"the answer is not {what} ({type(exc).__name__}: {exc})") from None
+
+
 def decode_response(body: bytes, binary: bool) -> ScoreResult:
-    data = _unpack(body) if binary else load_json(body)
-    read = _unpack_score if binary else _json_score
-    return ScoreResult(
-        model=data["model"],
-        tokenizer_fingerprint=data["tokenizer_fingerprint"],
-        results=[read(r) for r in data["results"]],
-        usage=Usage(**data["usage"]),
-    )
+    with _a_teachers_answer("a teacher's score result"):
+        data = _unpack(body) if binary else load_json(body)
+        read = _unpack_score if binary else _json_score
+        return ScoreResult(
+            model=data["model"],
+            tokenizer_fingerprint=data["tokenizer_fingerprint"],
+            results=[read(r) for r in data["results"]],
+            usage=Usage(**data["usage"]),
+        )
 
 
 def _pack_score(r: SequenceScore) -> dict:
@@ -420,12 +433,14 @@ def encode_stream_done(frames: int, sequences: int) -> bytes:
 
 
 def decode_stream_item(payload: bytes) -> StreamItem:
-    d = _unpack(payload)
-    if d.get("done"):
-        return StreamItem(done=True, frames=d.get("frames"), sequences=d.get("sequences"))
-    if "error" in d:
-        return StreamItem(frame=d["frame"], error=d["error"])
-    return StreamItem(d["frame"], d["index"], _unpack_score(d["score"]), d.get("compute_s", 0.0))
+    with _a_teachers_answer("a teacher's stream frame"):
+        d = _unpack(payload)
+        if d.get("done"):
+            return StreamItem(done=True, frames=d.get("frames"), sequences=d.get("sequences"))
+        if "error" in d:
+            return StreamItem(frame=d["frame"], error=d["error"])
+        score = _unpack_score(d["score"])
+        return StreamItem(d["frame"], d["index"], score, d.get("compute_s", 0.0))
 
 
 # ---- packing helpers ----
@@ -446,8 +461,11 @@ def _pack_ragged(rows: list, pack) -> dict:
 
 
 def _split_ragged(packed: dict, dtype: str) -> list[np.ndarray]:
-    values = _array(packed["values"], dtype)
-    counts = np.frombuffer(packed["counts"], dtype="<i4")
+    return _split(_array(packed["values"], dtype), np.frombuffer(packed["counts"], dtype="<i4"))
+
+
+def _split(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """`values` cut into consecutive parts of `counts` items each."""
     return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
@@ -458,9 +476,7 @@ def _unpack_ragged(packed: Any, dtype: str, where: str) -> Any:
     counts = _frombuffer(packed["counts"], "<i4", f"{where}.counts")
     if counts.min(initial=0) < 0 or int(counts.sum()) != len(values):
         raise MalformedBody(f"{where}: counts do not add up to the number of values", param=where)
-    return (
-        [part.tolist() for part in np.split(values, np.cumsum(counts)[:-1])] if len(counts) else []
-    )
+    return [part.tolist() for part in _split(values, counts)]
 
 
 def _ids_list(value: Any, where: str) -> Any:

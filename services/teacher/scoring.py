@@ -138,7 +138,7 @@ async def score_request(
     """Check `request` against this server and score it on `backend`. The dialects ask for ranks,
     and for a token sampled after each sequence (at `sample_temperature`)."""
     jobs = jobs_from_request(request, limits, want_ranks, sample_temperature)
-    scores = await _score_on(backend, jobs)
+    scores = await _checked(backend.score(jobs), len(jobs))
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)
     )
@@ -147,10 +147,6 @@ async def score_request(
         metrics.prompt_tokens.inc(usage.prompt_tokens)
     info = backend.info
     return ScoreResult(info.model, info.tokenizer_fingerprint, scores, usage)
-
-
-async def _score_on(backend: Backend, jobs: list[ScoreJob]) -> list[SequenceScore]:
-    return await _checked(backend.score(jobs), len(jobs))
 
 
 async def _checked(scoring: Awaitable, sequences: int):

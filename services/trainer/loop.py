@@ -210,7 +210,15 @@ class Run:
     def _resume(self) -> bool:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
         cfg = self.cfg
-        self.state = checkpoint.TrainState(0, 0, cfg.schedule, 0.0, 0, 0, cfg.max_new_tokens)
+        self.state = checkpoint.TrainState(
+            step=0,
+            data_position=0,
+            schedule=cfg.schedule,
+            elapsed_s=0.0,
+            teacher_tokens=0,
+            tokens_generated=0,
+            max_new_tokens=cfg.max_new_tokens,
+        )
         found = checkpoint.latest(self.out) if cfg.resume else None
         if cfg.resume and found is None:
             log.warning("--resume: no checkpoint in %s, so starting from step 0", self.out)

@@ -159,6 +159,5 @@ def padded3(arrays: list, width: int, k: int, fill, dtype) -> torch.Tensor:
     """[B, width, k] from per-row [n_b, k] arrays."""
     out = torch.full((len(arrays), width, k), fill, dtype=dtype)
     for b, a in enumerate(arrays):
-        # A copy: arrays decoded from the wire are read-only views, which torch warns about.
-        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k].copy(), dtype=dtype)
+        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k], dtype=dtype)
     return out

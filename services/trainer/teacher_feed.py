@@ -2,8 +2,9 @@
 
 Each step opens one `/score/stream` call per replica it uses; every micro-batch becomes one frame,
 sent to the replica with the fewest sequences awaiting scores. Backpressure: at most
-`frames_in_flight` frames per replica await scores, and as many wait in a bounded queue; beyond that
-`put` blocks the generating thread. If a replica dies mid-step, the sequences it had not answered are
+`frames_in_flight` times the number of replicas await scores in all (a replica that is down leaves
+its share to the others), and as many wait in a bounded queue; beyond that `put` blocks the
+generating thread. If a replica dies mid-step, the sequences it had not answered are
 scored again elsewhere; each rollout's score is taken exactly once.
 
     feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from services.trainer.rollout import Rollout
 from shared.client import AsyncTeacherClient
 from shared.errors import ServerError, TeacherError
+from shared.loop_thread import LoopThread, cancel_pending
 from shared.protocol import ScoreRequest, SequenceScore
 
 log = logging.getLogger(__name__)
@@ -311,35 +313,19 @@ class TeacherFeed:
         timeout: float = 120.0,
     ):
         self.frames_in_flight = frames_in_flight
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="teacher-feed"
-        )
-        self._thread.start()
+        self._runner = LoopThread("teacher-feed")
+        self.loop = self._runner.loop
+        self.call = self._runner.call  # run a coroutine on the feed's loop, from any other thread
         self.client = self.call(self._make_client(urls, api_key, timeout))
 
     async def _make_client(self, urls, api_key, timeout) -> AsyncTeacherClient:
         return AsyncTeacherClient(urls, api_key=api_key, timeout=timeout)
 
-    def call(self, coro):
-        """Run a coroutine on the feed's loop and wait for its result (from any other thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
     def begin(self, max_positions: int | None, top_k: int = 0) -> StepFeed:
         return StepFeed(self, max_positions, top_k)
 
     def close(self) -> None:
-        self.call(self._shutdown())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    async def _shutdown(self) -> None:
-        # A step that failed mid-stream leaves its tasks waiting; cancel them rather than let the
-        # stopped loop drop them ("Task was destroyed but it is pending!").
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
+        # A step that failed mid-stream leaves its tasks waiting: they end before the client does.
+        self.call(cancel_pending())
+        self.call(self.client.aclose())
+        self._runner.close()

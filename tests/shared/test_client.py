@@ -77,6 +77,26 @@ def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
     assert str(info.value) == f"HTTP 502 from POST {url}/score: upstream connect error"
 
 
+class NotAScore(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (the name http.server calls)
+        body = b'{"results": "nope"}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_200_that_is_no_score_result_says_so(binary):
+    with plain_http(NotAScore) as url, TeacherClient(url, binary=binary) as client:
+        with pytest.raises(TeacherError, match="the answer is not a teacher's score result"):
+            client.score([SEQ])
+
+
 class OddRetryAfter(http.server.BaseHTTPRequestHandler):
     values = iter(["nan", "-1", "inf", "Wed, 21 Oct 2026 07:28:00 GMT"])
 

@@ -1,0 +1,47 @@
+"""An asyncio event loop in a daemon thread, for sync code that drives async code: the sync stream
+client (shared/duplex.py) and the trainer's teacher feed each run their connections on one.
+
+    runner = LoopThread("teacher-feed")
+    result = runner.call(some_coroutine())     # from any other thread; waits for the result
+    runner.close()                             # cancels what is left, stops and closes the loop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class LoopThread:
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        # A daemon: a loop left waiting (on a caller that never comes back) cannot hold up exit.
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name=name)
+        self._thread.start()
+
+    def call(self, coro):
+        """Run `coro` on the loop and wait for its result. Interrupted while waiting (Ctrl-C), it
+        cancels the coroutine, which must not go on alone."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel the tasks left on the loop (a stream broken off mid-way leaves some), so none is
+        destroyed while pending, then stop the loop and close it once its thread has ended."""
+        asyncio.run_coroutine_threadsafe(cancel_pending(), self.loop).result(timeout=timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def cancel_pending() -> None:
+    """Cancel every other task on the running loop and wait for them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
