@@ -33,6 +33,25 @@ class TrainState:
     max_new_tokens: int | None = None  # H_max of the schedule (None in checkpoints made before)
 
 
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that cannot be read, or not without running code from it."""
+
+
+# numpy's RNG state is a uint32 array: rebuilding one is all that rng.pt may ask of the unpickler.
+_NUMPY_RNG_STATE = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _torch_file(path: Path):
+    """A file torch.save wrote, never fully unpickled: a full unpickle would run any code that a
+    checkpoint made by someone else carries."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
+            return torch.load(path, weights_only=True)
+    except Exception as exc:  # refused by the safe unpickler, truncated, missing, ...
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UnreadableCheckpoint(f"{path} cannot be read safely ({reason})") from None
+
+
 def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
@@ -80,10 +99,8 @@ def latest(out) -> Path | None:
 def load(path: Path, model, optimizer) -> TrainState:
     """Restore weights, optimizer and RNG states from `path` into the given objects."""
     load_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(
-        path / "rng.pt", weights_only=False
-    )  # our own file: python RNG state is a tuple
+    optimizer.load_state_dict(_torch_file(path / "optimizer.pt"))
+    rng = _torch_file(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

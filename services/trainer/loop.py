@@ -228,6 +228,8 @@ class Run:
             self.state = checkpoint.load(found, self.model, self.optimizer)
         except ValueError as exc:
             raise RunError(f"--resume: {exc} (--student {cfg.student})", param="student") from None
+        except checkpoint.UnreadableCheckpoint as exc:
+            raise RunError(f"--resume: {exc}", param="resume") from None
         self.state.max_new_tokens = cfg.max_new_tokens  # the same horizons, as checked
         log.info("resumed from %s at step %d", found, self.state.step)
         return True

@@ -4,6 +4,7 @@ pruned; a run killed mid-write leaves the previous checkpoint as the latest, who
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,29 @@ def test_a_round_trip_restores_everything_a_run_continues_from(tmp_path):
         )
     again = (torch.rand(3), random.random(), np.random.rand())  # the RNGs as they were at save
     assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    path = checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
+    marker = tmp_path / "ran"
+    torch.save({"torch": torch.get_rng_state(), "extra": Payload(marker)}, path / "rng.pt")
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="rng.pt cannot be read safely"):
+        checkpoint.load(path, model, optimizer)
+    assert not marker.exists()
+    (path / "optimizer.pt").write_bytes(b"truncated")
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="optimizer.pt cannot be read"):
+        checkpoint.load(path, model, optimizer)
 
 
 def test_old_checkpoints_are_pruned(tmp_path):
