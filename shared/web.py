@@ -5,6 +5,7 @@ Prometheus exposition."""
 from __future__ import annotations
 
 import logging
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +15,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared.errors import ServerError, TeacherError, body_of_status
 
 log = logging.getLogger("opd.web")
+
+
+def _package_version() -> str:
+    try:
+        return version("opd-teacher-service")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
+# The installed package's version: both apps' OpenAPI version, and the teacher's /info.
+VERSION = _package_version()
 
 
 def error_response(err: TeacherError) -> JSONResponse:

@@ -20,7 +20,7 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes import router
 from services.teacher.scoring import Limits
 from services.teacher.settings import TeacherSettings
-from shared.web import install_error_shape
+from shared.web import VERSION, install_error_shape
 
 log = logging.getLogger("opd.teacher")
 
@@ -80,7 +80,7 @@ def create_app(settings: TeacherSettings, backend: Backend | None = None) -> Fas
     app = FastAPI(
         title="OPD teacher",
         description="Per-token teacher log-probs for on-policy distillation.",
-        version="0.1.0",
+        version=VERSION,
         lifespan=lifespan,
     )
     app.state.teacher = state

@@ -24,7 +24,7 @@ from shared.protocol import (
     decode_request,
     encode_response,
 )
-from shared.web import metrics_response
+from shared.web import VERSION, metrics_response
 
 router = APIRouter()
 
@@ -80,6 +80,7 @@ async def info(state: Ready, _: Authorized) -> dict:
         "max_top_k": state.limits.max_top_k,
         "max_batch_tokens": state.settings.max_batch_tokens,
         "tokenizer_fingerprint": i.tokenizer_fingerprint,
+        "version": VERSION,  # of the server's package, for a client that must know
         # Which replica answered: behind a load balancer, tells replicas apart.
         "instance": socket.gethostname(),
     }

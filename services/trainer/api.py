@@ -44,7 +44,7 @@ from shared.errors import (
     from_validation,
 )
 from shared.flags import field_words
-from shared.web import install_error_shape, metrics_response
+from shared.web import VERSION, install_error_shape, metrics_response
 
 log = logging.getLogger("opd.trainer.api")
 # On shutdown, how long to wait for runs to end their step and save a checkpoint.
@@ -214,7 +214,7 @@ def create_app() -> FastAPI:
         if left:
             log.warning("stopped waiting for runs %s; they resume from their last checkpoint", left)
 
-    app = FastAPI(title="OPD trainer", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="OPD trainer", version=VERSION, lifespan=lifespan)
     app.state.metrics = metrics
     app.include_router(router)
 

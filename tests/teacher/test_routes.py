@@ -3,6 +3,7 @@ serving; health, readiness, info, metrics and docs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import socket
 import threading
@@ -274,6 +275,7 @@ def test_info_names_model_backend_and_limits(teacher_url, teacher):
     assert info["max_top_k"] == 20
     assert info["max_seq_len"] == 512
     assert info["tokenizer_fingerprint"] == tokenizer_fingerprint(teacher[1])
+    assert info["version"] == importlib.metadata.version("opd-teacher-service")
 
 
 def test_metrics_count_requests_tokens_and_batches(teacher_url):
