@@ -56,10 +56,10 @@ def start_teacher(
         log = Path(name)
     with log.open("ab") as out:  # the child holds its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(proc.pid, cpus)
     url = f"http://127.0.0.1:{port}"
     try:
+        if cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(proc.pid, cpus)
         wait_ready(url, proc, ready_timeout)
     except BaseException as exc:
         exited = proc.poll() is not None
@@ -92,9 +92,17 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             return
         # 500: the model failed to load and never will (see deps.ready_state); 503 is loading.
         if response.status_code == 500:
-            raise RuntimeError(f"teacher at {url}: {response.json()['error']['message']}")
+            raise RuntimeError(f"teacher at {url}: {_error_message(response)}")
         time.sleep(0.2)
     raise TimeoutError(f"teacher at {url} not ready after {timeout:.0f} s")
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The teacher's error message, or the start of a body in another shape (another server)."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {' '.join(response.text.split())[:200]}"
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -134,8 +134,10 @@ def binary_response(scores: dict[int, SequenceScore], completions: list[list[int
     }
 
 
-@router.get("/health/", summary="TRL: alive")
-async def trl_health() -> dict:
+@router.get("/health/", summary="TRL: ready to score (503 while the model loads)")
+async def trl_health(_: Ready) -> dict:
+    # TRL's client polls this until it answers 200 and then posts at once: as `trl vllm-serve`,
+    # whose server only listens once its engine is up, 200 means the model is loaded.
     return {"status": "ok"}
 
 

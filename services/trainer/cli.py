@@ -170,6 +170,9 @@ def run_from_cli(cfg: RunConfig) -> int:
     except (TeacherError, ModelLoadError, RunError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a folder it may not write: its checkpoints are kept
+        print(f"opd-trainer: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "opd-trainer: interrupted; --resume goes on from the last checkpoint", file=sys.stderr

@@ -33,7 +33,12 @@ class RunConfig(BaseModel):
         ["http://127.0.0.1:8000"], min_length=1, description="Teacher base URL(s)."
     )
     max_new_tokens: int = Field(
-        MAX_NEW_TOKENS, ge=1, description="H_max: the full horizon.", strict=True
+        MAX_NEW_TOKENS,
+        ge=1,
+        # Evaluation generates this far (the task's longest solution fits): rollouts never longer.
+        le=MAX_NEW_TOKENS,
+        description="H_max: the full horizon.",
+        strict=True,
     )
     schedule: str = Field(
         "full",

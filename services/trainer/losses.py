@@ -4,6 +4,8 @@ is 1 on real completion tokens inside the horizon and 0 elsewhere, so masked pos
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -76,8 +78,10 @@ def policy_gradient_loss(
 ) -> torch.Tensor:
     """-mean_t[ratio_t * A_t], ratio_t = p_now(x_t) / p_sampling(x_t), over real tokens.
 
-    The ratio corrects for rollouts sampled by slightly older weights (it is 1 on-policy, where the
-    gradient is the plain policy gradient A_t * grad log p(x_t)).
+    The trainer updates once per step, after sampling, so the ratio is 1 in value (up to the
+    difference between the cached and the full forward) and the gradient is the plain policy
+    gradient A_t * grad log p(x_t); the ratio keeps the loss right should rollouts ever lag the
+    weights (several updates per batch, or asynchronous sampling).
     """
     ratio = torch.exp(logp_B_T - sample_logp_B_T.detach())
     return -masked_mean(ratio * adv_B_T, mask_B_T)
@@ -106,12 +110,7 @@ def topk_jsd(
     """
     log_p = torch.log_softmax(teacher_logp_B_T_K, dim=-1)
     log_q = torch.log_softmax(student_logp_B_T_K, dim=-1)
-    log_m = torch.logsumexp(
-        torch.stack(
-            [log_p + torch.log(torch.tensor(beta)), log_q + torch.log(torch.tensor(1 - beta))]
-        ),
-        dim=0,
-    )
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), 0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     jsd = beta * kl_pm + (1 - beta) * kl_qm

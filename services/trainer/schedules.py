@@ -105,6 +105,8 @@ def _params(text: str, spec: str, names: set[str]) -> dict[str, int]:
         key, eq, value = part.partition("=")
         if not eq or key.strip() not in names:
             raise ScheduleError(f"schedule {spec!r}: bad parameter {part!r}; {_SPEC_HELP}")
+        if key.strip() in out:
+            raise ScheduleError(f"schedule {spec!r}: {key.strip()} is given twice")
         try:
             out[key.strip()] = int(value)
         except ValueError:

@@ -16,6 +16,11 @@ from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
 from shared.protocol import SequenceScore
 
+# A teacher may call a token impossible (-inf; the vllm backend reports NaN so): below float32
+# softmax's reach (about e^-103) it is a very bad score, but a finite one, so the loss and its
+# gradient stay finite instead of turning the student's weights into NaN.
+TEACHER_LOGP_FLOOR = -100.0
+
 
 @dataclass
 class MicroBatchLoss:
@@ -116,9 +121,11 @@ def distillation_loss(
     width = mask_B_T.shape[1]
     device = logp_B_T_V.device
     student_B_T = sampled_logprobs(logp_B_T_V, rollouts)
-    teacher_B_T = right_pad(
-        [scores[r.key].logprobs.tolist() for r in rollouts], 0.0, torch.float32, width
-    ).to(device)
+    teacher_B_T = (
+        right_pad([scores[r.key].logprobs.tolist() for r in rollouts], 0.0, torch.float32, width)
+        .clamp(min=TEACHER_LOGP_FLOOR)
+        .to(device)
+    )
     loss_mask_B_T = mask_B_T
     if cfg.cut_at_error is not None:
         loss_mask_B_T = losses.mask_after_first_error(
@@ -138,7 +145,7 @@ def distillation_loss(
         )
         topk_lp = padded3(
             [scores[r.key].topk_logprobs for r in rollouts], width, cfg.top_k, 0.0, torch.float32
-        )
+        ).clamp(min=TEACHER_LOGP_FLOOR)
         student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
         if cfg.loss == "forward_kl_topk":
             loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), loss_mask_B_T)

@@ -251,10 +251,12 @@ def test_ready_is_503_until_the_model_is_loaded():
     with serve(app, ready_path="/health") as url:
         assert httpx.get(url + "/health").status_code == 200
         assert_error(httpx.get(url + "/ready"), 503, says="loading")
+        assert_error(httpx.get(url + "/health/"), 503, says="loading")  # TRL's readiness probe
         assert_error(post(url, GOOD), 503)
         backend.release.set()
         wait_for(lambda: httpx.get(url + "/ready").status_code == 200)
         assert post(url, GOOD).status_code == 200
+        assert httpx.get(url + "/health/").status_code == 200
 
 
 def test_a_model_that_fails_to_load_says_why_with_a_500_that_clients_do_not_retry(tmp_path):

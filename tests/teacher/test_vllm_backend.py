@@ -11,14 +11,46 @@ import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
+from services.teacher.backends.base import ScoreJob
+from services.teacher.backends.vllm import VLLMBackend
 from services.teacher.process import start_teacher, stop
 from shared.client import AsyncTeacherClient, TeacherClient
+from shared.errors import InvalidRequest
 from tests.teacher.test_routes import GOOD, assert_error, post, seq
 from tests.teacher.test_scoring_correctness import mixed_sequences
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 TOL = 1e-4
+
+
+class OneRefused(VLLMBackend):
+    """The backend's own score(), over jobs that each wait or are refused as vLLM would refuse."""
+
+    cancelled: list[int]
+
+    async def _score(self, job):
+        if job.n_prompt == 1:
+            raise InvalidRequest("refused by the engine")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.append(job.n_prompt)
+            raise
+
+
+def test_a_refused_job_cancels_the_others_in_its_request():
+    backend = OneRefused(str(TEACHER_PATH))
+    backend.cancelled = []
+    jobs = [ScoreJob([1, 5, 6], n) for n in (2, 1, 2)]
+
+    async def refused_then_what_is_left() -> list[int]:
+        with pytest.raises(InvalidRequest):
+            await backend.score(jobs)
+        await asyncio.sleep(0)  # the loop runs on: the cancellations land, or they never come
+        return list(backend.cancelled)  # as it is now, before asyncio.run cancels what is left
+
+    assert asyncio.run(refused_then_what_is_left()) == [2, 2]  # no engine request left running
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,6 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         ({"out": str(tmp_path / "a-file")}, "out", "a-file is a file, not a folder"),
         # The teacher's own limits, read from its /info as the run would.
         ({"loss": "forward_kl_topk", "top_k": 50}, "top_k", "allows at most 20"),
-        ({"schedule": "full", "max_new_tokens": 600}, "max_new_tokens", "exceeds the max_seq_len"),
-        ({"schedule": "truncated:500", "max_new_tokens": 600}, "schedule", "exceeds the"),
     ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "device", "CUDA"))
@@ -140,6 +138,19 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         assert r.status_code == 422 and r.json()["error"]["param"] == param, (fields, r.text)
         assert says in r.json()["error"]["message"], r.text
     assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
+
+
+def test_a_horizon_beyond_the_teachers_max_seq_len_is_422_naming_its_field(trainer_url, tmp_path):
+    short = create_teacher_app(TeacherSettings(model=str(TEACHER_PATH), max_seq_len=150))
+    with serve(short) as url:
+        for fields, param in [
+            ({"schedule": "full"}, "max_new_tokens"),  # the schedule reaches H_max
+            ({"schedule": "truncated:128"}, "schedule"),
+        ]:
+            body = {**SMALL, "teacher_url": [url], "out": str(tmp_path / "run"), **fields}
+            r = httpx.post(trainer_url + "/runs", json=body)
+            assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+            assert "exceeds the max_seq_len 150" in r.json()["error"]["message"]
 
 
 def test_a_teacher_with_another_tokenizer_is_422_naming_teacher_url(trainer_url, tmp_path):

@@ -115,9 +115,16 @@ def test_settings_that_could_only_fail_later_or_be_changed_silently_are_refused(
     assert says in errors_of(capsys, "run", *flags)
 
 
-def test_a_schedule_is_checked_against_the_runs_own_max_new_tokens():
-    args = ["run", "--schedule", "truncated:300", "--max-new-tokens", "300"]
-    assert config_from_args(build_parser().parse_args(args)).schedule == "truncated:300"
+def test_a_schedule_is_checked_against_the_runs_own_max_new_tokens(capsys):
+    args = ["run", "--schedule", "truncated:100", "--max-new-tokens", "100"]
+    assert config_from_args(build_parser().parse_args(args)).schedule == "truncated:100"
+    err = errors_of(capsys, "run", "--schedule", "truncated:200", "--max-new-tokens", "100")
+    assert "--schedule: " in err  # within the default H_max, beyond this run's
+
+
+def test_max_new_tokens_stops_where_evaluation_does(capsys):
+    err = errors_of(capsys, "run", "--max-new-tokens", "300")
+    assert "--max-new-tokens: Input should be less than or equal to 256" in err
 
 
 def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys):

@@ -119,28 +119,30 @@ def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path):
     assert "<html" not in result.stderr.lower() and "Traceback" not in result.stderr
 
 
-def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_path, teacher_process):
-    for extra, says in [
-        (["--loss", "forward_kl_topk", "--top-k", "25"], "--top-k 25: the teacher at"),
-        (["--schedule", "full", "--max-new-tokens", "1000"], "exceeds the max_seq_len 512"),
-    ]:
-        result = trainer_cli(*small_args(teacher_process, tmp_path / "run"), *extra)
-        assert result.returncode == 1 and says in result.stderr, result.stderr
-        assert not (tmp_path / "run").exists()
+def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_path):
+    short = create_app(TeacherSettings(model=str(TEACHER_PATH), max_seq_len=150))
+    with serve(short) as url:
+        for extra, says in [
+            (["--loss", "forward_kl_topk", "--top-k", "25"], "--top-k 25: the teacher at"),
+            (["--schedule", "full"], "exceeds the max_seq_len 150"),
+        ]:
+            result = trainer_cli(*small_args(url, tmp_path / "run"), *extra)
+            assert result.returncode == 1 and says in result.stderr, result.stderr
+            assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
     "schedule, loss, refused, param",
     [
-        ("truncated:24", "reverse_kl", None, None),  # H_max 1000, but no rollout passes 24 tokens
-        ("full", "reverse_kl", "reaches 1000 tokens", "max_new_tokens"),
-        ("progressive:h0=32,dh=32,every=1", "reverse_kl", "reaches 960 tokens", "schedule"),
+        ("truncated:24", "reverse_kl", None, None),  # H_max 256, but no rollout passes 24 tokens
+        ("full", "reverse_kl", "reaches 256 tokens", "max_new_tokens"),
+        ("progressive:h0=32,dh=32,every=8", "reverse_kl", "reaches 128 tokens", "schedule"),
         ("truncated:24", "forward_kl_topk", "--top-k 25", "top_k"),
     ],
 )
 def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, loss, refused, param):
-    cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30, max_new_tokens=1000)
-    info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 512}
+    cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30)
+    info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 150}
     data = training_problems(cfg)
     if refused is None:
         check_teacher_limits(cfg, [info], student[1], data)
@@ -148,6 +150,13 @@ def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, lo
         with pytest.raises(RunError, match=refused) as error:
             check_teacher_limits(cfg, [info], student[1], data)
         assert error.value.param == param
+
+
+def test_a_run_folder_it_cannot_write_is_a_clear_error(tmp_path, teacher_process):
+    (tmp_path / "run" / "config.json").mkdir(parents=True)  # unwritable as a file, even by root
+    result = trainer_cli(*small_args(teacher_process, tmp_path / "run"))
+    assert result.returncode == 1 and "Is a directory" in result.stderr
+    assert "config.json" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, teacher_process):

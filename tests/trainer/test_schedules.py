@@ -56,6 +56,7 @@ def test_linear_reaches_h_max_at_the_given_step():
         ("progressive:h0=1,dh=2,every=0", "every >= 1"),
         ("linear:h0=x,steps=3", "not an integer"),
         ("linear:start=1,steps=3", "bad parameter"),
+        ("progressive:h0=4,dh=4,every=2,every=3", "every is given twice"),
         # Horizons the schedule could only cut or round without a word.
         (f"truncated:{H_MAX + 1}", "beyond H_max"),
         ("truncated:2.5", "a whole number"),

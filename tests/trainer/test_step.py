@@ -91,6 +91,21 @@ def test_cut_at_error_drops_what_follows_the_first_error_and_keeps_the_error(stu
             assert float(mild.loss.detach()) == float(harsh.loss.detach()), loss
 
 
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl_topk", "jsd_topk"])
+def test_a_token_the_teacher_calls_impossible_keeps_loss_and_gradient_finite(student, loss):
+    model = student[0]
+    rollouts = rollouts_of(student)
+    scores = scores_with_an_error(rollouts, error_at=5, after=-1.0)
+    scores[0].logprobs[5] = -np.inf  # as a teacher that rules a token out says it
+    scores[0].topk_logprobs[5, 1] = -np.inf
+    model.zero_grad(set_to_none=True)
+    result = distillation_loss(model, rollouts, scores, RunConfig(loss=loss, top_k=2))
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and np.isfinite(result.reverse_kl)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+
+
 def whole_batch_gradient(model, rollouts, scores, cfg):
     model.zero_grad(set_to_none=True)
     result = distillation_loss(model, rollouts, scores, cfg)

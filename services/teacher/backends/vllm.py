@@ -109,7 +109,12 @@ class VLLMBackend(Backend):
                     "VLLM_USE_V2_MODEL_RUNNER=1, or use the hf backend",
                     param="candidate_ids",
                 )
-        return list(await asyncio.gather(*(self._score(job) for job in jobs)))
+        tasks = [asyncio.ensure_future(self._score(job)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one refused, or the caller gone: the engine aborts the others' requests
+            for task in tasks:
+                task.cancel()
 
     async def _score(self, job: ScoreJob) -> SequenceScore:
         from vllm import SamplingParams
