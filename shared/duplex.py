@@ -282,9 +282,15 @@ def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
     except RuntimeError:  # the loop is closed
         put.close()  # never to run: no "never awaited" warning
         return False
-    if wait:
+    while wait:
         try:
-            sent.result()
+            sent.result(timeout=_POLL_S)
+            return True
         except concurrent.futures.CancelledError:
             return False
+        except concurrent.futures.TimeoutError:  # the stream's reader is slow, or gone
+            if not loop.is_running():  # stopped before it ran the put: no one ever will
+                sent.cancel()
+                put.close()  # never to run: no "never awaited" warning
+                return False
     return True

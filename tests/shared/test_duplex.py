@@ -3,6 +3,7 @@ broken server or proxy would (the teacher's good path is in tests/teacher/test_r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from shared.duplex import open_stream
+from shared.duplex import _hand_over, open_stream
 
 
 @contextlib.contextmanager
@@ -28,6 +29,8 @@ def raw_peer(answer: Callable[[socket.socket], None]) -> Iterator[str]:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed: the test is over
+                return
             threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
@@ -84,3 +87,18 @@ def test_a_url_that_is_not_http_is_refused_before_connecting(url):
     with pytest.raises(httpx.UnsupportedProtocol):
         with open_stream(url, "/score/stream", {}, [], timeout=1):
             pass
+
+
+def test_a_body_item_for_a_loop_that_stopped_is_dropped_not_waited_for_forever():
+    loop = (
+        asyncio.new_event_loop()
+    )  # never runs: as a stream's loop stopped before it took the item
+    returned = []
+    reader = threading.Thread(
+        target=lambda: returned.append(_hand_over(asyncio.Queue(), b"x", loop, wait=True)),
+        daemon=True,
+    )
+    reader.start()
+    reader.join(timeout=5)
+    loop.close()
+    assert returned == [False]  # the body's reading thread ends instead of blocking for good
