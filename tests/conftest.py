@@ -63,6 +63,26 @@ def plain_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[st
         server.server_close()
 
 
+def canned(status: int, body: bytes, content_type: str = "text/plain"):
+    """A request handler that answers every GET and POST alike: a server, or a proxy in front of
+    one, that is not a teacher."""
+
+    class Canned(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer  # noqa: N815 (the names http.server calls)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Canned
+
+
 def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
     """A plain web server serving `folder`."""
     return plain_http(

@@ -22,7 +22,7 @@ from shared.errors import (
     ServerError,
     TeacherError,
 )
-from tests.conftest import free_port, plain_http, serve, static_files
+from tests.conftest import canned, free_port, plain_http, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
@@ -59,40 +59,17 @@ def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path, page
             asyncio.run(connect_async())
 
 
-class PlainTextErrors(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 (the name http.server calls)
-        self.send_response(502)
-        self.send_header("content-type", "text/plain")
-        self.end_headers()
-        self.wfile.write(b"upstream connect error\n")
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
-    with plain_http(PlainTextErrors) as url:
+    with plain_http(canned(502, b"upstream connect error\n")) as url:
         with TeacherClient(url, max_retries=0) as client, pytest.raises(TeacherError) as info:
             client.score([SEQ])
     assert str(info.value) == f"HTTP 502 from POST {url}/score: upstream connect error"
 
 
-class NotAScore(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 (the name http.server calls)
-        body = b'{"results": "nope"}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.mark.parametrize("binary", [True, False])
 def test_a_200_that_is_no_score_result_says_so(binary):
-    with plain_http(NotAScore) as url, TeacherClient(url, binary=binary) as client:
+    not_a_score = canned(200, b'{"results": "nope"}', "application/json")
+    with plain_http(not_a_score) as url, TeacherClient(url, binary=binary) as client:
         with pytest.raises(TeacherError, match="the answer is not a teacher's score result"):
             client.score([SEQ])
 

@@ -3,14 +3,13 @@ with the reason, and stopped; a 500 from something else on the port is reported 
 
 from __future__ import annotations
 
-import http.server
 import time
 
 import httpx
 import pytest
 
 from services.teacher.process import free_port, start_teacher, wait_ready
-from tests.conftest import plain_http
+from tests.conftest import canned, plain_http
 
 
 def test_a_model_that_cannot_load_fails_fast_with_the_reason(tmp_path):
@@ -29,20 +28,9 @@ def test_a_server_that_refuses_its_settings_says_why_through_start_teacher(tmp_p
         start_teacher(str(tmp_path), threads=1)  # no log file asked for: the reason still shows
 
 
-class PlainInternalError(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (the name http.server calls)
-        body = b"Internal Server Error"
-        self.send_response(500)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_500_in_another_shape_while_waiting_is_reported_not_a_crash():
-    with plain_http(PlainInternalError) as url:  # another server on the port, say
+    with plain_http(
+        canned(500, b"Internal Server Error")
+    ) as url:  # another server on the port, say
         with pytest.raises(RuntimeError, match="HTTP 500: Internal Server Error"):
             wait_ready(url, timeout=10)
