@@ -109,6 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from services.trainer.config import api_key_from_env
     from services.trainer.demo import SCHEDULES, DemoConfig, run_demo
 
     unknown = set(args.schedules or ()) - set(SCHEDULES)
@@ -133,6 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         schedules=tuple(args.schedules or SCHEDULES),
         teacher_url=args.teacher_url,
+        api_key=api_key_from_env(),  # the key a teacher started here reads too
     )
     # `timeout` and `docker stop` send SIGTERM: end as on Ctrl-C, so the teacher started here stops.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -210,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd (default all)"
     )
-    demo.add_argument("--teacher-url", help="use this teacher server instead of starting one")
+    demo.add_argument(
+        "--teacher-url",
+        help="use this teacher server instead of starting one (with the key in "
+        "OPD_TEACHER_API_KEY, if set)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")

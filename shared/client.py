@@ -10,9 +10,7 @@ Each route has a method of the same name and arguments. Requests go binary (msgp
 the replica with the fewest requests in flight; connection errors, 429, 503 (and a load balancer's
 502/504) are retried with
 exponential backoff (honouring Retry-After), on another replica when there is one. Scoring is a pure
-function of the request, so a retry can never score anything twice. Without an `api_key`, a client
-sends the one in OPD_TEACHER_API_KEY, the variable the teacher reads its key from (as OpenAI's client
-reads OPENAI_API_KEY), so one variable configures both ends.
+function of the request, so a retry can never score anything twice.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
 import random
 import threading
 import time
@@ -116,9 +113,6 @@ def checked_url(url: str) -> str:
     return url.rstrip("/")
 
 
-API_KEY_ENV = "OPD_TEACHER_API_KEY"
-
-
 class _Core:
     """What the sync and async clients share: requests, retry decisions, replies."""
 
@@ -138,8 +132,6 @@ class _Core:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        if api_key is None:
-            api_key = os.environ.get(API_KEY_ENV) or None  # empty, as compose passes unset: none
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):

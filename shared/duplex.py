@@ -290,7 +290,6 @@ def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
             return False
         except concurrent.futures.TimeoutError:  # the stream's reader is slow, or gone
             if not loop.is_running():  # stopped before it ran the put: no one ever will
-                sent.cancel()
                 put.close()  # never to run: no "never awaited" warning
                 return False
     return True

@@ -38,18 +38,34 @@ class UnreadableCheckpoint(Exception):
 
 
 # numpy's RNG state is a uint32 array: rebuilding one is all that rng.pt may ask of the unpickler.
-_NUMPY_RNG_STATE = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# Allowed once for the process (torch's allowlist is global, so a `with` block in one thread would
+# take it away from a run resuming in another), under numpy 2's and numpy 1's module names.
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+torch.serialization.add_safe_globals(
+    [
+        _RECONSTRUCT,
+        (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
+)
 
 
 def _torch_file(path: Path):
     """A file torch.save wrote, never fully unpickled: a full unpickle would run any code that a
     checkpoint made by someone else carries."""
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
-            return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
     except Exception as exc:  # refused by the safe unpickler, truncated, missing, ...
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UnreadableCheckpoint(f"{path} cannot be read safely ({reason})") from None
+        raise UnreadableCheckpoint(f"{path} cannot be read safely ({_why(exc)})") from None
+
+
+def _why(exc: Exception) -> str:
+    """The line of torch's long message that says what was refused, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = next((line for line in lines if "Unsupported global" in line), None)
+    return said or (lines[0] if lines else type(exc).__name__)
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -18,7 +18,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.trainer.config import RunConfig, load_config_file, saved_settings
+from services.trainer.config import (
+    RunConfig,
+    api_key_from_env,
+    load_config_file,
+    saved_settings,
+)
 from shared.flags import add_flags, field_errors, given, port_number, port_taken
 
 
@@ -63,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     from_file = load_config_file(args.config) if args.config else {}
     flags = given(args, RunConfig)
     chosen = {**from_file, **flags}
+    if "api_key" not in chosen and (key := api_key_from_env()):
+        chosen["api_key"] = key
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
     saved, saved_file = {}, Path(str(out)) / "config.json"
     if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value
@@ -167,10 +174,8 @@ def run_from_cli(cfg: RunConfig) -> int:
         before = {}
     try:
         summary = run(cfg, stop=stop)
-    except (TeacherError, ModelLoadError, RunError) as exc:
-        print(f"opd-trainer: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a full disk, a folder it may not write: its checkpoints are kept
+    # OSError: a full disk, a folder it may not write (the checkpoints made so far are kept).
+    except (TeacherError, ModelLoadError, RunError, OSError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -14,13 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
-from shared.client import API_KEY_ENV, checked_url
+from shared.client import checked_url
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+# The variable the teacher reads its key from: `opd-trainer run` and `opd demo` send the key in it when
+# given none, so one variable configures both ends (compose sets it for both). The control API does
+# not: a caller could name a teacher_url of its own and be sent the server's key.
+API_KEY_ENV = "OPD_TEACHER_API_KEY"
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None  # empty, as compose passes an unset variable: none
 
 
 class RunConfig(BaseModel):
@@ -104,7 +115,9 @@ class RunConfig(BaseModel):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
     api_key: str | None = Field(
-        None, description=f"Teacher API key, if it needs one (unset: env {API_KEY_ENV})."
+        None,
+        description=f"Teacher API key, if it needs one (the commands read {API_KEY_ENV} "
+        "when it is not given).",
     )
     progress: bool = Field(True, description="Show a progress bar.", strict=True)
 

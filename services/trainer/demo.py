@@ -50,6 +50,7 @@ class DemoConfig:
     teacher_url: str | None = (
         None  # use this teacher (e.g. a load balancer) instead of starting one
     )
+    api_key: str | None = None  # the teacher's key, if it needs one
 
 
 def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
@@ -67,6 +68,7 @@ def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
             eval_every=cfg.eval_every,
             eval_n=cfg.eval_n,
             threads=1,
+            api_key=cfg.api_key,
         )
         for name in cfg.schedules
     }

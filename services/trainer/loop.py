@@ -29,7 +29,6 @@ from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
-from shared.client import API_KEY_ENV
 from shared.errors import Unauthorized
 from shared.task import problems
 
@@ -191,7 +190,7 @@ class Run:
             infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
         except Unauthorized as exc:
             raise RunError(
-                f"{exc} (the teacher's key goes in --api-key or {API_KEY_ENV})", param="api_key"
+                f"{exc} (the teacher's key goes in --api-key)", param="api_key"
             ) from None
         check_teacher_limits(cfg, infos, self.tokenizer, self.data)
         try:

@@ -106,7 +106,8 @@ def topk_jsd(
     beta: float = 0.5,
 ) -> torch.Tensor:
     """Generalised JSD(beta) on the teacher's top-k support, both sides renormalised over it:
-    beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta * P + (1 - beta) * Q (P teacher, Q student).
+    beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta * P + (1 - beta) * Q (P teacher, Q student),
+    for 0 < beta < 1 (at 0 or 1 it is no divergence at all; the config refuses both).
     """
     log_p = torch.log_softmax(teacher_logp_B_T_K, dim=-1)
     log_q = torch.log_softmax(student_logp_B_T_K, dim=-1)

@@ -173,8 +173,8 @@ class StepFeed:
 
     async def _feed_lanes(self) -> None:
         lanes = self._lanes
-        # Room first, then the next frame: so put() blocks once frames_in_flight per replica
-        # await scores and as many again wait in the inbox.
+        # Room first, then the next frame: so put() blocks once frames_in_flight times the
+        # replicas await scores in all, and as many again wait in the inbox.
         while True:
             await self._room_for_a_frame()
             batch = await self._inbox.get()

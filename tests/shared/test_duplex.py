@@ -90,9 +90,8 @@ def test_a_url_that_is_not_http_is_refused_before_connecting(url):
 
 
 def test_a_body_item_for_a_loop_that_stopped_is_dropped_not_waited_for_forever():
-    loop = (
-        asyncio.new_event_loop()
-    )  # never runs: as a stream's loop stopped before it took the item
+    # Never run: as a stream's loop that stopped before it took the item.
+    loop = asyncio.new_event_loop()
     returned = []
     reader = threading.Thread(
         target=lambda: returned.append(_hand_over(asyncio.Queue(), b"x", loop, wait=True)),

@@ -29,8 +29,7 @@ def test_a_server_that_refuses_its_settings_says_why_through_start_teacher(tmp_p
 
 
 def test_a_500_in_another_shape_while_waiting_is_reported_not_a_crash():
-    with plain_http(
-        canned(500, b"Internal Server Error")
-    ) as url:  # another server on the port, say
+    # Another server on the port, say.
+    with plain_http(canned(500, b"Internal Server Error")) as url:
         with pytest.raises(RuntimeError, match="HTTP 500: Internal Server Error"):
             wait_ready(url, timeout=10)

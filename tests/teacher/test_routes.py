@@ -17,7 +17,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
-from shared.client import API_KEY_ENV, TeacherClient
+from shared.client import TeacherClient
 from shared.errors import Unauthorized
 from tests.conftest import serve
 
@@ -156,23 +156,6 @@ def test_api_key_is_required_when_set():
         with TeacherClient(url, api_key="wrong") as client:  # connect says which replica refused
             with pytest.raises(Unauthorized, match=f"teacher at {url}: missing or wrong API key"):
                 client.connect()
-
-
-def test_a_client_without_a_key_sends_the_one_the_teacher_reads(monkeypatch):
-    # One variable for both ends, as compose sets it for the teacher and the trainer.
-    assert API_KEY_ENV == TeacherSettings.model_config["env_prefix"] + "API_KEY"
-    monkeypatch.setenv(API_KEY_ENV, "s3cret")
-    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)))) as url:
-        assert TeacherSettings(model=str(TEACHER_PATH)).api_key.get_secret_value() == "s3cret"
-        with TeacherClient(url) as client:
-            assert client.info()["backend"] == "hf"
-        with TeacherClient(url, api_key="wrong") as client:  # a key given wins
-            with pytest.raises(Unauthorized):
-                client.info()
-        monkeypatch.setenv(API_KEY_ENV, "")  # as compose passes an unset variable: no key
-        with TeacherClient(url) as client:
-            with pytest.raises(Unauthorized):
-                client.info()
 
 
 class GatedBackend(HFBackend):

@@ -122,6 +122,17 @@ def test_a_schedule_is_checked_against_the_runs_own_max_new_tokens(capsys):
     assert "--schedule: " in err  # within the default H_max, beyond this run's
 
 
+def test_the_teachers_key_comes_from_its_variable_unless_given(monkeypatch):
+    monkeypatch.setenv("OPD_TEACHER_API_KEY", "s3cret")
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["run"])).api_key == "s3cret"
+    assert config_from_args(parse(["run", "--api-key", "mine"])).api_key == "mine"
+    # The control API builds its configs without it: a caller could name its own teacher_url.
+    assert RunConfig().api_key is None
+    monkeypatch.setenv("OPD_TEACHER_API_KEY", "")  # as compose passes an unset variable
+    assert config_from_args(parse(["run"])).api_key is None
+
+
 def test_max_new_tokens_stops_where_evaluation_does(capsys):
     err = errors_of(capsys, "run", "--max-new-tokens", "300")
     assert "--max-new-tokens: Input should be less than or equal to 256" in err

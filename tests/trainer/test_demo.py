@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.settings import TeacherSettings
 from services.trainer.demo import DemoConfig, against_full, print_table, run_demo
 from services.trainer.report import JsonlLog
+from tests.conftest import serve
 
 
 def test_demo_uses_the_given_teacher_and_reports_each_schedule(tmp_path, teacher_url, capsys):
@@ -130,6 +134,18 @@ def test_a_demo_stopped_by_sigterm_stops_its_teacher(tmp_path):
         assert not Path(f"/proc/{teacher}").exists()  # stopped and reaped, not orphaned
     finally:
         demo.kill()
+
+
+def test_the_demo_sends_the_key_in_the_teachers_variable(tmp_path):
+    keyed = create_app(TeacherSettings(model=str(TEACHER_PATH), api_key="s3cret"))
+    with serve(keyed) as url:
+        args = ["--steps", "1", "--eval-n", "2", "--schedules", "topd-10", "--teacher-url", url]
+        for key, code in [("s3cret", 0), ("", 1)]:  # empty, as compose passes unset: no key
+            env = {**os.environ, "OPD_TEACHER_API_KEY": key}
+            demo = opd("demo", *args, "--out", str(tmp_path / f"run{code}"), env=env)
+            _, err = demo.communicate(timeout=120)
+            assert demo.returncode == code, err
+        assert "missing or wrong API key" in err
 
 
 def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
