@@ -16,10 +16,14 @@ from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
 from shared.protocol import SequenceScore
 
-# A teacher may call a token impossible (-inf; the vllm backend reports NaN so): below float32
-# softmax's reach (about e^-103) it is a very bad score, but a finite one, so the loss and its
-# gradient stay finite instead of turning the student's weights into NaN.
-TEACHER_LOGP_FLOOR = -100.0
+# A teacher may call a token impossible (-inf; the vllm backend reports NaN so). Scored as a very
+# bad but finite log-prob instead, the loss and its gradient stay finite rather than turning the
+# student's weights into NaN; finite log-probs, however low, are left as they are.
+IMPOSSIBLE_LOGP = -100.0
+
+
+def finite_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(logp, nan=IMPOSSIBLE_LOGP, neginf=IMPOSSIBLE_LOGP, posinf=0.0)
 
 
 @dataclass
@@ -121,11 +125,9 @@ def distillation_loss(
     width = mask_B_T.shape[1]
     device = logp_B_T_V.device
     student_B_T = sampled_logprobs(logp_B_T_V, rollouts)
-    teacher_B_T = (
+    teacher_B_T = finite_logprobs(
         right_pad([scores[r.key].logprobs.tolist() for r in rollouts], 0.0, torch.float32, width)
-        .clamp(min=TEACHER_LOGP_FLOOR)
-        .to(device)
-    )
+    ).to(device)
     loss_mask_B_T = mask_B_T
     if cfg.cut_at_error is not None:
         loss_mask_B_T = losses.mask_after_first_error(
@@ -143,9 +145,15 @@ def distillation_loss(
         topk_ids = padded3(
             [scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long
         )
-        topk_lp = padded3(
-            [scores[r.key].topk_logprobs for r in rollouts], width, cfg.top_k, 0.0, torch.float32
-        ).clamp(min=TEACHER_LOGP_FLOOR)
+        topk_lp = finite_logprobs(
+            padded3(
+                [scores[r.key].topk_logprobs for r in rollouts],
+                width,
+                cfg.top_k,
+                0.0,
+                torch.float32,
+            )
+        )
         student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
         if cfg.loss == "forward_kl_topk":
             loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), loss_mask_B_T)
