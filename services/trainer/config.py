@@ -171,6 +171,21 @@ class RunConfig(BaseModel):
         return [checked_url(url) for url in urls]
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load, refusing a key given twice (PyYAML would keep the last, without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config_file(path: str | Path) -> dict:
     """Settings from a .yaml/.yml/.toml file (keys are RunConfig field names)."""
     path = Path(path)
@@ -181,7 +196,7 @@ def load_config_file(path: str | Path) -> dict:
     except OSError as exc:
         raise ValueError(f"--config {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _UniqueKeys) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         kind = "TOML" if path.suffix == ".toml" else "YAML"
         raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None

@@ -25,6 +25,8 @@ def errors_of(capsys, *argv: str) -> str:
         ("bad.yaml", "steps: [1\n", "not valid YAML"),
         ("bad.toml", "steps = = 3\n", "not valid TOML"),
         ("list.yaml", "- steps\n", "expected a mapping"),
+        ("twice.yaml", "lr: 1.0e-4\nsteps: 3\nlr: 3.0e-4\n", "'lr' is given twice"),
+        ("twice.toml", "lr = 1e-4\nlr = 3e-4\n", "not valid TOML"),
         ("run.ini", "steps=3\n", ".yaml, .yml or .toml"),
     ],
 )
