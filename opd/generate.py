@@ -34,7 +34,7 @@ def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> t
     width = max(len(r) for r in rows) if width is None else width
     out = torch.full((len(rows), width), fill, dtype=dtype)
     for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=dtype)
+        out[b, : len(row)] = torch.as_tensor(row, dtype=dtype)
     return out
 
 

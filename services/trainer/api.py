@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from opd.models import ModelLoadError, check_loadable, load_tokenizer
-from services.trainer.config import RunConfig
+from services.trainer.config import RunConfig, in_api_words
 from services.trainer.loop import (
     RunError,
     check_out,
@@ -43,7 +43,6 @@ from shared.errors import (
     UnsupportedMediaType,
     from_validation,
 )
-from shared.flags import field_words
 from shared.web import VERSION, install_error_shape, metrics_response
 
 log = logging.getLogger("opd.trainer.api")
@@ -102,9 +101,7 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
             data,
         )
     except RunError as exc:
-        raise InvalidRequest(
-            field_words(str(exc), RunConfig.model_fields), param=exc.param
-        ) from None
+        raise InvalidRequest(in_api_words(str(exc)), param=exc.param) from None
 
 
 @router.post("/runs", status_code=201)
@@ -126,9 +123,7 @@ def refuse_a_folder_in_use(cfg: RunConfig, runs: Runs) -> None:
     try:
         check_out(cfg)
     except RunError as exc:
-        raise InvalidRequest(
-            field_words(str(exc), RunConfig.model_fields), param=exc.param
-        ) from None
+        raise InvalidRequest(in_api_words(str(exc)), param=exc.param) from None
 
 
 @router.get("/runs")
@@ -241,9 +236,7 @@ def create_app() -> FastAPI:
             )
         else:
             err = from_validation(exc.errors())
-            err.message = field_words(
-                err.message, RunConfig.model_fields
-            )  # a validator's are the CLI's
+            err.message = in_api_words(err.message)  # a validator's words are the CLI's
         return JSONResponse(err.to_body(), status_code=err.status)
 
     install_error_shape(app)  # the one error shape, shared with the teacher

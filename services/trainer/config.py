@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
 from services.trainer.schedules import ScheduleError, parse_schedule
 from shared.client import checked_url
+from shared.flags import field_words
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -169,6 +170,12 @@ class RunConfig(BaseModel):
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
         return [checked_url(url) for url in urls]
+
+
+def in_api_words(message: str) -> str:
+    """A message that names run settings as the CLI's flags, reworded for a control-API client, who
+    sent them as fields (`--max-new-tokens` becomes `max_new_tokens`)."""
+    return field_words(message, RunConfig.model_fields)
 
 
 class _UniqueKeys(yaml.SafeLoader):

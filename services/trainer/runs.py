@@ -13,10 +13,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.trainer.config import RunConfig
+from services.trainer.config import RunConfig, in_api_words
 from services.trainer.loop import Run, RunError
 from shared.errors import NotFound, NotReady
-from shared.flags import field_words
 
 
 class TrainerMetrics:
@@ -148,9 +147,7 @@ class Runs:
             self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
         except Exception as exc:  # reported on the run, never a dead thread with no word
             # A RunError names the setting as the CLI's flag; here it is the field a client sent.
-            said = (
-                field_words(str(exc), RunConfig.model_fields) if isinstance(exc, RunError) else exc
-            )
+            said = in_api_words(str(exc)) if isinstance(exc, RunError) else exc
             error = f"{type(exc).__name__}: {said}"
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
 

@@ -126,7 +126,7 @@ def distillation_loss(
     device = logp_B_T_V.device
     student_B_T = sampled_logprobs(logp_B_T_V, rollouts)
     teacher_B_T = finite_logprobs(
-        right_pad([scores[r.key].logprobs.tolist() for r in rollouts], 0.0, torch.float32, width)
+        right_pad([scores[r.key].logprobs for r in rollouts], 0.0, torch.float32, width)
     ).to(device)
     loss_mask_B_T = mask_B_T
     if cfg.cut_at_error is not None:

@@ -125,7 +125,7 @@ class HFBackend(Backend):
             try:
                 rows = self._rows_sharing_prompts(jobs)
             except torch.OutOfMemoryError:  # the cache's copies: this batch takes the lean pass
-                rows = None
+                pass
             except Exception as exc:  # a model the shared pass does not fit: never again
                 log.warning("sharing prompts is off for this model: %s", exc)
                 self.cache_arg = None
