@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
-from shared.flags import fraction, non_negative_int, positive_int
+from shared.flags import add_flags, fraction, non_negative_int, positive_int
 from shared.task import SPLITS, problems
+
+# The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
+# student runs (and the teacher the demo starts), the batch, and the step size.
+DEMO_RUN_SETTINGS = ("device", "prompts_per_step", "samples_per_prompt", "micro_batch", "lr")
 
 
 def cmd_task(args: argparse.Namespace) -> int:
@@ -109,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.trainer.config import api_key_from_env
+    from services.trainer.config import RunConfig, api_key_from_env
     from services.trainer.demo import SCHEDULES, DemoConfig, run_demo
 
     unknown = set(args.schedules or ()) - set(SCHEDULES)
@@ -124,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opd.models import ModelLoadError
     from services.trainer.loop import RunError
     from shared.errors import TeacherError
-    from shared.flags import field_errors
+    from shared.flags import field_errors, given
 
     cfg = DemoConfig(
         out=args.out,
@@ -134,6 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         schedules=tuple(args.schedules or SCHEDULES),
         teacher_url=args.teacher_url,
+        run_settings={k: v for k, v in given(args, RunConfig).items() if k in DEMO_RUN_SETTINGS},
         api_key=api_key_from_env(),  # the key a teacher started here reads too
     )
     # `timeout` and `docker stop` send SIGTERM: end as on Ctrl-C, so the teacher started here stops.
@@ -216,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-url",
         help="use this teacher server instead of starting one (with the key in "
         "OPD_TEACHER_API_KEY, if set)",
+    )
+    from services.trainer.config import RunConfig
+
+    add_flags(
+        demo,
+        RunConfig,
+        only=DEMO_RUN_SETTINGS,
     )
     demo.set_defaults(func=cmd_demo)
 

@@ -31,9 +31,15 @@ def field_words(message: str, fields: Iterable[str]) -> str:
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, model: type[BaseModel], env_prefix: str | None = None
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    env_prefix: str | None = None,
+    only: Iterable[str] | None = None,
 ) -> None:
-    for name, field in model.model_fields.items():
+    """A flag for each of `model`'s fields, or for the fields named in `only`."""
+    fields = model.model_fields
+    for name in fields if only is None else only:
+        field = fields[name]
         flag = "--" + name.replace("_", "-")
         default = field.default
         if hasattr(default, "get_secret_value"):

@@ -9,6 +9,8 @@ OPD's final accuracy, and comparison.png plots accuracy against steps, wall-cloc
     opd demo                                        # about 6 minutes on 2 CPU cores
     opd demo --steps 4 --schedules full topd-10     # a smoke run
     opd demo --teacher-url http://10.0.0.5:8000     # against a teacher already serving
+    opd demo --device cuda --prompts-per-step 1024 --micro-batch 256 --steps 40 --eval-every 10
+                                                    # on a GPU, at a batch where full OPD learns
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
+from opd.models import check_loadable
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
@@ -38,6 +41,11 @@ SCHEDULES = {
 }
 
 
+# A teacher the demo starts on a GPU scores a whole micro-batch of rollouts in one forward: there the
+# tiny teacher's forward costs about the same from one row up to ~10^5 tokens.
+GPU_TEACHER_ARGS = ("--max-batch-tokens", "131072")
+
+
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
@@ -45,7 +53,8 @@ class DemoConfig:
     eval_every: int = 8
     eval_n: int = 200
     seed: int = 0
-    lr: float = 3e-4
+    # RunConfig fields set for every run, e.g. {"device": "cuda", "prompts_per_step": 1024}
+    run_settings: dict = field(default_factory=dict)
     schedules: tuple[str, ...] = tuple(SCHEDULES)
     teacher_url: str | None = (
         None  # use this teacher (e.g. a load balancer) instead of starting one
@@ -64,11 +73,11 @@ def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
             out=str(Path(cfg.out) / name),
             seed=cfg.seed,
             overwrite=True,  # the demo's runs are its own to redo
-            lr=cfg.lr,
             eval_every=cfg.eval_every,
             eval_n=cfg.eval_n,
             threads=1,
             api_key=cfg.api_key,
+            **cfg.run_settings,
         )
         for name in cfg.schedules
     }
@@ -80,6 +89,8 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     # own gets its port now, so its URL is checked like any other.
     port = None if cfg.teacher_url else free_port()
     configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
+    any_run = next(iter(configs.values()))
+    check_loadable(any_run.student, any_run.device)  # no GPU here: say so before a teacher starts
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
     created = not out.exists()
@@ -96,16 +107,19 @@ def _run_all(
     cfg: DemoConfig, configs: dict[str, RunConfig], out: Path, port: int | None
 ) -> list[dict]:
     own_teacher = port is not None
-    # A teacher of our own gets one core and the student another, as the measured numbers assume;
-    # the cores come from those this process may use (taskset, a container's cpuset).
+    device = next(iter(configs.values())).device
+    on_cpu = device == "cpu"
+    # On CPU a teacher of our own gets one core and the student another, as the measured numbers
+    # assume; the cores come from those this process may use (taskset, a container's cpuset).
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    two_cores = own_teacher and len(allowed) >= 2
+    two_cores = own_teacher and on_cpu and len(allowed) >= 2
     if own_teacher:
         proc, _ = start_teacher(
             str(TEACHER_PATH),
             port=port,
             threads=1,
             cpus={allowed[1]} if two_cores else None,
+            extra_args=() if on_cpu else ("--device", device, *GPU_TEACHER_ARGS),
             log_path=str(out / "teacher.log"),
         )
     else:
@@ -126,13 +140,19 @@ def _run_all(
     plot_runs(
         [out / r["run"] for r in rows],
         out / "comparison.png",
-        title=f"OPD horizon schedules, {cfg.steps} steps, same seed",
+        title=f"OPD horizon schedules, {cfg.steps} steps of {_batch(configs)} rollouts, same seed",
     )
     against_full(rows, out)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     print(f"\nplots: {out / 'comparison.png'}; per run: {out}/<run>/metrics.jsonl, eval.jsonl")
     return rows
+
+
+def _batch(configs: dict[str, RunConfig]) -> str:
+    """Rollouts per step, as `16 x 4` (problems x samples)."""
+    one = next(iter(configs.values()))
+    return f"{one.prompts_per_step} x {one.samples_per_prompt}"
 
 
 def _row(name: str, folder: Path, summary: dict) -> dict:
