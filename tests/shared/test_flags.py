@@ -42,3 +42,15 @@ def test_a_flag_and_its_error_use_the_dashed_name_that_field_words_undoes():
     (line,) = field_errors(exc.value)
     assert line.startswith("--max-new-tokens: ")
     assert field_words(line, Settings.model_fields).startswith("max_new_tokens: ")
+
+
+class TwoSettings(Settings):
+    top_k: int = Field(8, description="Teacher top-k.")
+
+
+def test_only_the_named_fields_get_flags_with_their_defaults_in_the_help():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TwoSettings, only=["top_k"])
+    assert "--top-k" in parser.format_help() and "[default 8]" in parser.format_help()
+    assert "--max-new-tokens" not in parser.format_help()
+    assert parser.parse_args([]).top_k is None  # not given: the model's default applies

@@ -11,11 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd.bundled import TEACHER_PATH
+from opd.models import ModelLoadError
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
-from services.trainer.demo import DemoConfig, against_full, print_table, run_demo
+from services.trainer.demo import (
+    SCHEDULES,
+    DemoConfig,
+    against_full,
+    print_table,
+    run_configs,
+    run_demo,
+)
 from services.trainer.report import JsonlLog
 from tests.conftest import serve
 
@@ -154,12 +163,30 @@ def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
         (["--teacher-url", "notaurl"], 2, "--teacher-url"),
         (["--teacher-url", "http://127.0.0.1:1"], 1, "unreachable"),
         (["--out", str(tmp_path / "file")], 1, "is a file"),
+        (["--lr", "-1"], 2, "--lr: Input should be greater than 0"),
+        (["--device", "gpu"], 2, "--device"),
     ]:
         out = ["--out", str(tmp_path / "run")] if "--out" not in args else []
         demo = opd("demo", "--steps", "1", "--schedules", "topd-10", *out, *args)
         _, err = demo.communicate(timeout=120)
         assert demo.returncode == code and says in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU it asks for")
+def test_a_gpu_this_machine_lacks_is_refused_before_a_teacher_starts(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "run"), run_settings={"device": "cuda"})
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        run_demo(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_run_gets_the_demos_run_settings():
+    settings = {"prompts_per_step": 64, "samples_per_prompt": 2, "micro_batch": 32, "lr": 1e-4}
+    cfg = DemoConfig(schedules=("full", "popd"), run_settings=settings)
+    runs = run_configs(cfg, "http://127.0.0.1:8000")
+    assert [r.schedule for r in runs.values()] == [SCHEDULES["full"], SCHEDULES["popd"]]
+    assert all(r.model_dump(include=set(settings)) == settings for r in runs.values())
 
 
 def test_the_table_has_no_such_warning_when_full_opd_gained(capsys):
