@@ -135,6 +135,8 @@ class Batcher:
             scores = await loop.run_in_executor(
                 self._executor, self._run_batch, [i.job for i in live]
             )
+            if len(scores) != len(live):  # a backend's bug fails the requests, not hangs them
+                raise RuntimeError(f"the backend scored {len(scores)} of {len(live)} sequences")
         except Exception as exc:  # the request's own handler logs it, with the traceback
             if len(live) > 1:  # one sequence's failure must not fail the others batched with it
                 log.warning("a batch of %d failed (%r); scoring them one at a time", len(live), exc)

@@ -87,6 +87,22 @@ def test_a_failed_batch_fails_only_the_request_that_fails_alone():
     assert after[0].logprobs[0] == 3
 
 
+def test_a_backend_that_drops_a_score_fails_the_request_instead_of_hanging_it():
+    def drops_the_last(jobs):
+        return [SequenceScore(logprobs=np.zeros(j.n_scored, np.float32)) for j in jobs[:-1]]
+
+    async def run():
+        batcher = Batcher(drops_the_last, max_batch_tokens=1000, max_queue_tokens=10_000)
+        batcher.start()
+        try:
+            return await asyncio.wait_for(batcher.submit([job(4), job(5)]), timeout=10)
+        finally:
+            await batcher.close()
+
+    with pytest.raises(RuntimeError, match="scored 0 of 1 sequences"):
+        asyncio.run(run())
+
+
 def test_siblings_of_a_failed_sequence_are_not_run_after_its_request_failed():
     async def run():
         recorder = Recorder(poison=frozenset({3}))
