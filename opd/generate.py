@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from opd.padding import left_pad
+
 
 @dataclass
 class Generation:
@@ -27,26 +29,6 @@ class Generation:
 
     def completions(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens_B_T, self.lengths_B)]
-
-
-def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> torch.Tensor:
-    """[len(rows), width] (width: the longest row's by default), each row right-padded with `fill`."""
-    width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), fill, dtype=dtype)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.as_tensor(row, dtype=dtype)
-    return out
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts into (ids_B_P, mask_B_P) so every prompt ends at the same column."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids[b, width - len(prompt) :] = torch.tensor(prompt)
-        mask[b, width - len(prompt) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()

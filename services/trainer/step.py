@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from opd.generate import right_pad
+from opd.padding import right_pad
 from services.trainer import losses
 from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
@@ -142,17 +142,10 @@ def distillation_loss(
             student_B_T, sample_B_T.to(device), adv_B_T, loss_mask_B_T
         )
     else:
-        topk_ids = padded3(
-            [scores[r.key].topk_ids for r in rollouts], width, cfg.top_k, 0, torch.long
-        )
+        picked = [scores[r.key] for r in rollouts]
+        topk_ids = right_pad([s.topk_ids[:, : cfg.top_k] for s in picked], 0, torch.long, width)
         topk_lp = finite_logprobs(
-            padded3(
-                [scores[r.key].topk_logprobs for r in rollouts],
-                width,
-                cfg.top_k,
-                0.0,
-                torch.float32,
-            )
+            right_pad([s.topk_logprobs[:, : cfg.top_k] for s in picked], 0.0, torch.float32, width)
         )
         student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
         if cfg.loss == "forward_kl_topk":
@@ -168,11 +161,3 @@ def distillation_loss(
         student_B_T=student_B_T.detach().cpu(),
         mask_B_T=mask_B_T.detach().cpu(),
     )
-
-
-def padded3(arrays: list, width: int, k: int, fill, dtype) -> torch.Tensor:
-    """[B, width, k] from per-row [n_b, k] arrays."""
-    out = torch.full((len(arrays), width, k), fill, dtype=dtype)
-    for b, a in enumerate(arrays):
-        out[b, : a.shape[0]] = torch.as_tensor(a[:, :k], dtype=dtype)
-    return out

@@ -17,8 +17,8 @@ import logging
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from opd.generate import right_pad
 from opd.models import load_model
+from opd.padding import right_pad
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.batcher import Batcher
 from services.teacher.metrics import TeacherMetrics

@@ -1,0 +1,28 @@
+"""Ragged rows to padded tensors: right-padded for scoring and training, left-padded for decoding
+(so every prompt ends at the column where generation starts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> torch.Tensor:
+    """[len(rows), width, *row dims] (width: the longest row's by default), each row right-padded
+    with `fill`. Rows are lists or arrays; rows of shape [n_b, k] give [B, width, k]."""
+    width = max(len(r) for r in rows) if width is None else width
+    out = torch.full((len(rows), width, *np.shape(rows[0])[1:]), fill, dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into (ids_B_P, mask_B_P) so every prompt ends at the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - len(prompt) :] = torch.tensor(prompt)
+        mask[b, width - len(prompt) :] = 1
+    return ids, mask
