@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -72,7 +71,7 @@ class CompletionRequest(BaseModel):
         return value
 
 
-def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]:
+def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[list[int]]:
     """The request's token-id prompts, or a 400 naming what this server does not do."""
     for name, value in (body.model_extra or {}).items():
         if name not in _NEUTRAL:
@@ -81,9 +80,9 @@ def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]
             raise BadRequest(
                 f"{name}={value!r} is not supported (only {_NEUTRAL[name]!r})", param=name
             )
-    if body.model not in (None, model_name, Path(model_name).name):
+    if body.model not in (None, *names):
         raise NotFound(
-            f"the model {body.model!r} does not exist; this server has {model_name!r}",
+            f"the model {body.model!r} does not exist; this server has {names[0]!r}",
             param="model",
         )
     if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
@@ -105,8 +104,7 @@ def check_supported(body: CompletionRequest, model_name: str) -> list[list[int]]
 @router.post("/completions", summary="OpenAI-style completions, for scoring token-id prompts")
 async def completions(request: Request, state: Ready, _: Authorized) -> dict:
     body = await read_model(request, CompletionRequest, state.settings.max_body_bytes)
-    info = state.backend.info
-    prompts = check_supported(body, info.model)
+    prompts = check_supported(body, state.settings.served_names)
     prompt_k = (
         body.prompt_logprobs
         if body.prompt_logprobs is not None
@@ -156,7 +154,7 @@ async def completions(request: Request, state: Ready, _: Authorized) -> dict:
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": info.model,
+        "model": state.settings.served_names[0],
         "choices": choices,
         "usage": {
             "prompt_tokens": n_prompt,
@@ -261,7 +259,7 @@ async def models(state: Ready, _: Authorized) -> dict:  # as vLLM: every /v1 rou
         "object": "list",
         "data": [
             {
-                "id": info.model,
+                "id": state.settings.served_names[0],
                 "object": "model",
                 "created": int(time.time()),
                 "owned_by": "opd",

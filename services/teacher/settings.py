@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -14,6 +15,12 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", extra="forbid")
 
     model: str = Field(str(TEACHER_PATH), description="Local folder of a Hugging Face causal LM.")
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="The model's name in the /v1 routes, as vLLM's flag (unset: the folder path, "
+        "or its last part, e.g. tiny-teacher).",
+    )
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
     device: str = Field(
         "cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N (hf backend)."
@@ -61,6 +68,13 @@ class TeacherSettings(BaseSettings):
     def _empty_key_is_none(cls, value):
         # An empty OPD_TEACHER_API_KEY (as compose passes an unset variable) means no key.
         return None if value in ("", None) else value
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """The names a /v1 request may give the model; /v1/models lists the first."""
+        if self.served_model_name:
+            return (self.served_model_name,)
+        return (self.model, Path(self.model).name)
 
     @property
     def max_body_bytes(self) -> int:

@@ -9,6 +9,10 @@ import json
 import httpx
 import pytest
 
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.settings import TeacherSettings
+from tests.conftest import serve
 from tests.teacher.test_routes import DEEP, HUGE_INT, assert_error
 
 TRL = "/get_sequence_logprobs/"
@@ -115,3 +119,23 @@ def test_openai_max_tokens_left_at_its_default_says_so(teacher_url):
 def test_trl_temperature_must_be_a_safe_number(teacher_url, temperature):
     body = {**TRL_GOOD, "temperature": temperature}
     assert_error(post(teacher_url, TRL, body), 400, param="temperature")
+
+
+def test_openai_routes_know_the_model_by_its_folder_name_or_path(teacher_url):
+    [model] = httpx.get(teacher_url + "/v1/models").json()["data"]
+    assert model["id"] == str(TEACHER_PATH) and model["root"] == str(TEACHER_PATH)
+    for name in ("tiny-teacher", str(TEACHER_PATH)):
+        answer = post(teacher_url, OPENAI, {**OPENAI_GOOD, "model": name})
+        assert answer.status_code == 200 and answer.json()["model"] == str(TEACHER_PATH)
+    assert_error(post(teacher_url, OPENAI, {**OPENAI_GOOD, "model": "gpt-4"}), 404, "model")
+
+
+def test_a_served_model_name_is_the_only_name_the_openai_routes_take():
+    settings = TeacherSettings(model=str(TEACHER_PATH), served_model_name="acme/teacher-8b")
+    with serve(create_app(settings)) as url:
+        [model] = httpx.get(url + "/v1/models").json()["data"]
+        assert model["id"] == "acme/teacher-8b" and model["root"] == str(TEACHER_PATH)
+        answer = post(url, OPENAI, {**OPENAI_GOOD, "model": "acme/teacher-8b"})
+        assert answer.status_code == 200 and answer.json()["model"] == "acme/teacher-8b"
+        refused = post(url, OPENAI, {**OPENAI_GOOD, "model": "tiny-teacher"})
+        assert_error(refused, 404, "model", says="this server has 'acme/teacher-8b'")
