@@ -21,10 +21,6 @@ from opd.bundled import REPO_ROOT
 from shared.flags import add_flags, fraction, non_negative_int, positive_int
 from shared.task import SPLITS, problems
 
-# The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
-# student runs (and the teacher the demo starts), the batch, and the step size.
-DEMO_RUN_SETTINGS = ("device", "prompts_per_step", "samples_per_prompt", "micro_batch", "lr")
-
 
 def cmd_task(args: argparse.Namespace) -> int:
     items = problems(args.split, args.n, args.seed)
@@ -113,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.trainer.config import RunConfig, api_key_from_env
+    from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig, api_key_from_env
     from services.trainer.demo import SCHEDULES, DemoConfig, run_demo
 
     unknown = set(args.schedules or ()) - set(SCHEDULES)
@@ -198,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="distil the bundled teacher into the student with each "
         "horizon schedule (full, TOPD, POPD) and compare them",
+        description="Distil the bundled teacher into the student with each horizon schedule, same "
+        "seed and steps, and compare them. The run settings below are each run's; with --device "
+        "cuda the teacher the demo starts runs on that GPU too.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=positive_int, default=32, help="steps per run (default 32)")
@@ -222,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this teacher server instead of starting one (with the key in "
         "OPD_TEACHER_API_KEY, if set)",
     )
-    from services.trainer.config import RunConfig
+    from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
 
     add_flags(
         demo,

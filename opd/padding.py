@@ -10,8 +10,9 @@ import torch
 def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> torch.Tensor:
     """[len(rows), width, *row dims] (width: the longest row's by default), each row right-padded
     with `fill`. Rows are lists or arrays; rows of shape [n_b, k] give [B, width, k]."""
-    width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width, *np.shape(rows[0])[1:]), fill, dtype=dtype)
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    row_dims = np.shape(rows[0])[1:] if rows else ()
+    out = torch.full((len(rows), width, *row_dims), fill, dtype=dtype)
     for b, row in enumerate(rows):
         out[b, : len(row)] = torch.as_tensor(row, dtype=dtype)
     return out

@@ -252,21 +252,25 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
     }
 
 
-@router.get("/models", summary="The one model this teacher serves")
+@router.get("/models", summary="The model this teacher serves, under each of its names")
 async def models(state: Ready, _: Authorized) -> dict:  # as vLLM: every /v1 route needs the key
-    info = state.backend.info
+    settings, info = state.settings, state.backend.info
+    # As vLLM: a card per served name, each rooted at the folder; without names, the folder's path.
+    names = settings.served_model_name or settings.served_names[:1]
+    created = int(time.time())
     return {
         "object": "list",
         "data": [
             {
-                "id": state.settings.served_names[0],
+                "id": name,
                 "object": "model",
-                "created": int(time.time()),
+                "created": created,
                 "owned_by": "opd",
                 "root": info.model,
                 "parent": None,
                 "max_model_len": info.max_seq_len,
                 "permission": [],
             }
+            for name in names
         ],
     }

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from opd.bundled import DEVICE_PATTERN, TEACHER_PATH
 
@@ -15,11 +15,11 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", extra="forbid")
 
     model: str = Field(str(TEACHER_PATH), description="Local folder of a Hugging Face causal LM.")
-    served_model_name: str | None = Field(
-        None,
-        min_length=1,
-        description="The model's name in the /v1 routes, as vLLM's flag (unset: the folder path, "
-        "or its last part, e.g. tiny-teacher).",
+    # NoDecode: the environment gives names as vLLM's command line does, space-separated, not JSON.
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The model's names in the /v1 routes, as vLLM's flag: requests may use any, "
+        "responses give the first (unset: the folder path, or its last part, e.g. tiny-teacher).",
     )
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
     device: str = Field(
@@ -69,11 +69,25 @@ class TeacherSettings(BaseSettings):
         # An empty OPD_TEACHER_API_KEY (as compose passes an unset variable) means no key.
         return None if value in ("", None) else value
 
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names_from_text(cls, value):
+        # From the environment, "a b" is two names and "" (compose's unset variable) none.
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _no_empty_name(cls, names: list[str]) -> list[str]:
+        if any(not name.strip() for name in names):
+            raise ValueError("a served model name must not be empty")
+        return names
+
     @property
     def served_names(self) -> tuple[str, ...]:
-        """The names a /v1 request may give the model; /v1/models lists the first."""
+        """The names a /v1 request may give the model; /v1/models lists the served ones (or the
+        folder), and responses give the first."""
         if self.served_model_name:
-            return (self.served_model_name,)
+            return tuple(self.served_model_name)
         return (self.model, Path(self.model).name)
 
     @property

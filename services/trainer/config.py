@@ -35,6 +35,11 @@ def api_key_from_env() -> str | None:
     return os.environ.get(API_KEY_ENV) or None  # empty, as compose passes an unset variable: none
 
 
+# The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
+# student runs (and the teacher the demo starts), the batch, and the step size.
+DEMO_RUN_SETTINGS = ("device", "prompts_per_step", "samples_per_prompt", "micro_batch", "lr")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

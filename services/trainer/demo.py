@@ -24,7 +24,7 @@ from pathlib import Path
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from opd.models import check_loadable
 from services.teacher.process import free_port, start_teacher, stop
-from services.trainer.config import RunConfig
+from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
 from services.trainer.loop import run
 from services.trainer.report import first_reaching, plot_runs, read_evals, read_jsonl
 
@@ -61,6 +61,10 @@ class DemoConfig:
     )
     api_key: str | None = None  # the teacher's key, if it needs one
 
+    def __post_init__(self):
+        if unknown := set(self.run_settings) - set(DEMO_RUN_SETTINGS):
+            raise ValueError(f"run_settings may set {DEMO_RUN_SETTINGS}, not {sorted(unknown)}")
+
 
 def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
     """One run per schedule, same seed and budget (validated here, before any work)."""
@@ -89,8 +93,8 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     # own gets its port now, so its URL is checked like any other.
     port = None if cfg.teacher_url else free_port()
     configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
-    any_run = next(iter(configs.values()))
-    check_loadable(any_run.student, any_run.device)  # no GPU here: say so before a teacher starts
+    first = next(iter(configs.values()))  # the runs differ only in schedule and folder
+    check_loadable(first.student, first.device)  # no GPU here: say so before a teacher starts
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
     created = not out.exists()
@@ -107,7 +111,8 @@ def _run_all(
     cfg: DemoConfig, configs: dict[str, RunConfig], out: Path, port: int | None
 ) -> list[dict]:
     own_teacher = port is not None
-    device = next(iter(configs.values())).device
+    first = next(iter(configs.values()))  # the runs differ only in schedule and folder
+    device = first.device
     on_cpu = device == "cpu"
     # On CPU a teacher of our own gets one core and the student another, as the measured numbers
     # assume; the cores come from those this process may use (taskset, a container's cpuset).
@@ -140,19 +145,14 @@ def _run_all(
     plot_runs(
         [out / r["run"] for r in rows],
         out / "comparison.png",
-        title=f"OPD horizon schedules, {cfg.steps} steps of {_batch(configs)} rollouts, same seed",
+        title=f"OPD horizon schedules, {cfg.steps} steps of {first.prompts_per_step} x "
+        f"{first.samples_per_prompt} rollouts, same seed",
     )
     against_full(rows, out)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print_table(rows)
     print(f"\nplots: {out / 'comparison.png'}; per run: {out}/<run>/metrics.jsonl, eval.jsonl")
     return rows
-
-
-def _batch(configs: dict[str, RunConfig]) -> str:
-    """Rollouts per step, as `16 x 4` (problems x samples)."""
-    one = next(iter(configs.values()))
-    return f"{one.prompts_per_step} x {one.samples_per_prompt}"
 
 
 def _row(name: str, folder: Path, summary: dict) -> dict:

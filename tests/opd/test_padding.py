@@ -12,6 +12,7 @@ def test_right_pad_keeps_each_row_at_the_left_and_fills_the_rest():
     out = right_pad([[1, 2, 3], [], np.array([4])], fill=-1)
     assert out.tolist() == [[1, 2, 3], [-1, -1, -1], [4, -1, -1]]
     assert right_pad([[0.5]], 0.0, torch.float32, width=3).tolist() == [[0.5, 0.0, 0.0]]
+    assert right_pad([], fill=0, width=3).shape == (0, 3)
 
 
 def test_right_pad_pads_rows_of_top_k_columns_along_their_first_axis():

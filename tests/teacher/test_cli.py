@@ -9,7 +9,13 @@ import socket
 import pytest
 import torch
 
-from services.teacher.cli import main, open_access_warning, startup_error
+from services.teacher.cli import (
+    build_parser,
+    main,
+    open_access_warning,
+    settings_from_args,
+    startup_error,
+)
 from services.teacher.settings import TeacherSettings
 from tests.conftest import main_imports_torch
 
@@ -25,6 +31,16 @@ def test_a_bad_environment_value_names_its_variable(capsys, monkeypatch):
     monkeypatch.setenv("OPD_TEACHER_MAX_TOP_K", "abc")
     assert main(["serve"]) == 2
     assert "OPD_TEACHER_MAX_TOP_K" in capsys.readouterr().err
+
+
+def test_served_model_names_are_given_as_vllms_are():
+    args = build_parser().parse_args(["serve", "--served-model-name", "gpt-4-0613", "gpt-4"])
+    assert settings_from_args(args).served_names == ("gpt-4-0613", "gpt-4")
+
+
+def test_an_empty_served_model_name_is_refused(capsys):
+    assert main(["serve", "--served-model-name", " "]) == 2
+    assert "--served-model-name (env OPD_TEACHER_SERVED_MODEL_NAME)" in capsys.readouterr().err
 
 
 def test_an_unknown_log_level_is_a_usage_error(capsys):

@@ -130,12 +130,23 @@ def test_openai_routes_know_the_model_by_its_folder_name_or_path(teacher_url):
     assert_error(post(teacher_url, OPENAI, {**OPENAI_GOOD, "model": "gpt-4"}), 404, "model")
 
 
-def test_a_served_model_name_is_the_only_name_the_openai_routes_take():
-    settings = TeacherSettings(model=str(TEACHER_PATH), served_model_name="acme/teacher-8b")
-    with serve(create_app(settings)) as url:
-        [model] = httpx.get(url + "/v1/models").json()["data"]
-        assert model["id"] == "acme/teacher-8b" and model["root"] == str(TEACHER_PATH)
-        answer = post(url, OPENAI, {**OPENAI_GOOD, "model": "acme/teacher-8b"})
-        assert answer.status_code == 200 and answer.json()["model"] == "acme/teacher-8b"
+def test_served_model_names_are_the_only_names_the_openai_routes_take(monkeypatch):
+    # Given as compose and vLLM's command line give them: space-separated, in the environment.
+    monkeypatch.setenv("OPD_TEACHER_SERVED_MODEL_NAME", "acme/teacher-8b teacher")
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)))) as url:
+        cards = httpx.get(url + "/v1/models").json()["data"]
+        assert [c["id"] for c in cards] == ["acme/teacher-8b", "teacher"]
+        assert {c["root"] for c in cards} == {str(TEACHER_PATH)}
+        for name in ("acme/teacher-8b", "teacher"):
+            answer = post(url, OPENAI, {**OPENAI_GOOD, "model": name})
+            assert answer.status_code == 200 and answer.json()["model"] == "acme/teacher-8b"
         refused = post(url, OPENAI, {**OPENAI_GOOD, "model": "tiny-teacher"})
         assert_error(refused, 404, "model", says="this server has 'acme/teacher-8b'")
+
+
+@pytest.mark.parametrize(("given", "names"), [("", []), ("  a  b ", ["a", "b"])])
+def test_served_model_names_from_the_environment_are_split_and_empty_means_none(
+    monkeypatch, given, names
+):
+    monkeypatch.setenv("OPD_TEACHER_SERVED_MODEL_NAME", given)
+    assert TeacherSettings().served_model_name == names

@@ -189,6 +189,11 @@ def test_every_run_gets_the_demos_run_settings():
     assert all(r.model_dump(include=set(settings)) == settings for r in runs.values())
 
 
+def test_the_demo_refuses_run_settings_it_sets_itself():
+    with pytest.raises(ValueError, match=r"not \['out'\]"):
+        DemoConfig(run_settings={"out": "elsewhere"})
+
+
 def test_the_table_has_no_such_warning_when_full_opd_gained(capsys):
     row = {**ROW, "final_accuracy": 0.3, "hidden": 0.5, "matches_full_s": 1.0}
     print_table([{**row, "matches_full_fraction": 1.0}])
