@@ -55,6 +55,7 @@ def serve(settings: TeacherSettings) -> int:
     import uvicorn
 
     from services.teacher.app import create_app
+    from services.teacher.process import exit_with_parent
 
     error = startup_error(settings)
     if error:
@@ -68,6 +69,7 @@ def serve(settings: TeacherSettings) -> int:
     warning = open_access_warning(settings)
     if warning:
         logging.getLogger("opd.teacher").warning(warning)
+    exit_with_parent()
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
+
+# Set by start_teacher to its own pid: the teacher it starts stops when that process is gone, even
+# killed (SIGKILL, the kernel's out-of-memory killer) before it could stop the teacher itself.
+PARENT_ENV = "OPD_EXIT_WITH_PARENT"
+
+
+def exit_with_parent() -> None:
+    """In a teacher that start_teacher started: send ourselves SIGTERM, which uvicorn handles as a
+    clean shutdown, once the process that started us has gone (we are then someone else's child)."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def free_port() -> int:
@@ -55,7 +76,8 @@ def start_teacher(
         os.close(fd)
         log = Path(name)
     with log.open("ab") as out:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         if cpus and hasattr(os, "sched_setaffinity"):

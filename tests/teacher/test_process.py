@@ -1,9 +1,15 @@
 """start_teacher: a server whose model cannot load, or that refuses its settings, is reported at once
-with the reason, and stopped; a 500 from something else on the port is reported too."""
+with the reason, and stopped; a 500 from something else on the port is reported too; a teacher
+outlives no process that started it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,3 +39,37 @@ def test_a_500_in_another_shape_while_waiting_is_reported_not_a_crash():
     with plain_http(canned(500, b"Internal Server Error")) as url:
         with pytest.raises(RuntimeError, match="HTTP 500: Internal Server Error"):
             wait_ready(url, timeout=10)
+
+
+PARENT = """
+from services.teacher.process import start_teacher
+proc, _ = start_teacher("models/tiny-teacher")
+print(proc.pid, flush=True)
+input()  # until killed
+"""
+
+
+def test_a_teacher_stops_when_the_process_that_started_it_is_killed():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    teacher = int(parent.stdout.readline())  # it is up
+    try:
+        parent.kill()  # SIGKILL: the parent cannot stop it itself
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while alive(teacher) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(teacher)
+    finally:
+        if alive(teacher):
+            os.kill(teacher, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running, not gone and not a zombie waiting for a reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
