@@ -3,10 +3,22 @@ and settings need before (or without) importing torch, which takes seconds."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEACHER_PATH = REPO_ROOT / "models" / "tiny-teacher"
 STUDENT_PATH = REPO_ROOT / "models" / "tiny-student"
-# Where a model may be placed: torch device names this project supports (a config field pattern).
-DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
+
+
+def _device_name(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
+        raise ValueError(f"{value!r} is not a device here: use cpu, cuda or cuda:N")
+    return value
+
+
+# Where a model may be placed: the torch device names this project supports (a config field type).
+DeviceName = Annotated[str, AfterValidator(_device_name)]

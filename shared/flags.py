@@ -41,7 +41,7 @@ def add_flags(
     for name in fields if only is None else only:
         field = fields[name]
         flag = "--" + name.replace("_", "-")
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         if hasattr(default, "get_secret_value"):
             default = "(secret)"
         env = f"env {env_prefix}{name.upper()}; " if env_prefix else ""

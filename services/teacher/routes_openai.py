@@ -80,9 +80,10 @@ def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[lis
             raise BadRequest(
                 f"{name}={value!r} is not supported (only {_NEUTRAL[name]!r})", param=name
             )
-    if body.model not in (None, *names):
+    if body.model and body.model not in names:  # none or empty: the one model, as in vLLM
         raise NotFound(
-            f"the model {body.model!r} does not exist; this server has {names[0]!r}",
+            f"the model {body.model!r} does not exist; this server's is {names[0]!r}"
+            + (f" (also {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""),
             param="model",
         )
     if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):

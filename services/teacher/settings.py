@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from opd.bundled import DEVICE_PATTERN, TEACHER_PATH
+from opd.bundled import TEACHER_PATH, DeviceName
 
 
 class TeacherSettings(BaseSettings):
@@ -18,13 +18,12 @@ class TeacherSettings(BaseSettings):
     # NoDecode: the environment gives names as vLLM's command line does, space-separated, not JSON.
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="The model's names in the /v1 routes, as vLLM's flag: requests may use any, "
-        "responses give the first (unset: the folder path, or its last part, e.g. tiny-teacher).",
+        description="The model's names in the /v1 routes, as vLLM's flag (space-separated in the "
+        "environment): requests may use any, responses give the first (unset: the folder path, or "
+        "its last part, e.g. tiny-teacher).",
     )
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers; vllm: vLLM engine.")
-    device: str = Field(
-        "cpu", pattern=DEVICE_PATTERN, description="cpu, cuda or cuda:N (hf backend)."
-    )
+    device: DeviceName = Field("cpu", description="cpu, cuda or cuda:N (hf backend).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype."
     )
@@ -77,10 +76,11 @@ class TeacherSettings(BaseSettings):
 
     @field_validator("served_model_name")
     @classmethod
-    def _no_empty_name(cls, names: list[str]) -> list[str]:
-        if any(not name.strip() for name in names):
+    def _distinct_names(cls, names: list[str]) -> list[str]:
+        names = [name.strip() for name in names]
+        if not all(names):
             raise ValueError("a served model name must not be empty")
-        return names
+        return list(dict.fromkeys(names))  # each once, in the order given
 
     @property
     def served_names(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from opd.bundled import DEVICE_PATTERN, STUDENT_PATH
+from opd.bundled import STUDENT_PATH, DeviceName
 from services.trainer.schedules import ScheduleError, parse_schedule
 from shared.client import checked_url
 from shared.flags import field_words
@@ -34,6 +34,9 @@ API_KEY_ENV = "OPD_TEACHER_API_KEY"
 def api_key_from_env() -> str | None:
     return os.environ.get(API_KEY_ENV) or None  # empty, as compose passes an unset variable: none
 
+
+# A step's rollouts decode as one batch: 65,536 is 16 times the largest measured (1,024 x 4 on an H200).
+MAX_ROLLOUTS_PER_STEP = 65536
 
 # The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
 # student runs (and the teacher the demo starts), the batch, and the step size.
@@ -66,8 +69,16 @@ class RunConfig(BaseModel):
         "runs/opd", min_length=1, description="Output folder (metrics, plots, checkpoints)."
     )
     seed: int = Field(0, description="Seed of data order, sampling and init.", strict=True)
-    prompts_per_step: int = Field(16, ge=1, description="Problems per step.", strict=True)
-    samples_per_prompt: int = Field(4, ge=1, description="Rollouts per problem (G).", strict=True)
+    prompts_per_step: int = Field(
+        16, ge=1, le=MAX_ROLLOUTS_PER_STEP, description="Problems per step.", strict=True
+    )
+    samples_per_prompt: int = Field(
+        4,
+        ge=1,
+        le=MAX_ROLLOUTS_PER_STEP,
+        description=f"Rollouts per problem (G); at most {MAX_ROLLOUTS_PER_STEP} rollouts a step.",
+        strict=True,
+    )
     lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -114,10 +125,8 @@ class RunConfig(BaseModel):
         description="Start over in an `out` that holds a run (its checkpoints are deleted).",
         strict=True,
     )
-    device: str = Field(
-        "cpu",
-        pattern=DEVICE_PATTERN,
-        description="Where the student trains and samples: cpu, cuda or cuda:N.",
+    device: DeviceName = Field(
+        "cpu", description="Where the student trains and samples: cpu, cuda or cuda:N."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
     api_key: str | None = Field(
@@ -152,6 +161,17 @@ class RunConfig(BaseModel):
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("samples_per_prompt")
+    @classmethod
+    def _one_batch_of_rollouts(cls, samples: int, info: ValidationInfo) -> int:
+        rollouts = samples * info.data.get("prompts_per_step", 1)
+        if rollouts > MAX_ROLLOUTS_PER_STEP:
+            raise ValueError(
+                f"--prompts-per-step x --samples-per-prompt is {rollouts} rollouts a step; at most "
+                f"{MAX_ROLLOUTS_PER_STEP}, since a step's rollouts decode as one batch"
+            )
+        return samples
 
     @field_validator("student")
     @classmethod

@@ -145,8 +145,8 @@ def _run_all(
     plot_runs(
         [out / r["run"] for r in rows],
         out / "comparison.png",
-        title=f"OPD horizon schedules, {cfg.steps} steps of {first.prompts_per_step} x "
-        f"{first.samples_per_prompt} rollouts, same seed",
+        title=f"OPD horizon schedules, {cfg.steps} step{'s' * (cfg.steps != 1)} of "
+        f"{first.prompts_per_step} x {first.samples_per_prompt} rollouts, lr {first.lr:g}, same seed",
     )
     against_full(rows, out)
     (out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -46,6 +46,7 @@ def test_a_flag_and_its_error_use_the_dashed_name_that_field_words_undoes():
 
 class TwoSettings(Settings):
     top_k: int = Field(8, description="Teacher top-k.")
+    names: list[str] = Field(default_factory=list)
 
 
 def test_only_the_named_fields_get_flags_with_their_defaults_in_the_help():
@@ -54,3 +55,9 @@ def test_only_the_named_fields_get_flags_with_their_defaults_in_the_help():
     assert "--top-k" in parser.format_help() and "[default 8]" in parser.format_help()
     assert "--max-new-tokens" not in parser.format_help()
     assert parser.parse_args([]).top_k is None  # not given: the model's default applies
+
+
+def test_a_default_made_by_a_factory_is_shown_as_its_value():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TwoSettings, only=["names"])
+    assert "[default []]" in parser.format_help() and "Undefined" not in parser.format_help()

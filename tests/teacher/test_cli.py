@@ -23,7 +23,7 @@ from tests.conftest import main_imports_torch
 def test_a_bad_device_is_refused_before_serving(capsys):
     assert main(["serve", "--device", "gpu"]) == 2
     err = capsys.readouterr().err
-    assert "--device (env OPD_TEACHER_DEVICE): String should match" in err
+    assert "--device (env OPD_TEACHER_DEVICE): 'gpu' is not a device here: use cpu, cuda" in err
     assert "Traceback" not in err
 
 
@@ -34,7 +34,8 @@ def test_a_bad_environment_value_names_its_variable(capsys, monkeypatch):
 
 
 def test_served_model_names_are_given_as_vllms_are():
-    args = build_parser().parse_args(["serve", "--served-model-name", "gpt-4-0613", "gpt-4"])
+    names = ["gpt-4-0613", " gpt-4 ", "gpt-4"]  # padded and repeated, as a script might
+    args = build_parser().parse_args(["serve", "--served-model-name", *names])
     assert settings_from_args(args).served_names == ("gpt-4-0613", "gpt-4")
 
 

@@ -21,6 +21,20 @@ def test_other_device_names_are_refused_naming_the_field(device):
 
 
 @pytest.mark.parametrize(
+    "batch, field",
+    [
+        ({"prompts_per_step": 10**20}, "prompts_per_step"),  # would build 10**20 problems first
+        ({"prompts_per_step": 1024, "samples_per_prompt": 128}, "samples_per_prompt"),
+    ],
+)
+def test_more_rollouts_a_step_than_one_batch_can_hold_are_refused(batch, field):
+    with pytest.raises(ValidationError) as info:
+        RunConfig(**batch)
+    assert [e["loc"] for e in info.value.errors()] == [(field,)]
+    assert RunConfig(prompts_per_step=16384, samples_per_prompt=4).samples_per_prompt == 4
+
+
+@pytest.mark.parametrize(
     "field, value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("inf"))]
 )
 def test_a_step_size_that_is_not_a_finite_number_is_refused(field, value):
