@@ -166,6 +166,7 @@ def _row(name: str, folder: Path, summary: dict) -> dict:
         "tokens_generated": summary["tokens_generated"],
         "teacher_tokens": summary["teacher_tokens"],
         "peak_rss_mb": summary["peak_rss_mb"],
+        "peak_gpu_mb": summary.get("peak_gpu_mb"),  # a student on a GPU: what torch allocated there
         "generate_s": statistics.mean(s["generate_s"] for s in steps),
         "teacher_wait_s": statistics.mean(s["teacher_wait_s"] for s in steps),
         "update_s": statistics.mean(s["update_s"] for s in steps),
@@ -195,7 +196,7 @@ def _mean_known(values) -> float | None:
 def print_table(rows: list[dict]) -> None:
     head = (
         f"{'run':<9} {'schedule':<34} {'acc start':>9} {'acc end':>8} {'train s':>8} "
-        f"{'gen tok':>8} {'teach tok':>9} {'peak MB':>8} {'gen/step':>8} {'wait/step':>9} "
+        f"{'gen tok':>8} {'teach tok':>9} {'peak MB':>10} {'gen/step':>8} {'wait/step':>9} "
         f"{'upd/step':>8} {'hidden':>7} {'matches full':>13}"
     )
     print("\n" + head + "\n" + "-" * len(head))
@@ -203,11 +204,13 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{r['run']:<9} {r['schedule']:<34} {r['initial_accuracy']:>9.1%} "
             f"{r['final_accuracy']:>8.1%} {r['train_s']:>8.1f} {r['tokens_generated']:>8} "
-            f"{r['teacher_tokens']:>9} {r['peak_rss_mb']:>8.0f} {r['generate_s']:>8.2f} "
+            f"{r['teacher_tokens']:>9} {_peak(r):>10} {r['generate_s']:>8.2f} "
             f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} "
             + (f"{r['hidden']:>7.0%}" if r["hidden"] is not None else f"{'-':>7}")
             + f" {_matches_full(r):>13}"
         )
+    if any(r.get("peak_gpu_mb") is not None for r in rows):
+        print("\npeak MB: the trainer's resident memory / the GPU memory torch allocated for it")
     full = next((r for r in rows if r["run"] == "full"), None)
     if full and "matches_full_s" in full:
         print(
@@ -219,6 +222,12 @@ def print_table(rows: list[dict]) -> None:
                 f"full OPD ended less than {MATCH_POINTS * 100:g} points above its start, so every "
                 "run matched it at step 0: here that column says nothing about the schedules"
             )
+
+
+def _peak(row: dict) -> str:
+    """Peak memory in MB: resident, and on a GPU also what torch allocated there ('1931/812')."""
+    gpu = row.get("peak_gpu_mb")
+    return f"{row['peak_rss_mb']:.0f}" + ("" if gpu is None else f"/{gpu:.0f}")
 
 
 def _matches_full(row: dict) -> str:

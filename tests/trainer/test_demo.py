@@ -77,6 +77,16 @@ def evals(run: Path, *points: tuple[float, float]) -> None:
         log.write({"step": step, "accuracy": accuracy, "train_s": train_s, "teacher_tokens": step})
 
 
+def test_a_run_on_a_gpu_shows_its_gpu_memory_beside_its_resident_memory(capsys):
+    print_table(
+        [{**ROW, "hidden": None}, {**ROW, "run": "popd", "hidden": None, "peak_gpu_mb": 812.4}]
+    )
+    out = capsys.readouterr().out
+    cpu_row, gpu_row = [line for line in out.splitlines() if line.startswith(("full ", "popd "))]
+    assert " 100 " in cpu_row and " 100/812 " in gpu_row
+    assert "the GPU memory torch allocated" in out
+
+
 def test_each_run_is_timed_to_within_2_points_of_full_opds_final_accuracy(tmp_path):
     evals(tmp_path / "full", (0, 0.19), (10, 0.25), (20, 0.30))
     evals(tmp_path / "topd-50", (0, 0.19), (4, 0.275), (8, 0.35))  # 27.5% is 2.5 points short
