@@ -133,19 +133,23 @@ def check_loadable(path: str | Path, device: str = "cpu") -> Path:
 
 def _check_device(folder: Path, device: str) -> None:
     """Refuse, before any weights are read, a device this machine does not have."""
+    if problem := device_problem(device):
+        raise ModelLoadError(f"{folder}: cannot load onto {device}: {problem}")
+
+
+def device_problem(device: str) -> str | None:
+    """Why this machine cannot place a model on `device`, or None if it can."""
     try:
         where = torch.device(device)
     except RuntimeError:
-        raise ModelLoadError(f"{folder}: cannot load onto {device!r}: not a device name") from None
+        return "not a device name"
     if where.type != "cuda":
-        return
+        return None
     if not torch.cuda.is_available():
-        raise ModelLoadError(f"{folder}: cannot load onto {device}: CUDA is not available here")
+        return "CUDA is not available here"
     if (where.index or 0) >= torch.cuda.device_count():
-        raise ModelLoadError(
-            f"{folder}: cannot load onto {device}: this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s)"
-        )
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def _existing_folder(path: str | Path) -> Path:
