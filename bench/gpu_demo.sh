@@ -7,14 +7,17 @@
 # wall-clock is its own. Cut off after DEMO_S seconds; a demo cut off prints no table, so each run's
 # evaluations are printed from its eval.jsonl as well.
 #   bash bench/gpu_demo.sh [OUT_DIR]      # 7.5 minutes on one H200 (447 s; an H100 not measured)
+#   SEED=1 SCHEDULES="full topd-50 popd" bash bench/gpu_demo.sh     # the second seed, 5.5 minutes
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 source bench/gpu_common.sh
+schedules=${SCHEDULES:-full topd-50 popd topd-25 topd-10}
+# shellcheck disable=SC2086
 timeout "${DEMO_S:-540}" python3 -m opd.cli demo --device cuda --prompts-per-step 1024 \
-  --micro-batch 256 --steps "${STEPS:-40}" --eval-every 10 --out "$out/demo" \
-  --schedules full topd-50 popd topd-25 topd-10
+  --micro-batch 256 --steps "${STEPS:-40}" --eval-every 10 --seed "${SEED:-0}" --out "$out/demo" \
+  --schedules $schedules
 echo "demo exit code $?"
-for run in full topd-50 popd topd-25 topd-10; do
+for run in $schedules; do
   [ -f "$out/demo/$run/eval.jsonl" ] || continue
   echo "## $run: step accuracy train_s teacher_tokens"
   python3 -c 'import json, sys
