@@ -16,7 +16,7 @@ STUDENT_PATH = REPO_ROOT / "models" / "tiny-student"
 
 def _device_name(value: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
-        raise ValueError(f"{value!r} is not a device here: use cpu, cuda or cuda:N")
+        raise ValueError(f"{value!r} is not a device name: use cpu, cuda or cuda:N")
     return value
 
 

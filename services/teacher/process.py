@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,19 +18,27 @@ import httpx
 # Set by start_teacher to its own pid: the teacher it starts stops when that process is gone, even
 # killed (SIGKILL, the kernel's out-of-memory killer) before it could stop the teacher itself.
 PARENT_ENV = "OPD_EXIT_WITH_PARENT"
+SHUTDOWN_S = 30.0
 
 
 def exit_with_parent() -> None:
-    """In a teacher that start_teacher started: send ourselves SIGTERM, which uvicorn handles as a
-    clean shutdown, once the process that started us has gone (we are then someone else's child)."""
-    parent = os.environ.get(PARENT_ENV)
+    """In a teacher that start_teacher started: once the process that started us has gone (we are
+    then someone else's child), stop as on SIGTERM, which uvicorn handles as a clean shutdown, and
+    exit outright if that has not ended us within SHUTDOWN_S (a model still loading, a request
+    that hangs). The variable goes, so nothing this teacher starts inherits it."""
+    parent = os.environ.pop(PARENT_ENV, None)
     if not parent or not parent.isdigit():
         return
 
     def watch() -> None:
         while os.getppid() == int(parent):
             time.sleep(0.5)
+        logging.getLogger("opd.teacher").warning(
+            "process %s that started me is gone: stopping", parent
+        )
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(SHUTDOWN_S)
+        os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

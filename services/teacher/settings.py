@@ -88,7 +88,7 @@ class TeacherSettings(BaseSettings):
         folder), and responses give the first."""
         if self.served_model_name:
             return tuple(self.served_model_name)
-        return (self.model, Path(self.model).name)
+        return tuple(dict.fromkeys((self.model, Path(self.model).name)))
 
     @property
     def max_body_bytes(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
-from opd.models import ModelLoadError, device_problem
+from opd.models import ModelLoadError, check_loadable, device_problem
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
 from services.trainer.loop import run
@@ -94,7 +94,8 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     port = None if cfg.teacher_url else free_port()
     configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
     first = next(iter(configs.values()))  # the runs differ only in schedule and folder
-    if problem := device_problem(first.device):  # say so before a teacher starts
+    check_loadable(first.student)  # what stops the runs, said before a teacher starts
+    if problem := device_problem(first.device):
         raise ModelLoadError(f"--device {first.device}: {problem}")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")

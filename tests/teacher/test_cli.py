@@ -23,7 +23,7 @@ from tests.conftest import main_imports_torch
 def test_a_bad_device_is_refused_before_serving(capsys):
     assert main(["serve", "--device", "gpu"]) == 2
     err = capsys.readouterr().err
-    assert "--device (env OPD_TEACHER_DEVICE): 'gpu' is not a device here: use cpu, cuda" in err
+    assert "--device (env OPD_TEACHER_DEVICE): 'gpu' is not a device name: use cpu, cuda" in err
     assert "Traceback" not in err
 
 

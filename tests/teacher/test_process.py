@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from opd.bundled import REPO_ROOT, TEACHER_PATH
 from services.teacher.process import free_port, start_teacher, wait_ready
 from tests.conftest import canned, plain_http
 
@@ -41,19 +42,27 @@ def test_a_500_in_another_shape_while_waiting_is_reported_not_a_crash():
             wait_ready(url, timeout=10)
 
 
-PARENT = """
+PARENT = f"""
+from opd.bundled import REPO_ROOT, TEACHER_PATH
 from services.teacher.process import start_teacher
-proc, _ = start_teacher("models/tiny-teacher")
+proc, _ = start_teacher({str(TEACHER_PATH)!r})
 print(proc.pid, flush=True)
 input()  # until killed
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_teacher_stops_when_the_process_that_started_it_is_killed():
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", PARENT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
     )
-    teacher = int(parent.stdout.readline())  # it is up
+    line = parent.stdout.readline()  # the teacher's pid, once it is up
+    assert line.strip().isdigit(), "the parent could not start a teacher"
+    teacher = int(line)
     try:
         parent.kill()  # SIGKILL: the parent cannot stop it itself
         parent.wait()

@@ -186,7 +186,7 @@ def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU it asks for")
 def test_a_gpu_this_machine_lacks_is_refused_before_a_teacher_starts(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "run"), run_settings={"device": "cuda"})
-    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+    with pytest.raises(ModelLoadError, match="--device cuda: CUDA is not available"):
         run_demo(cfg)
     assert not (tmp_path / "run").exists()
 

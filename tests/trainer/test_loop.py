@@ -100,7 +100,7 @@ def test_invalid_schedule_is_a_clear_error(tmp_path):
 def test_invalid_device_is_a_clear_error(tmp_path):
     result = trainer_cli("--device", "gpu", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
-    assert "--device: 'gpu' is not a device here: use cpu, cuda or cuda:N" in result.stderr
+    assert "--device: 'gpu' is not a device name: use cpu, cuda or cuda:N" in result.stderr
     assert "Traceback" not in result.stderr
 
 
