@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         schedules=tuple(args.schedules or SCHEDULES),
         teacher_url=args.teacher_url,
-        run_settings={k: v for k, v in given(args, RunConfig).items() if k in DEMO_RUN_SETTINGS},
+        run_settings=given(args, RunConfig, only=DEMO_RUN_SETTINGS),
         api_key=api_key_from_env(),  # the key a teacher started here reads too
     )
     # `timeout` and `docker stop` send SIGTERM: end as on Ctrl-C, so the teacher started here stops.
@@ -223,11 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
 
-    add_flags(
-        demo,
-        RunConfig,
-        only=DEMO_RUN_SETTINGS,
-    )
+    add_flags(demo, RunConfig, only=DEMO_RUN_SETTINGS)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")

@@ -67,9 +67,12 @@ def _is_int(annotation) -> bool:
     return annotation is int or set(typing.get_args(annotation)) == {int, type(None)}
 
 
-def given(args: argparse.Namespace, model: type[BaseModel]) -> dict:
-    """The flags of `model`'s fields that were given on the command line."""
-    return {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
+def given(
+    args: argparse.Namespace, model: type[BaseModel], only: Iterable[str] | None = None
+) -> dict:
+    """The flags of `model`'s fields (or of those named in `only`) given on the command line."""
+    names = model.model_fields if only is None else set(only)
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def positive_int(text: str) -> int:

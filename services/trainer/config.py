@@ -75,7 +75,6 @@ class RunConfig(BaseModel):
     samples_per_prompt: int = Field(
         4,
         ge=1,
-        le=MAX_ROLLOUTS_PER_STEP,
         description=f"Rollouts per problem (G); at most {MAX_ROLLOUTS_PER_STEP} rollouts a step.",
         strict=True,
     )

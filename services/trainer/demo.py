@@ -102,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_all(cfg, configs, out, port)
+        return _run_all(cfg, configs, first, out, port)
     except BaseException:
         if created and not any(out.iterdir()):  # a demo that did nothing leaves nothing
             out.rmdir()
@@ -110,10 +110,10 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
 
 
 def _run_all(
-    cfg: DemoConfig, configs: dict[str, RunConfig], out: Path, port: int | None
+    cfg: DemoConfig, configs: dict[str, RunConfig], first: RunConfig, out: Path, port: int | None
 ) -> list[dict]:
+    """Runs `configs`, which differ from `first` only in schedule and folder."""
     own_teacher = port is not None
-    first = next(iter(configs.values()))  # the runs differ only in schedule and folder
     device = first.device
     on_cpu = device == "cpu"
     # On CPU a teacher of our own gets one core and the student another, as the measured numbers
