@@ -20,8 +20,10 @@ Train and eval problems never overlap: each problem goes to one split by a hash 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MIN_OPERANDS, MAX_OPERANDS = 2, 4
@@ -32,6 +34,8 @@ EVAL_BUCKETS = 1
 HASH_BUCKETS = 8
 # Every character the task can emit; the tokenizer is built from this alphabet.
 ALPHABET = "0123456789+=,>:cAQ\n"
+# The longest prompt the task can pose: the most operands, each of the most digits.
+LONGEST_PROMPT = "Q:" + "+".join(["9" * MAX_DIGITS] * MAX_OPERANDS) + "\n"
 # Room for the longest possible target (4 operands of 6 digits: 224 characters and <eos>); evaluation
 # always generates this far, so it is never truncated, and it is the full rollout horizon H_max.
 MAX_NEW_TOKENS = 256
@@ -109,18 +113,28 @@ def random_problem(rng: random.Random) -> Problem:
     return Problem(tuple(operands))
 
 
-def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """`n` distinct problems of `split` ('train' or 'eval'), the same list for the same seed."""
+def problem_stream(split: str, seed: int = 0) -> Iterator[Problem]:
+    """Distinct problems of `split` ('train' or 'eval') without end, the same order for the same seed.
+
+    A trainer draws each step's problems as it goes: a long run does not wait for all of them at its
+    start."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     # The split name is mixed into the seed so train and eval streams differ even at the same seed.
-    rng = random.Random(f"{split}:{seed}")
+    return _distinct_problems(split, random.Random(f"{split}:{seed}"))
+
+
+def _distinct_problems(split: str, rng: random.Random) -> Iterator[Problem]:
+    # Apart from problem_stream so a bad split is refused at the call, not at the first problem.
     seen: set[tuple[int, ...]] = set()
-    out: list[Problem] = []
-    while len(out) < n:
+    while True:
         problem = random_problem(rng)
         if problem.operands in seen or split_of(problem) != split:
             continue
         seen.add(problem.operands)
-        out.append(problem)
-    return out
+        yield problem
+
+
+def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
+    """The first `n` problems of `problem_stream(split, seed)`."""
+    return list(itertools.islice(problem_stream(split, seed), n))

@@ -30,7 +30,6 @@ from services.trainer.loop import (
     RunError,
     check_out,
     check_teacher_limits,
-    training_problems,
 )
 from services.trainer.runs import Runs, TrainerMetrics
 from shared.client import AsyncTeacherClient
@@ -90,16 +89,8 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
         ready.append(url)
     if not ready:
         return
-    data = await asyncio.to_thread(training_problems, cfg)
     try:
-        # Off the event loop: it tokenizes every training prompt, and other runs stream events.
-        await asyncio.to_thread(
-            check_teacher_limits,
-            cfg.model_copy(update={"teacher_url": ready}),
-            infos,
-            tokenizer,
-            data,
-        )
+        check_teacher_limits(cfg.model_copy(update={"teacher_url": ready}), infos, tokenizer)
     except RunError as exc:
         raise InvalidRequest(in_api_words(str(exc)), param=exc.param) from None
 

@@ -7,20 +7,21 @@ lives in schedules, rollout, step and losses.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import resource
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from opd.evaluate import encode_prompts, evaluate
+from opd.evaluate import evaluate
 from opd.models import load_model
 from services.trainer import checkpoint
 from services.trainer.config import RunConfig
@@ -30,7 +31,7 @@ from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, 
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.errors import Unauthorized
-from shared.task import problems
+from shared.task import LONGEST_PROMPT, Problem, problem_stream, problems
 
 log = logging.getLogger("opd.trainer")
 Events = Callable[[dict], None]
@@ -119,10 +120,10 @@ def finished_summary(cfg: RunConfig, resumed: checkpoint.TrainState | None) -> d
     return summary if done and summary.get("steps") == cfg.steps else None
 
 
-def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> None:
-    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or a
-    prompt of `data` plus the schedule's longest horizon beyond its max_seq_len."""
-    longest_prompt = max(len(ids) for ids in encode_prompts(tokenizer, data))
+def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer) -> None:
+    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or the
+    task's longest prompt plus the schedule's longest horizon beyond its max_seq_len."""
+    longest_prompt = len(tokenizer(LONGEST_PROMPT)["input_ids"])
     # Horizons never shrink, so the last step's is the longest.
     longest_horizon = parse_schedule(cfg.schedule, cfg.max_new_tokens).horizon(cfg.steps - 1)
     for url, info in zip(cfg.teacher_url, infos):
@@ -141,8 +142,9 @@ def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer, data) -> 
             )
 
 
-def training_problems(cfg: RunConfig) -> list:
-    return problems("train", cfg.steps * cfg.prompts_per_step, cfg.seed)
+def training_problems(cfg: RunConfig, position: int = 0) -> Iterator[Problem]:
+    """The run's training problems from `position` on (a resumed run skips those it has used)."""
+    return itertools.islice(problem_stream("train", cfg.seed), position, None)
 
 
 def peak_memory(device: str) -> dict:
@@ -178,12 +180,12 @@ class Run:
         if torch.device(cfg.device).type == "cuda":  # a device load_model found: peak_gpu_mb
             torch.cuda.reset_peak_memory_stats(cfg.device)  # counts from this run's start
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
-        self.data = training_problems(cfg)
         self.eval_set = problems("eval", cfg.eval_n, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         resumed = self._resume()
+        self.data = training_problems(cfg, self.state.data_position)
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
         try:
@@ -192,7 +194,7 @@ class Run:
             raise RunError(
                 f"{exc} (the teacher's key goes in --api-key)", param="api_key"
             ) from None
-        check_teacher_limits(cfg, infos, self.tokenizer, self.data)
+        check_teacher_limits(cfg, infos, self.tokenizer)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -280,7 +282,7 @@ class Run:
     def _step(self) -> dict:
         cfg, state = self.cfg, self.state
         horizon = self.schedule.horizon(state.step)
-        batch = self.data[state.data_position : state.data_position + cfg.prompts_per_step]
+        batch = list(itertools.islice(self.data, cfg.prompts_per_step))
         generator = torch.Generator(self.model.device).manual_seed(step_seed(cfg.seed, state.step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(state.step, cfg.lr, cfg.warmup_steps)

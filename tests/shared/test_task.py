@@ -5,12 +5,16 @@ from __future__ import annotations
 import random
 import statistics
 
+import pytest
+
 from shared.task import (
     ALPHABET,
+    LONGEST_PROMPT,
     MAX_NEW_TOKENS,
     Problem,
     extract_answer,
     is_correct,
+    problem_stream,
     problems,
     random_problem,
     solution_text,
@@ -21,6 +25,20 @@ from shared.task import (
 def test_same_seed_same_problems_other_seed_other_problems():
     assert problems("train", 200, seed=7) == problems("train", 200, seed=7)
     assert problems("train", 200, seed=7) != problems("train", 200, seed=8)
+
+
+def test_a_stream_is_the_problem_list_without_end_and_refuses_a_bad_split_at_once():
+    stream = problem_stream("train", seed=7)
+    assert [next(stream) for _ in range(300)] == problems("train", 300, seed=7)
+    assert len({p.operands for p in problems("train", 5_000, seed=7)}) == 5_000
+    with pytest.raises(ValueError, match="split must be one of"):
+        problem_stream("dev")
+
+
+def test_no_prompt_is_longer_than_the_longest_prompt():
+    longest = max(len(p.prompt) for p in problems("train", 5_000, seed=0))
+    assert longest <= len(LONGEST_PROMPT)
+    assert set(LONGEST_PROMPT) <= set(ALPHABET)
 
 
 def test_train_and_eval_never_overlap():

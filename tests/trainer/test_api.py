@@ -206,10 +206,10 @@ def test_a_student_folder_without_a_tokenizer_is_422_naming_student(
 def test_a_bug_is_a_500_in_the_error_shape_not_plain_text(
     trainer_url, teacher_url, monkeypatch, tmp_path
 ):
-    def broken(cfg):
+    def broken(*args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("services.trainer.api.training_problems", broken)
+    monkeypatch.setattr("services.trainer.api.check_teacher_limits", broken)
     body = {**SMALL, "teacher_url": [teacher_url], "out": str(tmp_path / "run")}
     r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 500 and r.json()["error"]["message"] == "internal error (RuntimeError)"

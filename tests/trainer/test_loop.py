@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from services.trainer.loop import (
     training_problems,
 )
 from services.trainer.report import read_jsonl
+from shared.task import problems
 from tests.conftest import serve, static_files
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
@@ -131,6 +133,13 @@ def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_pat
             assert not (tmp_path / "run").exists()
 
 
+def test_a_resumed_run_draws_the_problems_after_those_it_used():
+    cfg = RunConfig(prompts_per_step=4)
+    used, rest = problems("train", 12, cfg.seed)[:8], problems("train", 12, cfg.seed)[8:]
+    assert list(itertools.islice(training_problems(cfg), 8)) == used
+    assert list(itertools.islice(training_problems(cfg, position=8), 4)) == rest
+
+
 @pytest.mark.parametrize(
     "schedule, loss, refused, param",
     [
@@ -143,12 +152,11 @@ def test_settings_beyond_the_teachers_limits_are_refused_before_any_work(tmp_pat
 def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, loss, refused, param):
     cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30)
     info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 150}
-    data = training_problems(cfg)
     if refused is None:
-        check_teacher_limits(cfg, [info], student[1], data)
+        check_teacher_limits(cfg, [info], student[1])
     else:
         with pytest.raises(RunError, match=refused) as error:
-            check_teacher_limits(cfg, [info], student[1], data)
+            check_teacher_limits(cfg, [info], student[1])
         assert error.value.param == param
 
 
