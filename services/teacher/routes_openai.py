@@ -229,9 +229,10 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
         token_logprobs.append(logprob)
         offsets.append(offset)
         offset += len(text)
-        if row is None or not k:
+        if row is None:
             top.append(None)
             return
+        # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
         entry = {
             tokenizer.decode([int(score.topk_ids[row, r])]): float(score.topk_logprobs[row, r])
             for r in range(k)

@@ -105,7 +105,24 @@ def test_openai_completions_prompt_logprobs_match_score(teacher_url, seqs):
             assert [int(tok) for tok, _ in top] == ref.topk_ids[t].tolist()
         assert choice.logprobs.token_logprobs[0] is None
         np.testing.assert_allclose(choice.logprobs.token_logprobs[1:], ref.logprobs, atol=TOL)
+        assert choice.logprobs.top_logprobs[0] is None
+        for t, top in enumerate(choice.logprobs.top_logprobs[1:]):  # the top 2 and the token
+            assert 2 <= len(top) <= 3 and choice.logprobs.tokens[t + 1] in top
     assert resp.usage.prompt_tokens == sum(len(p) for p in prompts)
+
+
+def test_openai_logprobs_0_gives_each_token_its_own_log_prob_as_vllm_does(teacher_url, seqs):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=teacher_url + "/v1", api_key="unused")
+    prompt = seqs[0][0] + seqs[0][1]
+    resp = client.completions.create(
+        model=client.models.list().data[0].id, prompt=prompt, max_tokens=0, echo=True, logprobs=0
+    )
+    logprobs = resp.choices[0].logprobs
+    assert logprobs.top_logprobs[0] is None
+    rows = zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:])
+    assert all(top == {token: logprob} for token, logprob, top in rows)
 
 
 @pytest.mark.parametrize(
