@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=non_negative_int,
         default=8,
-        help="evaluate every N steps (0: at the end; default 8)",
+        help="evaluate every N steps, at step 0 and at the end (0: only at step 0 and the end; default 8)",
     )
     demo.add_argument(
         "--eval-n",

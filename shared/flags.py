@@ -44,6 +44,8 @@ def add_flags(
         default = field.get_default(call_default_factory=True)
         if hasattr(default, "get_secret_value"):
             default = "(secret)"
+        elif isinstance(default, list):  # as it is typed: --flag A B
+            default = " ".join(map(str, default)) or "(none)"
         env = f"env {env_prefix}{name.upper()}; " if env_prefix else ""
         help_text = f"{field.description or ''} [{env}default {default}]"
         origin = typing.get_origin(field.annotation)

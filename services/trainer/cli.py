@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on [default %(default)s]"
     )
-    serve.add_argument("--port", type=port_number, default=8100, help="[default %(default)s]")
+    serve.add_argument(
+        "--port", type=port_number, default=8100, help="port to listen on [default %(default)s]"
+    )
     plot = sub.add_parser("plot", help="plot eval accuracy of runs side by side")
     plot.add_argument("runs", nargs="+", help="run folders (with eval.jsonl)")
     plot.add_argument("--out", required=True, type=png_path, help="PNG file to write")

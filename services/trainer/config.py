@@ -8,10 +8,17 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from opd.bundled import STUDENT_PATH, DeviceName
 from services.trainer.schedules import ScheduleError, parse_schedule
@@ -43,6 +50,17 @@ MAX_ROLLOUTS_PER_STEP = 65536
 DEMO_RUN_SETTINGS = ("device", "prompts_per_step", "samples_per_prompt", "micro_batch", "lr")
 
 
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads true as 1.0; in a config file `cut_at_error: true` reads like a switch, not 1 nat.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+# A decimal setting: a number, or a string of one (flags and YAML's `3e-4` arrive as strings).
+Real = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,18 +75,21 @@ class RunConfig(BaseModel):
         ge=1,
         # Evaluation generates this far (the task's longest solution fits): rollouts never longer.
         le=MAX_NEW_TOKENS,
-        description="H_max: the full horizon.",
+        description=f"H_max: the full horizon, at most {MAX_NEW_TOKENS} (what evaluation generates).",
         strict=True,
     )
     schedule: str = Field(
         "full",
-        description="Horizon: full | truncated:R | progressive:h0=A,dh=B,every=C | linear:h0=A,steps=C",
+        description="Horizon: full | truncated:R (R < 1: that fraction of H_max, else R tokens) | "
+        "progressive:h0=A,dh=B,every=C | linear:h0=A,steps=C",
     )
     steps: int = Field(100, ge=1, description="Optimizer steps.", strict=True)
     out: str = Field(
         "runs/opd", min_length=1, description="Output folder (metrics, plots, checkpoints)."
     )
-    seed: int = Field(0, description="Seed of data order, sampling and init.", strict=True)
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed of data order, sampling and init.", strict=True
+    )
     prompts_per_step: int = Field(
         16, ge=1, le=MAX_ROLLOUTS_PER_STEP, description="Problems per step.", strict=True
     )
@@ -78,23 +99,21 @@ class RunConfig(BaseModel):
         description=f"Rollouts per problem (G); at most {MAX_ROLLOUTS_PER_STEP} rollouts a step.",
         strict=True,
     )
-    lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="AdamW learning rate.")
+    lr: Real = Field(3e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    weight_decay: Real = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: Real = Field(1.0, gt=0, description="Gradient-norm clip.")
     loss: Literal["reverse_kl", "forward_kl_topk", "jsd_topk"] = Field(
         "reverse_kl",
         description="reverse_kl: policy gradient on A_t; *_topk use the teacher's top-k.",
     )
     top_k: int = Field(8, ge=1, description="Teacher top-k for the *_topk losses.", strict=True)
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of JSD(beta).")
-    gamma: float = Field(
+    jsd_beta: Real = Field(0.5, gt=0, lt=1, description="beta of JSD(beta).")
+    gamma: Real = Field(
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
     )
-    adv_clip: float | None = Field(
-        None, gt=0, description="Clip |A_t| to this (None: no clipping)."
-    )
-    cut_at_error: float | None = Field(
+    adv_clip: Real | None = Field(None, gt=0, description="Clip |A_t| to this (None: no clipping).")
+    cut_at_error: Real | None = Field(
         None,
         gt=0,
         description="Train each rollout only up to its first error: a token the teacher gives at "
@@ -104,7 +123,7 @@ class RunConfig(BaseModel):
         16, ge=1, description="Rollouts per frame streamed to the teacher.", strict=True
     )
     eval_every: int = Field(
-        20, ge=0, description="Evaluate every N steps (0: only at the end).", strict=True
+        20, ge=0, description="Evaluate every N steps (0: only at step 0 and the end).", strict=True
     )
     eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.", strict=True)
     eval_samples: int = Field(
@@ -117,11 +136,14 @@ class RunConfig(BaseModel):
         strict=True,
     )
     resume: bool = Field(
-        False, description="Continue from the last checkpoint in `out`.", strict=True
+        False,
+        description="Continue from the last checkpoint in --out (opd-trainer run takes the settings "
+        "not given from its config.json).",
+        strict=True,
     )
     overwrite: bool = Field(
         False,
-        description="Start over in an `out` that holds a run (its checkpoints are deleted).",
+        description="Start over in an --out that holds a run (its checkpoints and summary are deleted).",
         strict=True,
     )
     device: DeviceName = Field(

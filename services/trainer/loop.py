@@ -12,6 +12,7 @@ import json
 import logging
 import resource
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -150,7 +151,9 @@ def training_problems(cfg: RunConfig, position: int = 0) -> Iterator[Problem]:
 def peak_memory(device: str) -> dict:
     """This process's peak resident memory, and on a GPU the peak memory torch allocated there since
     the run started (runs that a server trains at once share both)."""
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # ru_maxrss counts KiB on Linux and bytes on macOS.
+    unit = 2**20 if sys.platform == "darwin" else 2**10
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)}
     if torch.device(device).type == "cuda":
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
@@ -201,8 +204,10 @@ class Run:
             raise RunError(
                 f"--out {self.out}: cannot make the run folder ({exc.strerror})"
             ) from None
-        if cfg.overwrite:  # the old run's checkpoints must not outlive it
+        if cfg.overwrite:  # the old run's checkpoints and results must not outlive it
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
+            for name in ("summary.json", "accuracy.png"):
+                (self.out / name).unlink(missing_ok=True)
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
         keep = self.state.step if resumed else None
         self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
@@ -232,6 +237,8 @@ class Run:
         except checkpoint.UnreadableCheckpoint as exc:
             raise RunError(f"--resume: {exc}", param="resume") from None
         self.state.max_new_tokens = cfg.max_new_tokens  # the same horizons, as checked
+        for group in self.optimizer.param_groups:  # loading brought back the saved one
+            group["weight_decay"] = cfg.weight_decay
         log.info("resumed from %s at step %d", found, self.state.step)
         return True
 
@@ -239,6 +246,7 @@ class Run:
         finished = finished_summary(self.cfg, check_out(self.cfg))
         if finished is not None:
             log.info("%s finished at step %d already; nothing to do", self.out, self.cfg.steps)
+            self.events({"type": "done", **finished})
             return finished
         try:
             self.setup()

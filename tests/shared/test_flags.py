@@ -60,4 +60,13 @@ def test_only_the_named_fields_get_flags_with_their_defaults_in_the_help():
 def test_a_default_made_by_a_factory_is_shown_as_its_value():
     parser = argparse.ArgumentParser()
     add_flags(parser, TwoSettings, only=["names"])
-    assert "[default []]" in parser.format_help() and "Undefined" not in parser.format_help()
+    assert "[default (none)]" in parser.format_help() and "Undefined" not in parser.format_help()
+
+
+def test_a_list_default_is_shown_as_it_is_typed():
+    class Urls(BaseModel):
+        url: list[str] = ["http://a:1", "http://b:2"]
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Urls)
+    assert "[default http://a:1 http://b:2]" in " ".join(parser.format_help().split())

@@ -68,3 +68,22 @@ def test_the_student_folder_is_kept_absolute_so_a_resume_works_from_anywhere(tmp
 )
 def test_settings_the_loss_ignores_are_named(given, ignored):
     assert RunConfig(**given).ignored_settings() == ignored
+
+
+@pytest.mark.parametrize(
+    "field", ["lr", "weight_decay", "grad_clip", "gamma", "adv_clip", "cut_at_error"]
+)
+def test_a_boolean_is_not_a_number_of_a_setting(field):
+    """`cut_at_error: true` in a config file reads like a switch; pydantic alone would take it as 1."""
+    with pytest.raises(ValidationError) as info:
+        RunConfig(**{field: True})
+    assert [e["loc"] for e in info.value.errors()] == [(field,)]
+    assert "not a boolean" in str(info.value)
+    assert RunConfig(lr="3e-4").lr == 3e-4  # YAML reads 3e-4 as a string
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_outside_32_bits_is_refused_before_sampling_would_overflow(seed):
+    with pytest.raises(ValidationError) as info:
+        RunConfig(seed=seed)
+    assert [e["loc"] for e in info.value.errors()] == [("seed",)]

@@ -222,7 +222,9 @@ def test_resume_refuses_fewer_steps_or_other_horizons_and_keeps_a_finished_run(
         assert error.value.param == param
     # Resumed as it is, a finished run has nothing left to do: it does not even load the student.
     monkeypatch.setattr(loop, "load_model", None)
-    assert run(cfg.model_copy(update={"resume": True})) == json.loads(summary)
+    events = []
+    assert run(cfg.model_copy(update={"resume": True}), events.append) == json.loads(summary)
+    assert events == [{"type": "done", **json.loads(summary)}]  # a follower learns it is over
     assert (out / "summary.json").read_text() == summary
     assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
 
@@ -261,6 +263,28 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monk
     (checkpoint_dir(out) / "latest").unlink()
     with pytest.raises(RunError, match="no checkpoint yet"):
         run(cfg)
+    # Overwritten, the old run's summary goes with its checkpoints, even if the new run dies early.
+    monkeypatch.setattr(loop.Run, "_final_evaluation", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(cfg.model_copy(update={"steps": 1, "overwrite": True}))
+    assert not (out / "summary.json").exists() and not (out / "accuracy.png").exists()
+
+
+def test_a_resumed_run_steps_with_the_weight_decay_it_is_given(
+    tmp_path, teacher_process, monkeypatch
+):
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(tmp_path / "run"))
+    run(cfg)
+    decays = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        decays.append(self.param_groups[0]["weight_decay"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    run(cfg.model_copy(update={"steps": 2, "resume": True, "weight_decay": 0.1}))
+    assert decays == [0.1]  # not the 0.0 its checkpoint's optimizer state was saved with
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):
