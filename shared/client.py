@@ -56,6 +56,11 @@ from shared.protocol import (
 RETRY_STATUSES = (429, 502, 503, 504)
 # How long a replica that failed is passed over (the client's own marks: at most max_backoff).
 SIT_OUT_S = 2.0
+# The limits a teacher's /info must state, so a caller can check its requests fit before sending.
+INFO_LIMITS = ("max_seq_len", "max_top_k")
+# Connecting takes milliseconds; a replica whose host is gone (packets dropped, no refusal) should
+# not cost the whole request timeout on each attempt.
+CONNECT_TIMEOUT_S = 10.0
 
 
 class TeacherUnreachable(TeacherError, ConnectionError):
@@ -125,10 +130,12 @@ class _Core:
         max_retries: int,
         backoff: float,
         max_backoff: float,
+        connect_timeout: float,
     ):
         self.replicas = _Replicas([base_urls] if isinstance(base_urls, str) else list(base_urls))
         self.binary = binary
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -157,9 +164,10 @@ class _Core:
 
     def stream_failure(self, url: str, exc: httpx.TransportError) -> TeacherError:
         """The error a broken stream raises; a replica that is gone sits out a while."""
-        if not isinstance(exc, httpx.TimeoutException):
+        never_connected = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+        if never_connected or not isinstance(exc, httpx.TimeoutException):
             self.sit_out(url)
-        if isinstance(exc, httpx.ConnectError):
+        if never_connected:
             return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
         return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
 
@@ -314,6 +322,9 @@ def _info_of(url: str, response: httpx.Response) -> dict:
         info = None
     if not isinstance(info, dict) or "tokenizer_fingerprint" not in info:
         raise TeacherError(f"{url} is not an OPD teacher: GET /info did not answer its JSON")
+    missing = [key for key in INFO_LIMITS if not isinstance(info.get(key), int)]
+    if missing:  # a trainer checks its settings against them before any work
+        raise TeacherError(f"{url} is not an OPD teacher: its /info gives no {', '.join(missing)}")
     return info
 
 
@@ -359,9 +370,12 @@ class TeacherClient:
         max_retries: int = 6,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ):
-        self._core = _Core(base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff)
-        self._http = httpx.Client(timeout=timeout)
+        self._core = _Core(
+            base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff, connect_timeout
+        )
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
     @property
     def timeout(self) -> float:
@@ -469,7 +483,12 @@ class TeacherClient:
         frames = (reader.frame(r) for r in requests)
         try:
             with open_stream(
-                target, "/score/stream", self._core.stream_headers(), frames, self._core.timeout
+                target,
+                "/score/stream",
+                self._core.stream_headers(),
+                frames,
+                self._core.timeout,
+                self._core.connect_timeout,
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(response.read())
@@ -504,9 +523,12 @@ class AsyncTeacherClient:
         max_retries: int = 6,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ):
-        self._core = _Core(base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff)
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._core = _Core(
+            base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff, connect_timeout
+        )
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
     @property
     def timeout(self) -> float:
@@ -616,7 +638,12 @@ class AsyncTeacherClient:
 
         try:
             async with open_stream_async(
-                target, "/score/stream", self._core.stream_headers(), frames(), self._core.timeout
+                target,
+                "/score/stream",
+                self._core.stream_headers(),
+                frames(),
+                self._core.timeout,
+                self._core.connect_timeout,
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(await response.aread())

@@ -132,11 +132,17 @@ class AsyncStreamResponse:
 
 @asynccontextmanager
 async def open_stream_async(
-    url: str, path: str, headers: dict, body: AsyncIterable[bytes], timeout: float
+    url: str,
+    path: str,
+    headers: dict,
+    body: AsyncIterable[bytes],
+    timeout: float,
+    connect_timeout: float | None = None,
 ) -> AsyncIterator[AsyncStreamResponse]:
     """POST `body`, each item sent as it comes (iterated in a task of its own), and give the
     response while the body is still going out. Connection trouble raises httpx.TransportError
-    subclasses; an error raised by `body` itself is re-raised here."""
+    subclasses; an error raised by `body` itself is re-raised here. Connecting may take
+    `connect_timeout` seconds (default: `timeout`)."""
     exchange = _Exchange(url, path, headers)
     try:
         reader, writer = await asyncio.wait_for(
@@ -146,9 +152,11 @@ async def open_stream_async(
                 ssl=exchange.tls,
                 server_hostname=exchange.url.host if exchange.tls else None,
             ),
-            timeout,
+            timeout if connect_timeout is None else connect_timeout,
         )
-    except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError as exc:
+        raise httpx.ConnectTimeout(f"{url}: no connection within the timeout") from exc
+    except (OSError, ssl.SSLError) as exc:
         raise httpx.ConnectError(f"{url}: {type(exc).__name__} {exc}") from exc
     sender = _Sender()
 
@@ -231,14 +239,21 @@ class StreamResponse:
 
 @contextmanager
 def open_stream(
-    url: str, path: str, headers: dict, body: Iterable[bytes], timeout: float
+    url: str,
+    path: str,
+    headers: dict,
+    body: Iterable[bytes],
+    timeout: float,
+    connect_timeout: float | None = None,
 ) -> Iterator[StreamResponse]:
     """Sync form of open_stream_async, on an event loop of its own in a thread; `body` is read in
     a daemon thread, so a `body` that blocks forever after the stream ended cannot keep the process
     from exiting."""
     runner = LoopThread("stream-loop")
     call = runner.call
-    stream = open_stream_async(url, path, headers, _read_in_a_thread(body, runner.loop), timeout)
+    stream = open_stream_async(
+        url, path, headers, _read_in_a_thread(body, runner.loop), timeout, connect_timeout
+    )
     try:
         response = call(stream.__aenter__())
         try:

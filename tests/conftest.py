@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import socket
 import subprocess
 import sys
 import threading
@@ -81,6 +82,21 @@ def canned(status: int, body: bytes, content_type: str = "text/plain"):
             pass
 
     return Canned
+
+
+@contextlib.contextmanager
+def silent_host() -> Iterator[str]:
+    """A URL whose connections never complete, as a host that drops packets: a listening socket
+    whose one-place accept queue is held full, so the kernel leaves later handshakes unanswered."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        filler.close()
+        listener.close()
 
 
 def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:

@@ -22,7 +22,7 @@ from shared.errors import (
     ServerError,
     TeacherError,
 )
-from tests.conftest import canned, free_port, plain_http, serve, static_files
+from tests.conftest import canned, free_port, plain_http, serve, silent_host, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
@@ -57,6 +57,14 @@ def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path, page
 
         with pytest.raises(TeacherError, match="is not an OPD teacher"):
             asyncio.run(connect_async())
+
+
+def test_an_info_without_the_limits_a_trainer_checks_is_named_not_a_teacher():
+    body = b'{"tokenizer_fingerprint": "sha256:0", "max_top_k": 20}'
+    with plain_http(canned(200, body, "application/json")) as url:
+        with TeacherClient(url, max_retries=0) as client:
+            with pytest.raises(TeacherError, match="its /info gives no max_seq_len$"):
+                client.info()
 
 
 def test_a_plain_text_error_from_a_proxy_is_kept_in_one_line():
@@ -106,6 +114,19 @@ def test_unreachable_teacher_names_the_url():
     with TeacherClient(url, max_retries=1, backoff=0.01) as client:
         with pytest.raises(TeacherUnreachable, match=url):
             client.score([SEQ])
+
+
+def test_a_host_that_never_answers_costs_the_connect_timeout_not_the_request_timeout():
+    with silent_host() as url:
+        with TeacherClient(url, max_retries=1, backoff=0.01, connect_timeout=0.3) as client:
+            started = time.monotonic()
+            with pytest.raises(
+                TeacherUnreachable, match=r"unreachable after 3 attempts \(ConnectTimeout"
+            ):
+                client.connect()
+            with pytest.raises(TeacherUnreachable, match=f"teacher at {url} is unreachable"):
+                list(client.score_stream([{"sequences": [SEQ]}]))
+        assert time.monotonic() - started < 10  # three tries of 0.3 s, not of 120 s
 
 
 def test_dead_replica_fails_over_to_a_live_one(teacher_url):
