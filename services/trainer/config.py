@@ -150,6 +150,11 @@ class RunConfig(BaseModel):
         "cpu", description="Where the student trains and samples: cpu, cuda or cuda:N."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
+    teacher_wait_s: Real = Field(
+        600.0,
+        ge=0,
+        description="Seconds a run waits at its start for teacher replicas still loading their model.",
+    )
     api_key: str | None = Field(
         None,
         description=f"Teacher API key, if it needs one (the commands read {API_KEY_ENV} "

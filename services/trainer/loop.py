@@ -192,7 +192,9 @@ class Run:
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
         try:
-            infos = self.feed.call(self.feed.client.connect(self.tokenizer, wait_s=60))
+            infos = self.feed.call(
+                self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_wait_s)
+            )
         except Unauthorized as exc:
             raise RunError(
                 f"{exc} (the teacher's key goes in --api-key)", param="api_key"

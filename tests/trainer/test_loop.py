@@ -32,8 +32,10 @@ from services.trainer.loop import (
     training_problems,
 )
 from services.trainer.report import read_jsonl
+from shared.errors import NotReady
 from shared.task import problems
 from tests.conftest import serve, static_files
+from tests.teacher.test_routes import SlowLoadBackend
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -285,6 +287,17 @@ def test_a_resumed_run_steps_with_the_weight_decay_it_is_given(
     monkeypatch.setattr(torch.optim.AdamW, "step", recording)
     run(cfg.model_copy(update={"steps": 2, "resume": True, "weight_decay": 0.1}))
     assert decays == [0.1]  # not the 0.0 its checkpoint's optimizer state was saved with
+
+
+def test_a_run_waits_for_a_teacher_still_loading_as_long_as_it_is_told(tmp_path):
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(tmp_path / "run"))
+        with pytest.raises(NotReady, match=f"teacher at {url}: model loading"):
+            run(cfg.model_copy(update={"teacher_wait_s": 0.5}))
+        threading.Timer(2.0, backend.release.set).start()
+        assert run(cfg.model_copy(update={"teacher_wait_s": 60}))["completed"]
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):
