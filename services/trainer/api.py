@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -144,9 +145,9 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
     async def stream():
         sent = 0
         while True:
-            while sent < len(record.history):
-                event = record.history[sent]
-                sent += 1
+            # Taken at once: events published while these go out come next time.
+            events, sent = record.events_after(sent), record.published
+            for event in events:
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
             if record.finished:
                 return
@@ -181,7 +182,10 @@ class TrainerServer(uvicorn.Server):
         self.trainer_app = app
 
     def handle_exit(self, sig, frame) -> None:
-        runs = getattr(self.trainer_app.state, "runs", None)
+        state = self.trainer_app.state
+        if getattr(state, "stop_deadline", None) is None:  # both waits below share the one budget
+            state.stop_deadline = time.monotonic() + SHUTDOWN_WAIT_S
+        runs = getattr(state, "runs", None)
         if runs is not None:
             runs.stop_each()
         super().handle_exit(sig, frame)
@@ -196,7 +200,10 @@ def create_app() -> FastAPI:
         yield
         # A server that stops (Ctrl-C, SIGTERM, `docker stop`) lets each run end its step and save
         # its checkpoint rather than killing it mid-step with the process.
-        left = await asyncio.to_thread(app.state.runs.stop_all, SHUTDOWN_WAIT_S)
+        deadline = getattr(app.state, "stop_deadline", None)  # set by a signal, after uvicorn's
+        # own wait for open connections (the runs' event streams) has used part of it
+        wait = SHUTDOWN_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        left = await asyncio.to_thread(app.state.runs.stop_all, wait)
         if left:
             log.warning("stopped waiting for runs %s; they resume from their last checkpoint", left)
 

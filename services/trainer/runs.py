@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.trainer.config import RunConfig, in_api_words
 from services.trainer.loop import Run, RunError
 from shared.errors import NotFound, NotReady
+
+# About 300 steps' events (a step, a sample and now and then an evaluation each).
+KEPT_EVENTS = 1000
 
 
 class TrainerMetrics:
@@ -63,7 +67,10 @@ class RunRecord:
     error: str | None = None
     summary: dict | None = None
     last_step: dict | None = None
-    history: list[dict] = field(default_factory=list)
+    # The latest events, replayed to a follower that joins late (metrics.jsonl keeps every step):
+    # a step's and a sample's events carry a few hundred numbers each, so a long run's would pile up.
+    history: deque[dict] = field(default_factory=lambda: deque(maxlen=KEPT_EVENTS))
+    published: int = 0  # events published since the run started, kept or not
     stop: threading.Event = field(default_factory=threading.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     thread: threading.Thread | None = None
@@ -71,6 +78,17 @@ class RunRecord:
     @property
     def finished(self) -> bool:
         return self.status in ("completed", "stopped", "failed")
+
+    def publish(self, event: dict) -> None:
+        self.history.append(event)
+        self.published += 1
+        self.changed.set()
+
+    def events_after(self, seen: int) -> list[dict]:
+        """The kept events after the first `seen` published (a follower that fell behind the kept
+        ones goes on from the oldest kept)."""
+        first_kept = self.published - len(self.history)
+        return list(itertools.islice(self.history, max(0, seen - first_kept), None))
 
     def view(self) -> dict:
         return {
@@ -152,13 +170,12 @@ class Runs:
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
 
     def _publish(self, record: RunRecord, event: dict) -> None:
-        record.history.append(event)
         if event["type"] == "step":
             record.last_step = {k: v for k, v in event.items() if k != "kl_by_position"}
-        record.changed.set()
+        record.publish(event)
 
     def _finish(self, record: RunRecord, status: str, summary: dict | None, error: str | None):
         record.status, record.summary, record.error = status, summary, error
         if error:
-            record.history.append({"type": "failed", "error": error})
+            record.publish({"type": "failed", "error": error})
         record.changed.set()

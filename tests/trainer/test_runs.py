@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.trainer.config import RunConfig
-from services.trainer.runs import Runs, TrainerMetrics
+from services.trainer.runs import KEPT_EVENTS, RunRecord, Runs, TrainerMetrics
 from shared.errors import NotReady
 
 
@@ -22,3 +22,16 @@ def test_no_run_starts_once_the_server_is_shutting_down(tmp_path):
         assert runs.records == {}
     finally:
         loop.close()
+
+
+def test_a_run_keeps_its_latest_events_and_a_late_follower_goes_on_from_the_oldest_kept():
+    record = RunRecord(id="run-1", config=RunConfig())
+    for step in range(KEPT_EVENTS + 5):
+        record.publish({"type": "step", "step": step})
+    assert len(record.history) == KEPT_EVENTS and record.published == KEPT_EVENTS + 5
+    assert record.events_after(0)[0]["step"] == 5  # the first five are no longer kept
+    assert [e["step"] for e in record.events_after(KEPT_EVENTS + 3)] == [
+        KEPT_EVENTS + 3,
+        KEPT_EVENTS + 4,
+    ]
+    assert record.events_after(record.published) == []
