@@ -272,6 +272,14 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monk
     assert not (out / "summary.json").exists() and not (out / "accuracy.png").exists()
 
 
+def test_a_run_resumed_with_fewer_problems_a_step_goes_on_with_new_ones(tmp_path, teacher_process):
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(tmp_path / "run"))
+    run(cfg)
+    fewer = cfg.model_copy(update={"steps": 2, "resume": True, "prompts_per_step": 2})
+    assert run(fewer)["completed"]
+    assert checkpoint.read_state(checkpoint.latest(tmp_path / "run")).data_position == 4 + 2
+
+
 def test_a_resumed_run_steps_with_the_weight_decay_it_is_given(
     tmp_path, teacher_process, monkeypatch
 ):
