@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -87,3 +89,14 @@ def test_a_seed_outside_32_bits_is_refused_before_sampling_would_overflow(seed):
     with pytest.raises(ValidationError) as info:
         RunConfig(seed=seed)
     assert [e["loc"] for e in info.value.errors()] == [("seed",)]
+
+
+def test_the_api_schema_shows_the_device_pattern_the_validator_checks():
+    pattern = RunConfig.model_json_schema()["properties"]["device"]["pattern"]
+    for name in ["cpu", "cuda", "cuda:1", "gpu", "cuda:", "CPU"]:
+        try:
+            RunConfig(device=name)
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert bool(re.fullmatch(pattern, name)) == accepted, name
