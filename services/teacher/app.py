@@ -61,6 +61,7 @@ def build_backend(settings: TeacherSettings, metrics: TeacherMetrics) -> Backend
         tensor_parallel_size=settings.tensor_parallel_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         trust_remote_code=settings.trust_remote_code,
+        max_queue_tokens=settings.max_queue_tokens,
     )
 
 

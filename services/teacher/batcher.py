@@ -15,9 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from services.teacher.admission import Admission, Place
 from services.teacher.backends.base import ScoreJob
 from services.teacher.metrics import TeacherMetrics
-from shared.errors import NotReady, QueueFull
+from shared.errors import NotReady
 from shared.protocol import SequenceScore
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     job: ScoreJob
     future: asyncio.Future
+    place: Place  # in the queue, given up when its batch starts or its caller goes
 
 
 def pack_batches(items: list, max_batch_tokens: int, length: Callable[[object], int]) -> list[list]:
@@ -54,17 +56,14 @@ class Batcher:
     ):
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
-        self.max_queue_tokens = max_queue_tokens
         self._metrics = metrics
         self._pending: list[_Pending] = []
         self._taken: list[_Pending] = []  # taken by the worker, not all finished yet
-        self._queued_tokens = 0  # in jobs submitted and not yet started
-        self._queued_seqs = 0
+        self._admission = Admission(max_queue_tokens)  # jobs submitted and not yet started
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         # One thread: batches run one after another; torch uses its own threads inside.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
-        self._seconds_per_token = 1e-5  # running estimate, for Retry-After
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work())
@@ -80,24 +79,17 @@ class Batcher:
         self._executor.shutdown(wait=False)
 
     def depth(self) -> int:
-        return self._queued_seqs
+        return self._admission.sequences
 
     def admit(self, jobs: list[ScoreJob]) -> list[asyncio.Future]:
         """Queue `jobs` together, or refuse them all (QueueFull); one future per job, in order.
-        Cancelling a future drops its job if it has not started."""
-        cost = sum(len(j.input_ids) for j in jobs)
-        # An empty queue always admits, so a request within max_seq_len can never be refused forever.
-        if self._queued_tokens and self._queued_tokens + cost > self.max_queue_tokens:
-            wait = max(1.0, round(self._queued_tokens * self._seconds_per_token, 1))
-            raise QueueFull(
-                f"queue full ({self._queued_tokens} tokens waiting, limit {self.max_queue_tokens})",
-                retry_after=wait,
-            )
+        Cancelling a future drops its job if it has not started, and frees its place at once."""
+        places = self._admission.admit(jobs)
         loop = asyncio.get_running_loop()
-        items = [_Pending(job, loop.create_future()) for job in jobs]
+        items = [_Pending(job, loop.create_future(), place) for job, place in zip(jobs, places)]
+        for item in items:
+            item.place.release_when_cancelled(item.future)
         self._pending.extend(items)
-        self._queued_tokens += cost
-        self._queued_seqs += len(items)
         self._wakeup.set()
         return [item.future for item in items]
 
@@ -122,8 +114,8 @@ class Batcher:
             self._taken = []
 
     async def _run(self, batch: list[_Pending]) -> None:
-        self._queued_tokens -= sum(len(i.job.input_ids) for i in batch)
-        self._queued_seqs -= len(batch)
+        for item in batch:
+            item.place.release()
         live = [i for i in batch if not i.future.done()]
         if live:
             await self._score(live)
@@ -148,7 +140,8 @@ class Batcher:
             return
         elapsed = loop.time() - started
         tokens = sum(len(i.job.input_ids) for i in live)
-        self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * elapsed / max(tokens, 1)
+        estimate = self._admission.seconds_per_token
+        self._admission.seconds_per_token = 0.8 * estimate + 0.2 * elapsed / max(tokens, 1)
         if self._metrics is not None:
             self._metrics.observe_batch(len(live), tokens, elapsed)
         for item, score in zip(live, scores):

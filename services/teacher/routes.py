@@ -47,7 +47,7 @@ _SCORE_BODY = {
     responses={200: {"content": {MSGPACK: {}}}},
     summary="Teacher log-probs of completion tokens (JSON or msgpack)",
 )
-async def score(request: Request, state: Ready, _: Authorized) -> Response:
+async def score(request: Request, _: Authorized, state: Ready) -> Response:
     binary = is_binary_request(request)
     body = await read_body(request, state.settings.max_body_bytes)
     parsed = decode_request(body, binary)
@@ -68,7 +68,7 @@ async def ready(state: Ready) -> dict:
 
 
 @router.get("/info", summary="Model, backend, limits and tokenizer fingerprint")
-async def info(state: Ready, _: Authorized) -> dict:
+async def info(_: Authorized, state: Ready) -> dict:
     i = state.backend.info
     return {
         "model": i.model,

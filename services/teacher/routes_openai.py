@@ -22,6 +22,7 @@ from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
+    Count,
     Number,
     ScoreRequest,
     SequenceScore,
@@ -56,10 +57,10 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: TokenIds | list[TokenIds] | str | list[str]
-    max_tokens: int | None = 16
+    max_tokens: Count | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0)
-    prompt_logprobs: int | None = Field(None, ge=0)
+    logprobs: Count | None = Field(None, ge=0)
+    prompt_logprobs: Count | None = Field(None, ge=0)
     return_token_ids: bool | None = None
     temperature: Number | None = Field(None, ge=0, le=MAX_TEMPERATURE)
 
@@ -103,7 +104,7 @@ def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[lis
 
 
 @router.post("/completions", summary="OpenAI-style completions, for scoring token-id prompts")
-async def completions(request: Request, state: Ready, _: Authorized) -> dict:
+async def completions(request: Request, _: Authorized, state: Ready) -> dict:
     body = await read_model(request, CompletionRequest, state.settings.max_body_bytes)
     prompts = check_supported(body, state.settings.served_names)
     prompt_k = (
@@ -255,7 +256,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
 
 
 @router.get("/models", summary="The model this teacher serves, under each of its names")
-async def models(state: Ready, _: Authorized) -> dict:  # as vLLM: every /v1 route needs the key
+async def models(_: Authorized, state: Ready) -> dict:  # as vLLM: every /v1 route needs the key
     settings, info = state.settings, state.backend.info
     # As vLLM: a card per served name, each rooted at the folder; without names, the folder's path.
     names = settings.served_model_name or settings.served_names[:1]

@@ -31,7 +31,7 @@ router = APIRouter()
     responses={200: {"content": {FRAMES: {}}}},
     summary="Stream micro-batches in, one result frame per sequence out (see shared.protocol)",
 )
-async def score_stream(request: Request, state: Ready, _: Authorized) -> StreamingResponse:
+async def score_stream(request: Request, _: Authorized, state: Ready) -> StreamingResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != FRAMES:
         raise UnsupportedMediaType(

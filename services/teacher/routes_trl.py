@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds
+from shared.protocol import Count, ScoreRequest, SequenceScore, Temperature, TokenIds
 
 router = APIRouter(tags=["TRL"])
 
@@ -32,15 +32,15 @@ router = APIRouter(tags=["TRL"])
 class SequenceLogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[TokenIds] = Field(min_length=1)
-    prompt_lengths: list[Annotated[int, Field(ge=0)]]
-    top_logprobs: int = Field(100, ge=0)
+    prompt_lengths: list[Annotated[Count, Field(ge=0)]]
+    top_logprobs: Count = Field(100, ge=0)
     temperature: Temperature = 1.0
     response_format: Literal["json", "binary"] = "json"
 
 
 @router.post("/get_sequence_logprobs/", summary="TRL: teacher log-probs of completion tokens")
 @router.post("/get_sequence_logprobs", include_in_schema=False)
-async def get_sequence_logprobs(request: Request, state: Ready, _: Authorized) -> dict:
+async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -> dict:
     body = await read_model(request, SequenceLogprobsRequest, state.settings.max_body_bytes)
     if len(body.prompt_lengths) != len(body.sequences):
         raise BadRequest(

@@ -61,6 +61,14 @@ def jobs_from_request(
         if request.candidate_ids is not None:
             candidates = request.candidate_ids[s]
             for i, row in enumerate(candidates):
+                # Scored as a [positions, widest row] matrix for the whole batch: held to top-k's
+                # limit, as a candidate row is a chosen top-k.
+                if len(row) > limits.max_top_k:
+                    raise InvalidRequest(
+                        f"{len(row)} candidate ids at one position; this server's max_top_k "
+                        f"is {limits.max_top_k}",
+                        param=f"candidate_ids.{s}.{i}",
+                    )
                 _check_ids(row, limits.vocab_size, f"candidate_ids.{s}.{i}")
         jobs.append(
             ScoreJob(

@@ -11,7 +11,7 @@ import pytest
 
 from services.teacher.backends.base import ScoreJob
 from services.teacher.batcher import Batcher, pack_batches
-from shared.errors import NotReady
+from shared.errors import NotReady, QueueFull
 from shared.protocol import SequenceScore
 
 
@@ -173,3 +173,31 @@ def test_close_fails_the_requests_it_took_but_did_not_finish():
 
     (result,) = asyncio.run(run())
     assert isinstance(result, NotReady)
+
+
+def test_a_request_given_up_frees_its_place_in_the_queue_at_once():
+    """Its sequences are skipped when the worker reaches them; until then they must not push other
+    requests (a client retrying after its own timeout, say) into 429s."""
+
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=200)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit([job(100)]))
+        await asyncio.sleep(0.05)  # taken by the worker and held at the gate: its place is free
+        gone = asyncio.create_task(batcher.submit([job(200)]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="200 tokens waiting, limit 200"):
+            batcher.admit([job(50)])
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.depth() == 0
+        retried = asyncio.create_task(batcher.submit([job(50)]))
+        recorder.gate.set()
+        await running
+        result = await retried
+        await batcher.close()
+        return result, recorder.sizes
+
+    result, sizes = asyncio.run(run())
+    assert result[0].logprobs[0] == 50 and sizes == [1, 1]  # the given-up job never ran

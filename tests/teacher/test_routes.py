@@ -69,6 +69,8 @@ def seq(prompt, completion):
         ({**GOOD, "candidate_ids": [[[1], [2]]]}, "candidate_ids.0", "2 positions"),
         ({**GOOD, "candidate_ids": [[[1]] * 3, [[1]] * 3]}, "candidate_ids", "2 entries"),
         ({**GOOD, "candidate_ids": [[[1], [2], [99]]]}, "candidate_ids.0.2", "out of range"),
+        # Each row would widen the whole batch's candidate matrix (150,000 ids took 1 GB).
+        ({**GOOD, "candidate_ids": [[[1], [3] * 21, [2]]]}, "candidate_ids.0.1", "max_top_k is 20"),
         ({**GOOD, "max_positions": 0}, "max_positions", "greater than or equal to 1"),
         ({**GOOD, "surprise": 1}, "surprise", "extra"),
     ],
@@ -226,6 +228,20 @@ class SlowLoadBackend(HFBackend):
     def load(self):
         self.release.wait(timeout=60)
         return super().load()
+
+
+def test_a_wrong_key_is_told_at_once_not_after_the_model_loads():
+    """A client waits through 503s while a model loads: a bad key must not wait with it."""
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), api_key="s3cret"), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        for call in (lambda: post(url, GOOD), lambda: httpx.get(url + "/info")):
+            assert_error(call(), 401, "Authorization")
+        with TeacherClient(url, api_key="wrong") as client:
+            with pytest.raises(Unauthorized):
+                client.connect(wait_s=60)
+        assert_error(post(url, GOOD, {"Authorization": "Bearer s3cret"}), 503, says="loading")
+        backend.release.set()
 
 
 def test_ready_is_503_until_the_model_is_loaded():

@@ -93,6 +93,23 @@ def test_trl_sequences_are_checked_and_named_as_sent(teacher_url, fields, param,
     assert_error(post(teacher_url, TRL, {**TRL_GOOD, **fields}), 400, param=param, says=says)
 
 
+@pytest.mark.parametrize(
+    "route, fields, param",
+    [
+        # true would count as 1: a prompt length one off, or log-probs nobody asked for.
+        (TRL, {"prompt_lengths": [True]}, "prompt_lengths.0"),
+        (TRL, {"top_logprobs": "3"}, "top_logprobs"),
+        (TRL, {"top_logprobs": 2.0}, "top_logprobs"),
+        (OPENAI, {"logprobs": True}, "logprobs"),
+        (OPENAI, {"max_tokens": True}, "max_tokens"),
+        (OPENAI, {"prompt_logprobs": "2"}, "prompt_logprobs"),
+    ],
+)
+def test_a_count_that_is_not_an_integer_is_refused_as_on_score(teacher_url, route, fields, param):
+    good = TRL_GOOD if route == TRL else OPENAI_GOOD
+    assert_error(post(teacher_url, route, {**good, **fields}), 400, param=param, says="integer")
+
+
 def test_openai_token_id_out_of_range_names_the_prompt(teacher_url):
     r = post(teacher_url, OPENAI, {**OPENAI_GOOD, "prompt": [1, 21, 999]})
     assert_error(r, 400, param="prompt", says="out of range")

@@ -15,7 +15,7 @@ from services.teacher.backends.base import ScoreJob
 from services.teacher.backends.vllm import VLLMBackend
 from services.teacher.process import start_teacher, stop
 from shared.client import AsyncTeacherClient, TeacherClient
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, QueueFull
 from tests.teacher.test_routes import GOOD, assert_error, post, seq
 from tests.teacher.test_scoring_correctness import mixed_sequences
 
@@ -51,6 +51,24 @@ def test_a_refused_job_cancels_the_others_in_its_request():
         return list(backend.cancelled)  # as it is now, before asyncio.run cancels what is left
 
     assert asyncio.run(refused_then_what_is_left()) == [2, 2]  # no engine request left running
+
+
+def test_the_vllm_backend_holds_requests_to_the_queue_limit_as_the_hf_backend_does():
+    """vLLM would queue anything; sequences sent to the engine and not yet scored count."""
+    backend = OneRefused(str(TEACHER_PATH), max_queue_tokens=8)
+    backend.cancelled = []
+
+    async def over_the_limit_then_freed() -> int:
+        waiting = backend.score_each([ScoreJob([1, 5, 6, 7, 8], 2)])  # 5 tokens, at the engine
+        with pytest.raises(QueueFull, match="5 tokens waiting, limit 8"):
+            backend.score_each([ScoreJob([1, 5, 6, 7], 2)])
+        assert backend.queue_depth() == 1
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return backend.queue_depth()
+
+    assert asyncio.run(over_the_limit_then_freed()) == 0
 
 
 @pytest.fixture(scope="module")

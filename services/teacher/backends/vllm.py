@@ -20,6 +20,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from opd.models import load_tokenizer
+from services.teacher.admission import Admission, Place
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from shared.errors import InvalidRequest
 from shared.fingerprint import tokenizer_fingerprint
@@ -37,6 +38,7 @@ class VLLMBackend(Backend):
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         trust_remote_code: bool = False,
+        max_queue_tokens: int | None = None,
     ):
         self.model_path = model_path
         self.dtype = dtype
@@ -47,6 +49,9 @@ class VLLMBackend(Backend):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.trust_remote_code = trust_remote_code
         self.engine = None
+        # vLLM queues whatever it is given; this holds it to the hf backend's limit: tokens sent to
+        # the engine and not yet scored.
+        self._admission = Admission(max_queue_tokens or 8 * max_batch_tokens)
 
     def load(self) -> BackendInfo:
         from vllm import AsyncEngineArgs
@@ -96,6 +101,33 @@ class VLLMBackend(Backend):
             self.engine.shutdown()
 
     async def score(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
+        tasks = self.score_each(jobs)
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # one refused, or the caller gone: the engine aborts the others' requests
+            for task in tasks:
+                task.cancel()
+
+    def score_each(self, jobs: list[ScoreJob]) -> list[asyncio.Future]:
+        self._refuse_unsupported(jobs)
+        places = self._admission.admit(jobs)
+        tasks = []
+        for job, place in zip(jobs, places):
+            task = asyncio.ensure_future(self._score_in_place(job, place))
+            place.release_when_cancelled(task)  # a task cancelled before it starts runs no finally
+            tasks.append(task)
+        return tasks
+
+    def queue_depth(self) -> int:
+        return self._admission.sequences
+
+    async def _score_in_place(self, job: ScoreJob, place: Place) -> SequenceScore:
+        try:
+            return await self._score(job)
+        finally:
+            place.release()
+
+    def _refuse_unsupported(self, jobs: list[ScoreJob]) -> None:
         for job in jobs:  # refuse before any work starts
             if job.temperature != 1.0:
                 raise InvalidRequest(
@@ -109,12 +141,6 @@ class VLLMBackend(Backend):
                     "VLLM_USE_V2_MODEL_RUNNER=1, or use the hf backend",
                     param="candidate_ids",
                 )
-        tasks = [asyncio.ensure_future(self._score(job)) for job in jobs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:  # one refused, or the caller gone: the engine aborts the others' requests
-            for task in tasks:
-                task.cancel()
 
     async def _score(self, job: ScoreJob) -> SequenceScore:
         from vllm import SamplingParams
