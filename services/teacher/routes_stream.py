@@ -1,6 +1,7 @@
 """POST /score/stream: length-prefixed msgpack frames in (one micro-batch each), one result frame
 per scored sequence out as soon as it is scored, while the request body is still arriving. A frame
-waits for room in a full queue, and the body is not read meanwhile: TCP holds the client back."""
+waits for room in a full queue, and the body is not read meanwhile: TCP holds the client back. So
+does a client that leaves its results unread: the teacher reads no more frames until it catches up."""
 
 from __future__ import annotations
 
@@ -23,6 +24,37 @@ from shared.protocol import (
 )
 
 router = APIRouter()
+# Result bytes a stream may leave unread before the teacher stops reading its frames: results are
+# up to 40 times the size of the frames they answer, so a client that sends without reading (not a
+# full-duplex one) would otherwise grow the teacher's memory without end.
+MAX_UNREAD_BYTES = 64 * 2**20
+
+
+class Outbox:
+    """A stream's result frames not sent yet, and whether they leave room for more."""
+
+    def __init__(self, max_bytes: int):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, item: bytes | None) -> None:  # None: the end
+        self._queue.put_nowait(item)
+        self._bytes += len(item or b"")
+        if self._bytes > self._max_bytes:
+            self._room.clear()
+
+    async def get(self) -> bytes | None:
+        item = await self._queue.get()
+        self._bytes -= len(item or b"")
+        if self._bytes <= self._max_bytes:
+            self._room.set()
+        return item
+
+    async def room(self) -> None:
+        await self._room.wait()
 
 
 @router.post(
@@ -37,7 +69,7 @@ async def score_stream(request: Request, _: Authorized, state: Ready) -> Streami
         raise UnsupportedMediaType(
             f"/score/stream takes {FRAMES}, not {ctype!r}", param="Content-Type"
         )
-    out: asyncio.Queue = asyncio.Queue()
+    out = Outbox(MAX_UNREAD_BYTES)
     reader = asyncio.create_task(_read_frames(request, state, out))
 
     async def frames():
@@ -62,7 +94,7 @@ class DuplexStreamingResponse(StreamingResponse):
         await self.stream_response(send)
 
 
-async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
+async def _read_frames(request: Request, state, out: Outbox) -> None:
     """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
     framing ends the input, saying why, after the frames before it are answered. A client that
     goes away, mid-body or after it, cancels the scoring of what it sent (nobody would read it)."""
@@ -73,6 +105,7 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
         try:
             async for chunk in request.stream():
                 for payload in reader.feed(chunk):
+                    await out.room()  # results unread: take no more until the client catches up
                     queued = asyncio.Event()
                     tasks.append(
                         asyncio.create_task(_score_frame(len(tasks), payload, state, out, queued))
@@ -110,7 +143,7 @@ async def _read_frames(request: Request, state, out: asyncio.Queue) -> None:
 
 
 async def _score_frame(
-    frame: int, payload: bytes | TeacherError, state, out: asyncio.Queue, queued: asyncio.Event
+    frame: int, payload: bytes | TeacherError, state, out: Outbox, queued: asyncio.Event
 ) -> int:
     try:
         if isinstance(payload, TeacherError):  # a frame too large to read, read past

@@ -440,3 +440,63 @@ def test_frames_the_teacher_did_not_answer_are_an_error_not_silence():
     with plain_http(AnswersNoFrame) as url, TeacherClient(url) as client:
         with pytest.raises(ServerError, match="answered 0 of the 2 frames sent"):
             list(client.score_stream([good, good]))
+
+
+def scored_tokens(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("opd_teacher_tokens_scored_total "):
+            return float(line.split()[1])
+    raise AssertionError("no opd_teacher_tokens_scored_total in /metrics")
+
+
+def test_a_client_that_leaves_its_results_unread_is_held_back_and_loses_nothing(monkeypatch):
+    """Results are many times the frames' size: a client that sends without reading must not grow
+    the teacher's memory without end. The teacher stops reading frames; once the client reads, every
+    frame is answered."""
+    monkeypatch.setattr("services.teacher.routes_stream.MAX_UNREAD_BYTES", 1)
+    rng = np.random.default_rng(0)
+    frame = {
+        "sequences": [
+            {"prompt_ids": [1, 2], "completion_ids": rng.integers(3, 20, 64).tolist()}
+            for _ in range(8)
+        ],
+        "top_k": 20,
+    }
+    n_frames = 120  # 61,440 tokens, 10 MB of results: more than the sockets' buffers hold
+    body = b"".join(chunk(encode_request_frame(validate_request(frame))) for _ in range(n_frames))
+    # A short queue, so frames are taken as scoring goes, not all at once.
+    settings = TeacherSettings(model=str(TEACHER_PATH), max_top_k=20, max_queue_tokens=1024)
+    with serve(create_app(settings)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(
+                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + body + b"0\r\n\r\n"
+            )
+            counts = [-1.0, scored_tokens(url)]
+            while counts[-1] != counts[-2]:  # until scoring stops
+                time.sleep(1.0)
+                counts.append(scored_tokens(url))
+            assert counts[-1] < n_frames * 8 * 64 / 2
+            sock.settimeout(60)
+            received = bytearray()
+            while not received.endswith(b"0\r\n\r\n"):
+                received += sock.recv(1 << 20)
+        assert scored_tokens(url) == n_frames * 8 * 64
+    items = list(FrameReader(2**30).feed(dechunk(bytes(received).split(b"\r\n\r\n", 1)[1])))
+    kinds = [decode_stream_item(item) for item in items]
+    assert len(kinds) == n_frames * 8 + 1 and kinds[-1].done
+
+
+def dechunk(data: bytes) -> bytes:
+    """The body of a chunked transfer encoding."""
+    parts, at = [], 0
+    while True:
+        end = data.index(b"\r\n", at)
+        size = int(data[at:end], 16)
+        if size == 0:
+            return b"".join(parts)
+        parts.append(data[end + 2 : end + 2 + size])
+        at = end + 2 + size + 2
