@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -32,7 +33,7 @@ from services.trainer.loop import (
     check_out,
     check_teacher_limits,
 )
-from services.trainer.runs import Runs, TrainerMetrics
+from services.trainer.runs import RunRecord, Runs, TrainerMetrics
 from shared.client import AsyncTeacherClient
 from shared.errors import (
     InvalidRequest,
@@ -141,23 +142,28 @@ async def stop_run(run_id: str, request: Request, response: Response) -> dict:
 @router.get("/runs/{run_id}/events")
 async def run_events(run_id: str, request: Request) -> StreamingResponse:
     record = runs_of(request).get(run_id)
+    return StreamingResponse(event_stream(record), media_type="text/event-stream")
 
-    async def stream():
-        sent = 0
-        while True:
-            # Taken at once: events published while these go out come next time.
-            events, sent = record.events_after(sent), record.published
-            for event in events:
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            if record.finished:
-                return
-            record.changed.clear()
-            try:
-                await asyncio.wait_for(record.changed.wait(), timeout=15)
-            except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+async def event_stream(record: RunRecord, keep_alive_s: float = 15.0) -> AsyncIterator[str]:
+    """The run's events as server-sent events, from its oldest kept one to its last."""
+    sent = 0
+    while True:
+        # Read before the events are taken: the run may publish and finish while they go out
+        # (each yield can pause), and those last events must still be sent before the end.
+        record.changed.clear()
+        finished = record.finished
+        events, sent = record.events_after(sent), record.published
+        for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+        if finished:
+            return
+        if record.published > sent or record.finished:
+            continue
+        try:
+            await asyncio.wait_for(record.changed.wait(), timeout=keep_alive_s)
+        except asyncio.TimeoutError:
+            yield ": keep-alive\n\n"
 
 
 @router.get("/metrics")

@@ -59,6 +59,9 @@ def _not_a_bool(value: Any) -> Any:
 
 # A decimal setting: a number, or a string of one (flags and YAML's `3e-4` arrive as strings).
 Real = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]
+# For `X | None` the bound must sit on the number, before the validator wraps it: else the API
+# schema shows an unknown "gt" keyword instead of exclusiveMinimum.
+PositiveReal = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_a_bool)]
 
 
 class RunConfig(BaseModel):
@@ -112,10 +115,11 @@ class RunConfig(BaseModel):
     gamma: Real = Field(
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
     )
-    adv_clip: Real | None = Field(None, gt=0, description="Clip |A_t| to this (None: no clipping).")
-    cut_at_error: Real | None = Field(
+    adv_clip: PositiveReal | None = Field(
+        None, description="Clip |A_t| to this (None: no clipping)."
+    )
+    cut_at_error: PositiveReal | None = Field(
         None,
-        gt=0,
         description="Train each rollout only up to its first error: a token the teacher gives at "
         "least this many nats less than the student (off by default; 2 is a good start).",
     )
@@ -150,7 +154,7 @@ class RunConfig(BaseModel):
         "cpu", description="Where the student trains and samples: cpu, cuda or cuda:N."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
-    teacher_wait_s: Real = Field(
+    teacher_load_wait_s: Real = Field(
         600.0,
         ge=0,
         description="Seconds a run waits at its start for teacher replicas still loading their model.",

@@ -124,7 +124,10 @@ def finished_summary(cfg: RunConfig, resumed: checkpoint.TrainState | None) -> d
 def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer) -> None:
     """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or the
     task's longest prompt plus the schedule's longest horizon beyond its max_seq_len."""
-    longest_prompt = len(tokenizer(LONGEST_PROMPT)["input_ids"])
+    # A bound, not one prompt's count: with merges another prompt of the same length may take more
+    # tokens. Each character is at most one token, plus the special ones and a prefix space's.
+    bound = len(LONGEST_PROMPT) + tokenizer.num_special_tokens_to_add() + 1
+    longest_prompt = max(bound, len(tokenizer(LONGEST_PROMPT)["input_ids"]))
     # Horizons never shrink, so the last step's is the longest.
     longest_horizon = parse_schedule(cfg.schedule, cfg.max_new_tokens).horizon(cfg.steps - 1)
     for url, info in zip(cfg.teacher_url, infos):
@@ -193,7 +196,7 @@ class Run:
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
         try:
             infos = self.feed.call(
-                self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_wait_s)
+                self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_load_wait_s)
             )
         except Unauthorized as exc:
             raise RunError(

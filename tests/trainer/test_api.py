@@ -3,6 +3,7 @@ stream their events, stop on request, and show up in /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -19,9 +20,10 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
-from services.trainer.api import create_app
+from services.trainer.api import create_app, event_stream
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
+from services.trainer.runs import RunRecord
 from tests.conftest import serve
 from tests.teacher.test_routes import SlowLoadBackend, wait_for
 
@@ -231,6 +233,40 @@ def events_of(url: str, run_id: str) -> list[dict]:
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
     return events
+
+
+def test_events_published_while_the_stream_sends_are_sent_before_it_ends():
+    """The run's last events land while a follower's stream is paused sending earlier ones: they
+    must still go out, `done` last, before the stream ends."""
+
+    async def follow() -> list[str]:
+        record = RunRecord(id="run-1", config=RunConfig(), status="running")
+        record.publish({"type": "step", "step": 0})
+        stream = event_stream(record, keep_alive_s=0.05)
+        sent = [await anext(stream)]
+        record.publish({"type": "step", "step": 1})  # the run's last step and end, mid-send
+        record.publish({"type": "done", "completed": True})
+        record.status = "completed"
+        sent += [frame async for frame in stream]
+        return sent
+
+    frames = asyncio.run(follow())
+    assert [frame.split("\n")[0] for frame in frames] == ["event: step"] * 2 + ["event: done"]
+
+
+def test_a_waiting_stream_wakes_for_each_new_event():
+    async def follow() -> list[str]:
+        record = RunRecord(id="run-1", config=RunConfig(), status="running")
+        stream = event_stream(record, keep_alive_s=60)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, record.publish, {"type": "step", "step": 0})
+        first = await asyncio.wait_for(anext(stream), timeout=5)
+        record.publish({"type": "done", "completed": True})
+        record.status = "completed"
+        return [first] + [frame async for frame in stream]
+
+    frames = asyncio.run(follow())
+    assert [frame.split("\n")[0] for frame in frames] == ["event: step", "event: done"]
 
 
 def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_path):

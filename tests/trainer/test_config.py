@@ -100,3 +100,18 @@ def test_the_api_schema_shows_the_device_pattern_the_validator_checks():
         except ValidationError:
             accepted = False
         assert bool(re.fullmatch(pattern, name)) == accepted, name
+
+
+def test_the_api_schema_words_every_bound_in_json_schema_keywords():
+    """pydantic writes a bound it cannot place as "gt"/"ge", which no JSON Schema reader knows."""
+
+    def keys(node) -> set[str]:
+        if isinstance(node, dict):
+            return set(node) | set().union(*map(keys, node.values()))
+        if isinstance(node, list):
+            return set().union(*map(keys, node))
+        return set()
+
+    properties = RunConfig.model_json_schema()["properties"]
+    assert not keys(properties) & {"gt", "ge", "lt", "le"}
+    assert properties["adv_clip"]["anyOf"][0]["exclusiveMinimum"] == 0

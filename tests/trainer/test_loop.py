@@ -162,6 +162,23 @@ def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, lo
         assert error.value.param == param
 
 
+class MergingTokenizer:
+    """A tokenizer whose merges make the longest prompt one token, though others are longer."""
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [0]}
+
+    def num_special_tokens_to_add(self) -> int:
+        return 0
+
+
+def test_teacher_limits_bound_the_prompt_by_characters_not_by_one_prompts_tokens():
+    cfg = RunConfig(schedule="truncated:24", steps=30)
+    info = {"max_top_k": 0, "max_seq_len": 24 + 10}
+    with pytest.raises(RunError, match="prompts of up to 31"):
+        check_teacher_limits(cfg, [info], MergingTokenizer())
+
+
 def test_a_run_folder_it_cannot_write_is_a_clear_error(tmp_path, teacher_process):
     (tmp_path / "run" / "config.json").mkdir(parents=True)  # unwritable as a file, even by root
     result = trainer_cli(*small_args(teacher_process, tmp_path / "run"))
@@ -303,9 +320,9 @@ def test_a_run_waits_for_a_teacher_still_loading_as_long_as_it_is_told(tmp_path)
     with serve(app, ready_path="/health") as url:
         cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(tmp_path / "run"))
         with pytest.raises(NotReady, match=f"teacher at {url}: model loading"):
-            run(cfg.model_copy(update={"teacher_wait_s": 0.5}))
+            run(cfg.model_copy(update={"teacher_load_wait_s": 0.5}))
         threading.Timer(2.0, backend.release.set).start()
-        assert run(cfg.model_copy(update={"teacher_wait_s": 60}))["completed"]
+        assert run(cfg.model_copy(update={"teacher_load_wait_s": 60}))["completed"]
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):
