@@ -291,13 +291,21 @@ async def _read_in_a_thread(body: Iterable[bytes], loop) -> AsyncIterator[bytes]
 def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
     """Put `item` on the stream's queue from the reading thread (waiting until it is taken if
     `wait`); False once the stream is over and its loop gone or its put cancelled."""
+    if not wait:
+        # The put is made on the loop, when it gets there: one made here would be a coroutine
+        # never awaited (and warned about) if the stream ends and its loop stops first.
+        try:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(items.put(item)))
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
     put = items.put(item)
     try:
         sent = asyncio.run_coroutine_threadsafe(put, loop)
     except RuntimeError:  # the loop is closed
         put.close()  # never to run: no "never awaited" warning
         return False
-    while wait:
+    while True:
         try:
             sent.result(timeout=_POLL_S)
             return True
@@ -307,4 +315,3 @@ def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
             if not loop.is_running():  # stopped before it ran the put: no one ever will
                 put.close()  # never to run: no "never awaited" warning
                 return False
-    return True

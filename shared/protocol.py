@@ -84,13 +84,26 @@ def _a_number(value: Any) -> Any:
 # Scoring divides float32 logits by the temperature: below 0.01 they overflow to inf and NaN (vLLM
 # raises such temperatures to 0.01 for the same reason); above 1e4 every distribution is uniform.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1e4
-Number = Annotated[float, BeforeValidator(_a_number), Field(allow_inf_nan=False)]
-Temperature = Annotated[Number, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)]
+
+
+# The bounds go before the validator: placed after it (or on `X | None`) they would still be checked,
+# but the OpenAPI document would show them as unknown "ge"/"le" keywords, not minimum/maximum.
+def number(**bounds: float) -> Any:
+    """A finite float, refusing booleans and strings, within Field's ge/gt/le/lt `bounds`."""
+    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_a_number)]
+
+
+def count(**bounds: int) -> Any:
+    """An integer, refusing booleans, strings and floats (a client bug), within `bounds`."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_an_integer)]
+
+
+Temperature = number(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
 
 # int32 on the binary wire, so ids must fit in it.
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenIds = Annotated[list[TokenId], BeforeValidator(_integers_only)]
-Count = Annotated[int, BeforeValidator(_an_integer)]  # a count: true or 2.0 is a client bug
+Count = count()
 
 
 class ScoreSequence(BaseModel):
@@ -102,13 +115,13 @@ class ScoreSequence(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[ScoreSequence] = Field(min_length=1)
-    top_k: Count = Field(0, ge=0, description="Also return the teacher's k most likely tokens.")
+    top_k: count(ge=0) = Field(0, description="Also return the teacher's k most likely tokens.")
     candidate_ids: list[list[TokenIds]] | None = Field(
         None, description="Per sequence, per scored position: token ids to score there."
     )
     temperature: Temperature = Field(1.0, description="Divides the logits.")
-    max_positions: Count | None = Field(
-        None, ge=1, description="Score only the first H completion tokens (the rollout horizon)."
+    max_positions: count(ge=1) | None = Field(
+        None, description="Score only the first H completion tokens (the rollout horizon)."
     )
 
     def scored_positions(self, index: int) -> int:

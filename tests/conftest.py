@@ -106,6 +106,16 @@ def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
+def schema_keys(node) -> set[str]:
+    """Every key anywhere in a JSON schema (pydantic writes a bound it cannot place as "gt"/"ge",
+    which no JSON Schema reader knows)."""
+    if isinstance(node, dict):
+        return set(node) | set().union(*map(schema_keys, node.values()))
+    if isinstance(node, list):
+        return set().union(*map(schema_keys, node))
+    return set()
+
+
 def main_imports_torch(module: str, argv: list[str]) -> bool:
     """Whether `module.main(argv)` (a --help, say) imports torch, in a fresh interpreter."""
     code = (

@@ -57,7 +57,9 @@ class Batcher:
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
         self._metrics = metrics
-        self._pending: list[_Pending] = []
+        # By future: a request given up leaves at once with its ids, not when the worker reaches it
+        # (else a client posting and hanging up could pile up data the queue limit no longer counts).
+        self._pending: dict[asyncio.Future, _Pending] = {}
         self._taken: list[_Pending] = []  # taken by the worker, not all finished yet
         self._admission = Admission(max_queue_tokens)  # jobs submitted and not yet started
         self._wakeup = asyncio.Event()
@@ -72,10 +74,10 @@ class Batcher:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        for item in self._pending + self._taken:
+        for item in [*self._pending.values(), *self._taken]:
             if not item.future.done():
                 item.future.set_exception(NotReady("the teacher is shutting down"))
-        self._pending, self._taken = [], []
+        self._pending, self._taken = {}, []
         self._executor.shutdown(wait=False)
 
     def depth(self) -> int:
@@ -89,9 +91,14 @@ class Batcher:
         items = [_Pending(job, loop.create_future(), place) for job, place in zip(jobs, places)]
         for item in items:
             item.place.release_when_cancelled(item.future)
-        self._pending.extend(items)
+            item.future.add_done_callback(self._drop_if_cancelled)
+            self._pending[item.future] = item
         self._wakeup.set()
         return [item.future for item in items]
+
+    def _drop_if_cancelled(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self._pending.pop(future, None)
 
     async def submit(self, jobs: list[ScoreJob]) -> list[SequenceScore]:
         futures = self.admit(jobs)
@@ -106,7 +113,7 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            self._taken, self._pending = self._pending, []
+            self._taken, self._pending = list(self._pending.values()), {}
             for batch in pack_batches(
                 self._taken, self.max_batch_tokens, lambda i: len(i.job.input_ids)
             ):

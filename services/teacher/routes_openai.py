@@ -14,7 +14,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
 from services.teacher.scoring import check_tokens, score_request
@@ -23,10 +23,11 @@ from shared.protocol import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     Count,
-    Number,
     ScoreRequest,
     SequenceScore,
     TokenIds,
+    count,
+    number,
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -59,10 +60,10 @@ class CompletionRequest(BaseModel):
     prompt: TokenIds | list[TokenIds] | str | list[str]
     max_tokens: Count | None = 16
     echo: bool = False
-    logprobs: Count | None = Field(None, ge=0)
-    prompt_logprobs: Count | None = Field(None, ge=0)
+    logprobs: count(ge=0) | None = None
+    prompt_logprobs: count(ge=0) | None = None
     return_token_ids: bool | None = None
-    temperature: Number | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    temperature: number(ge=0, le=MAX_TEMPERATURE) | None = None
 
     @field_validator("temperature")
     @classmethod

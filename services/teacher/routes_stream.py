@@ -1,7 +1,9 @@
 """POST /score/stream: length-prefixed msgpack frames in (one micro-batch each), one result frame
 per scored sequence out as soon as it is scored, while the request body is still arriving. A frame
 waits for room in a full queue, and the body is not read meanwhile: TCP holds the client back. So
-does a client that leaves its results unread: the teacher reads no more frames until it catches up."""
+does a client that leaves its results unread: the teacher reads no more frames until it catches up,
+and refuses them (small error frames) once it has waited UNREAD_WAIT_S, so that a client that sends
+all its frames before it reads any result gets errors instead of a stream that never ends."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from services.teacher.deps import Authorized, Ready, client_gone
 from services.teacher.scoring import score_as_completed
-from shared.errors import TeacherError, UnsupportedMediaType
+from shared.errors import QueueFull, TeacherError, UnsupportedMediaType
 from shared.protocol import (
     FRAMES,
     FrameReader,
@@ -28,6 +30,7 @@ router = APIRouter()
 # up to 40 times the size of the frames they answer, so a client that sends without reading (not a
 # full-duplex one) would otherwise grow the teacher's memory without end.
 MAX_UNREAD_BYTES = 64 * 2**20
+UNREAD_WAIT_S = 60.0
 
 
 class Outbox:
@@ -53,8 +56,16 @@ class Outbox:
             self._room.set()
         return item
 
-    async def room(self) -> None:
-        await self._room.wait()
+    def has_room(self) -> bool:
+        return self._room.is_set()
+
+    async def room(self, timeout: float) -> bool:
+        """Whether the client has read enough to make room, waiting up to `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._room.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
 
 @router.post(
@@ -101,11 +112,22 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
     reader = FrameReader(state.settings.max_body_bytes, skip_oversize=True)
     tasks: list[asyncio.Task] = []
     broken: TeacherError | None = None
+    given_up = False  # on the client reading its results, till it does
     try:
         try:
             async for chunk in request.stream():
                 for payload in reader.feed(chunk):
-                    await out.room()  # results unread: take no more until the client catches up
+                    # Results unread: take no more until the client catches up, or refuse them
+                    # once it has not for UNREAD_WAIT_S (it may be reading only after sending).
+                    if out.has_room():
+                        given_up = False
+                    elif not given_up:
+                        given_up = not await out.room(UNREAD_WAIT_S)
+                    if given_up:
+                        payload = QueueFull(
+                            f"over {MAX_UNREAD_BYTES / 2**20:g} MiB of this stream's results were "
+                            f"unread for {UNREAD_WAIT_S:g} s: read results while sending frames"
+                        )
                     queued = asyncio.Event()
                     tasks.append(
                         asyncio.create_task(_score_frame(len(tasks), payload, state, out, queued))

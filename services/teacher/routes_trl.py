@@ -15,7 +15,7 @@ a teacher is frozen.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import Count, ScoreRequest, SequenceScore, Temperature, TokenIds
+from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds, count
 
 router = APIRouter(tags=["TRL"])
 
@@ -32,8 +32,8 @@ router = APIRouter(tags=["TRL"])
 class SequenceLogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[TokenIds] = Field(min_length=1)
-    prompt_lengths: list[Annotated[Count, Field(ge=0)]]
-    top_logprobs: Count = Field(100, ge=0)
+    prompt_lengths: list[count(ge=0)]
+    top_logprobs: count(ge=0) = 100
     temperature: Temperature = 1.0
     response_format: Literal["json", "binary"] = "json"
 

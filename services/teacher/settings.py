@@ -40,7 +40,10 @@ class TeacherSettings(BaseSettings):
     )
     max_top_k: int = Field(20, ge=0, description="Largest top_k a request may ask for.")
     max_queue_tokens: int | None = Field(
-        None, ge=1, description="Tokens waiting before 429s (default 8 x max_batch_tokens)."
+        None,
+        ge=1,
+        description="Tokens queued before 429s: waiting for a batch (hf), or waiting or being "
+        "scored (vllm). Default 8 x max_batch_tokens.",
     )
     max_body_mb: float = Field(64.0, gt=0, description="Largest request body, in MiB (else 413).")
     api_key: SecretStr | None = Field(

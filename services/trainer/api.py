@@ -147,23 +147,28 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
 
 async def event_stream(record: RunRecord, keep_alive_s: float = 15.0) -> AsyncIterator[str]:
     """The run's events as server-sent events, from its oldest kept one to its last."""
-    sent = 0
-    while True:
-        # Read before the events are taken: the run may publish and finish while they go out
-        # (each yield can pause), and those last events must still be sent before the end.
-        record.changed.clear()
-        finished = record.finished
-        events, sent = record.events_after(sent), record.published
-        for event in events:
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-        if finished:
-            return
-        if record.published > sent or record.finished:
-            continue
-        try:
-            await asyncio.wait_for(record.changed.wait(), timeout=keep_alive_s)
-        except asyncio.TimeoutError:
-            yield ": keep-alive\n\n"
+    woken = asyncio.Event()
+    record.followers.add(woken)
+    try:
+        sent = 0
+        while True:
+            # Read before the events are taken: the run may publish and finish while they go out
+            # (each yield can pause), and those last events must still be sent before the end.
+            woken.clear()
+            finished = record.finished
+            events, sent = record.events_after(sent), record.published
+            for event in events:
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if finished:
+                return
+            if record.published > sent or record.finished:
+                continue
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=keep_alive_s)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+    finally:
+        record.followers.discard(woken)
 
 
 @router.get("/metrics")

@@ -72,7 +72,9 @@ class RunRecord:
     history: deque[dict] = field(default_factory=lambda: deque(maxlen=KEPT_EVENTS))
     published: int = 0  # events published since the run started, kept or not
     stop: threading.Event = field(default_factory=threading.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # One per open event stream: a shared event that each follower cleared could swallow another's
+    # wake-up, and that follower would get the run's last events only at its next keep-alive.
+    followers: set[asyncio.Event] = field(default_factory=set)
     thread: threading.Thread | None = None
 
     @property
@@ -82,7 +84,11 @@ class RunRecord:
     def publish(self, event: dict) -> None:
         self.history.append(event)
         self.published += 1
-        self.changed.set()
+        self.wake_followers()
+
+    def wake_followers(self) -> None:
+        for woken in self.followers:
+            woken.set()
 
     def events_after(self, seen: int) -> list[dict]:
         """The kept events after the first `seen` published (a follower that fell behind the kept
@@ -178,4 +184,4 @@ class Runs:
         record.status, record.summary, record.error = status, summary, error
         if error:
             record.publish({"type": "failed", "error": error})
-        record.changed.set()
+        record.wake_followers()

@@ -4,7 +4,9 @@ the requests that cause it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -201,3 +203,31 @@ def test_a_request_given_up_frees_its_place_in_the_queue_at_once():
 
     result, sizes = asyncio.run(run())
     assert result[0].logprobs[0] == 50 and sizes == [1, 1]  # the given-up job never ran
+
+
+def test_a_request_given_up_leaves_the_queue_with_its_data_at_once():
+    """Its place is free at once, so its ids must go too: a client posting and hanging up while a
+    long batch runs would otherwise pile up data that the queue limit no longer counts."""
+
+    async def run():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_tokens=1000, max_queue_tokens=200)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit([job(100)]))
+        await asyncio.sleep(0.05)  # held at the gate
+        given_up = job(150)
+        gone = weakref.ref(given_up)
+        request = asyncio.create_task(batcher.submit([given_up]))
+        await asyncio.sleep(0.01)
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        await asyncio.sleep(0.01)  # the cancelled future's callbacks run
+        del given_up, request
+        gc.collect()
+        still_held = gone() is not None
+        recorder.gate.set()
+        await running
+        await batcher.close()
+        return still_held
+
+    assert not asyncio.run(run())

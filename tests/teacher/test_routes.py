@@ -16,10 +16,12 @@ import pytest
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
+from services.teacher.routes_openai import CompletionRequest
+from services.teacher.routes_trl import SequenceLogprobsRequest
 from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
 from shared.errors import Unauthorized
-from tests.conftest import serve
+from tests.conftest import schema_keys, serve
 
 GOOD = {"sequences": [{"prompt_ids": [1, 21, 18, 5], "completion_ids": [6, 14, 7]}]}
 
@@ -299,6 +301,12 @@ def test_openapi_documents_score(teacher_url):
     body = spec["paths"]["/score"]["post"]["requestBody"]["content"]
     assert {"application/json", "application/msgpack"} <= set(body)
     assert httpx.get(teacher_url + "/docs").status_code == 200
+
+
+def test_the_api_documents_every_bound_in_json_schema_keywords(teacher_url):
+    schemas = [httpx.get(teacher_url + "/openapi.json").json()]
+    schemas += [m.model_json_schema() for m in (CompletionRequest, SequenceLogprobsRequest)]
+    assert not schema_keys(schemas) & {"gt", "ge", "lt", "le"}
 
 
 def test_unknown_route_is_404_in_the_error_shape(teacher_url):

@@ -449,11 +449,9 @@ def scored_tokens(url: str) -> float:
     raise AssertionError("no opd_teacher_tokens_scored_total in /metrics")
 
 
-def test_a_client_that_leaves_its_results_unread_is_held_back_and_loses_nothing(monkeypatch):
-    """Results are many times the frames' size: a client that sends without reading must not grow
-    the teacher's memory without end. The teacher stops reading frames; once the client reads, every
-    frame is answered."""
-    monkeypatch.setattr("services.teacher.routes_stream.MAX_UNREAD_BYTES", 1)
+def unread_results_case(n_frames: int) -> tuple[bytes, TeacherSettings]:
+    """Frames whose results far outweigh them (top-20 at each position), and a short queue so that
+    frames are taken as scoring goes, not all at once."""
     rng = np.random.default_rng(0)
     frame = {
         "sequences": [
@@ -462,32 +460,65 @@ def test_a_client_that_leaves_its_results_unread_is_held_back_and_loses_nothing(
         ],
         "top_k": 20,
     }
-    n_frames = 120  # 61,440 tokens, 10 MB of results: more than the sockets' buffers hold
     body = b"".join(chunk(encode_request_frame(validate_request(frame))) for _ in range(n_frames))
-    # A short queue, so frames are taken as scoring goes, not all at once.
-    settings = TeacherSettings(model=str(TEACHER_PATH), max_top_k=20, max_queue_tokens=1024)
+    return body, TeacherSettings(model=str(TEACHER_PATH), max_top_k=20, max_queue_tokens=1024)
+
+
+def send_all_then_read(url: str, body: bytes) -> tuple[float, list]:
+    """POST /score/stream over a raw socket that reads nothing until scoring stops (as a client
+    that is not full duplex): the tokens scored by then, and the stream's items."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(
+            b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + body + b"0\r\n\r\n"
+        )
+        counts = [-1.0, scored_tokens(url)]
+        while counts[-1] != counts[-2]:  # until scoring stops
+            time.sleep(1.0)
+            counts.append(scored_tokens(url))
+        sock.settimeout(60)
+        received = bytearray()
+        while not received.endswith(b"0\r\n\r\n"):
+            received += sock.recv(1 << 20)
+    items = FrameReader(2**30).feed(dechunk(bytes(received).split(b"\r\n\r\n", 1)[1]))
+    return counts[-1], [decode_stream_item(item) for item in items]
+
+
+def test_a_client_that_leaves_its_results_unread_is_held_back_and_loses_nothing(monkeypatch):
+    """Results are many times the frames' size: a client that sends without reading must not grow
+    the teacher's memory without end. The teacher stops reading frames; once the client reads, every
+    frame is answered."""
+    monkeypatch.setattr("services.teacher.routes_stream.MAX_UNREAD_BYTES", 1)
+    n_frames = 120  # 61,440 tokens, 10 MB of results: more than the sockets' buffers hold
+    body, settings = unread_results_case(n_frames)
     with serve(create_app(settings)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect((host, int(port)))
-            sock.sendall(
-                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
-                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + body + b"0\r\n\r\n"
-            )
-            counts = [-1.0, scored_tokens(url)]
-            while counts[-1] != counts[-2]:  # until scoring stops
-                time.sleep(1.0)
-                counts.append(scored_tokens(url))
-            assert counts[-1] < n_frames * 8 * 64 / 2
-            sock.settimeout(60)
-            received = bytearray()
-            while not received.endswith(b"0\r\n\r\n"):
-                received += sock.recv(1 << 20)
+        scored_while_unread, items = send_all_then_read(url, body)
+        assert scored_while_unread < n_frames * 8 * 64 / 2
         assert scored_tokens(url) == n_frames * 8 * 64
-    items = list(FrameReader(2**30).feed(dechunk(bytes(received).split(b"\r\n\r\n", 1)[1])))
-    kinds = [decode_stream_item(item) for item in items]
-    assert len(kinds) == n_frames * 8 + 1 and kinds[-1].done
+    assert len(items) == n_frames * 8 + 1 and items[-1].done
+
+
+def test_a_client_that_never_reads_while_sending_gets_errors_not_a_stream_without_end(
+    monkeypatch,
+):
+    """Held back past UNREAD_WAIT_S, the teacher refuses the rest of the frames in small error
+    frames, so a client that reads only after sending everything is answered for every frame."""
+    monkeypatch.setattr("services.teacher.routes_stream.MAX_UNREAD_BYTES", 1)
+    monkeypatch.setattr("services.teacher.routes_stream.UNREAD_WAIT_S", 0.5)
+    n_frames = 120
+    body, settings = unread_results_case(n_frames)
+    with serve(create_app(settings)) as url:
+        _, items = send_all_then_read(url, body)
+        tokens = scored_tokens(url)
+    refused = {item.frame for item in items if item.error is not None}
+    scored = [item for item in items if not item.done and item.error is None]
+    assert refused and len(scored) == (n_frames - len(refused)) * 8 == tokens / 64
+    assert all(item.error["type"] == "queue_full" for item in items if item.error is not None)
+    assert "read results while sending frames" in next(i for i in items if i.error).error["message"]
+    assert items[-1].done and items[-1].frames == n_frames
 
 
 def dechunk(data: bytes) -> bytes:

@@ -269,6 +269,27 @@ def test_a_waiting_stream_wakes_for_each_new_event():
     assert [frame.split("\n")[0] for frame in frames] == ["event: step", "event: done"]
 
 
+def test_each_follower_of_a_run_is_woken_for_its_last_events():
+    """One follower, taking the last events at once, must not swallow the wake-up of another whose
+    wait has not begun yet (that one would get `done` only at its next keep-alive)."""
+
+    async def follow() -> tuple[list[str], list[str]]:
+        record = RunRecord(id="run-1", config=RunConfig(), status="running")
+        record.publish({"type": "step", "step": 0})
+        first, second = event_stream(record, keep_alive_s=60), event_stream(record, keep_alive_s=60)
+        await anext(first), await anext(second)
+        waiting = asyncio.ensure_future(anext(second))
+        await asyncio.sleep(0)  # the second finds nothing new and starts to wait
+        record.publish({"type": "done", "completed": True})
+        record.status = "completed"
+        from_first = [frame async for frame in first]
+        from_second = [await asyncio.wait_for(waiting, timeout=5)]
+        return from_first, from_second + [frame async for frame in second]
+
+    for frames in asyncio.run(follow()):
+        assert [frame.split("\n")[0] for frame in frames] == ["event: done"]
+
+
 def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_path):
     body = {**SMALL, "teacher_url": [teacher_url], "steps": 3, "out": str(tmp_path / "run")}
     r = httpx.post(trainer_url + "/runs", json=body)

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.trainer.config import RunConfig
+from tests.conftest import schema_keys
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
@@ -103,15 +104,6 @@ def test_the_api_schema_shows_the_device_pattern_the_validator_checks():
 
 
 def test_the_api_schema_words_every_bound_in_json_schema_keywords():
-    """pydantic writes a bound it cannot place as "gt"/"ge", which no JSON Schema reader knows."""
-
-    def keys(node) -> set[str]:
-        if isinstance(node, dict):
-            return set(node) | set().union(*map(keys, node.values()))
-        if isinstance(node, list):
-            return set().union(*map(keys, node))
-        return set()
-
     properties = RunConfig.model_json_schema()["properties"]
-    assert not keys(properties) & {"gt", "ge", "lt", "le"}
+    assert not schema_keys(properties) & {"gt", "ge", "lt", "le"}
     assert properties["adv_clip"]["anyOf"][0]["exclusiveMinimum"] == 0
