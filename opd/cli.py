@@ -88,12 +88,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = load_model(args.model)
     except ModelLoadError as exc:
-        print(f"opd eval: error: {exc}", file=sys.stderr)
+        print(f"opd eval: error: --model {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     items = problems("eval", args.n, args.seed)
+    # One sample is the greedy one; avg@k samples at temperature 1.
+    temperature = 0.0 if args.samples == 1 else 1.0
     result = evaluate(
-        model, tokenizer, items, args.batch_size, args.samples, args.seed, progress=not args.json
+        model,
+        tokenizer,
+        items,
+        args.batch_size,
+        args.samples,
+        args.seed,
+        not args.json,
+        temperature,
     )
     report = {"model": str(args.model), "parameters": count_parameters(model), **result.to_dict()}
     if args.json:

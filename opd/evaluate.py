@@ -18,9 +18,9 @@ from shared.task import MAX_NEW_TOKENS, Problem, extract_answer
 
 @dataclass
 class EvalResult:
-    accuracy: float  # greedy accuracy, or mean accuracy over samples when sampled
+    accuracy: float  # mean accuracy over the completions (greedy accuracy, or avg@k)
     n: int  # problems
-    samples: int  # completions per problem (1 for greedy; k for avg@k)
+    samples: int  # completions per problem
     mean_tokens: float  # completion tokens per completion, <eos> included
     well_formed: float  # fraction of completions with an answer line
     tokens_per_s: float
@@ -43,10 +43,11 @@ def evaluate(
     samples: int = 1,
     seed: int = 0,
     progress: bool = True,
+    temperature: float = 0.0,
 ) -> EvalResult:
-    """Greedy accuracy when samples == 1; avg@k (mean accuracy of k samples at temperature 1) otherwise."""
+    """Mean accuracy of `samples` completions of each problem at `temperature`: greedy accuracy by
+    default, avg@k with samples=k at temperature 1."""
     generator = torch.Generator(model.device).manual_seed(seed)
-    temperature = 0.0 if samples == 1 else 1.0
     jobs = [p for p in problems for _ in range(samples)]
     correct = well_formed = tokens = 0
     start = time.perf_counter()

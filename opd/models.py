@@ -44,7 +44,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 class ModelLoadError(Exception):
-    """A model folder that cannot be used; the message says why in one line."""
+    """A model that cannot be used; the message says why in one line, and `setting` whether the
+    folder ("model") or the device ("device") is at fault, for callers to name their own flag."""
+
+    def __init__(self, message: str, setting: str = "model"):
+        super().__init__(message)
+        self.setting = setting
 
 
 def tiny_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
@@ -69,9 +74,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# A saved tokenizer has one of these (fast, slow sentencepiece, or BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`, never fetched from a hub."""
     folder = _existing_folder(path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad folder
@@ -127,14 +138,9 @@ def check_loadable(path: str | Path, device: str = "cpu") -> Path:
         raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{folder}: config.json is not a JSON object")
-    _check_device(folder, device)
-    return folder
-
-
-def _check_device(folder: Path, device: str) -> None:
-    """Refuse, before any weights are read, a device this machine does not have."""
     if problem := device_problem(device):
-        raise ModelLoadError(f"{folder}: cannot load onto {device}: {problem}")
+        raise ModelLoadError(f"{device}: {problem}", setting="device")
+    return folder
 
 
 def device_problem(device: str) -> str | None:

@@ -96,7 +96,7 @@ def startup_error(settings: TeacherSettings) -> str | None:
     try:  # --device is the hf backend's; vLLM places the model itself
         check_loadable(settings.model, settings.device if settings.backend == "hf" else "cpu")
     except ModelLoadError as exc:
-        return f"--model {exc}"
+        return f"--{exc.setting} {exc}"
     if taken := port_taken(settings.host, settings.port):
         return f"--port {taken}"
     return None

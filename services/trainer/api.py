@@ -60,13 +60,10 @@ def runs_of(request: Request) -> Runs:
 def refuse_a_student_that_cannot_load(cfg: RunConfig) -> None:
     """What can be known at once about the student (no weights are read), named by its field."""
     try:
-        check_loadable(cfg.student)
-    except ModelLoadError as exc:
-        raise InvalidRequest(str(exc), param="student") from None
-    try:
         check_loadable(cfg.student, cfg.device)
     except ModelLoadError as exc:
-        raise InvalidRequest(str(exc), param="device") from None
+        param = "device" if exc.setting == "device" else "student"
+        raise InvalidRequest(f"{param}: {exc}", param=param) from None
 
 
 async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:

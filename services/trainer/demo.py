@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
-from opd.models import ModelLoadError, check_loadable, device_problem
+from opd.models import ModelLoadError, check_loadable
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
-from services.trainer.loop import run
+from services.trainer.loop import reset_peak_rss, run
 from services.trainer.report import first_reaching, plot_runs, read_evals, read_jsonl
 
 # The mark for a schedule that matches full OPD: its final accuracy less 2 points.
@@ -94,9 +94,10 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     port = None if cfg.teacher_url else free_port()
     configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
     first = next(iter(configs.values()))  # the runs differ only in schedule and folder
-    check_loadable(first.student)  # what stops the runs, said before a teacher starts
-    if problem := device_problem(first.device):
-        raise ModelLoadError(f"--device {first.device}: {problem}")
+    try:  # what stops the runs, said before a teacher starts
+        check_loadable(first.student, first.device)
+    except ModelLoadError as exc:  # the bundled student is no flag's: only --device is the user's
+        raise ModelLoadError(f"--device {exc}" if exc.setting == "device" else str(exc)) from None
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
     created = not out.exists()
@@ -137,6 +138,7 @@ def _run_all(
     try:
         for name, run_cfg in configs.items():
             print(f"== {name}: schedule {SCHEDULES[name]}", flush=True)
+            reset_peak_rss()  # each run's own peak, not the largest of those before it
             summary = run(run_cfg)
             rows.append(_row(name, out / name, summary))
     finally:

@@ -7,6 +7,7 @@ lives in schedules, rollout, step and losses.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from opd.evaluate import evaluate
-from opd.models import load_model
+from opd.models import ModelLoadError, load_model
 from services.trainer import checkpoint
 from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, plot_runs, read_jsonl
@@ -152,14 +153,29 @@ def training_problems(cfg: RunConfig, position: int = 0) -> Iterator[Problem]:
 
 
 def peak_memory(device: str) -> dict:
-    """This process's peak resident memory, and on a GPU the peak memory torch allocated there since
-    the run started (runs that a server trains at once share both)."""
-    # ru_maxrss counts KiB on Linux and bytes on macOS.
-    unit = 2**20 if sys.platform == "darwin" else 2**10
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)}
+    """This process's peak resident memory (since reset_peak_rss), and on a GPU the peak memory
+    torch allocated there since the run started (runs that a server trains at once share both)."""
+    peak = {"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)}
     if torch.device(device).type == "cuda":
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak resident memory afresh (Linux; elsewhere it stays the process's), so
+    that runs one after another in one process (the demo) each report their own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_bytes() -> int:
+    with contextlib.suppress(OSError):  # VmHWM is the peak that clear_refs resets
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    # ru_maxrss counts KiB on Linux and bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -182,7 +198,11 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
+        try:
+            self.model, self.tokenizer = load_model(cfg.student, device=cfg.device)
+        except ModelLoadError as exc:
+            param = "device" if exc.setting == "device" else "student"
+            raise RunError(f"--{param} {exc}", param=param) from None
         if torch.device(cfg.device).type == "cuda":  # a device load_model found: peak_gpu_mb
             torch.cuda.reset_peak_memory_stats(cfg.device)  # counts from this run's start
         self.schedule = parse_schedule(cfg.schedule, cfg.max_new_tokens)
@@ -394,6 +414,7 @@ class Run:
                 samples=samples,
                 seed=self.cfg.seed,
                 progress=False,
+                temperature=1.0,
             )
             record[f"avg@{samples}"] = sampled.accuracy
         self.eval_log.write(record)

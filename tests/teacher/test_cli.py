@@ -74,7 +74,8 @@ def test_the_vllm_backend_without_vllm_is_refused_saying_how_to_install_it(capsy
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_a_cuda_device_without_cuda_is_refused_before_serving():
-    assert "CUDA is not available" in startup_error(TeacherSettings(device="cuda:0"))
+    said = startup_error(TeacherSettings(device="cuda:0"))
+    assert said == "--device cuda:0: CUDA is not available here"
 
 
 def test_a_folder_that_is_not_a_model_is_refused_before_serving(tmp_path):

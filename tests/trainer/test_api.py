@@ -202,7 +202,7 @@ def test_a_student_folder_without_a_tokenizer_is_422_naming_student(
     body = {**SMALL, "teacher_url": [teacher_url], "student": str(student), "out": str(tmp_path)}
     r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 422 and r.json()["error"]["param"] == "student", r.text
-    assert "no usable tokenizer" in r.json()["error"]["message"]
+    assert "no tokenizer (none of tokenizer.json" in r.json()["error"]["message"]
 
 
 def test_a_bug_is_a_500_in_the_error_shape_not_plain_text(

@@ -28,6 +28,7 @@ from services.trainer.loop import (
     RunError,
     check_teacher_limits,
     peak_memory,
+    reset_peak_rss,
     run,
     training_problems,
 )
@@ -112,7 +113,18 @@ def test_invalid_device_is_a_clear_error(tmp_path):
 def test_cuda_student_without_cuda_is_a_clear_error(tmp_path):
     result = trainer_cli("--device", "cuda", "--out", str(tmp_path / "run"))
     assert result.returncode == 1
-    assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+    assert "--device cuda: CUDA is not available here" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_student_folder_that_cannot_load_is_named_by_its_flag(tmp_path):
+    (tmp_path / "student").mkdir()
+    shutil.copy(STUDENT_PATH / "config.json", tmp_path / "student" / "config.json")
+    for student, says in [("missing", "no such file or directory"), ("student", "no tokenizer")]:
+        result = trainer_cli("--student", str(tmp_path / student), "--out", str(tmp_path / "run"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"error: --student {tmp_path / student}: {says}" in result.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_server_that_is_not_a_teacher_is_named_without_its_page(tmp_path):
@@ -448,6 +460,20 @@ def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
+
+
+def test_the_peak_memory_of_runs_one_after_another_is_each_runs_own():
+    """The demo trains its runs in one process: a later, smaller run must not report the peak of
+    an earlier one (on Linux, where the peak can be reset)."""
+    held = bytearray(256 * 2**20)  # touched, so resident: the earlier run's peak
+    before = peak_memory("cpu")["peak_rss_mb"]
+    del held
+    reset_peak_rss()
+    after = peak_memory("cpu")["peak_rss_mb"]
+    if sys.platform == "linux":
+        assert after < before - 200
+    else:
+        assert after == before
 
 
 def test_peak_memory_names_the_gpu_only_for_a_student_on_one():
