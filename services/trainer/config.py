@@ -259,12 +259,22 @@ def load_config_file(path: str | Path) -> dict:
         raise ValueError(f"--config {path}: {exc.strerror}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _UniqueKeys) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        kind = "TOML" if path.suffix == ".toml" else "YAML"
-        raise ValueError(f"{path}: not valid {kind}: {' '.join(str(exc).split())}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, without its '"<unicode string>"' and caret drawing."""
+    if not (isinstance(exc, yaml.MarkedYAMLError) and exc.problem):
+        return " ".join(str(exc).split())
+    said = f"{exc.context}: {exc.problem}" if exc.context else exc.problem
+    mark = exc.problem_mark
+    return said + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
 
 
 def saved_settings(out: str | Path) -> dict:
