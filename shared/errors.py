@@ -147,7 +147,11 @@ def from_validation(errors: list[dict], cls: type[TeacherError] | None = None) -
     is dropped from each location, so a field reads the same whichever way it was validated."""
 
     def where(error: dict) -> str:
-        return ".".join(str(p) for p in error["loc"] if p != "body")
+        # A union's member shows in the location under its type ("list[int]"): no field's name.
+        parts = error["loc"]
+        return ".".join(
+            str(p) for p in parts if p != "body" and not (isinstance(p, str) and "[" in p)
+        )
 
     parts = [f"{where(e) or 'body'}: {field_message(e)}" for e in errors[:3]]
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""

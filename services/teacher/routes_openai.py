@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, field_validator
 
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
-from services.teacher.scoring import check_tokens, score_request
+from services.teacher.scoring import check_tokens, dialect_logprob, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
@@ -27,37 +28,57 @@ from shared.protocol import (
     SequenceScore,
     TokenIds,
     count,
+    list_of,
     number,
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-# Parameters an OpenAI client may send with their default value; any other value is unsupported.
+# Parameters an OpenAI or vLLM client may send with a value that changes nothing here (their
+# defaults, and vLLM's ways of saying "off"); any other value is unsupported.
 _NEUTRAL = {
-    "n": 1,
-    "best_of": None,
-    "stream": False,
-    "stream_options": None,
-    "suffix": None,
-    "stop": None,
-    "seed": None,
-    "user": None,
-    "logit_bias": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "top_p": 1,
-    "top_k": None,
-    "min_p": None,
-    "repetition_penalty": None,
-    "add_special_tokens": True,
-    "return_tokens_as_token_ids": None,
+    "n": (1,),
+    "best_of": (None, 1),
+    "stream": (False,),
+    "stream_options": (None,),
+    "suffix": (None,),
+    "stop": (None, []),
+    "seed": (None,),
+    "user": (None,),
+    "logit_bias": (None, {}),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "top_p": (1,),
+    "top_k": (None, -1, 0),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+    "add_special_tokens": (True,),
+    "return_tokens_as_token_ids": (None,),
 }
+
+
+def _prompt_form(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return "str"
+    first = prompt[0] if isinstance(prompt, list) and prompt else None
+    return {list: "list[list[int]]", str: "list[str]"}.get(type(first), "list[int]")
+
+
+# The four forms of an OpenAI prompt, told apart by their shape: validated against each, a bad one
+# would get all four forms' errors, the first of them from a form it does not have.
+Prompt = Annotated[
+    Annotated[TokenIds, Tag("list[int]")]
+    | Annotated[list_of(TokenIds), Tag("list[list[int]]")]
+    | Annotated[str, Tag("str")]
+    | Annotated[list_of(str), Tag("list[str]")],
+    Discriminator(_prompt_form),
+]
 
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: TokenIds | list[TokenIds] | str | list[str]
+    prompt: Prompt
     max_tokens: Count | None = 16
     echo: bool = False
     logprobs: count(ge=0) | None = None
@@ -73,15 +94,21 @@ class CompletionRequest(BaseModel):
         return value
 
 
+def _is_neutral(name: str, value) -> bool:
+    # Python finds true == 1, but true is no top_p 1: a bool is neutral only where a bool is.
+    return any(
+        value == v and isinstance(value, bool) == isinstance(v, bool) for v in _NEUTRAL[name]
+    )
+
+
 def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[list[int]]:
     """The request's token-id prompts, or a 400 naming what this server does not do."""
     for name, value in (body.model_extra or {}).items():
         if name not in _NEUTRAL:
             raise BadRequest(f"parameter {name!r} is not supported by this teacher", param=name)
-        if value != _NEUTRAL[name]:
-            raise BadRequest(
-                f"{name}={value!r} is not supported (only {_NEUTRAL[name]!r})", param=name
-            )
+        if not _is_neutral(name, value):
+            only = " or ".join(map(repr, _NEUTRAL[name]))
+            raise BadRequest(f"{name}={value!r} is not supported (only {only})", param=name)
     if body.model and body.model not in names:  # none or empty: the one model, as in vLLM
         raise NotFound(
             f"the model {body.model!r} does not exist; this server's is {names[0]!r}"
@@ -194,8 +221,9 @@ def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
 def _next_token(score: SequenceScore) -> tuple[int, float]:
     """The generated token: sampled at the request's temperature, or the top-1 when greedy."""
     if score.sampled is not None:
-        return score.sampled
-    return int(score.topk_ids[-1, 0]), float(score.topk_logprobs[-1, 0])
+        token, logprob = score.sampled
+        return token, dialect_logprob(logprob)
+    return int(score.topk_ids[-1, 0]), dialect_logprob(score.topk_logprobs[-1, 0])
 
 
 def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) -> dict:
@@ -204,14 +232,14 @@ def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) 
     for r in range(k):
         token = int(score.topk_ids[t, r])
         entry[str(token)] = {
-            "logprob": float(score.topk_logprobs[t, r]),
+            "logprob": dialect_logprob(score.topk_logprobs[t, r]),
             "rank": r + 1,
             "decoded_token": tokenizer.decode([token]),
         }
     entry.setdefault(
         str(actual),
         {
-            "logprob": float(score.logprobs[t]),
+            "logprob": dialect_logprob(score.logprobs[t]),
             "rank": int(score.ranks[t]),
             "decoded_token": tokenizer.decode([actual]),
         },
@@ -236,7 +264,9 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
             return
         # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
         entry = {
-            tokenizer.decode([int(score.topk_ids[row, r])]): float(score.topk_logprobs[row, r])
+            tokenizer.decode([int(score.topk_ids[row, r])]): dialect_logprob(
+                score.topk_logprobs[row, r]
+            )
             for r in range(k)
         }
         entry.setdefault(text, logprob)
@@ -245,7 +275,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
     if body.echo:
         add(prompt[0], None, None)
         for t, token in enumerate(prompt[1:]):
-            add(token, float(score.logprobs[t]), t)
+            add(token, dialect_logprob(score.logprobs[t]), t)
     if generate:
         add(*_next_token(score), len(prompt) - 1)
     return {

@@ -22,17 +22,17 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
-from services.teacher.scoring import check_tokens, score_request
+from services.teacher.scoring import check_tokens, dialect_logprob, score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds, count
+from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds, count, list_of
 
 router = APIRouter(tags=["TRL"])
 
 
 class SequenceLogprobsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sequences: list[TokenIds] = Field(min_length=1)
-    prompt_lengths: list[count(ge=0)]
+    sequences: list_of(TokenIds) = Field(min_length=1)
+    prompt_lengths: list_of(count(ge=0))
     top_logprobs: count(ge=0) = 100
     temperature: Temperature = 1.0
     response_format: Literal["json", "binary"] = "json"
@@ -97,9 +97,10 @@ def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]
         for t, actual in enumerate(completion):
             ids = score.topk_ids[t].tolist() if score.topk_ids is not None else []
             lps = score.topk_logprobs[t].tolist() if score.topk_logprobs is not None else []
+            lps = [dialect_logprob(lp) for lp in lps]
             if actual not in ids:
                 ids.append(actual)
-                lps.append(float(score.logprobs[t]))
+                lps.append(dialect_logprob(score.logprobs[t]))
             rows_lp.append(lps)
             rows_id.append(ids)
         logprobs.append(rows_lp)

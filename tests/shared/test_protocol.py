@@ -21,6 +21,7 @@ from shared.protocol import (
     encode_request,
     encode_response,
     frame_bytes,
+    validate_request,
 )
 
 REQUEST = ScoreRequest.model_validate(
@@ -169,3 +170,31 @@ def test_frame_reader_can_read_past_an_oversize_frame_and_go_on():
     cut = FrameReader(100, skip_oversize=True)
     assert len(cut.feed(big[:60])) == 1  # refused at its header; a body that ends inside it
     cut.finish()  # is not a second error
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (
+            {"sequences": [{"prompt_ids": [-1] * 500_000, "completion_ids": [1]}]},
+            "sequences.0.prompt_ids.0",
+        ),
+        ({"sequences": [1] * 500_000}, "sequences.0"),
+        (
+            {"sequences": [{"prompt_ids": [-1], "completion_ids": [1]}] * 200_000},
+            "sequences.0.prompt_ids.0",
+        ),
+        (
+            {
+                "sequences": [{"prompt_ids": [1], "completion_ids": [1]}],
+                "candidate_ids": [[[-1]] * 500_000],
+            },
+            "candidate_ids.0.0.0",
+        ),
+    ],
+)
+def test_a_list_of_many_bad_items_is_one_error_at_its_first(body, param):
+    """One error object per bad item would take seconds and GBs for a body within the size limit."""
+    with pytest.raises(InvalidRequest) as error:
+        validate_request(body)
+    assert error.value.param == param and "more)" not in str(error.value)

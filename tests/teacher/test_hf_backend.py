@@ -1,16 +1,25 @@
-"""The hf backend's limits (the longest sequence it serves never exceeds the model's positions), and
-its two decoder passes: sequences that share a prompt run it once and get the same hidden states."""
+"""The hf backend's limits (the longest sequence it serves never exceeds the model's positions), its
+two decoder passes (sequences that share a prompt run it once and get the same hidden states), and
+its logits, which are the model's own also where a family changes them after the output layer."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from opd.bundled import TEACHER_PATH
 from opd.models import load_tokenizer
 from services.teacher.backends.base import ScoreJob
-from services.teacher.backends.hf import HFBackend, worth_sharing
+from services.teacher.backends.hf import (
+    HFBackend,
+    OutputLogits,
+    check_output_logits,
+    worth_sharing,
+)
 from tests.teacher.test_scoring_correctness import samples_of_few_prompts
 
 
@@ -37,7 +46,7 @@ def test_prompts_shared_by_several_sequences_run_once_with_the_same_result(backe
     with torch.inference_mode():
         shared, plain = backend._rows_sharing_prompts(jobs), backend._rows(jobs)
     for job, a, b in zip(jobs, shared, plain):
-        assert a.shape == b.shape == (job.n_scored, backend.lm_head.weight.shape[1])
+        assert a.shape == b.shape == (job.n_scored, backend.output_logits.head.weight.shape[1])
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
 
 
@@ -122,3 +131,52 @@ def test_a_sliding_window_model_turns_sharing_off_and_scores_as_one_pass(tmp_pat
     assert backend.cache_arg is None
     for a, b in zip(shared, plain):
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
+
+
+@pytest.mark.parametrize(
+    "family, after_the_head",
+    [
+        ("Cohere", {"logit_scale": 0.0625}),
+        ("Granite", {"logits_scaling": 8.0}),
+        ("Gemma2", {"final_logit_softcapping": 0.5, "head_dim": 16}),
+    ],
+)
+def test_a_family_that_changes_its_logits_after_the_head_is_scored_as_its_forward_does(
+    tmp_path, family, after_the_head
+):
+    tokenizer = load_tokenizer(TEACHER_PATH)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY, **after_the_head
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits large enough for the change to show
+    model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TEACHER_PATH / name, tmp_path)
+    backend = HFBackend(str(tmp_path))
+    backend.load()
+    ids = [1, 5, 9, 12, 7, 3]
+    [score] = backend.score_batch([ScoreJob(input_ids=ids, n_prompt=2)])
+    with torch.no_grad():
+        logp = torch.log_softmax(backend.model(torch.tensor([ids])).logits[0].float(), -1)
+    want = logp[1:-1].gather(1, torch.tensor(ids[2:])[:, None]).squeeze(1)
+    np.testing.assert_allclose(score.logprobs, want.numpy(), atol=1e-5)
+
+
+def test_a_change_to_the_logits_the_backend_does_not_reproduce_is_refused_at_load(backend):
+    wrong = OutputLogits(backend.model)
+    wrong.scale = 2.0  # as if the model's forward doubled its logits and the backend did not
+    with pytest.raises(ValueError, match="serve it with --backend vllm"):
+        check_output_logits(backend.model, backend.decoder, wrong)

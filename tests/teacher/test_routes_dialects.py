@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import httpx
+import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from tests.conftest import serve
 from tests.teacher.test_routes import DEEP, HUGE_INT, assert_error
@@ -74,6 +76,11 @@ def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, 
         ({"prompt": [1] * 600, "max_tokens": 0}, "prompt", "600 tokens; this server's max_seq_len"),
         ({**OPENAI_GOOD, "prompt": [[1, 2], [2, 99]]}, "prompt.1", "prompt.1: token id 99"),
         ({**OPENAI_GOOD, "prompt": [[2, 99]]}, "prompt.0", "prompt.0: token id 99"),
+        # A bad prompt is judged in the form it has, and named without pydantic's type names.
+        ({**OPENAI_GOOD, "prompt": [1, -1]}, "prompt.1", "greater than or equal to 0"),
+        ({**OPENAI_GOOD, "prompt": [[1], [2, -3]]}, "prompt.1.1", "greater than or equal to 0"),
+        ({**OPENAI_GOOD, "prompt": [[1], "a"]}, "prompt.1", "valid list"),
+        ({**OPENAI_GOOD, "prompt": [1, "a"]}, "prompt", "token ids are integers"),
     ],
 )
 def test_openai_prompts_are_checked_and_named_as_sent(teacher_url, body, param, says):
@@ -168,3 +175,63 @@ def test_served_model_names_from_the_environment_are_split_once_each_and_empty_m
 ):
     monkeypatch.setenv("OPD_TEACHER_SERVED_MODEL_NAME", given)
     assert TeacherSettings().served_model_name == names
+
+
+@pytest.mark.parametrize(
+    "route, fields, param",
+    [
+        (OPENAI, {"prompt": [[-1]] * 200_000}, "prompt.0.0"),
+        (TRL, {"sequences": [[-1]] * 200_000, "prompt_lengths": [1]}, "sequences.0.0"),
+        (TRL, {"prompt_lengths": [-1] * 200_000}, "prompt_lengths.0"),
+    ],
+)
+def test_a_body_of_many_bad_items_is_one_error_not_one_per_item(teacher_url, route, fields, param):
+    """pydantic would build an error object for each bad item: seconds and GBs for a body within
+    the size limit, all on the event loop. The first bad item of each list is all that is said."""
+    good = TRL_GOOD if route == TRL else OPENAI_GOOD
+    r = post(teacher_url, route, {**good, **fields})
+    assert_error(r, 400, param=param)
+    assert "more)" not in r.json()["error"]["message"]
+
+
+class RulesOutTokens(HFBackend):
+    """The hf backend, except that every scored token's log-prob is -inf (the model rules it out),
+    as fp16 overflow or the vllm backend's NaN handling can give."""
+
+    def score_batch(self, jobs):
+        scores = super().score_batch(jobs)
+        for score in scores:
+            score.logprobs[:] = -np.inf
+        return scores
+
+
+def test_a_token_the_model_rules_out_has_vllms_floor_not_null_or_infinity():
+    """vLLM sends -9999.0; TRL's client does arithmetic on it, so null or -Infinity breaks it."""
+    settings = TeacherSettings(model=str(TEACHER_PATH))
+    with serve(create_app(settings, backend=RulesOutTokens(str(TEACHER_PATH)))) as url:
+        trl = post(url, TRL, {**TRL_GOOD, "top_logprobs": 0}).json()
+        body = {"prompt": [1, 21, 18, 5], "max_tokens": 0, "prompt_logprobs": 0}
+        openai = post(url, OPENAI, {**body, "echo": True, "logprobs": 0}).json()["choices"][0]
+    assert trl["logprobs"][0] == [[-9999.0], [-9999.0]]
+    assert openai["logprobs"]["token_logprobs"][1:] == [-9999.0] * 3
+    assert [e[str(t)]["logprob"] for e, t in zip(openai["prompt_logprobs"][1:], [21, 18, 5])] == [
+        -9999.0
+    ] * 3
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"top_k": -1}, {"top_k": 0}, {"min_p": 0.0}, {"repetition_penalty": 1.0}, {"stop": []}]
+    + [{"logit_bias": {}}, {"best_of": 1}, {"top_p": 1.0}, {"stream": False}],
+)
+def test_openai_options_at_a_value_that_changes_nothing_are_taken(teacher_url, fields):
+    """vLLM-style clients send their ways of saying "off"; only a value with an effect is refused."""
+    assert post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [({"top_k": 5}, "top_k"), ({"top_p": True}, "top_p"), ({"stop": ["\n"]}, "stop")],
+)
+def test_openai_options_with_an_effect_are_refused_naming_them(teacher_url, fields, param):
+    assert_error(post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}), 400, param=param)

@@ -63,10 +63,11 @@ class HFBackend(Backend):
         self.model = model
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
+        self.output_logits = OutputLogits(model)
+        check_output_logits(model, self.decoder, self.output_logits)
         self.cache_arg = cache_argument(self.decoder) if self.share_prompts else None
         self.pad_id = tokenizer.pad_token_id or 0
-        vocab = self.lm_head.weight.shape[0]
+        vocab = self.output_logits.head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
         # Capped by the model's positions, as the vllm backend is: beyond them a model with learned
         # position embeddings fails, taking every request batched with the long one down with it.
@@ -133,7 +134,11 @@ class HFBackend(Backend):
             rows = self._rows(jobs)
         targets = torch.tensor([t for j in jobs for t in j.input_ids[j.n_prompt :]])
         return chunked_scores(
-            torch.cat(rows), self.lm_head, targets.to(self.model.device), jobs, self.chunk_rows
+            torch.cat(rows),
+            self.output_logits,
+            targets.to(self.model.device),
+            jobs,
+            self.chunk_rows,
         )
 
     def _rows(self, jobs: list[ScoreJob]) -> list[torch.Tensor]:
@@ -214,9 +219,48 @@ def cache_argument(decoder) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
+class OutputLogits:
+    """The model's logits from its decoder's hidden states, as its own forward finishes them: some
+    families change them after the output layer (Cohere scales them, Granite divides them, Gemma 2
+    and 3 cap them), and the scores must be the model's own, as vLLM's are."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.head = model.get_output_embeddings()
+        config = model.config.get_text_config()
+        self.scale = (getattr(config, "logit_scale", None) or 1.0) / (
+            getattr(config, "logits_scaling", None) or 1.0
+        )
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@torch.inference_mode()
+def check_output_logits(model, decoder, output_logits: OutputLogits) -> None:
+    """Refuse a model whose forward changes its logits in a way OutputLogits does not know: its
+    scores would be quietly wrong. One short forward both ways, at load."""
+    vocab = output_logits.head.weight.shape[0]
+    ids = (torch.arange(1, 9) % vocab)[None].to(model.device)
+    want = model(input_ids=ids, use_cache=False).logits.float()
+    got = output_logits(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+    tolerance = 1e-3 * max(1.0, want.abs().max().item())
+    if not torch.allclose(got, want, rtol=1e-3, atol=tolerance):
+        raise ValueError(
+            f"{type(model).__name__} changes its logits after the output layer in a way the hf "
+            f"backend does not reproduce (differing by up to {(got - want).abs().max():.3g}); "
+            "serve it with --backend vllm"
+        )
+
+
 def chunked_scores(
     hidden_N_H: torch.Tensor,
-    lm_head: torch.nn.Module,
+    output_logits: OutputLogits,
     targets_N: torch.Tensor,
     jobs: list[ScoreJob],
     chunk_rows: int,
@@ -243,7 +287,7 @@ def chunked_scores(
     logprobs, topk_vals, topk_ids, cand_vals, ranks = [], [], [], [], []
     for start in range(0, hidden_N_H.shape[0], chunk_rows):
         end = start + chunk_rows
-        logits = lm_head(hidden_N_H[start:end]).float() / temps_N[start:end, None]
+        logits = output_logits(hidden_N_H[start:end]).float() / temps_N[start:end, None]
         logp_C_V = torch.log_softmax(logits, dim=-1)
         target_logp = logp_C_V.gather(1, targets_N[start:end, None])
         logprobs.append(target_logp.squeeze(1))
