@@ -164,6 +164,7 @@ async def completions(request: Request, _: Authorized, state: Ready) -> dict:
                 state.limits,
                 state.metrics,
                 want_ranks=True,
+                wait_for_room=True,
                 # temperature 0 is greedy: the top-1 token, no draw
                 sample_temperature=temperature if generate and temperature > 0 else None,
             )

@@ -77,7 +77,10 @@ async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -
         )
         try:
             result = await while_connected(
-                request, score_request(request_, state.backend, state.limits, state.metrics)
+                request,
+                score_request(
+                    request_, state.backend, state.limits, state.metrics, wait_for_room=True
+                ),
             )
         except InvalidRequest as exc:
             raise in_dialect(exc, "top_logprobs") from None

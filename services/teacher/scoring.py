@@ -153,11 +153,22 @@ async def score_request(
     metrics: TeacherMetrics | None = None,
     want_ranks: bool = False,
     sample_temperature: float | None = None,
+    wait_for_room: bool = False,
 ) -> ScoreResult:
     """Check `request` against this server and score it on `backend`. The dialects ask for ranks,
-    and for a token sampled after each sequence (at `sample_temperature`)."""
+    for a token sampled after each sequence (at `sample_temperature`), and to wait for room in a
+    full queue as a stream does (their clients, as vLLM's, queue: a 429 they retry only thrice)."""
     jobs = jobs_from_request(request, limits, want_ranks, sample_temperature)
-    scores = await _checked(backend.score(jobs), len(jobs))
+    if wait_for_room:
+        pending = await _queue_when_room(backend, jobs)
+        try:
+            scores = await _checked(asyncio.gather(*pending), len(jobs))
+        finally:  # the client went away or a sibling failed: drop what has not started
+            for scoring in pending:
+                if isinstance(scoring, asyncio.Future):
+                    scoring.cancel()
+    else:
+        scores = await _checked(backend.score(jobs), len(jobs))
     usage = Usage(
         prompt_tokens=sum(j.n_prompt for j in jobs), scored_tokens=sum(j.n_scored for j in jobs)
     )

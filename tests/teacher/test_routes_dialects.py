@@ -5,6 +5,8 @@ words, naming the field; never a 500."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -15,7 +17,7 @@ from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from tests.conftest import serve
-from tests.teacher.test_routes import DEEP, HUGE_INT, assert_error
+from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error, wait_for
 
 TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"
@@ -235,3 +237,32 @@ def test_openai_options_at_a_value_that_changes_nothing_are_taken(teacher_url, f
 )
 def test_openai_options_with_an_effect_are_refused_naming_them(teacher_url, fields, param):
     assert_error(post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}), 400, param=param)
+
+
+@pytest.mark.parametrize("route", [TRL, OPENAI])
+def test_the_dialects_wait_for_room_in_a_full_queue_as_vllm_queues(route):
+    """TRL sends its chunks at once and retries a 429 only thrice: a full queue holds a dialect
+    request until there is room (as /score/stream does), where /score answers 429 at once."""
+    backend = GatedBackend(str(TEACHER_PATH), max_queue_tokens=20)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    ids = [1] + [21] * 9  # 10 tokens: 15 + 10 > 20
+    body = {**TRL_GOOD, "sequences": [ids]} if route == TRL else {**OPENAI_GOOD, "prompt": ids}
+    with serve(app) as url:
+        score = {"sequences": [{"prompt_ids": [1] * 10, "completion_ids": [5] * 5}]}
+        first = threading.Thread(target=httpx.post, args=(url + "/score",), kwargs={"json": score})
+        first.start()
+        wait_for(backend.running.is_set)  # the first batch holds the worker
+        queued = threading.Thread(target=httpx.post, args=(url + "/score",), kwargs={"json": score})
+        queued.start()
+        wait_for(lambda: backend.queue_depth() == 1)  # 15 of 20 tokens queued
+        as_score = {"sequences": [{"prompt_ids": ids[:5], "completion_ids": ids[5:]}]}
+        assert post(url, "/score", as_score).status_code == 429
+        answer = {}
+        waiting = threading.Thread(target=lambda: answer.update(r=post(url, route, body)))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive()  # waiting for room, not refused
+        backend.gate.set()
+        for thread in (first, queued, waiting):
+            thread.join(timeout=60)
+    assert answer["r"].status_code == 200, answer["r"].text
