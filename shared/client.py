@@ -54,8 +54,11 @@ from shared.protocol import (
 
 # Overloaded, loading, or a load balancer whose upstream just went away: all worth retrying.
 RETRY_STATUSES = (429, 502, 503, 504)
-# How long a replica that failed is passed over (the client's own marks: at most max_backoff).
+# How long a replica that failed is passed over (the client's own marks: at most max_backoff);
+# each failure in a row doubles it, up to MAX_SIT_OUT_S, so a replica that stays dead (or hangs)
+# does not get a share of every step's work again.
 SIT_OUT_S = 2.0
+MAX_SIT_OUT_S = 60.0
 # The limits a teacher's /info must state, so a caller can check its requests fit before sending.
 INFO_LIMITS = ("max_seq_len", "max_top_k")
 # Connecting takes milliseconds; a replica whose host is gone (packets dropped, no refusal) should
@@ -78,6 +81,7 @@ class _Replicas:
         self.urls = [checked_url(u) for u in urls]
         self.in_flight = dict.fromkeys(self.urls, 0)
         self.down_until = dict.fromkeys(self.urls, 0.0)
+        self.failures = dict.fromkeys(self.urls, 0)  # in a row, since it last answered
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
@@ -101,7 +105,14 @@ class _Replicas:
 
     def mark_down(self, url: str, seconds: float) -> None:
         with self._lock:
-            self.down_until[url] = time.monotonic() + seconds
+            self.failures[url] += 1
+            growth = 2 ** min(self.failures[url] - 1, 16)
+            self.down_until[url] = time.monotonic() + min(MAX_SIT_OUT_S, seconds * growth)
+
+    def mark_good(self, url: str) -> None:
+        """`url` answered: its next failure sits out the first span again."""
+        with self._lock:
+            self.failures[url] = 0
 
 
 def checked_url(url: str) -> str:
@@ -400,6 +411,8 @@ class TeacherClient:
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
+                    if response.status_code < 500:  # it answered, if only to refuse
+                        self._core.replicas.mark_good(target)
                     return self._core.reply(response)
             finally:
                 if url is None:
@@ -495,6 +508,7 @@ class TeacherClient:
                 for chunk in response.iter_bytes():
                     yield from reader.feed(chunk)
                 reader.finish()
+                self._core.replicas.mark_good(target)
         except httpx.TransportError as exc:
             raise self._core.stream_failure(target, exc) from exc
         finally:
@@ -553,6 +567,8 @@ class AsyncTeacherClient:
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
+                    if response.status_code < 500:  # it answered, if only to refuse
+                        self._core.replicas.mark_good(target)
                     return self._core.reply(response)
             finally:
                 if url is None:
@@ -651,6 +667,7 @@ class AsyncTeacherClient:
                     for item in reader.feed(chunk):
                         yield item
                 reader.finish()
+                self._core.replicas.mark_good(target)
         except httpx.TransportError as exc:
             raise self._core.stream_failure(target, exc) from exc
         finally:

@@ -106,6 +106,13 @@ def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
     )
 
 
+def a_closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def schema_keys(node) -> set[str]:
     """Every key anywhere in a JSON schema (pydantic writes a bound it cannot place as "gt"/"ge",
     which no JSON Schema reader knows)."""

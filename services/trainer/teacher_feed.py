@@ -4,8 +4,8 @@ Each step opens one `/score/stream` call per replica it uses; every micro-batch 
 sent to the replica with the fewest sequences awaiting scores. Backpressure: at most
 `frames_in_flight` times the number of replicas await scores in all (a replica that is down leaves
 its share to the others), and as many wait in a bounded queue; beyond that `put` blocks the
-generating thread. If a replica dies mid-step, the sequences it had not answered are
-scored again elsewhere; each rollout's score is taken exactly once.
+generating thread. If a replica dies mid-step, the sequences it had not answered are scored again
+elsewhere at once, a frame per request; each rollout's score is taken exactly once.
 
     feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
@@ -74,6 +74,7 @@ class StepFeed:
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
         self._lanes: dict[str, _Lane] = {}
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
+        self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self._refused: TeacherStreamError | None = None  # a frame the teacher refused
@@ -164,9 +165,10 @@ class StepFeed:
         except BaseException:
             # Failing early (a refused frame, a stall): stop the streams and collect their
             # outcomes, so none is left running or logged as never retrieved.
-            for task in self._streams:
+            tasks = self._streams + self._rescues
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._streams, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             self._ended.set()
@@ -185,7 +187,7 @@ class StepFeed:
             frame = len(self.frames)
             with self._changed:
                 self.frames.append(batch)
-            lane = self._pick_lane(lanes)
+            lane = self._pick_lane(lanes, frame)
             lane.sent.append(frame)
             await lane.queue.put(frame)
         for lane in lanes.values():
@@ -196,7 +198,11 @@ class StepFeed:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        await self._rescore_missing()
+        await asyncio.gather(*self._rescues)
+        # What a rescue could not score (every replica down then): once more, now that the client
+        # retries with its full backoff.
+        for frame in range(len(self.frames)):
+            await self._rescore(frame)
 
     async def _room_for_a_frame(self) -> None:
         """Wait until a frame may go out; a refused frame ends the step here, by name."""
@@ -233,14 +239,16 @@ class StepFeed:
         """Sequences of `frame` without a score yet."""
         return sum(r.key not in self.scores for r in self.frames[frame])
 
-    def _pick_lane(self, lanes: dict[str, _Lane]) -> _Lane:
+    def _pick_lane(self, lanes: dict[str, _Lane], frame: int) -> _Lane:
         client = self._feed.client
         urls = [u for u in client.urls if client.is_up(u) and not (u in lanes and lanes[u].failed)]
         if not urls:  # every replica is down: the rescoring pass retries with backoff
             urls = list(client.urls)
-        # Fewest sequences awaiting scores first; a replica with no stream yet counts as idle.
+        # Fewest sequences awaiting scores first; a replica with no stream yet counts as idle. Ties
+        # go round (from frame to frame), so one replica does not always get each step's first.
+        start = frame % len(urls)
         url = min(
-            urls,
+            urls[start:] + urls[:start],
             key=lambda u: sum(self._unanswered(f) for f in lanes[u].sent) if u in lanes else 0,
         )
         if url not in lanes or lanes[url].failed:
@@ -276,6 +284,8 @@ class StepFeed:
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.
             lane.queue.put_nowait(None)
+            for frame in lane.sent:
+                self._rescues.append(asyncio.create_task(self._rescue(frame)))
 
     def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         if rollout.key in self.scores:
@@ -287,11 +297,22 @@ class StepFeed:
         self.stats.compute_s += compute_s
         self.stats.scored_tokens += len(score.logprobs)
 
-    async def _rescore_missing(self) -> None:
-        missing = [r for batch in self.frames for r in batch if r.key not in self.scores]
+    async def _rescue(self, frame: int) -> None:
+        """Score again a failed lane's frame, now, so the step need not wait for its end; what
+        fails here is tried again after the last frame."""
+        try:
+            await self._rescore(frame)
+        except TeacherError as exc:
+            log.warning(
+                "rescoring frame %d failed (%s); trying again at the step's end", frame, exc
+            )
+
+    async def _rescore(self, frame: int) -> None:
+        """Score `frame`'s rollouts that have no score yet, in one request (a frame's size: a whole
+        step's in one could outlast the timeout or the teacher's body limit)."""
+        missing = [r for r in self.frames[frame] if r.key not in self.scores]
         if not missing:
             return
-        self.stats.rescored += len(missing)
         # The unary call retries with backoff and fails over between replicas on its own.
         result = await self._feed.client.score(
             [(r.prompt_ids, r.completion_ids) for r in missing],
@@ -299,6 +320,8 @@ class StepFeed:
             max_positions=self.max_positions,
         )
         for rollout, score in zip(missing, result.results):
+            if rollout.key not in self.scores:  # not answered meanwhile by another route
+                self.stats.rescored += 1
             self._take(rollout, score, 0.0)
 
 

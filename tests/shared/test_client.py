@@ -13,7 +13,7 @@ import pytest
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
-from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
+from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable, _Replicas
 from shared.errors import (
     FingerprintMismatch,
     InvalidRequest,
@@ -294,3 +294,22 @@ def test_a_closed_client_refuses_streams_as_it_refuses_requests(teacher_url):
     for call in (lambda: client.score([SEQ]), lambda: list(client.score_stream([]))):
         with pytest.raises(RuntimeError, match="client has been closed"):
             call()
+
+
+def test_a_replica_that_keeps_failing_sits_out_longer_each_time_until_it_answers():
+    """Each failure in a row doubles its sit-out (up to a minute), so a replica that stays dead does
+    not get a share of every step's work again; one answer brings it back to the first span."""
+    replicas = _Replicas(["http://a:1", "http://b:1"])
+
+    def sits_out() -> float:
+        return replicas.down_until["http://a:1"] - time.monotonic()
+
+    spans = []
+    for _ in range(7):
+        replicas.mark_down("http://a:1", 2.0)
+        spans.append(sits_out())
+    assert [round(s) for s in spans] == [2, 4, 8, 16, 32, 60, 60]
+    assert not replicas.is_up("http://a:1") and replicas.acquire() == "http://b:1"
+    replicas.mark_good("http://a:1")
+    replicas.mark_down("http://a:1", 2.0)
+    assert round(sits_out()) == 2

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from services.trainer.api import create_app, event_stream
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.runs import RunRecord
-from tests.conftest import serve
+from tests.conftest import a_closed_port, serve
 from tests.teacher.test_routes import SlowLoadBackend, wait_for
 
 SMALL = dict(
@@ -107,12 +106,6 @@ def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, t
     # In the API's words: the fields a client sends, not the command line's flags.
     assert "resume to continue it, overwrite to start over" in r.json()["error"]["message"]
     assert httpx.get(trainer_url + "/runs").json() == before  # no run was started
-
-
-def a_closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teacher_url, tmp_path):

@@ -17,7 +17,7 @@ from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
 from shared.errors import ServerError
 from shared.task import problems
-from tests.conftest import serve
+from tests.conftest import a_closed_port, serve
 from tests.teacher.test_routes import GatedBackend
 from tests.teacher.test_routes_stream import CrashingBackend
 
@@ -74,6 +74,27 @@ def test_a_replica_whose_forwards_fail_mid_step_is_scored_around(teacher_url):
     assert all(len(score.logprobs) == 3 for score in scores.values())
     # The rescored frame is yielded once, whole, in its place.
     assert [sorted(s) for _, s in got] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_a_dead_replicas_frames_are_scored_elsewhere_at_once_not_at_the_steps_end(teacher_url):
+    """The student trains on each frame as soon as it is scored: one sent to a replica that is gone
+    must not wait for the last frame of the step to be put."""
+    dead = f"http://127.0.0.1:{a_closed_port()}"
+    feed = TeacherFeed([dead, teacher_url])
+    try:
+        step = feed.begin(max_positions=8)
+        step.put(rollouts(2, 0))  # to the dead replica: both are idle, and it comes first
+        deadline = time.monotonic() + 30
+        while not step._frame_ready(0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready_before_the_end = step._frame_ready(0)
+        step.put(rollouts(2, 2))
+        got = list(step.scored_frames())
+        scores, stats = step.finish()
+    finally:
+        feed.close()
+    assert ready_before_the_end
+    assert [sorted(s) for _, s in got] == [[0, 1], [2, 3]] and stats.rescored == 2
 
 
 def test_put_blocks_while_the_teacher_is_behind(teacher_url):
