@@ -5,7 +5,9 @@ sent to the replica with the fewest sequences awaiting scores. Backpressure: at 
 `frames_in_flight` times the number of replicas await scores in all (a replica that is down leaves
 its share to the others), and as many wait in a bounded queue; beyond that `put` blocks the
 generating thread. If a replica dies mid-step, the sequences it had not answered are scored again
-elsewhere at once, a frame per request; each rollout's score is taken exactly once.
+elsewhere at once, a frame per request; so are those of a replica that has sat on a frame for
+HEDGE_AFTER_S while others answered (it may hang: the client's timeout is minutes). Each
+rollout's first score is taken, exactly once, and the step ends when every rollout has one.
 
     feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
@@ -31,6 +33,11 @@ from shared.loop_thread import LoopThread, cancel_pending
 from shared.protocol import ScoreRequest, SequenceScore
 
 log = logging.getLogger(__name__)
+
+# A frame a replica has not answered this long, while another replica has answered since it was
+# sent, is scored elsewhere too (a hung replica would otherwise hold the step for the client's
+# timeout).
+HEDGE_AFTER_S = 10.0
 
 
 @dataclass
@@ -62,6 +69,7 @@ class _Lane:
         self.sent: list[int] = []  # global frame ids, in the order this stream carries them
         self.task: asyncio.Task | None = None
         self.failed = False
+        self.answered_at = float("-inf")  # loop time of its latest score
 
 
 class StepFeed:
@@ -75,6 +83,8 @@ class StepFeed:
         self._lanes: dict[str, _Lane] = {}
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
+        self._rescued: set[int] = set()  # frames given to a rescue (each once)
+        self._sent_at: dict[int, float] = {}  # loop time each frame went to its lane
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self._refused: TeacherStreamError | None = None  # a frame the teacher refused
@@ -160,6 +170,7 @@ class StepFeed:
         )
 
     async def _run(self) -> None:
+        watcher = asyncio.create_task(self._rescue_stalled_frames())
         try:
             await self._feed_lanes()
         except BaseException:
@@ -171,6 +182,7 @@ class StepFeed:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            watcher.cancel()
             self._ended.set()
 
     async def _feed_lanes(self) -> None:
@@ -189,20 +201,74 @@ class StepFeed:
                 self.frames.append(batch)
             lane = self._pick_lane(lanes, frame)
             lane.sent.append(frame)
+            self._sent_at[frame] = asyncio.get_running_loop().time()
             await lane.queue.put(frame)
         for lane in lanes.values():
             await lane.queue.put(None)
-        outcomes = await asyncio.gather(
-            *(lane.task for lane in lanes.values()), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        await asyncio.gather(*self._rescues)
+        await self._streams_ended_or_all_scored([lane.task for lane in lanes.values()])
+        while any(not task.done() for task in self._rescues):
+            await asyncio.gather(*self._rescues)
         # What a rescue could not score (every replica down then): once more, now that the client
         # retries with its full backoff.
         for frame in range(len(self.frames)):
             await self._rescore(frame)
+
+    async def _streams_ended_or_all_scored(self, streams: list[asyncio.Task]) -> None:
+        """Wait for the streams to end, or until every rollout is scored: a replica that still
+        holds its stream open then (hung, its frames scored elsewhere) is not waited for."""
+        open_streams = set(streams)
+        while open_streams and not self._all_scored():
+            self._answered.clear()
+            answered = asyncio.ensure_future(self._answered.wait())
+            done, _ = await asyncio.wait(
+                open_streams | {answered}, return_when=asyncio.FIRST_COMPLETED
+            )
+            answered.cancel()
+            for stream in done & open_streams:
+                if stream.exception() is not None:  # a refused frame, by name
+                    raise stream.exception()
+            open_streams -= done
+        for stream in open_streams:
+            stream.cancel()
+        await asyncio.gather(*open_streams, return_exceptions=True)
+
+    def _all_scored(self) -> bool:
+        return all(r.key in self.scores for frame in self.frames for r in frame)
+
+    async def _rescue_stalled_frames(self) -> None:
+        """Every little while: give to a rescue each frame its replica has sat on for
+        HEDGE_AFTER_S while another replica has answered since it was sent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, HEDGE_AFTER_S / 4))
+            lanes = list(self._lanes.values())
+            for lane in lanes:
+                if lane.failed:
+                    continue
+                others = max((o.answered_at for o in lanes if o is not lane), default=-1.0)
+                stalled = [
+                    f
+                    for f in lane.sent
+                    if f not in self._rescued
+                    and self._unanswered(f)
+                    and others > self._sent_at[f]
+                    and loop.time() - self._sent_at[f] > HEDGE_AFTER_S
+                ]
+                if stalled:
+                    log.warning(
+                        "teacher %s has not answered frames %s for %.0f s; scoring them elsewhere",
+                        lane.url,
+                        stalled,
+                        HEDGE_AFTER_S,
+                    )
+                    self._feed.client.mark_down(lane.url)
+                    self._rescue_all(stalled)
+
+    def _rescue_all(self, frames: list[int]) -> None:
+        for frame in frames:
+            if frame not in self._rescued:
+                self._rescued.add(frame)
+                self._rescues.append(asyncio.create_task(self._rescue(frame)))
 
     async def _room_for_a_frame(self) -> None:
         """Wait until a frame may go out; a refused frame ends the step here, by name."""
@@ -271,6 +337,7 @@ class StepFeed:
                     raise ServerError(f"frame {frame}: {item.error.get('message')}")
                 if item.error is not None:
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
+                lane.answered_at = asyncio.get_running_loop().time()
                 self._take(self.frames[frame][item.index], item.score, item.compute_s)
         except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
             self._refused = exc
@@ -284,8 +351,7 @@ class StepFeed:
             log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
             # Unblock the request generator if it is waiting for more frames.
             lane.queue.put_nowait(None)
-            for frame in lane.sent:
-                self._rescues.append(asyncio.create_task(self._rescue(frame)))
+            self._rescue_all(lane.sent)
 
     def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         if rollout.key in self.scores:

@@ -5,6 +5,7 @@ running, and a teacher that falls behind holds up the generating thread (backpre
 from __future__ import annotations
 
 import asyncio
+import http.server
 import threading
 import time
 
@@ -17,7 +18,7 @@ from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
 from shared.errors import ServerError
 from shared.task import problems
-from tests.conftest import a_closed_port, serve
+from tests.conftest import a_closed_port, plain_http, serve
 from tests.teacher.test_routes import GatedBackend
 from tests.teacher.test_routes_stream import CrashingBackend
 
@@ -164,3 +165,39 @@ def test_a_refused_frame_fails_the_step_at_once_saying_why(teacher_url):
             step.put(rollouts(1, 9))
     finally:
         feed.close()
+
+
+def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_timeout(
+    teacher_url, monkeypatch
+):
+    """A replica that takes the stream and never answers (a hung GPU) would hold each step for the
+    client's timeout, minutes: its frames go elsewhere once others have answered, and the step ends
+    when every rollout is scored, without waiting for the silent stream."""
+    monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 0.5)
+    release = threading.Event()
+
+    class Hangs(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            release.wait(60)
+
+    result = {}
+    with plain_http(Hangs) as hung:
+        feed = TeacherFeed([hung, teacher_url], timeout=300)
+        try:
+            step = feed.begin(max_positions=8)
+            for first in range(0, 8, 2):
+                step.put(rollouts(2, first))
+
+            def train():
+                result["got"] = list(step.scored_frames())
+                result["scores"], result["stats"] = step.finish()
+
+            trainer = threading.Thread(target=train)
+            trainer.start()
+            trainer.join(timeout=60)
+            assert not trainer.is_alive()  # not held for the client's 300 s
+        finally:
+            release.set()
+            feed.close()
+    assert [sorted(s) for _, s in result["got"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert sorted(result["scores"]) == list(range(8)) and result["stats"].rescored >= 2
