@@ -125,9 +125,7 @@ async def score_as_completed(
     finally:
         for task in tasks:
             task.cancel()
-        for scoring in pending:  # a wrapper cancelled before it began has not passed it on
-            if isinstance(scoring, asyncio.Future):
-                scoring.cancel()
+        _drop_unstarted(pending)  # a wrapper cancelled before it began has not passed it on
 
 
 async def _queue_when_room(backend: Backend, jobs: list[ScoreJob]) -> list[Awaitable]:
@@ -140,6 +138,13 @@ async def _queue_when_room(backend: Backend, jobs: list[ScoreJob]) -> list[Await
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(QUEUE_POLL_S)
+
+
+def _drop_unstarted(pending: list[Awaitable]) -> None:
+    """Cancel the queued sequences of a request that is over: those not started leave the queue."""
+    for scoring in pending:
+        if isinstance(scoring, asyncio.Future):
+            scoring.cancel()
 
 
 async def _indexed(index: int, pending: Awaitable[SequenceScore]) -> tuple[int, SequenceScore]:
@@ -163,10 +168,8 @@ async def score_request(
         pending = await _queue_when_room(backend, jobs)
         try:
             scores = await _checked(asyncio.gather(*pending), len(jobs))
-        finally:  # the client went away or a sibling failed: drop what has not started
-            for scoring in pending:
-                if isinstance(scoring, asyncio.Future):
-                    scoring.cancel()
+        finally:  # the client went away or a sibling failed
+            _drop_unstarted(pending)
     else:
         scores = await _checked(backend.score(jobs), len(jobs))
     usage = Usage(

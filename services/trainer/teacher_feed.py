@@ -89,6 +89,7 @@ class StepFeed:
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self._refused: TeacherStreamError | None = None  # a frame the teacher refused
         self.frames: list[list[Rollout]] = []
+        self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
         # Guards frames and scores, which the loop's thread writes and scored_frames() reads.
@@ -199,6 +200,7 @@ class StepFeed:
             frame = len(self.frames)
             with self._changed:
                 self.frames.append(batch)
+            self._rollouts += len(batch)
             lane = self._pick_lane(lanes, frame)
             lane.sent.append(frame)
             self._sent_at[frame] = asyncio.get_running_loop().time()
@@ -225,15 +227,16 @@ class StepFeed:
             )
             answered.cancel()
             for stream in done & open_streams:
-                if stream.exception() is not None:  # a refused frame, by name
-                    raise stream.exception()
+                if (refused := stream.exception()) is not None:  # a refused frame, by name
+                    raise refused
             open_streams -= done
         for stream in open_streams:
             stream.cancel()
         await asyncio.gather(*open_streams, return_exceptions=True)
 
     def _all_scored(self) -> bool:
-        return all(r.key in self.scores for frame in self.frames for r in frame)
+        # Counted, not looked up: it is asked after each score at the step's end.
+        return len(self.scores) == self._rollouts
 
     async def _rescue_stalled_frames(self) -> None:
         """Every little while: give to a rescue each frame its replica has sat on for
