@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-shot GPU run, for a lent GPU machine with torch and transformers but no pydantic (wheels
+# carried in .gpu/wheels by bench/gpu_wheels.sh are installed first): where does full OPD level off
+# at 64 times the demo's batch, and does TOPD(50%) stay level with it? The earlier loans cut these
+# runs at step 50-70 with four or five runs sharing the GPU; here two runs share it, for longer.
+#   bash bench/gpu_level_off.sh [OUT_DIR]      # about 8 minutes on one H200
+set -uo pipefail
+out=${1:-${OUT:-/tmp}}
+run_s=${RUN_S:-480}
+export OMP_NUM_THREADS=4
+source bench/gpu_common.sh
+level() {  # NAME SPEC: reverse_kl on 1024 x 4 rollouts a step under the horizon schedule SPEC
+  inprocess "$run_s" "level_$1" reverse_kl --prompts 1024 --samples 4 --lr 3e-4 --steps 400 \
+    --eval-every 20 --schedule "$2"
+}
+level full full
+level topd-50 truncated:0.5
+wait
+grep -h "step\|###\|Error" "$out"/level_*.log
