@@ -26,7 +26,8 @@ Binary form (Content-Type / Accept `application/msgpack`): the same maps, with e
 as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of
 lists (candidates) travel as {"values": flat bytes, "counts": int32 bytes per position}; top-k arrays
 are row-major [positions, k] with "top_k" giving k. Server-side log-probs are float32, so the JSON
-and binary forms carry identical numbers.
+and binary forms carry identical numbers, but one: JSON has no infinity, so a log-prob of -inf (a
+token the model rules out) is written LOWEST_LOGPROB (-9999.0) there, as vLLM's JSON answers do.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ MSGPACK = "application/msgpack"
 MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
 FRAMES = "application/x-opd-frames"
 _LENGTH = struct.Struct("<I")
+
+# The floor of a log-prob in a JSON answer (here and in the dialect routes), vLLM's: -inf is no JSON
+# number (Python writes -Infinity, which strict parsers refuse), and a client reading null as a
+# number fails.
+LOWEST_LOGPROB = -9999.0
 
 
 # Python's and numpy's integer types (numpy's as a client builds requests from arrays).
@@ -267,18 +273,26 @@ def encode_response(result: ScoreResult, binary: bool) -> bytes:
         "tokenizer_fingerprint": result.tokenizer_fingerprint,
         "results": [
             {
-                "logprobs": r.logprobs.tolist(),
+                "logprobs": json_logprobs(r.logprobs),
                 "topk_ids": None if r.topk_ids is None else r.topk_ids.tolist(),
-                "topk_logprobs": None if r.topk_logprobs is None else r.topk_logprobs.tolist(),
+                "topk_logprobs": None
+                if r.topk_logprobs is None
+                else json_logprobs(r.topk_logprobs),
                 "candidate_logprobs": None
                 if r.candidate_logprobs is None
-                else [c.tolist() for c in r.candidate_logprobs],
+                else [json_logprobs(c) for c in r.candidate_logprobs],
             }
             for r in result.results
         ],
         "usage": result.usage.model_dump(),
     }
-    return json.dumps(body).encode()
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def json_logprobs(values: Any) -> Any:
+    """Log-probs (a number or an array) as JSON numbers: at least LOWEST_LOGPROB, NaN too."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.where(values > LOWEST_LOGPROB, values, np.float32(LOWEST_LOGPROB)).tolist()
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import socket
 import subprocess
 import sys
@@ -121,6 +122,15 @@ def schema_keys(node) -> set[str]:
     if isinstance(node, list):
         return set().union(*map(schema_keys, node))
     return set()
+
+
+def strict_json(body: bytes):
+    """json.loads as a strict parser (JavaScript's, Go's) reads: no NaN or Infinity."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
 
 
 def main_imports_torch(module: str, argv: list[str]) -> bool:

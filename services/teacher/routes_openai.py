@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, field_validator
 
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
-from services.teacher.scoring import check_tokens, dialect_logprob, score_request
+from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
@@ -28,6 +28,7 @@ from shared.protocol import (
     SequenceScore,
     TokenIds,
     count,
+    json_logprobs,
     list_of,
     number,
 )
@@ -223,8 +224,8 @@ def _next_token(score: SequenceScore) -> tuple[int, float]:
     """The generated token: sampled at the request's temperature, or the top-1 when greedy."""
     if score.sampled is not None:
         token, logprob = score.sampled
-        return token, dialect_logprob(logprob)
-    return int(score.topk_ids[-1, 0]), dialect_logprob(score.topk_logprobs[-1, 0])
+        return token, json_logprobs(logprob)
+    return int(score.topk_ids[-1, 0]), json_logprobs(score.topk_logprobs[-1, 0])
 
 
 def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) -> dict:
@@ -233,14 +234,14 @@ def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) 
     for r in range(k):
         token = int(score.topk_ids[t, r])
         entry[str(token)] = {
-            "logprob": dialect_logprob(score.topk_logprobs[t, r]),
+            "logprob": json_logprobs(score.topk_logprobs[t, r]),
             "rank": r + 1,
             "decoded_token": tokenizer.decode([token]),
         }
     entry.setdefault(
         str(actual),
         {
-            "logprob": dialect_logprob(score.logprobs[t]),
+            "logprob": json_logprobs(score.logprobs[t]),
             "rank": int(score.ranks[t]),
             "decoded_token": tokenizer.decode([actual]),
         },
@@ -265,7 +266,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
             return
         # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
         entry = {
-            tokenizer.decode([int(score.topk_ids[row, r])]): dialect_logprob(
+            tokenizer.decode([int(score.topk_ids[row, r])]): json_logprobs(
                 score.topk_logprobs[row, r]
             )
             for r in range(k)
@@ -276,7 +277,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
     if body.echo:
         add(prompt[0], None, None)
         for t, token in enumerate(prompt[1:]):
-            add(token, dialect_logprob(score.logprobs[t]), t)
+            add(token, json_logprobs(score.logprobs[t]), t)
     if generate:
         add(*_next_token(score), len(prompt) - 1)
     return {

@@ -22,9 +22,17 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
-from services.teacher.scoring import check_tokens, dialect_logprob, score_request
+from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest
-from shared.protocol import ScoreRequest, SequenceScore, Temperature, TokenIds, count, list_of
+from shared.protocol import (
+    ScoreRequest,
+    SequenceScore,
+    Temperature,
+    TokenIds,
+    count,
+    json_logprobs,
+    list_of,
+)
 
 router = APIRouter(tags=["TRL"])
 
@@ -99,11 +107,10 @@ def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]
         score = scores.get(i)
         for t, actual in enumerate(completion):
             ids = score.topk_ids[t].tolist() if score.topk_ids is not None else []
-            lps = score.topk_logprobs[t].tolist() if score.topk_logprobs is not None else []
-            lps = [dialect_logprob(lp) for lp in lps]
+            lps = json_logprobs(score.topk_logprobs[t]) if score.topk_logprobs is not None else []
             if actual not in ids:
                 ids.append(actual)
-                lps.append(dialect_logprob(score.logprobs[t]))
+                lps.append(json_logprobs(score.logprobs[t]))
             rows_lp.append(lps)
             rows_id.append(ids)
         logprobs.append(rows_lp)

@@ -84,17 +84,6 @@ def jobs_from_request(
     return jobs
 
 
-# vLLM's floor for a log-prob in its OpenAI responses (and so TRL's): -inf, a token the model rules
-# out, is no JSON number, and a client reading null as a number fails.
-LOWEST_LOGPROB = -9999.0
-
-
-def dialect_logprob(value: float) -> float:
-    """A log-prob as the dialect routes send it: at least LOWEST_LOGPROB (NaN too)."""
-    value = float(value)
-    return value if value > LOWEST_LOGPROB else LOWEST_LOGPROB
-
-
 QUEUE_POLL_S = 0.02  # how often a stream's frame looks for room in a full queue
 QUEUE_WAIT_S = 60.0  # how long it looks before it is refused as /score would be (429)
 

@@ -14,16 +14,18 @@ from opd.padding import right_pad
 from services.trainer import losses
 from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
-from shared.protocol import SequenceScore
+from shared.protocol import LOWEST_LOGPROB, SequenceScore
 
-# A teacher may call a token impossible (-inf; the vllm backend reports NaN so). Scored as a very
-# bad but finite log-prob instead, the loss and its gradient stay finite rather than turning the
-# student's weights into NaN; finite log-probs, however low, are left as they are.
+# A teacher may call a token impossible (-inf; the vllm backend reports NaN so; a JSON answer says
+# LOWEST_LOGPROB). Scored as a very bad but finite log-prob instead, the loss and its gradient stay
+# finite and sane rather than turning the student's weights into NaN or one token's advantage into
+# -9999; other log-probs, however low, are left as they are.
 IMPOSSIBLE_LOGP = -100.0
 
 
 def finite_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(logp, nan=IMPOSSIBLE_LOGP, neginf=IMPOSSIBLE_LOGP, posinf=0.0)
+    logp = torch.nan_to_num(logp, nan=IMPOSSIBLE_LOGP, neginf=IMPOSSIBLE_LOGP, posinf=0.0)
+    return logp.masked_fill(logp <= LOWEST_LOGPROB, IMPOSSIBLE_LOGP)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from shared.errors import InvalidRequest, MalformedBody, PayloadTooLarge
 from shared.protocol import (
+    LOWEST_LOGPROB,
     FrameReader,
     ScoreRequest,
     ScoreResult,
@@ -23,6 +24,7 @@ from shared.protocol import (
     frame_bytes,
     validate_request,
 )
+from tests.conftest import strict_json
 
 REQUEST = ScoreRequest.model_validate(
     {
@@ -80,6 +82,26 @@ def test_json_and_binary_responses_carry_the_same_numbers():
     for a, b in zip(from_json.results, from_bin.results):
         assert np.array_equal(a.logprobs, b.logprobs)
         assert np.array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_a_log_prob_of_minus_inf_is_vllms_floor_in_json_and_exact_in_binary():
+    def f32(*values):
+        return np.array(values, dtype=np.float32)
+
+    ruled_out = SequenceScore(
+        logprobs=f32(-np.inf, -1.5, np.nan),
+        topk_ids=np.array([[3], [4], [5]], dtype=np.int32),
+        topk_logprobs=f32([-0.5], [-np.inf], [-0.25]),
+        candidate_logprobs=[f32(-np.inf), f32(), f32(-20000.0, -2.0)],
+    )
+    result = ScoreResult("m", "sha256:x", [ruled_out], Usage(prompt_tokens=1, scored_tokens=3))
+    body = strict_json(encode_response(result, False))["results"][0]
+    assert body["logprobs"] == [LOWEST_LOGPROB, -1.5, LOWEST_LOGPROB]
+    assert body["topk_logprobs"] == [[-0.5], [LOWEST_LOGPROB], [-0.25]]
+    assert body["candidate_logprobs"] == [[LOWEST_LOGPROB], [], [LOWEST_LOGPROB, -2.0]]
+    back = decode_response(encode_response(result, True), True).results[0]
+    assert np.isneginf(back.logprobs[0]) and np.isnan(back.logprobs[2])
+    assert np.isneginf(back.topk_logprobs[1, 0]) and back.candidate_logprobs[2][0] == -20000.0
 
 
 def test_binary_arrays_are_little_endian_int32_and_float32():

@@ -16,7 +16,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
-from tests.conftest import serve
+from tests.conftest import serve, strict_json
 from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error, wait_for
 
 TRL = "/get_sequence_logprobs/"
@@ -208,12 +208,16 @@ class RulesOutTokens(HFBackend):
 
 
 def test_a_token_the_model_rules_out_has_vllms_floor_not_null_or_infinity():
-    """vLLM sends -9999.0; TRL's client does arithmetic on it, so null or -Infinity breaks it."""
+    """vLLM sends -9999.0; TRL's client does arithmetic on it, so null or -Infinity breaks it, and
+    strict JSON parsers refuse -Infinity (/score's JSON form too)."""
     settings = TeacherSettings(model=str(TEACHER_PATH))
     with serve(create_app(settings, backend=RulesOutTokens(str(TEACHER_PATH)))) as url:
+        body = {"sequences": [{"prompt_ids": [1, 21], "completion_ids": [18, 5]}]}
+        score = strict_json(post(url, "/score", body).content)["results"][0]
         trl = post(url, TRL, {**TRL_GOOD, "top_logprobs": 0}).json()
         body = {"prompt": [1, 21, 18, 5], "max_tokens": 0, "prompt_logprobs": 0}
         openai = post(url, OPENAI, {**body, "echo": True, "logprobs": 0}).json()["choices"][0]
+    assert score["logprobs"] == [-9999.0, -9999.0]
     assert trl["logprobs"][0] == [[-9999.0], [-9999.0]]
     assert openai["logprobs"]["token_logprobs"][1:] == [-9999.0] * 3
     assert [e[str(t)]["logprob"] for e, t in zip(openai["prompt_logprobs"][1:], [21, 18, 5])] == [
