@@ -16,9 +16,10 @@ from services.teacher.backends.hf import (
     HFBackend,
     OutputLogits,
     check_output_logits,
+    vocab_rank,
     worth_sharing,
 )
-from tests.teacher.test_scoring_correctness import samples_of_few_prompts
+from tests.teacher.test_scoring_correctness import reference_logp, samples_of_few_prompts
 
 
 @pytest.mark.parametrize("asked, served", [(None, 512), (300, 300), (4096, 512)])
@@ -32,6 +33,23 @@ def backend():
     hf = HFBackend(str(TEACHER_PATH))
     hf.load()
     return hf
+
+
+def test_ranks_of_scored_tokens_match_a_reference_forward(backend, teacher):
+    model, _ = teacher
+    seqs = samples_of_few_prompts(backend.tokenizer)[:3]
+    jobs = [ScoreJob(p + c, len(p), want_ranks=True) for p, c in seqs]
+    for (prompt, completion), score in zip(seqs, backend.score_batch(jobs)):
+        ref = reference_logp(model, prompt, completion)
+        target = ref.gather(1, torch.tensor(completion)[:, None])
+        assert score.ranks.tolist() == (ref > target).sum(-1).add(1).tolist()
+
+
+def test_a_tied_token_takes_the_last_of_the_tied_ranks_as_in_vllm():
+    logp = torch.log_softmax(torch.tensor([[2.0, 2.0, 1.0, 2.0], [0.0, 3.0, 3.0, 1.0]]), dim=-1)
+    target = logp[:, [0]]  # tied with two others in row 0, the unique third in row 1
+    assert vocab_rank(logp, target).tolist() == [3, 4]
+    assert vocab_rank(logp, logp[:, [1]]).tolist() == [3, 2]
 
 
 def test_prompts_shared_by_several_sequences_run_once_with_the_same_result(backend):

@@ -258,6 +258,13 @@ def check_output_logits(model, decoder, output_logits: OutputLogits) -> None:
         )
 
 
+def vocab_rank(logp_C_V: torch.Tensor, target_logp_C1: torch.Tensor) -> torch.Tensor:
+    """Each target's rank in its row, 1 for the likeliest, as vLLM counts it: the tokens at least as
+    likely as the target, so a target tied with others takes the last of their ranks (ties are
+    common in bf16)."""
+    return (logp_C_V >= target_logp_C1).sum(-1)
+
+
 def chunked_scores(
     hidden_N_H: torch.Tensor,
     output_logits: OutputLogits,
@@ -292,7 +299,7 @@ def chunked_scores(
         target_logp = logp_C_V.gather(1, targets_N[start:end, None])
         logprobs.append(target_logp.squeeze(1))
         if want_ranks:
-            ranks.append((logp_C_V > target_logp).sum(-1) + 1)
+            ranks.append(vocab_rank(logp_C_V, target_logp))
         if k:
             values, ids = logp_C_V.topk(k, dim=-1)  # sorted, descending
             topk_vals.append(values)
