@@ -91,6 +91,8 @@ def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> 
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
             "numpy": np.random.get_state(),
+            # Dropout on a GPU draws from CUDA's generators (the rollouts have their own).
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         },
         tmp / "rng.pt",
     )
@@ -120,7 +122,16 @@ def load(path: Path, model, optimizer) -> TrainState:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
+    _set_cuda_rng(rng.get("cuda", []))
     return read_state(path)
+
+
+def _set_cuda_rng(states: list[torch.Tensor]) -> None:
+    """CUDA's generator states as saved, where this machine has those GPUs (a run resumed on the
+    CPU, or on fewer GPUs, has no use for them)."""
+    if states and torch.cuda.is_available() and torch.cuda.device_count() >= len(states):
+        for device, state in enumerate(states):
+            torch.cuda.set_rng_state(state, device)
 
 
 def read_state(path: Path) -> TrainState:

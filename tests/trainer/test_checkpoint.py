@@ -56,6 +56,26 @@ def test_a_round_trip_restores_everything_a_run_continues_from(tmp_path):
     assert torch.equal(again[0], expected[0]) and again[1:] == expected[1:]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_round_trip_restores_cudas_generators_for_dropout_on_a_gpu(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    torch.cuda.manual_seed_all(3)
+    checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
+    expected = torch.rand(3, device="cuda")
+    checkpoint.load(checkpoint.latest(tmp_path), model, optimizer)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
+def test_a_checkpoint_without_cuda_states_loads_as_before(tmp_path):
+    """Checkpoints made before CUDA's states were saved, or on a machine without CUDA."""
+    model, tokenizer, optimizer = trained_student()
+    path = checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(2))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    del rng["cuda"]
+    torch.save(rng, path / "rng.pt")
+    assert checkpoint.load(path, model, optimizer) == state_at(2)
+
+
 class Payload:
     """What a malicious checkpoint carries: unpickling it creates a file."""
 
