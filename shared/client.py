@@ -72,6 +72,10 @@ class TeacherUnreachable(TeacherError, ConnectionError):
     type = "teacher_unreachable"
 
 
+class TeacherTimedOut(TeacherUnreachable):
+    """A replica took the request and sent no answer within the client's `timeout`."""
+
+
 class _Replicas:
     """Least-in-flight choice among replicas; a replica that refused a connection sits out a while."""
 
@@ -180,6 +184,8 @@ class _Core:
             self.sit_out(url)
         if never_connected:
             return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
+        if isinstance(exc, httpx.ReadTimeout):
+            return TeacherTimedOut(f"the stream from {url} sent nothing for {self.timeout:g} s")
         return ServerError(f"the stream from {url} broke: {type(exc).__name__}: {exc}")
 
     def delay_after_error(
@@ -199,9 +205,9 @@ class _Core:
         if isinstance(exc, httpx.ReadTimeout):
             # The replica took the request and is still at it: sending it again would only add
             # the same work to a busy replica.
-            raise TeacherUnreachable(
+            raise TeacherTimedOut(
                 f"teacher at {url} did not answer within {self.timeout:g} s (not retried: it may "
-                "still be working on it; give the client a longer timeout for requests this large)"
+                "still be working on it; a longer client timeout gives requests this large time)"
             ) from exc
         self.sit_out(url)
         if attempt >= (self.max_retries if max_retries is None else max_retries):

@@ -100,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 # Settings that do not change what a resumed run computes (config.json never holds the API key).
-_NOT_THE_RUNS_COURSE = {"progress", "threads", "teacher_load_wait_s"}
+_NOT_THE_RUNS_COURSE = {"progress", "threads", "teacher_load_wait_s", "teacher_timeout_s"}
 
 
 def main(argv: list[str] | None = None) -> int:

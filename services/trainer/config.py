@@ -159,6 +159,11 @@ class RunConfig(BaseModel):
         ge=0,
         description="Seconds a run waits at its start for teacher replicas still loading their model.",
     )
+    teacher_timeout_s: PositiveReal = Field(
+        120.0,
+        description="Seconds to wait for a teacher's answer (a score on a stream, or a whole "
+        "request) before giving up on it; raise it for a teacher that is this slow.",
+    )
     api_key: str | None = Field(
         None,
         description=f"Teacher API key, if it needs one (the commands read {API_KEY_ENV} "

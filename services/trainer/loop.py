@@ -32,6 +32,7 @@ from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
+from shared.client import TeacherTimedOut
 from shared.errors import Unauthorized
 from shared.task import LONGEST_PROMPT, Problem, problem_stream, problems
 
@@ -213,7 +214,7 @@ class Run:
         resumed = self._resume()
         self.data = training_problems(cfg, self.state.data_position)
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
-        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key)
+        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key, timeout=cfg.teacher_timeout_s)
         try:
             infos = self.feed.call(
                 self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_load_wait_s)
@@ -276,6 +277,12 @@ class Run:
         try:
             self.setup()
             return self._train()
+        except TeacherTimedOut as exc:
+            raise RunError(
+                f"{exc}; --teacher-timeout-s gives a teacher longer "
+                f"(now {self.cfg.teacher_timeout_s:g} s)",
+                param="teacher_timeout_s",
+            ) from None
         finally:
             if self.feed is not None:
                 self.feed.close()

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
-from shared.client import AsyncTeacherClient
+from shared.client import AsyncTeacherClient, TeacherTimedOut
 from shared.errors import ServerError, TeacherError
 from shared.loop_thread import LoopThread, cancel_pending
 from shared.protocol import ScoreRequest, SequenceScore
@@ -287,10 +287,10 @@ class StepFeed:
             except asyncio.TimeoutError:
                 # Rather than wait forever: a proxy that holds a request body until it ends
                 # would send no score back while the trainer holds back the rest of the body.
-                raise ServerError(
-                    f"no score came back in {timeout:.0f} s while {waiting} frames awaited theirs; "
-                    "a teacher that slow needs a longer client timeout, and a proxy in front of "
-                    "/score/stream must stream request bodies, not buffer them"
+                raise TeacherTimedOut(
+                    f"no score came back in {timeout:g} s while {waiting} frames awaited theirs "
+                    "(a proxy in front of /score/stream must stream request bodies, not buffer "
+                    "them)"
                 ) from None
 
     def _frames_in_flight(self) -> int:

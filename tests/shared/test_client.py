@@ -13,7 +13,13 @@ import pytest
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
-from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable, _Replicas
+from shared.client import (
+    AsyncTeacherClient,
+    TeacherClient,
+    TeacherTimedOut,
+    TeacherUnreachable,
+    _Replicas,
+)
 from shared.errors import (
     FingerprintMismatch,
     InvalidRequest,
@@ -181,7 +187,7 @@ def test_a_read_timeout_is_not_sent_again_to_a_busy_replica():
     with serve(app) as url:
         try:
             with TeacherClient(url, timeout=0.5) as client:
-                with pytest.raises(TeacherUnreachable, match="did not answer within 0.5 s"):
+                with pytest.raises(TeacherTimedOut, match="did not answer within 0.5 s"):
                     client.score([SEQ])
                 assert client.is_up(url)  # slow is not down
         finally:

@@ -20,7 +20,7 @@ from services.teacher import scoring
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
-from shared.client import AsyncTeacherClient, TeacherClient, TeacherUnreachable
+from shared.client import AsyncTeacherClient, TeacherClient, TeacherTimedOut, TeacherUnreachable
 from shared.errors import InvalidRequest, ServerError, Unauthorized
 from shared.protocol import (
     FRAMES,
@@ -199,6 +199,19 @@ def test_a_stream_to_a_replica_that_is_down_says_so_and_sits_it_out(teacher_url)
             list(client.score_stream([good], url=down))
         assert not client.is_up(down)
         assert list(client.score_stream([good]))[-1].done  # goes to the live replica
+
+
+def test_a_stream_that_sends_nothing_for_the_timeout_says_so_and_the_replica_stays_up():
+    backend = GatedBackend(str(TEACHER_PATH))  # takes the frame, answers when the gate opens
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)) as url:
+        try:
+            with TeacherClient(url, timeout=0.5) as client:
+                with pytest.raises(TeacherTimedOut, match="sent nothing for 0.5 s"):
+                    list(client.score_stream([good]))
+                assert client.is_up(url)  # slow is not down
+        finally:
+            backend.gate.set()
 
 
 def test_a_bad_frame_gets_an_error_frame_and_the_rest_are_scored(teacher_url):

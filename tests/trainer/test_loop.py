@@ -36,7 +36,7 @@ from services.trainer.report import read_jsonl
 from shared.errors import NotReady
 from shared.task import problems
 from tests.conftest import serve, static_files
-from tests.teacher.test_routes import SlowLoadBackend
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -335,6 +335,21 @@ def test_a_run_waits_for_a_teacher_still_loading_as_long_as_it_is_told(tmp_path)
             run(cfg.model_copy(update={"teacher_load_wait_s": 0.5}))
         threading.Timer(2.0, backend.release.set).start()
         assert run(cfg.model_copy(update={"teacher_load_wait_s": 60}))["completed"]
+
+
+def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longer(tmp_path):
+    backend = GatedBackend(str(TEACHER_PATH))  # takes the rollouts, answers when the gate opens
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)) as url:
+        cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(tmp_path / "run"))
+        try:
+            with pytest.raises(RunError, match=r"within 1.5 s.*--teacher-timeout-s") as error:
+                run(cfg.model_copy(update={"teacher_timeout_s": 1.5}))
+            assert error.value.param == "teacher_timeout_s"
+            threading.Timer(3.0, backend.gate.set).start()  # slow, within a longer timeout
+            slow_ok = {"teacher_timeout_s": 60, "overwrite": True}
+            assert run(cfg.model_copy(update=slow_ok))["completed"]
+        finally:
+            backend.gate.set()
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):

@@ -16,7 +16,7 @@ from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
-from shared.errors import ServerError
+from shared.client import TeacherTimedOut
 from shared.task import problems
 from tests.conftest import a_closed_port, plain_http, serve
 from tests.teacher.test_routes import GatedBackend
@@ -139,7 +139,7 @@ def test_a_teacher_that_sends_nothing_back_fails_the_step_instead_of_hanging_it(
         try:
             step = feed.begin(max_positions=8)
             put = []
-            with pytest.raises(ServerError, match="no score came back in 1 s"):
+            with pytest.raises(TeacherTimedOut, match="no score came back in 1 s"):
                 for key in range(4):  # the third put would wait for room forever
                     step.put(rollouts(1, key))
                     put.append(key)
