@@ -42,9 +42,13 @@ HEDGE_AFTER_S = 10.0
 
 @dataclass
 class FeedStats:
-    compute_s: float = 0.0  # teacher forward time for this step's sequences
+    # The teacher's work for this step, every answer counted, a second answer for a rollout too
+    # (scored again after a replica failed or stalled): what the scoring cost, not what trains.
+    compute_s: float = (
+        0.0  # forward time as the stream reports it (/score, which rescores, has none)
+    )
     scored_tokens: int = 0
-    rescored: int = 0  # sequences scored again after a replica failed
+    rescored: int = 0  # sequences scored again after a replica failed or stalled
     wait_s: float = 0.0  # time scored_frames() blocked its caller, waiting for scores
     put_wait_s: float = 0.0  # time put() blocked the generating thread (backpressure)
 
@@ -357,14 +361,14 @@ class StepFeed:
             self._rescue_all(lane.sent)
 
     def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
+        self.stats.compute_s += compute_s
+        self.stats.scored_tokens += len(score.logprobs)
         if rollout.key in self.scores:
-            return  # already answered (a rescored duplicate): each rollout counts once
+            return  # already answered (a rescored duplicate): the first score trains
         with self._changed:
             self.scores[rollout.key] = score
             self._changed.notify_all()
         self._answered.set()
-        self.stats.compute_s += compute_s
-        self.stats.scored_tokens += len(score.logprobs)
 
     async def _rescue(self, frame: int) -> None:
         """Score again a failed lane's frame, now, so the step need not wait for its end; what

@@ -19,7 +19,7 @@ from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
 from shared.client import TeacherTimedOut
 from shared.task import problems
 from tests.conftest import a_closed_port, plain_http, serve
-from tests.teacher.test_routes import GatedBackend
+from tests.teacher.test_routes import GatedBackend, wait_for
 from tests.teacher.test_routes_stream import CrashingBackend
 
 
@@ -201,3 +201,30 @@ def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_ti
             feed.close()
     assert [sorted(s) for _, s in result["got"]] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert sorted(result["scores"]) == list(range(8)) and result["stats"].rescored >= 2
+
+
+def test_a_second_answer_for_a_rollout_counts_as_teacher_work_but_does_not_train(
+    teacher_url, monkeypatch
+):
+    """A stalled replica's frame is scored elsewhere too; when the stalled one answers after all,
+    its score is work the teacher did (teacher tokens and time count it), not a second score."""
+    monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 0.5)
+    backend = GatedBackend(str(TEACHER_PATH))
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)) as slow:
+        feed = TeacherFeed([slow, teacher_url], timeout=60)
+        try:
+            step = feed.begin(max_positions=8)
+            step.put(rollouts(2, 0))
+            step.put(rollouts(2, 2))  # one frame each way
+            wait_for(lambda: len(step.scores) == 4 and step.stats.rescored == 2)
+            first_scores = dict(step.scores)
+            backend.gate.set()  # the stalled replica answers its frame after all
+            wait_for(lambda: step.stats.scored_tokens == 18)  # 4 rollouts x 3 tokens, + 2 x 3
+            got = list(step.scored_frames())
+            scores, stats = step.finish()
+        finally:
+            backend.gate.set()
+            feed.close()
+    assert [sorted(s) for _, s in got] == [[0, 1], [2, 3]]
+    assert all(scores[k] is first_scores[k] for k in range(4))  # the first score trains
+    assert stats.scored_tokens == 18 and stats.rescored == 2
