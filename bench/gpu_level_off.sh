@@ -6,7 +6,7 @@
 #   bash bench/gpu_level_off.sh [OUT_DIR]      # about 8 minutes on one H200
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
-run_s=${RUN_S:-480}
+run_s=${RUN_S:-470}
 export OMP_NUM_THREADS=4
 source bench/gpu_common.sh
 level() {  # NAME SPEC: reverse_kl on 1024 x 4 rollouts a step under the horizon schedule SPEC

@@ -27,7 +27,8 @@ as little-endian int32 bytes and every log-prob array as little-endian float32 b
 lists (candidates) travel as {"values": flat bytes, "counts": int32 bytes per position}; top-k arrays
 are row-major [positions, k] with "top_k" giving k. Server-side log-probs are float32, so the JSON
 and binary forms carry identical numbers, but one: JSON has no infinity, so a log-prob of -inf (a
-token the model rules out) is written LOWEST_LOGPROB (-9999.0) there, as vLLM's JSON answers do.
+token the model rules out), or one lower than LOWEST_LOGPROB (-9999.0), is written LOWEST_LOGPROB
+there, as vLLM's JSON answers do (NaN too).
 """
 
 from __future__ import annotations
@@ -290,9 +291,10 @@ def encode_response(result: ScoreResult, binary: bool) -> bytes:
 
 
 def json_logprobs(values: Any) -> Any:
-    """Log-probs (a number or an array) as JSON numbers: at least LOWEST_LOGPROB, NaN too."""
-    values = np.asarray(values, dtype=np.float32)
-    return np.where(values > LOWEST_LOGPROB, values, np.float32(LOWEST_LOGPROB)).tolist()
+    """Log-probs (a number or an array) as JSON numbers: -inf, NaN and anything lower than
+    LOWEST_LOGPROB are LOWEST_LOGPROB; +inf, which no log-softmax gives, is 0.0."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-np.inf, posinf=0.0)
+    return np.maximum(values, np.float32(LOWEST_LOGPROB)).tolist()
 
 
 @contextmanager

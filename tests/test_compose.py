@@ -162,7 +162,7 @@ def test_distillation_survives_a_teacher_stopping_mid_run(stack):
     assert code.stdout.strip() == "0", logs
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none lost, none twice
-    assert all(r["teacher_tokens"] == r["tokens_generated"] for r in records)
+    assert all(r["teacher_tokens"] >= r["tokens_generated"] for r in records)  # all scored
     assert (results / "ci" / "summary.json").exists()
 
 

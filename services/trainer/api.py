@@ -77,7 +77,9 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
     ready, infos = [], []
     for url in cfg.teacher_url:
         try:
-            async with AsyncTeacherClient(url, api_key=cfg.api_key) as client:
+            async with AsyncTeacherClient(
+                url, api_key=cfg.api_key, timeout=cfg.teacher_timeout_s
+            ) as client:
                 infos += await client.connect(tokenizer, wait_s=0)
         except NotReady:
             continue

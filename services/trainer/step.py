@@ -17,9 +17,9 @@ from services.trainer.rollout import Rollout
 from shared.protocol import LOWEST_LOGPROB, SequenceScore
 
 # A teacher may call a token impossible (-inf; the vllm backend reports NaN so; a JSON answer says
-# LOWEST_LOGPROB). Scored as a very bad but finite log-prob instead, the loss and its gradient stay
-# finite and sane rather than turning the student's weights into NaN or one token's advantage into
-# -9999; other log-probs, however low, are left as they are.
+# LOWEST_LOGPROB, -9999, or less). Scored as a very bad but finite log-prob instead, the loss and
+# its gradient stay finite and sane rather than turning the student's weights into NaN or one
+# token's advantage into -9999; log-probs above LOWEST_LOGPROB, however low, are left as they are.
 IMPOSSIBLE_LOGP = -100.0
 
 

@@ -44,9 +44,7 @@ HEDGE_AFTER_S = 10.0
 class FeedStats:
     # The teacher's work for this step, every answer counted, a second answer for a rollout too
     # (scored again after a replica failed or stalled): what the scoring cost, not what trains.
-    compute_s: float = (
-        0.0  # forward time as the stream reports it (/score, which rescores, has none)
-    )
+    compute_s: float = 0.0  # forward time the stream reports; /score (rescoring) reports none
     scored_tokens: int = 0
     rescored: int = 0  # sequences scored again after a replica failed or stalled
     wait_s: float = 0.0  # time scored_frames() blocked its caller, waiting for scores

@@ -91,13 +91,13 @@ def test_a_log_prob_of_minus_inf_is_vllms_floor_in_json_and_exact_in_binary():
     ruled_out = SequenceScore(
         logprobs=f32(-np.inf, -1.5, np.nan),
         topk_ids=np.array([[3], [4], [5]], dtype=np.int32),
-        topk_logprobs=f32([-0.5], [-np.inf], [-0.25]),
+        topk_logprobs=f32([-0.5], [-np.inf], [np.inf]),  # +inf: a broken model, still JSON
         candidate_logprobs=[f32(-np.inf), f32(), f32(-20000.0, -2.0)],
     )
     result = ScoreResult("m", "sha256:x", [ruled_out], Usage(prompt_tokens=1, scored_tokens=3))
     body = strict_json(encode_response(result, False))["results"][0]
     assert body["logprobs"] == [LOWEST_LOGPROB, -1.5, LOWEST_LOGPROB]
-    assert body["topk_logprobs"] == [[-0.5], [LOWEST_LOGPROB], [-0.25]]
+    assert body["topk_logprobs"] == [[-0.5], [LOWEST_LOGPROB], [0.0]]
     assert body["candidate_logprobs"] == [[LOWEST_LOGPROB], [], [LOWEST_LOGPROB, -2.0]]
     back = decode_response(encode_response(result, True), True).results[0]
     assert np.isneginf(back.logprobs[0]) and np.isnan(back.logprobs[2])

@@ -42,12 +42,12 @@ def test_ranks_of_scored_tokens_match_a_reference_forward(backend, teacher):
     for (prompt, completion), score in zip(seqs, backend.score_batch(jobs)):
         ref = reference_logp(model, prompt, completion)
         target = ref.gather(1, torch.tensor(completion)[:, None])
-        assert score.ranks.tolist() == (ref > target).sum(-1).add(1).tolist()
+        assert score.ranks.tolist() == (ref >= target).sum(-1).tolist()
 
 
 def test_a_tied_token_takes_the_last_of_the_tied_ranks_as_in_vllm():
     logp = torch.log_softmax(torch.tensor([[2.0, 2.0, 1.0, 2.0], [0.0, 3.0, 3.0, 1.0]]), dim=-1)
-    target = logp[:, [0]]  # tied with two others in row 0, the unique third in row 1
+    target = logp[:, [0]]  # tied with two others in row 0, the least likely in row 1
     assert vocab_rank(logp, target).tolist() == [3, 4]
     assert vocab_rank(logp, logp[:, [1]]).tolist() == [3, 2]
 

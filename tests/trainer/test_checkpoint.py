@@ -59,6 +59,7 @@ def test_a_round_trip_restores_everything_a_run_continues_from(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_round_trip_restores_cudas_generators_for_dropout_on_a_gpu(tmp_path):
     model, tokenizer, optimizer = trained_student()
+    torch.cuda.init()  # as a run with its student on the GPU has (manual_seed_all is lazy)
     torch.cuda.manual_seed_all(3)
     checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
     expected = torch.rand(3, device="cuda")

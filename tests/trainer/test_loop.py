@@ -82,8 +82,8 @@ def small_args(url: str, out: Path, steps: int = 4, *extra: str) -> list[str]:
 def assert_every_step_once(out: Path, steps: int) -> list[dict]:
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    for r in records:  # every rollout token was scored, once
-        assert r["teacher_tokens"] == r["tokens_generated"]
+    for r in records:  # every rollout token was scored (a hedged one may have been twice)
+        assert r["teacher_tokens"] >= r["tokens_generated"]
     return records
 
 
