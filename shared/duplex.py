@@ -23,7 +23,7 @@ import asyncio
 import concurrent.futures
 import ssl
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import h11
@@ -144,43 +144,76 @@ async def open_stream_async(
     subclasses; an error raised by `body` itself is re-raised here. Connecting may take
     `connect_timeout` seconds (default: `timeout`)."""
     exchange = _Exchange(url, path, headers)
+    connect_s = timeout if connect_timeout is None else connect_timeout
+    reader, writer = await _connect(url, exchange, connect_s)
+    sender = _Sender()
+    task = asyncio.create_task(_send(writer, exchange.head, body, sender))
     try:
-        reader, writer = await asyncio.wait_for(
+        response = AsyncStreamResponse(exchange, _receiver(url, reader, exchange, sender, timeout))
+        await response._start()
+        yield response
+        sender.raise_caller_error()
+    finally:
+        task.cancel()
+        writer.transport.abort()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _connect(
+    url: str, exchange: _Exchange, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        return await asyncio.wait_for(
             asyncio.open_connection(
                 exchange.url.host,
                 exchange.port,
                 ssl=exchange.tls,
                 server_hostname=exchange.url.host if exchange.tls else None,
             ),
-            timeout if connect_timeout is None else connect_timeout,
+            timeout,
         )
     except asyncio.TimeoutError as exc:
         raise httpx.ConnectTimeout(f"{url}: no connection within the timeout") from exc
     except (OSError, ssl.SSLError) as exc:
         raise httpx.ConnectError(f"{url}: {type(exc).__name__} {exc}") from exc
-    sender = _Sender()
 
-    async def send() -> None:
-        try:
-            writer.write(exchange.head)
-            iterator = aiter(body)
-            while True:
-                sender.waiting_for_caller = True
-                data = await anext(iterator, _END)
-                sender.waiting_for_caller = False
-                if data is _END:
-                    break
-                if not isinstance(data, (bytes, bytearray)):
-                    raise TypeError(f"a request body item must be bytes, not {type(data).__name__}")
-                if data:
-                    writer.write(_chunk(data))
-                    await writer.drain()
-            writer.write(_LAST_CHUNK)
-            await writer.drain()
-        except BaseException as exc:  # noqa: BLE001 - the reader raises it
-            sender.error = exc
+
+async def _send(
+    writer: asyncio.StreamWriter, head: bytes, body: AsyncIterable[bytes], sender: _Sender
+) -> None:
+    """Write the request head, then each body item as a chunk as it comes; an error (the body's
+    own, or the connection's) is kept for the reader to raise, and the connection dropped."""
+    try:
+        writer.write(head)
+        iterator = aiter(body)
+        while True:
+            sender.waiting_for_caller = True
+            data = await anext(iterator, _END)
             sender.waiting_for_caller = False
-            writer.transport.abort()
+            if data is _END:
+                break
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"a request body item must be bytes, not {type(data).__name__}")
+            if data:
+                writer.write(_chunk(data))
+                await writer.drain()
+        writer.write(_LAST_CHUNK)
+        await writer.drain()
+    except BaseException as exc:  # noqa: BLE001 - the reader raises it
+        sender.error = exc
+        sender.waiting_for_caller = False
+        writer.transport.abort()
+
+
+def _receiver(
+    url: str,
+    reader: asyncio.StreamReader,
+    exchange: _Exchange,
+    sender: _Sender,
+    timeout: float,
+) -> Callable[[], Awaitable[list[bytes]]]:
+    """The response's next-chunks call: it reads until bytes come, raising ReadTimeout after
+    `timeout` s of silence (not counting time the body waited on its caller)."""
 
     async def receive() -> list[bytes]:
         silent = 0.0
@@ -201,16 +234,7 @@ async def open_stream_async(
                 sender.raise_caller_error()
             return exchange.receive(data)
 
-    task = asyncio.create_task(send())
-    try:
-        response = AsyncStreamResponse(exchange, receive)
-        await response._start()
-        yield response
-        sender.raise_caller_error()
-    finally:
-        task.cancel()
-        writer.transport.abort()
-        await asyncio.gather(task, return_exceptions=True)
+    return receive
 
 
 class StreamResponse:
