@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -277,6 +279,29 @@ def chunked_scores(
     Rows are the jobs' scored positions, concatenated in job order. Each job has its own temperature,
     top_k and candidates, so these are expanded to per-row tensors first.
     """
+    return _split_by_job(_score_rows(hidden_N_H, output_logits, targets_N, jobs, chunk_rows), jobs)
+
+
+@dataclass
+class _RowScores:
+    """Every row's scores, on the CPU: what the jobs want of them, for all jobs at once."""
+
+    logprobs: np.ndarray
+    topk_values: np.ndarray | None
+    topk_ids: np.ndarray | None
+    candidates: np.ndarray | None  # [N, C], each row padded to the most candidates of any row
+    candidate_counts: list[int] | None
+    ranks: np.ndarray | None
+    sampled: dict[int, tuple[int, float]]  # row -> (token, its log-prob), last rows of some jobs
+
+
+def _score_rows(
+    hidden_N_H: torch.Tensor,
+    output_logits: OutputLogits,
+    targets_N: torch.Tensor,
+    jobs: list[ScoreJob],
+    chunk_rows: int,
+) -> _RowScores:
     device = hidden_N_H.device
     temps_N = torch.cat(
         [torch.full((j.n_scored,), j.temperature, dtype=torch.float32) for j in jobs]
@@ -311,26 +336,33 @@ def chunked_scores(
             probs = torch.softmax(logp_C_V[row - start] / sample_at[row], dim=-1)
             token = int(torch.multinomial(probs, 1))
             sampled[row] = (token, float(logp_C_V[row - start, token]))
-    logprob_N = torch.cat(logprobs).cpu().numpy()
-    topk_val_N_K = torch.cat(topk_vals).cpu().numpy() if k else None
-    topk_id_N_K = torch.cat(topk_ids).to(torch.int32).cpu().numpy() if k else None
-    cand_N_C_vals = torch.cat(cand_vals).cpu().numpy() if cand_N_C is not None else None
-    cand_counts = cand_mask_N_C.sum(1).tolist() if cand_mask_N_C is not None else None
-    rank_N = torch.cat(ranks).cpu().numpy() if want_ranks else None
+    return _RowScores(
+        logprobs=torch.cat(logprobs).cpu().numpy(),
+        topk_values=torch.cat(topk_vals).cpu().numpy() if k else None,
+        topk_ids=torch.cat(topk_ids).to(torch.int32).cpu().numpy() if k else None,
+        candidates=torch.cat(cand_vals).cpu().numpy() if cand_N_C is not None else None,
+        candidate_counts=cand_mask_N_C.sum(1).tolist() if cand_mask_N_C is not None else None,
+        ranks=torch.cat(ranks).cpu().numpy() if want_ranks else None,
+        sampled=sampled,
+    )
 
+
+def _split_by_job(scored: _RowScores, jobs: list[ScoreJob]) -> list[SequenceScore]:
+    """Each job's rows of `scored`, with only what it asked for (its own top_k, not the batch's)."""
     out, offset = [], 0
     for job in jobs:
         rows = slice(offset, offset + job.n_scored)
-        score = SequenceScore(logprobs=logprob_N[rows])
+        score = SequenceScore(logprobs=scored.logprobs[rows])
         if job.top_k:
-            score.topk_ids = topk_id_N_K[rows, : job.top_k]
-            score.topk_logprobs = topk_val_N_K[rows, : job.top_k]
+            score.topk_ids = scored.topk_ids[rows, : job.top_k]
+            score.topk_logprobs = scored.topk_values[rows, : job.top_k]
         if job.want_ranks:
-            score.ranks = rank_N[rows]
-        score.sampled = sampled.get(offset + job.n_scored - 1)
+            score.ranks = scored.ranks[rows]
+        score.sampled = scored.sampled.get(offset + job.n_scored - 1)
         if job.candidate_ids is not None:
             score.candidate_logprobs = [
-                cand_N_C_vals[offset + i, : cand_counts[offset + i]] for i in range(job.n_scored)
+                scored.candidates[offset + i, : scored.candidate_counts[offset + i]]
+                for i in range(job.n_scored)
             ]
         out.append(score)
         offset += job.n_scored
