@@ -370,9 +370,12 @@ class StepFeed:
 
     async def _rescue(self, frame: int) -> None:
         """Score again a failed lane's frame, now, so the step need not wait for its end; what
-        fails here is tried again after the last frame."""
+        fails here is tried again after the last frame, except a request that a replica took and
+        did not answer in time: as the client does not send those again, that fails the step."""
         try:
             await self._rescore(frame)
+        except TeacherTimedOut:
+            raise
         except TeacherError as exc:
             log.warning(
                 "rescoring frame %d failed (%s); trying again at the step's end", frame, exc

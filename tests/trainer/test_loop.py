@@ -337,7 +337,7 @@ def test_a_run_waits_for_a_teacher_still_loading_as_long_as_it_is_told(tmp_path)
         assert run(cfg.model_copy(update={"teacher_load_wait_s": 60}))["completed"]
 
 
-def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longer(tmp_path):
+def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longer(tmp_path, caplog):
     backend = GatedBackend(str(TEACHER_PATH))  # takes the rollouts, answers when the gate opens
     with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)) as url:
         cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(tmp_path / "run"))
@@ -345,6 +345,8 @@ def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longe
             with pytest.raises(RunError, match=r"within 1.5 s.*--teacher-timeout-s") as error:
                 run(cfg.model_copy(update={"teacher_timeout_s": 1.5}))
             assert error.value.param == "teacher_timeout_s"
+            # The stream's wait, then the rescue's; not a third at the step's end.
+            assert "trying again at the step's end" not in caplog.text
             threading.Timer(3.0, backend.gate.set).start()  # slow, within a longer timeout
             slow_ok = {"teacher_timeout_s": 60, "overwrite": True}
             assert run(cfg.model_copy(update=slow_ok))["completed"]
