@@ -50,7 +50,10 @@ class TeacherMetrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "opd_teacher_queue_depth", "Sequences waiting to be scored", registry=r
+            "opd_teacher_queue_depth",
+            "Sequences waiting to be scored (hf: not yet in a batch; vllm: given to the engine "
+            "and not yet answered, which it schedules itself)",
+            registry=r,
         )
 
     def observe_batch(self, sequences: int, tokens: int, seconds: float) -> None:

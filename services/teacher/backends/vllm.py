@@ -119,6 +119,7 @@ class VLLMBackend(Backend):
         return tasks
 
     def queue_depth(self) -> int:
+        # vLLM schedules what it is given itself: waiting and running look alike from here.
         return self._admission.sequences
 
     async def _score_in_place(self, job: ScoreJob, place: Place) -> SequenceScore:
