@@ -44,6 +44,24 @@ def ready_state(request: Request):
     return state
 
 
+# How long GET /v1/models waits for a model still loading. TRL's client (trl >= 1.16) takes
+# /health's 200 (alive, here) as ready and then asks /v1/models once; vLLM serves nothing at all
+# until its model is loaded, so its clients never see a model list refused for loading.
+MODEL_WAIT_S = 600.0
+_LOAD_POLL_S = 0.25
+
+
+async def loaded_state(request: Request):
+    """As ready_state, but a model still loading is waited for, up to MODEL_WAIT_S."""
+    state = get_state(request)
+    deadline = asyncio.get_running_loop().time() + MODEL_WAIT_S
+    while state.limits is None and state.load_error is None:
+        if asyncio.get_running_loop().time() > deadline or await request.is_disconnected():
+            break
+        await asyncio.sleep(_LOAD_POLL_S)
+    return ready_state(request)
+
+
 def check_api_key(request: Request) -> None:
     key = get_state(request).settings.api_key
     if key is None:
@@ -59,6 +77,7 @@ def check_api_key(request: Request) -> None:
 
 
 Ready = Annotated[object, Depends(ready_state)]
+Loaded = Annotated[object, Depends(loaded_state)]  # Ready, waiting out a model still loading
 Authorized = Annotated[None, Depends(check_api_key)]
 
 

@@ -17,7 +17,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, field_validator
 
-from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
+from services.teacher.deps import (
+    Authorized,
+    Loaded,
+    Ready,
+    in_dialect,
+    read_model,
+    while_connected,
+)
 from services.teacher.scoring import check_tokens, score_request
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
@@ -288,8 +295,11 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
     }
 
 
-@router.get("/models", summary="The model this teacher serves, under each of its names")
-async def models(_: Authorized, state: Ready) -> dict:  # as vLLM: every /v1 route needs the key
+@router.get(
+    "/models",
+    summary="The model this teacher serves, under each of its names (waits while it loads)",
+)
+async def models(_: Authorized, state: Loaded) -> dict:  # as vLLM: every /v1 route needs the key
     settings, info = state.settings, state.backend.info
     # As vLLM: a card per served name, each rooted at the folder; without names, the folder's path.
     names = settings.served_model_name or settings.served_names[:1]

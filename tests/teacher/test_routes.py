@@ -246,6 +246,22 @@ def test_a_wrong_key_is_told_at_once_not_after_the_model_loads():
         backend.release.set()
 
 
+def test_the_model_list_waits_for_a_model_still_loading_as_trls_client_needs(monkeypatch):
+    """TRL's client takes /health's 200 as ready, then asks /v1/models once: it gets the list
+    when the model is loaded (vLLM serves nothing before), and a 503 only after MODEL_WAIT_S."""
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        monkeypatch.setattr("services.teacher.deps.MODEL_WAIT_S", 0.5)
+        assert_error(httpx.get(url + "/v1/models"), 503, says="loading")
+        monkeypatch.setattr("services.teacher.deps.MODEL_WAIT_S", 60)
+        threading.Timer(1.0, backend.release.set).start()
+        started = time.monotonic()
+        models = httpx.get(url + "/v1/models", timeout=60)
+        assert models.status_code == 200 and time.monotonic() - started >= 0.5
+        assert models.json()["data"][0]["root"] == str(TEACHER_PATH)
+
+
 def test_ready_is_503_until_the_model_is_loaded():
     backend = SlowLoadBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
