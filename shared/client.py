@@ -494,8 +494,8 @@ class TeacherClient:
         """Send each request as one frame of a /score/stream call as `requests` yields it (read in
         a background thread); yield a StreamItem per scored sequence as soon as it is scored, while
         `requests` may still be yielding, then one with done=True. Not retried: a broken stream
-        raises ServerError (TeacherUnreachable if it never connected), and the caller re-sends
-        what got no result."""
+        raises ServerError (TeacherUnreachable if it never connected, TeacherTimedOut if it sent
+        nothing for `timeout` s), and the caller re-sends what got no result."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
         reader = _StreamReader(target)

@@ -46,6 +46,8 @@ def add_flags(
             default = "(secret)"
         elif isinstance(default, list):  # as it is typed: --flag A B
             default = " ".join(map(str, default)) or "(none)"
+        elif default is None:  # not a value the flag takes
+            default = "unset"
         env = f"env {env_prefix}{name.upper()}; " if env_prefix else ""
         help_text = f"{field.description or ''} [{env}default {default}]"
         origin = typing.get_origin(field.annotation)

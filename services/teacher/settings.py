@@ -35,8 +35,8 @@ class TeacherSettings(BaseSettings):
     max_seq_len: int | None = Field(
         None,
         ge=1,
-        description="Longest prompt + scored tokens (unset: the model's positions; with the hf "
-        "backend at most --max-batch-tokens).",
+        description="Longest prompt + scored tokens (unset: the model's positions, less one with "
+        "the vllm backend; with the hf backend at most --max-batch-tokens).",
     )
     max_top_k: int = Field(20, ge=0, description="Largest top_k a request may ask for.")
     max_queue_tokens: int | None = Field(

@@ -116,7 +116,7 @@ class RunConfig(BaseModel):
         0.0, ge=0, le=1, description="Discount of future advantages (0: per token)."
     )
     adv_clip: PositiveReal | None = Field(
-        None, description="Clip |A_t| to this (None: no clipping)."
+        None, description="Clip |A_t| to this (unset: no clipping)."
     )
     cut_at_error: PositiveReal | None = Field(
         None,
@@ -166,8 +166,8 @@ class RunConfig(BaseModel):
     )
     api_key: str | None = Field(
         None,
-        description=f"Teacher API key, if it needs one (the commands read {API_KEY_ENV} "
-        "when it is not given).",
+        description=f"Teacher API key, if it needs one (opd-trainer run and opd demo read "
+        f"{API_KEY_ENV} when it is not given; the control API does not).",
     )
     progress: bool = Field(True, description="Show a progress bar.", strict=True)
 

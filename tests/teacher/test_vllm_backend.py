@@ -72,7 +72,12 @@ def test_the_vllm_backend_holds_requests_to_the_queue_limit_as_the_hf_backend_do
 
 
 @pytest.fixture(scope="module")
-def servers():
+def vllm_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm") / "teacher.log"
+
+
+@pytest.fixture(scope="module")
+def servers(vllm_log):
     """(hf URL, vllm URL), both float32 on the bundled teacher, each in its own process."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     hf, hf_url = start_teacher(str(TEACHER_PATH), threads=1)
@@ -81,6 +86,7 @@ def servers():
         threads=1,
         ready_timeout=300,
         extra_args=("--backend", "vllm", "--max-seq-len", "512"),
+        log_path=str(vllm_log),
     )
     yield hf_url, vllm_url
     stop(vllm)
@@ -110,6 +116,12 @@ def test_sequences_up_to_max_seq_len_are_scored_and_longer_refused(servers):
         assert limit >= 511
         assert post(url, seq([1] * 200, [5] * (limit - 200))).status_code == 200
         assert_error(post(url, seq([1] * 200, [5] * (limit - 199))), 422, "sequences.0")
+
+
+def test_a_max_seq_len_the_model_cannot_take_is_capped_saying_so(servers, vllm_log):
+    """--max-seq-len 512 on 512 positions: vLLM needs one more for its generated token."""
+    assert "max_seq_len 512 is beyond the model's 512 positions" in vllm_log.read_text()
+    assert "serving 511" in vllm_log.read_text()
 
 
 def test_vllm_equals_hf_under_concurrency(servers, teacher):

@@ -12,6 +12,7 @@ Chosen candidate ids use vLLM's `prompt_logprob_token_ids`, which needs its V2 m
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import uuid
@@ -25,6 +26,8 @@ from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from shared.errors import InvalidRequest
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import SequenceScore
+
+log = logging.getLogger(__name__)
 
 
 class VLLMBackend(Backend):
@@ -94,7 +97,16 @@ class VLLMBackend(Backend):
             self.model_path, trust_remote_code=self.trust_remote_code
         )
         positions = getattr(config, "max_position_embeddings", None)
-        return min(self.max_seq_len + 1, positions) if positions else self.max_seq_len + 1
+        if positions and self.max_seq_len + 1 > positions:
+            log.warning(
+                "max_seq_len %d is beyond the model's %d positions (less one, for vLLM's "
+                "generated token): serving %d",
+                self.max_seq_len,
+                positions,
+                positions - 1,
+            )
+            return positions
+        return self.max_seq_len + 1
 
     async def close(self) -> None:
         if self.engine is not None:
