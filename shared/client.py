@@ -233,6 +233,13 @@ class _Core:
             else self._backoff(attempt)
         )
 
+    def final_reply(self, url: str, response: httpx.Response) -> Any:
+        """The response not to be retried: `url` answered, if only to refuse (a 5xx aside), so
+        its failures so far are forgiven; then the reply, or the error it says."""
+        if response.status_code < 500:
+            self.replicas.mark_good(url)
+        return self.reply(response)
+
     def reply(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
             where = f"{response.request.method} {response.request.url}"
@@ -375,8 +382,11 @@ def _expected_fingerprint(tokenizer: Any) -> str | None:
     return tokenizer_fingerprint(tokenizer)
 
 
-class TeacherClient:
-    """Synchronous client; safe to share between threads."""
+class _ClientBase:
+    """What both clients share and do without I/O: their settings and the replicas' state. Each
+    subclass names its httpx client class and does its own requests."""
+
+    _http_class: type = httpx.Client
 
     def __init__(
         self,
@@ -392,7 +402,7 @@ class TeacherClient:
         self._core = _Core(
             base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff, connect_timeout
         )
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self._http = self._http_class(timeout=httpx.Timeout(timeout, connect=connect_timeout))
 
     @property
     def timeout(self) -> float:
@@ -402,6 +412,18 @@ class TeacherClient:
     @property
     def urls(self) -> list[str]:
         return self._core.replicas.urls
+
+    def is_up(self, url: str) -> bool:
+        """False while `url` sits out after a connection failure."""
+        return self._core.replicas.is_up(url)
+
+    def mark_down(self, url: str, seconds: float = SIT_OUT_S) -> None:
+        """Pass `url` over for `seconds` (a caller that saw it fail in a way the client cannot)."""
+        self._core.replicas.mark_down(url, seconds)
+
+
+class TeacherClient(_ClientBase):
+    """Synchronous client; safe to share between threads."""
 
     def _request(
         self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
@@ -417,22 +439,12 @@ class TeacherClient:
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
-                    if response.status_code < 500:  # it answered, if only to refuse
-                        self._core.replicas.mark_good(target)
-                    return self._core.reply(response)
+                    return self._core.final_reply(target, response)
             finally:
                 if url is None:
                     self._core.replicas.release(target)
             time.sleep(delay)
         raise AssertionError("unreachable")
-
-    def is_up(self, url: str) -> bool:
-        """False while `url` sits out after a connection failure."""
-        return self._core.replicas.is_up(url)
-
-    def mark_down(self, url: str, seconds: float = SIT_OUT_S) -> None:
-        """Pass `url` over for `seconds` (a caller that saw it fail in a way the client cannot)."""
-        self._core.replicas.mark_down(url, seconds)
 
     def health(self, url: str | None = None) -> dict:
         return self._request("GET", "/health", url).json()
@@ -531,33 +543,10 @@ class TeacherClient:
         self.close()
 
 
-class AsyncTeacherClient:
+class AsyncTeacherClient(_ClientBase):
     """asyncio client with the same methods as TeacherClient, awaited."""
 
-    def __init__(
-        self,
-        base_urls: str | Sequence[str],
-        api_key: str | None = None,
-        binary: bool = True,
-        timeout: float = 120.0,
-        max_retries: int = 6,
-        backoff: float = 0.25,
-        max_backoff: float = 8.0,
-        connect_timeout: float = CONNECT_TIMEOUT_S,
-    ):
-        self._core = _Core(
-            base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff, connect_timeout
-        )
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=connect_timeout))
-
-    @property
-    def timeout(self) -> float:
-        """Seconds a request may wait for the teacher's answer."""
-        return self._core.timeout
-
-    @property
-    def urls(self) -> list[str]:
-        return self._core.replicas.urls
+    _http_class = httpx.AsyncClient
 
     async def _request(
         self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
@@ -573,22 +562,12 @@ class AsyncTeacherClient:
             else:
                 delay = self._core.delay_after_response(attempt, response, retries)
                 if delay is None:
-                    if response.status_code < 500:  # it answered, if only to refuse
-                        self._core.replicas.mark_good(target)
-                    return self._core.reply(response)
+                    return self._core.final_reply(target, response)
             finally:
                 if url is None:
                     self._core.replicas.release(target)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    def is_up(self, url: str) -> bool:
-        """False while `url` sits out after a connection failure."""
-        return self._core.replicas.is_up(url)
-
-    def mark_down(self, url: str, seconds: float = SIT_OUT_S) -> None:
-        """Pass `url` over for `seconds` (a caller that saw it fail in a way the client cannot)."""
-        self._core.replicas.mark_down(url, seconds)
 
     async def health(self, url: str | None = None) -> dict:
         return (await self._request("GET", "/health", url)).json()
