@@ -16,6 +16,11 @@ from pydantic import ValidationError
 from services.teacher.settings import TeacherSettings
 from shared.flags import add_flags, field_errors, given, port_taken
 
+# On SIGTERM or Ctrl-C, requests in flight get this long to finish; a stream still open then (a
+# trainer mid-step, which scores its frames elsewhere) or a request still waiting is cut, rather
+# than holding the process until a SIGKILL.
+SHUTDOWN_WAIT_S = 10.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -71,7 +76,11 @@ def serve(settings: TeacherSettings) -> int:
         logging.getLogger("opd.teacher").warning(warning)
     exit_with_parent()
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=SHUTDOWN_WAIT_S,
     )
     return 0
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
@@ -86,6 +86,7 @@ class StepFeed:
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
         self._rescued: set[int] = set()  # frames given to a rescue (each once)
+        self._timed_out: dict[int, TeacherTimedOut] = {}  # frames whose rescue got no answer
         self._sent_at: dict[int, float] = {}  # loop time each frame went to its lane
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
@@ -209,32 +210,32 @@ class StepFeed:
             await lane.queue.put(frame)
         for lane in lanes.values():
             await lane.queue.put(None)
-        await self._streams_ended_or_all_scored([lane.task for lane in lanes.values()])
-        while any(not task.done() for task in self._rescues):
-            await asyncio.gather(*self._rescues)
-        # What a rescue could not score (every replica down then): once more, now that the client
-        # retries with its full backoff.
+        streams = [lane.task for lane in lanes.values()]
+        await self._ended_or_all_scored(lambda: streams)
+        await self._ended_or_all_scored(lambda: self._rescues)  # a rescue may start another
         for frame in range(len(self.frames)):
+            if self._unanswered(frame) and frame in self._timed_out:
+                # A replica took it and did not answer: the client does not send that again.
+                raise self._timed_out[frame]
+            # What a rescue could not score (every replica down then): once more, now that the
+            # client retries with its full backoff.
             await self._rescore(frame)
 
-    async def _streams_ended_or_all_scored(self, streams: list[asyncio.Task]) -> None:
-        """Wait for the streams to end, or until every rollout is scored: a replica that still
-        holds its stream open then (hung, its frames scored elsewhere) is not waited for."""
-        open_streams = set(streams)
-        while open_streams and not self._all_scored():
+    async def _ended_or_all_scored(self, tasks: Callable[[], list[asyncio.Task]]) -> None:
+        """Wait for `tasks` to end (raising the first error one ended with: a refused frame, by
+        name), or until every rollout is scored: then a task still running (a hung replica's
+        stream, a rescue whose frame its first replica answered after all) is not waited for."""
+        while not self._all_scored() and (running := [t for t in tasks() if not t.done()]):
             self._answered.clear()
             answered = asyncio.ensure_future(self._answered.wait())
-            done, _ = await asyncio.wait(
-                open_streams | {answered}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait([*running, answered], return_when=asyncio.FIRST_COMPLETED)
             answered.cancel()
-            for stream in done & open_streams:
-                if (refused := stream.exception()) is not None:  # a refused frame, by name
-                    raise refused
-            open_streams -= done
-        for stream in open_streams:
-            stream.cancel()
-        await asyncio.gather(*open_streams, return_exceptions=True)
+            for task in tasks():
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+        for task in tasks():
+            task.cancel()
+        await asyncio.gather(*tasks(), return_exceptions=True)
 
     def _all_scored(self) -> bool:
         # Counted, not looked up: it is asked after each score at the step's end.
@@ -371,11 +372,12 @@ class StepFeed:
     async def _rescue(self, frame: int) -> None:
         """Score again a failed lane's frame, now, so the step need not wait for its end; what
         fails here is tried again after the last frame, except a request that a replica took and
-        did not answer in time: as the client does not send those again, that fails the step."""
+        did not answer in time: that fails the step, if the frame is not answered meanwhile."""
         try:
             await self._rescore(frame)
-        except TeacherTimedOut:
-            raise
+        except TeacherTimedOut as exc:
+            self._timed_out[frame] = exc
+            log.warning("rescoring frame %d got no answer in time (%s)", frame, exc)
         except TeacherError as exc:
             log.warning(
                 "rescoring frame %d failed (%s); trying again at the step's end", frame, exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import httpx
 import pytest
 
 from opd.bundled import REPO_ROOT, TEACHER_PATH
-from services.teacher.process import free_port, start_teacher, wait_ready
+from services.teacher.cli import SHUTDOWN_WAIT_S
+from services.teacher.process import free_port, start_teacher, stop, wait_ready
 from tests.conftest import canned, plain_http
 
 
@@ -52,6 +54,25 @@ input()  # until killed
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_teacher_whose_stream_a_client_holds_open():
+    """A client mid-stream (a trainer mid-step, or one that never ends its body) does not hold a
+    stopping server until SIGKILL: requests in flight get SHUTDOWN_WAIT_S, then it exits."""
+    proc, url = start_teacher(str(TEACHER_PATH), threads=1)
+    try:
+        held = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        held.sendall(
+            b"POST /score/stream HTTP/1.1\r\nHost: teacher\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/x-opd-frames\r\n\r\n"
+        )
+        time.sleep(0.5)  # the request has started: its handler waits for frames
+        proc.send_signal(signal.SIGTERM)
+        # Not held until a SIGKILL; uvicorn raises the signal again once it has shut down.
+        assert proc.wait(timeout=SHUTDOWN_WAIT_S + 20) in (0, -signal.SIGTERM)
+        held.close()
+    finally:
+        stop(proc)
+
+
 def test_a_teacher_stops_when_the_process_that_started_it_is_killed():
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT],

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,7 +37,7 @@ from services.trainer.report import read_jsonl
 from shared.errors import NotReady
 from shared.task import problems
 from tests.conftest import serve, static_files
-from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -345,13 +346,26 @@ def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longe
             with pytest.raises(RunError, match=r"within 1.5 s.*--teacher-timeout-s") as error:
                 run(cfg.model_copy(update={"teacher_timeout_s": 1.5}))
             assert error.value.param == "teacher_timeout_s"
-            # The stream's wait, then the rescue's; not a third at the step's end.
+            # The stream's wait, then the rescue's (one /score request); not a third at the end.
             assert "trying again at the step's end" not in caplog.text
+            wait_for(lambda: "499" in scores_by_status(url))  # the teacher saw it given up
+            time.sleep(0.3)  # a second request, had one been sent, would be counted by now
+            assert scores_by_status(url) == {"499": 1.0}
             threading.Timer(3.0, backend.gate.set).start()  # slow, within a longer timeout
             slow_ok = {"teacher_timeout_s": 60, "overwrite": True}
             assert run(cfg.model_copy(update=slow_ok))["completed"]
         finally:
             backend.gate.set()
+
+
+def scores_by_status(url: str) -> dict[str, float]:
+    """The teacher's count of finished /score requests, by status, from its /metrics."""
+    counts = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('opd_teacher_requests_total{route="/score",'):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('status="')[1].split('"')[0]] = float(value)
+    return counts
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):

@@ -228,3 +228,36 @@ def test_a_second_answer_for_a_rollout_counts_as_teacher_work_but_does_not_train
     assert [sorted(s) for _, s in got] == [[0, 1], [2, 3]]
     assert all(scores[k] is first_scores[k] for k in range(4))  # the first score trains
     assert stats.scored_tokens == 18 and stats.rescored == 2
+
+
+def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(teacher_url, monkeypatch):
+    """A stalled replica's frame goes to another replica, which is slow to take it; when the
+    stalled one answers after all, the step ends without waiting out the slow rescue (whose
+    timeout would have failed it)."""
+    monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 1.0)
+    stalled, slow = GatedBackend(str(TEACHER_PATH)), GatedBackend(str(TEACHER_PATH))
+    slow.gate.set()  # it answers its own frame at once, then holds what comes next
+    settings = TeacherSettings(model=str(TEACHER_PATH))
+    with (
+        serve(create_app(settings, backend=stalled)) as a,
+        serve(create_app(settings, backend=slow)) as b,
+    ):
+        feed = TeacherFeed([a, b], timeout=60)
+        try:
+            step = feed.begin(max_positions=8)
+            step.put(rollouts(2, 0))
+            step.put(rollouts(2, 2))  # one frame each way
+            wait_for(lambda: len(step.scores) == 2)  # b answered its frame
+            slow.gate.clear()
+            slow.running.clear()
+            wait_for(slow.running.is_set)  # the rescue of a's frame waits at b's gate
+            stalled.gate.set()  # a answers its frame after all
+            started = time.monotonic()
+            list(step.scored_frames())
+            scores, stats = step.finish()
+            assert time.monotonic() - started < 10  # not the rescue's 60 s
+        finally:
+            stalled.gate.set()
+            slow.gate.set()
+            feed.close()
+    assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == 0
