@@ -99,9 +99,10 @@ class VLLMBackend(Backend):
         positions = getattr(config, "max_position_embeddings", None)
         if positions and self.max_seq_len + 1 > positions:
             log.warning(
-                "max_seq_len %d is beyond the model's %d positions (less one, for vLLM's "
-                "generated token): serving %d",
+                "max_seq_len %d takes %d positions with vLLM (it generates a token after the "
+                "prompt) and the model has %d: serving %d",
                 self.max_seq_len,
+                self.max_seq_len + 1,
                 positions,
                 positions - 1,
             )
