@@ -16,11 +16,6 @@ from pydantic import ValidationError
 from services.teacher.settings import TeacherSettings
 from shared.flags import add_flags, field_errors, given, port_taken
 
-# On SIGTERM or Ctrl-C, requests in flight get this long to finish; a stream still open then (a
-# trainer mid-step, which scores its frames elsewhere) or a request still waiting is cut, rather
-# than holding the process until a SIGKILL.
-SHUTDOWN_WAIT_S = 10.0
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -60,7 +55,7 @@ def serve(settings: TeacherSettings) -> int:
     import uvicorn
 
     from services.teacher.app import create_app
-    from services.teacher.process import exit_with_parent
+    from services.teacher.process import SHUTDOWN_WAIT_S, exit_with_parent
 
     error = startup_error(settings)
     if error:

@@ -19,6 +19,10 @@ import httpx
 # killed (SIGKILL, the kernel's out-of-memory killer) before it could stop the teacher itself.
 PARENT_ENV = "OPD_EXIT_WITH_PARENT"
 SHUTDOWN_S = 30.0
+# On SIGTERM or Ctrl-C, requests in flight get this long to finish; a stream still open then (a
+# trainer mid-step, which scores its frames elsewhere) or a request still waiting is cut, rather
+# than holding the process until a SIGKILL.
+SHUTDOWN_WAIT_S = 10.0
 
 
 def exit_with_parent() -> None:
@@ -140,7 +144,7 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=SHUTDOWN_WAIT_S + 5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

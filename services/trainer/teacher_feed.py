@@ -174,19 +174,18 @@ class StepFeed:
         )
 
     async def _run(self) -> None:
-        watcher = asyncio.create_task(self._rescue_stalled_frames())
+        self._watcher = asyncio.create_task(self._rescue_stalled_frames())
         try:
             await self._feed_lanes()
         except BaseException:
             # Failing early (a refused frame, a stall): stop the streams and collect their
-            # outcomes, so none is left running or logged as never retrieved.
-            tasks = self._streams + self._rescues
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # outcomes, so none is left running or logged as never retrieved (the watcher
+            # first: it starts rescues).
+            await _cancelled([self._watcher])
+            await _cancelled(self._streams + self._rescues)
             raise
         finally:
-            watcher.cancel()
+            self._watcher.cancel()
             self._ended.set()
 
     async def _feed_lanes(self) -> None:
@@ -212,30 +211,33 @@ class StepFeed:
             await lane.queue.put(None)
         streams = [lane.task for lane in lanes.values()]
         await self._ended_or_all_scored(lambda: streams)
-        await self._ended_or_all_scored(lambda: self._rescues)  # a rescue may start another
-        for frame in range(len(self.frames)):
-            if self._unanswered(frame) and frame in self._timed_out:
+        await _cancelled([self._watcher])  # the streams are over: no frame can stall now
+        await self._ended_or_all_scored(lambda: self._rescues)
+        for frame in self._timed_out:
+            if self._unanswered(frame):
                 # A replica took it and did not answer: the client does not send that again.
                 raise self._timed_out[frame]
-            # What a rescue could not score (every replica down then): once more, now that the
-            # client retries with its full backoff.
+        # What a rescue could not score (every replica down then): once more, now that the
+        # client retries with its full backoff.
+        for frame in range(len(self.frames)):
             await self._rescore(frame)
 
     async def _ended_or_all_scored(self, tasks: Callable[[], list[asyncio.Task]]) -> None:
         """Wait for `tasks` to end (raising the first error one ended with: a refused frame, by
         name), or until every rollout is scored: then a task still running (a hung replica's
         stream, a rescue whose frame its first replica answered after all) is not waited for."""
-        while not self._all_scored() and (running := [t for t in tasks() if not t.done()]):
+        while True:
+            for task in tasks():
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            running = [t for t in tasks() if not t.done()]
+            if self._all_scored() or not running:
+                break
             self._answered.clear()
             answered = asyncio.ensure_future(self._answered.wait())
             await asyncio.wait([*running, answered], return_when=asyncio.FIRST_COMPLETED)
             answered.cancel()
-            for task in tasks():
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()
-        for task in tasks():
-            task.cancel()
-        await asyncio.gather(*tasks(), return_exceptions=True)
+        await _cancelled(tasks())
 
     def _all_scored(self) -> bool:
         # Counted, not looked up: it is asked after each score at the step's end.
@@ -399,6 +401,14 @@ class StepFeed:
             if rollout.key not in self.scores:  # not answered meanwhile by another route
                 self.stats.rescored += 1
             self._take(rollout, score, 0.0)
+
+
+async def _cancelled(tasks: list[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait for them to end, their outcomes collected (none logged as never
+    retrieved)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class TeacherFeed:

@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from opd.bundled import REPO_ROOT, TEACHER_PATH
-from services.teacher.cli import SHUTDOWN_WAIT_S
-from services.teacher.process import free_port, start_teacher, stop, wait_ready
+from services.teacher.process import SHUTDOWN_WAIT_S, free_port, start_teacher, stop, wait_ready
 from tests.conftest import canned, plain_http
 
 
@@ -58,17 +57,19 @@ def test_sigterm_stops_a_teacher_whose_stream_a_client_holds_open():
     """A client mid-stream (a trainer mid-step, or one that never ends its body) does not hold a
     stopping server until SIGKILL: requests in flight get SHUTDOWN_WAIT_S, then it exits."""
     proc, url = start_teacher(str(TEACHER_PATH), threads=1)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        held = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        held.sendall(
-            b"POST /score/stream HTTP/1.1\r\nHost: teacher\r\nTransfer-Encoding: chunked\r\n"
-            b"Content-Type: application/x-opd-frames\r\n\r\n"
-        )
-        time.sleep(0.5)  # the request has started: its handler waits for frames
-        proc.send_signal(signal.SIGTERM)
-        # Not held until a SIGKILL; uvicorn raises the signal again once it has shut down.
-        assert proc.wait(timeout=SHUTDOWN_WAIT_S + 20) in (0, -signal.SIGTERM)
-        held.close()
+        with socket.create_connection(("127.0.0.1", port)) as held:
+            held.sendall(
+                b"POST /score/stream HTTP/1.1\r\nHost: teacher\r\nTransfer-Encoding: chunked"
+                b"\r\nContent-Type: application/x-opd-frames\r\n\r\n"
+            )
+            time.sleep(0.5)  # the request has started: its handler waits for frames
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            # Not held until a SIGKILL; uvicorn raises the signal again once it has shut down.
+            assert proc.wait(timeout=SHUTDOWN_WAIT_S + 20) in (0, -signal.SIGTERM)
+        assert time.monotonic() - signalled > SHUTDOWN_WAIT_S - 1  # the stream held it till then
     finally:
         stop(proc)
 

@@ -167,6 +167,23 @@ def test_a_refused_frame_fails_the_step_at_once_saying_why(teacher_url):
         feed.close()
 
 
+def test_a_refused_last_frame_fails_the_step_by_name(teacher_url):
+    """Refused after the last put, when nothing else is in flight: still the refusal, by name,
+    not whatever scoring the frame again elsewhere would say."""
+    feed = TeacherFeed([teacher_url], frames_in_flight=4, timeout=30.0)
+    try:
+        step = feed.begin(max_positions=8)
+        bad = rollouts(1, 2)
+        bad[0].completion_ids = [10**6]  # no such token: the teacher refuses the frame
+        step.put(rollouts(2, 0))
+        step.put(bad)
+        time.sleep(1.0)  # the refusal comes back while the feed still waits for more frames
+        with pytest.raises(TeacherStreamError, match="teacher refused frame 1"):
+            list(step.scored_frames())
+    finally:
+        feed.close()
+
+
 def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_timeout(
     teacher_url, monkeypatch
 ):
@@ -230,11 +247,12 @@ def test_a_second_answer_for_a_rollout_counts_as_teacher_work_but_does_not_train
     assert stats.scored_tokens == 18 and stats.rescored == 2
 
 
-def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(teacher_url, monkeypatch):
+def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch):
     """A stalled replica's frame goes to another replica, which is slow to take it; when the
     stalled one answers after all, the step ends without waiting out the slow rescue (whose
     timeout would have failed it)."""
-    monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 1.0)
+    hedge_after = "services.trainer.teacher_feed.HEDGE_AFTER_S"
+    monkeypatch.setattr(hedge_after, 60.0)  # no rescue before b is made slow
     stalled, slow = GatedBackend(str(TEACHER_PATH)), GatedBackend(str(TEACHER_PATH))
     slow.gate.set()  # it answers its own frame at once, then holds what comes next
     settings = TeacherSettings(model=str(TEACHER_PATH))
@@ -250,6 +268,7 @@ def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(teacher_url,
             wait_for(lambda: len(step.scores) == 2)  # b answered its frame
             slow.gate.clear()
             slow.running.clear()
+            monkeypatch.setattr(hedge_after, 0.5)  # the watcher reads it at each look
             wait_for(slow.running.is_set)  # the rescue of a's frame waits at b's gate
             stalled.gate.set()  # a answers its frame after all
             started = time.monotonic()
