@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -205,7 +206,8 @@ async def completions(request: Request, _: Authorized, state: Ready) -> dict:
 
 def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
     n = len(prompt) - 1  # scored prompt positions
-    new_ids = [_next_token(score)[0]] if generate else []
+    lists = _JsonScore.of(score) if score is not None else None
+    new_ids = [lists.next_token()[0]] if generate else []
     text_ids = (prompt if body.echo else []) + new_ids
     choice = {
         "index": index,
@@ -217,46 +219,69 @@ def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
     }
     if prompt_k is not None:
         choice["prompt_logprobs"] = [None] + [
-            _prompt_entry(score, t, prompt[t + 1], prompt_k, tokenizer) for t in range(n)
+            _prompt_entry(lists, t, prompt[t + 1], prompt_k, tokenizer) for t in range(n)
         ]
     if body.logprobs is not None:
-        choice["logprobs"] = _openai_logprobs(prompt, score, body, generate, tokenizer)
+        choice["logprobs"] = _openai_logprobs(prompt, lists, body, generate, tokenizer)
     if body.return_token_ids:
         choice["prompt_token_ids"] = list(prompt)
         choice["token_ids"] = new_ids
     return choice
 
 
-def _next_token(score: SequenceScore) -> tuple[int, float]:
-    """The generated token: sampled at the request's temperature, or the top-1 when greedy."""
-    if score.sampled is not None:
-        token, logprob = score.sampled
-        return token, json_logprobs(logprob)
-    return int(score.topk_ids[-1, 0]), json_logprobs(score.topk_logprobs[-1, 0])
+@dataclass
+class _JsonScore:
+    """A sequence's scores as Python lists, its log-probs made JSON numbers once for the whole
+    sequence rather than number by number."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    sampled: tuple[int, float] | None
+
+    @classmethod
+    def of(cls, score: SequenceScore) -> _JsonScore:
+        sampled = None
+        if score.sampled is not None:
+            sampled = (score.sampled[0], json_logprobs(score.sampled[1]))
+        return cls(
+            logprobs=json_logprobs(score.logprobs),
+            ranks=score.ranks.tolist(),
+            topk_ids=[] if score.topk_ids is None else score.topk_ids.tolist(),
+            topk_logprobs=[] if score.topk_logprobs is None else json_logprobs(score.topk_logprobs),
+            sampled=sampled,
+        )
+
+    def next_token(self) -> tuple[int, float]:
+        """The generated token: sampled at the request's temperature, or the top-1 when greedy."""
+        if self.sampled is not None:
+            return self.sampled
+        return self.topk_ids[-1][0], self.topk_logprobs[-1][0]
 
 
-def _prompt_entry(score: SequenceScore, t: int, actual: int, k: int, tokenizer) -> dict:
+def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, tokenizer) -> dict:
     """vLLM's shape: {token_id: {logprob, rank, decoded_token}}: top-k, plus the actual token."""
     entry = {}
     for r in range(k):
-        token = int(score.topk_ids[t, r])
+        token = score.topk_ids[t][r]
         entry[str(token)] = {
-            "logprob": json_logprobs(score.topk_logprobs[t, r]),
+            "logprob": score.topk_logprobs[t][r],
             "rank": r + 1,
             "decoded_token": tokenizer.decode([token]),
         }
     entry.setdefault(
         str(actual),
         {
-            "logprob": json_logprobs(score.logprobs[t]),
-            "rank": int(score.ranks[t]),
+            "logprob": score.logprobs[t],
+            "rank": score.ranks[t],
             "decoded_token": tokenizer.decode([actual]),
         },
     )
     return entry
 
 
-def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
+def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> dict:
     """OpenAI's legacy shape over the echoed prompt (first token: null) and any generated token."""
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
     k = body.logprobs
@@ -273,9 +298,7 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
             return
         # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
         entry = {
-            tokenizer.decode([int(score.topk_ids[row, r])]): json_logprobs(
-                score.topk_logprobs[row, r]
-            )
+            tokenizer.decode([score.topk_ids[row][r]]): score.topk_logprobs[row][r]
             for r in range(k)
         }
         entry.setdefault(text, logprob)
@@ -284,9 +307,9 @@ def _openai_logprobs(prompt, score, body, generate, tokenizer) -> dict:
     if body.echo:
         add(prompt[0], None, None)
         for t, token in enumerate(prompt[1:]):
-            add(token, json_logprobs(score.logprobs[t]), t)
+            add(token, score.logprobs[t], t)
     if generate:
-        add(*_next_token(score), len(prompt) - 1)
+        add(*score.next_token(), len(prompt) - 1)
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,

@@ -105,12 +105,16 @@ def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]
     for i, completion in enumerate(completions):
         rows_lp, rows_id = [], []
         score = scores.get(i)
+        if completion:  # log-probs made JSON numbers once per sequence, not number by number
+            own = json_logprobs(score.logprobs)
+            top_ids = [] if score.topk_ids is None else score.topk_ids.tolist()
+            top_lps = [] if score.topk_logprobs is None else json_logprobs(score.topk_logprobs)
         for t, actual in enumerate(completion):
-            ids = score.topk_ids[t].tolist() if score.topk_ids is not None else []
-            lps = json_logprobs(score.topk_logprobs[t]) if score.topk_logprobs is not None else []
+            ids = top_ids[t] if top_ids else []
+            lps = top_lps[t] if top_lps else []
             if actual not in ids:
                 ids.append(actual)
-                lps.append(json_logprobs(score.logprobs[t]))
+                lps.append(own[t])
             rows_lp.append(lps)
             rows_id.append(ids)
         logprobs.append(rows_lp)
