@@ -14,3 +14,15 @@ inprocess() {  # SECONDS NAME ARGS...: bench/opd_inprocess.py ARGS on the GPU in
   (echo "### $*"; timeout "$seconds" python3 bench/opd_inprocess.py "$@" --device cuda) \
     > "$out/$name.log" 2>&1 &
 }
+schedules() {  # EVERY STEPS NAME=SPEC...: reverse_kl on 1024 problems x 4 rollouts a step, lr 3e-4,
+  # one run per horizon schedule SPEC, side by side, each cut off after $run_s seconds and evaluated
+  # every EVERY steps; then their evaluations (the sourcing script sets $run_s and $out)
+  local every=$1 steps=$2 run
+  shift 2
+  for run in "$@"; do
+    inprocess "$run_s" "${run%%=*}" reverse_kl --prompts 1024 --samples 4 --lr 3e-4 \
+      --steps "$steps" --eval-every "$every" --schedule "${run#*=}"
+  done
+  wait
+  for run in "$@"; do grep -h "step\|###\|Error" "$out/${run%%=*}.log"; done
+}

@@ -9,11 +9,4 @@ out=${1:-${OUT:-/tmp}}
 run_s=${RUN_S:-470}
 export OMP_NUM_THREADS=4
 source bench/gpu_common.sh
-level() {  # NAME SPEC: reverse_kl on 1024 x 4 rollouts a step under the horizon schedule SPEC
-  inprocess "$run_s" "level_$1" reverse_kl --prompts 1024 --samples 4 --lr 3e-4 --steps 400 \
-    --eval-every 20 --schedule "$2"
-}
-level full full
-level topd-50 truncated:0.5
-wait
-grep -h "step\|###\|Error" "$out"/level_*.log
+schedules 20 400 level_full=full level_topd-50=truncated:0.5

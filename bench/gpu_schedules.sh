@@ -11,14 +11,6 @@ out=${1:-${OUT:-/tmp}}
 run_s=${RUN_S:-450}
 export OMP_NUM_THREADS=2
 source bench/gpu_common.sh
-schedule() {  # NAME SPEC: reverse_kl on 1024 x 4 rollouts a step under the horizon schedule SPEC
-  inprocess "$run_s" "schedule_$1" reverse_kl --prompts 1024 --samples 4 --lr 3e-4 --steps 300 \
-    --eval-every 10 --schedule "$2"
-}
-schedule full full
-schedule topd-10 truncated:0.1
-schedule topd-25 truncated:0.25
-schedule topd-50 truncated:0.5
-schedule popd progressive:h0=32,dh=32,every=8
-wait
-grep -h "step\|###\|Error" "$out"/schedule_*.log
+schedules 10 300 schedule_full=full schedule_topd-10=truncated:0.1 \
+  schedule_topd-25=truncated:0.25 schedule_topd-50=truncated:0.5 \
+  schedule_popd=progressive:h0=32,dh=32,every=8
