@@ -323,29 +323,12 @@ class Run:
         cfg, state = self.cfg, self.state
         horizon = self.schedule.horizon(state.step)
         batch = list(itertools.islice(self.data, cfg.prompts_per_step))
-        generator = torch.Generator(self.model.device).manual_seed(step_seed(cfg.seed, state.step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(state.step, cfg.lr, cfg.warmup_steps)
         started = time.perf_counter()
-        feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
-        rollouts = sample_rollouts(
-            self.model,
-            self.tokenizer,
-            batch,
-            cfg.samples_per_prompt,
-            horizon,
-            generator,
-            feed.put,
-            cfg.micro_batch,
-        )
+        rollouts, feed = self._sample(batch, horizon)
         generated = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        result = accumulate_gradients(self.model, feed.scored_frames(), cfg)
-        scores, fstats = feed.finish()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.model.eval()
+        result, scores, fstats, grad_norm = self._update(feed)
         done = time.perf_counter()
 
         state.step += 1
@@ -354,9 +337,9 @@ class Run:
         tokens = sum(len(r.completion_ids) for r in rollouts)
         state.tokens_generated += tokens
         state.teacher_tokens += fstats.scored_tokens
+        self._sample_event(rollouts[0], scores[rollouts[0].key])
         # Backpressure (put blocked) is waiting on the teacher too, not generating.
         teacher_wait = fstats.wait_s + fstats.put_wait_s
-        self._sample_event(rollouts[0], scores[rollouts[0].key])
         return {
             "step": state.step,
             "horizon": horizon,
@@ -365,7 +348,7 @@ class Run:
             "cut_fraction": result.cut_tokens / max(1, tokens),
             "reverse_kl": result.reverse_kl,
             "loss": result.loss,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "step_s": done - started,
             "generate_s": generated - started - fstats.put_wait_s,
             "teacher_wait_s": teacher_wait,
@@ -383,6 +366,37 @@ class Run:
             **peak_memory(self.cfg.device),
             "kl_by_position": result.kl_profile,
         }
+
+    def _sample(self, batch: list[Problem], horizon: int):
+        """The step's rollouts, each micro-batch streamed to the teacher as soon as it is sampled;
+        and the feed its scores come back on."""
+        cfg = self.cfg
+        seed = step_seed(cfg.seed, self.state.step)
+        generator = torch.Generator(self.model.device).manual_seed(seed)
+        feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
+        rollouts = sample_rollouts(
+            self.model,
+            self.tokenizer,
+            batch,
+            cfg.samples_per_prompt,
+            horizon,
+            generator,
+            feed.put,
+            cfg.micro_batch,
+        )
+        return rollouts, feed
+
+    def _update(self, feed):
+        """Backpropagate each micro-batch as its scores come back, then take one optimizer step;
+        the loss terms, the scores, the feed's statistics and the gradient norm before clipping."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = accumulate_gradients(self.model, feed.scored_frames(), self.cfg)
+        scores, fstats = feed.finish()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        return result, scores, fstats, float(grad_norm)
 
     def _sample_event(self, rollout, score) -> None:
         decode = self.tokenizer.decode
