@@ -139,6 +139,25 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
+def check_readable(path: Path) -> None:
+    """The checkpoint at `path` has its files, and its weights' headers read (cheap: no weight is
+    loaded), so a run refuses a damaged one before it starts rather than when it resumes."""
+    from safetensors import safe_open
+
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise UnreadableCheckpoint(f"{path} has no student weights (*.safetensors)")
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as weights:
+                weights.keys()
+        except Exception as exc:
+            raise UnreadableCheckpoint(f"{shard} cannot be read ({_why(exc)})") from None
+    for name in ("optimizer.pt", "rng.pt"):
+        if not (path / name).is_file():
+            raise UnreadableCheckpoint(f"{path / name} is missing")
+
+
 def load_weights(path: Path, model) -> None:
     """Load the student's safetensors (one file or shards) into `model`, strictly: every weight
     must come from the file, except one that `save_pretrained` left out because it shares storage
@@ -148,7 +167,10 @@ def load_weights(path: Path, model) -> None:
     params = model.state_dict()
     loaded, unexpected = set(), []
     for shard in sorted(path.glob("*.safetensors")):  # one at a time: a large student's shards
-        weights = load_file(shard)  # need not all be in memory at once
+        try:  # need not all be in memory at once
+            weights = load_file(shard)
+        except Exception as exc:  # truncated, not safetensors, ...
+            raise UnreadableCheckpoint(f"{shard} cannot be read ({_why(exc)})") from None
         try:
             unexpected += model.load_state_dict(weights, strict=False).unexpected_keys
         except RuntimeError as exc:  # a weight of another shape: another model

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -57,6 +58,7 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder", param="out")
+    check_can_make(out)
     found = checkpoint.latest(out)
     if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
         held = f"checkpoint {found.name}" if found else "no checkpoint yet"
@@ -70,6 +72,18 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     return None
 
 
+def check_can_make(out: Path) -> None:
+    """`out` is a folder, or one that can be made: its nearest existing parent is a folder this
+    process may write in (checked without making anything, so a refused run leaves nothing)."""
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(f"--out {out}: {parent} is a file, not a folder", param="out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: no permission to write in {parent}", param="out")
+
+
 def check_resumable(cfg: RunConfig, found: Path) -> checkpoint.TrainState:
     """The checkpoint `found` continues into this config: the same horizon at every step (from the
     schedule and the max_new_tokens it was trained with), and no fewer steps than it has done."""
@@ -79,6 +93,10 @@ def check_resumable(cfg: RunConfig, found: Path) -> checkpoint.TrainState:
         raise RunError(
             f"--resume: {found}/state.json is unreadable ({exc})", param="resume"
         ) from None
+    try:
+        checkpoint.check_readable(found)
+    except checkpoint.UnreadableCheckpoint as exc:
+        raise RunError(f"--resume: {exc}", param="resume") from None
     if state.step > cfg.steps:
         raise RunError(
             f"--resume: {found} is at step {state.step}, past --steps {cfg.steps}; give "
@@ -228,7 +246,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(
-                f"--out {self.out}: cannot make the run folder ({exc.strerror})"
+                f"--out {self.out}: cannot make the run folder ({exc.strerror})", param="out"
             ) from None
         if cfg.overwrite:  # the old run's checkpoints and results must not outlive it
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)

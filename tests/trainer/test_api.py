@@ -116,6 +116,7 @@ def test_a_run_that_could_never_start_is_422_naming_the_field(trainer_url, teach
         ({"teacher_url": ["http://127.0.0.1:99999"]}, "teacher_url", "port 99999 out of range"),
         ({"student": str(tmp_path / "nothing")}, "student", "no such file or directory"),
         ({"out": str(tmp_path / "a-file")}, "out", "a-file is a file, not a folder"),
+        ({"out": str(tmp_path / "a-file" / "run")}, "out", "a-file is a file, not a folder"),
         # The teacher's own limits, read from its /info as the run would.
         ({"loss": "forward_kl_topk", "top_k": 50}, "top_k", "allows at most 20"),
     ]

@@ -102,6 +102,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
         checkpoint.load(path, model, optimizer)
 
 
+def test_damaged_weights_are_refused_naming_the_file(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    path = checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
+    checkpoint.check_readable(path)  # an intact one passes
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    for read in (checkpoint.check_readable, lambda p: checkpoint.load(p, model, optimizer)):
+        with pytest.raises(checkpoint.UnreadableCheckpoint, match="model.safetensors cannot be"):
+            read(path)
+    weights.unlink()
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="no student weights"):
+        checkpoint.check_readable(path)
+
+
 def test_old_checkpoints_are_pruned(tmp_path):
     model, tokenizer, optimizer = trained_student()
     for step in (1, 2, 3):

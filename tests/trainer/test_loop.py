@@ -202,9 +202,10 @@ def test_a_run_folder_it_cannot_write_is_a_clear_error(tmp_path, teacher_process
 def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, teacher_process):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
-    result = trainer_cli(*small_args(teacher_process, a_file))
-    assert result.returncode == 1 and "notes.txt is a file, not a folder" in result.stderr
-    assert "Traceback" not in result.stderr
+    for out in (a_file, a_file / "run"):  # the folder, or one of those it would be made in
+        result = trainer_cli(*small_args(teacher_process, out))
+        assert result.returncode == 1 and "notes.txt is a file, not a folder" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
@@ -259,6 +260,11 @@ def test_resume_refuses_fewer_steps_or_other_horizons_and_keeps_a_finished_run(
     assert events == [{"type": "done", **json.loads(summary)}]  # a follower learns it is over
     assert (out / "summary.json").read_text() == summary
     assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
+    weights = checkpoint.latest(out) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged: refused before any work
+    with pytest.raises(RunError, match="model.safetensors cannot be read") as error:
+        run(cfg.model_copy(update={"resume": True}))
+    assert error.value.param == "resume"
 
 
 def test_a_finished_run_killed_before_its_summary_resumes_to_one_final_evaluation(
