@@ -317,21 +317,26 @@ class Run:
             disable=not cfg.progress,
         )
         last_acc = None
-        while state.step < cfg.steps and not self.stop.is_set():
-            record = self._step()
-            self.metrics_log.write(record)
-            self.events({"type": "step", **record})
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                last_acc = self._evaluate()["accuracy"]
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                self._checkpoint()
-            bar.update(1)
-            bar.set_postfix(
-                H=record["horizon"],
-                rkl=f"{record['reverse_kl']:.3f}",
-                acc="-" if last_acc is None else f"{last_acc:.1%}",
-                tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
-            )
+        try:
+            while state.step < cfg.steps and not self.stop.is_set():
+                record = self._step()
+                self.metrics_log.write(record)
+                self.events({"type": "step", **record})
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                    last_acc = self._evaluate()["accuracy"]
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+                bar.update(1)
+                bar.set_postfix(
+                    H=record["horizon"],
+                    rkl=f"{record['reverse_kl']:.3f}",
+                    acc="-" if last_acc is None else f"{last_acc:.1%}",
+                    tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
+                )
+        except Exception:
+            bar.close()
+            self._keep_steps_done()
+            raise
         bar.close()
         final = self._final_evaluation() if state.step == cfg.steps else None
         self._checkpoint()
@@ -459,6 +464,22 @@ class Run:
         self.eval_log.write(record)
         self.events({"type": "eval", **record})
         return record
+
+    def _keep_steps_done(self) -> None:
+        """A run failing mid-way (its teachers gone, say) keeps the steps it finished: a failed step
+        changes no weight before its optimizer step, so the weights in memory are the last whole
+        step's, and a checkpoint of them lets --resume go on from there, not from step 0."""
+        try:
+            self._checkpoint()
+        except Exception as exc:  # the failure itself matters more; say this and let it through
+            log.error("could not save a checkpoint of step %d: %s", self.state.step, exc)
+        else:
+            if self.state.step:
+                log.warning(
+                    "the run failed after step %d; saved %s: --resume continues from it",
+                    self.state.step,
+                    checkpoint.latest(self.out),
+                )
 
     def _checkpoint(self) -> None:
         if self.state.step == 0:  # stopped before its first step: nothing to keep

@@ -34,7 +34,7 @@ from services.trainer.loop import (
     training_problems,
 )
 from services.trainer.report import read_jsonl
-from shared.errors import NotReady
+from shared.errors import NotReady, TeacherError
 from shared.task import problems
 from tests.conftest import serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
@@ -495,6 +495,35 @@ def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):
     assert_every_step_once(resumed, steps)
     want, got = final_weights(straight), final_weights(resumed)
     assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
+
+
+def test_a_run_whose_teacher_dies_keeps_its_steps_and_resumes_to_the_same_weights(
+    tmp_path, teacher_process
+):
+    """No periodic checkpoints: the failure itself saves the last whole step (never lost work)."""
+    straight = tmp_path / "straight"
+    run(RunConfig(**SMALL, teacher_url=[teacher_process], steps=4, out=str(straight)))
+    doomed, doomed_url = start_teacher(str(TEACHER_PATH), threads=1)
+
+    def kill_after_step_2(event):
+        if event["type"] == "step" and event["step"] == 2:
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=30)
+
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[doomed_url], steps=4, out=str(out))
+    try:
+        with pytest.raises(TeacherError, match="unreachable"):
+            run(cfg, events=kill_after_step_2)
+    finally:
+        stop(doomed)
+    assert checkpoint.latest(out).name == checkpoint.step_name(2)
+    resumed = {"teacher_url": [teacher_process], "resume": True}
+    assert run(cfg.model_copy(update=resumed))["completed"]
+    assert_every_step_once(out, 4)
+    want, got = final_weights(straight), final_weights(out)
     for name in want:
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
 
