@@ -5,6 +5,7 @@ default is None, so only the flags given override the config (file, environment,
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import socket
 import typing
@@ -103,10 +104,11 @@ def fraction(text: str) -> float:
     return value
 
 
-def port_taken(host: str, port: int) -> str | None:
-    """Why a server could not listen on host:port (in use, not ours to take), or None; checked
-    before the server starts, so the user gets one line instead of the server's log. Probes the
-    way uvicorn binds: IPv6 for a host with a colon, else IPv4, with SO_REUSEADDR."""
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port, naming the flag to change (--port when the port
+    is in use or not ours to take, --host when the address is not this machine's), or None;
+    checked before the server starts, so the user gets one line instead of the server's log.
+    Probes the way uvicorn binds: IPv6 for a host with a colon, else IPv4, with SO_REUSEADDR."""
     if port == 0:
         return None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -115,7 +117,8 @@ def port_taken(host: str, port: int) -> str | None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            flag = "--port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+            return f"{flag} cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
 
 
@@ -143,7 +146,7 @@ def field_errors(
         else:
             where = "--" + key.replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
             if env_prefix:
-                where += f" (env {env_prefix}{key.upper()})"
+                where += f" (or env {env_prefix}{key.upper()})"
         message = field_message(err)
         if err["type"] == "extra_forbidden":
             message = "not a setting" + (

@@ -14,7 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from services.teacher.settings import TeacherSettings
-from shared.flags import add_flags, field_errors, given, port_taken
+from shared.flags import add_flags, cannot_listen, field_errors, given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +101,8 @@ def startup_error(settings: TeacherSettings) -> str | None:
         check_loadable(settings.model, settings.device if settings.backend == "hf" else "cpu")
     except ModelLoadError as exc:
         return f"--{exc.setting} {exc}"
-    if taken := port_taken(settings.host, settings.port):
-        return f"--port {taken}"
+    if taken := cannot_listen(settings.host, settings.port):
+        return taken
     return None
 
 

@@ -24,7 +24,7 @@ from services.trainer.config import (
     load_config_file,
     saved_settings,
 )
-from shared.flags import add_flags, field_errors, given, port_number, port_taken
+from shared.flags import add_flags, cannot_listen, field_errors, given, port_number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from services.trainer.api import TrainerServer, create_app
 
-        if taken := port_taken(args.host, args.port):
-            print(f"opd-trainer: error: --port {taken}", file=sys.stderr)
+        if taken := cannot_listen(args.host, args.port):
+            print(f"opd-trainer: error: {taken}", file=sys.stderr)
             return 2
         try:
             TrainerServer(create_app(), args.host, args.port).run()

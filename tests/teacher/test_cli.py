@@ -23,7 +23,7 @@ from tests.conftest import main_imports_torch
 def test_a_bad_device_is_refused_before_serving(capsys):
     assert main(["serve", "--device", "gpu"]) == 2
     err = capsys.readouterr().err
-    assert "--device (env OPD_TEACHER_DEVICE): 'gpu' is not a device name: use cpu, cuda" in err
+    assert "--device (or env OPD_TEACHER_DEVICE): 'gpu' is not a device name: use cpu, cuda" in err
     assert "Traceback" not in err
 
 
@@ -41,7 +41,7 @@ def test_served_model_names_are_given_as_vllms_are():
 
 def test_an_empty_served_model_name_is_refused(capsys):
     assert main(["serve", "--served-model-name", " "]) == 2
-    assert "--served-model-name (env OPD_TEACHER_SERVED_MODEL_NAME)" in capsys.readouterr().err
+    assert "--served-model-name (or env OPD_TEACHER_SERVED_MODEL_NAME)" in capsys.readouterr().err
 
 
 def test_an_unknown_log_level_is_a_usage_error(capsys):
@@ -90,7 +90,13 @@ def test_a_port_in_use_is_refused_before_serving():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert "Address already in use" in startup_error(TeacherSettings(port=port))
+        error = startup_error(TeacherSettings(port=port))
+    assert error.startswith("--port cannot listen") and "Address already in use" in error
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "999.1.1.1"])  # not this machine's; no address
+def test_a_host_it_cannot_listen_on_is_refused_naming_host(host):
+    assert startup_error(TeacherSettings(host=host, port=8123)).startswith("--host cannot listen")
 
 
 def test_a_sequence_limit_beyond_the_batch_budget_is_refused_before_serving():
