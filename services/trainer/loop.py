@@ -56,8 +56,6 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     --resume that its last checkpoint cannot continue exactly. Returns the state of the checkpoint
     a --resume continues from, if there is one."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a folder", param="out")
     check_can_make(out)
     found = checkpoint.latest(out)
     if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
@@ -79,7 +77,8 @@ def check_can_make(out: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise RunError(f"--out {out}: {parent} is a file, not a folder", param="out")
+        where = "" if parent == out.absolute() else f": {parent}"
+        raise RunError(f"--out {out}{where} is a file, not a folder", param="out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunError(f"--out {out}: no permission to write in {parent}", param="out")
 
@@ -334,10 +333,10 @@ class Run:
                     tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
                 )
         except Exception:
-            bar.close()
             self._keep_steps_done()
             raise
-        bar.close()
+        finally:
+            bar.close()
         final = self._final_evaluation() if state.step == cfg.steps else None
         self._checkpoint()
         return self._summary(final)
