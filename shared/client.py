@@ -21,7 +21,15 @@ import math
 import random
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import httpx
@@ -108,7 +116,12 @@ class _Replicas:
             self.in_flight[url] -= 1
 
     def mark_down(self, url: str, seconds: float) -> None:
+        """`url` failed: it sits out `seconds`, doubled for each failure in a row. A failure seen
+        while it already sits out is the same incident (the other requests it held, or a second
+        report of one broken stream), so it does not lengthen the span."""
         with self._lock:
+            if not self.is_up(url):
+                return
             self.failures[url] += 1
             growth = 2 ** min(self.failures[url] - 1, 16)
             self.down_until[url] = time.monotonic() + min(MAX_SIT_OUT_S, seconds * growth)
@@ -272,13 +285,15 @@ class _Core:
 class _StreamReader:
     """One /score/stream call's two sides: counts the frames it sends, decodes the result frames,
     whatever the chunking, and checks at the end that the done frame came (without it, the
-    teacher's side was cut off) and answered every frame sent."""
+    teacher's side was cut off) and answered every frame sent. `on_first_score` runs once, when the
+    first sequence's score arrives (the replica answered: its failures so far are forgiven)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, on_first_score: Callable[[], None]):
         self.url = url
         self.sent = 0  # frames sent so far
         self._frames = FrameReader(2**31)
         self._done: StreamItem | None = None
+        self._on_first_score: Callable[[], None] | None = on_first_score
 
     def frame(self, request: ScoreRequest | dict) -> bytes:
         """`request` as the next frame to send, counted."""
@@ -289,6 +304,10 @@ class _StreamReader:
     def feed(self, chunk: bytes) -> list[StreamItem]:
         items = [decode_stream_item(payload) for payload in self._frames.feed(chunk)]
         self._done = self._done or next((item for item in items if item.done), None)
+        if self._on_first_score and any(item.score is not None for item in items):
+            # Here, not at the end: a caller may stop reading at the done frame.
+            self._on_first_score()
+            self._on_first_score = None
         return items
 
     def finish(self) -> None:
@@ -510,7 +529,7 @@ class TeacherClient(_ClientBase):
         nothing for `timeout` s), and the caller re-sends what got no result."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
-        reader = _StreamReader(target)
+        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
         frames = (reader.frame(r) for r in requests)
         try:
             with open_stream(
@@ -526,7 +545,6 @@ class TeacherClient(_ClientBase):
                 for chunk in response.iter_bytes():
                     yield from reader.feed(chunk)
                 reader.finish()
-                self._core.replicas.mark_good(target)
         except httpx.TransportError as exc:
             raise self._core.stream_failure(target, exc) from exc
         finally:
@@ -627,7 +645,7 @@ class AsyncTeacherClient(_ClientBase):
         plain iterable is read on the event loop, so it must not block (give an async one)."""
         _refuse_if_closed(self._http)
         target = url or self._core.replicas.acquire()
-        reader = _StreamReader(target)
+        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
 
         async def frames():
             if isinstance(requests, AsyncIterable):
@@ -652,7 +670,6 @@ class AsyncTeacherClient(_ClientBase):
                     for item in reader.feed(chunk):
                         yield item
                 reader.finish()
-                self._core.replicas.mark_good(target)
         except httpx.TransportError as exc:
             raise self._core.stream_failure(target, exc) from exc
         finally:

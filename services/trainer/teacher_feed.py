@@ -338,8 +338,8 @@ class StepFeed:
 
         try:
             async for item in self._feed.client.score_stream(requests(), url=lane.url):
-                if item.done:
-                    break
+                if item.done:  # read on to the end, where the client checks the count
+                    continue
                 frame = lane.sent[item.frame]
                 if item.error is not None and _replica_fault(item.error):
                     raise ServerError(f"frame {frame}: {item.error.get('message')}")

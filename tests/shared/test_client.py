@@ -312,10 +312,22 @@ def test_a_replica_that_keeps_failing_sits_out_longer_each_time_until_it_answers
 
     spans = []
     for _ in range(7):
+        replicas.down_until["http://a:1"] = 0.0  # its sit-out is over; it is tried and fails
         replicas.mark_down("http://a:1", 2.0)
         spans.append(sits_out())
     assert [round(s) for s in spans] == [2, 4, 8, 16, 32, 60, 60]
     assert not replicas.is_up("http://a:1") and replicas.acquire() == "http://b:1"
+    replicas.down_until["http://a:1"] = 0.0
     replicas.mark_good("http://a:1")
     replicas.mark_down("http://a:1", 2.0)
     assert round(sits_out()) == 2
+
+
+def test_failures_reported_while_a_replica_sits_out_are_one_incident():
+    """The other requests a dying replica held, or a second report of one broken stream, must not
+    each double its sit-out: one death is one failure."""
+    replicas = _Replicas(["http://a:1", "http://b:1"])
+    for _ in range(8):
+        replicas.mark_down("http://a:1", 2.0)
+    assert replicas.failures["http://a:1"] == 1
+    assert round(replicas.down_until["http://a:1"] - time.monotonic()) == 2

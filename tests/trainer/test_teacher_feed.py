@@ -56,6 +56,22 @@ def test_scored_frames_come_in_the_order_put_each_with_its_own_scores(teacher_ur
     assert stats.wait_s > 0
 
 
+def test_a_replica_that_answers_the_steps_stream_is_forgiven_its_earlier_failures(teacher_url):
+    """The trainer's only traffic is streams: one that scores must bring a replica back to the
+    first sit-out span, or a blip hours later would bench it for a minute."""
+    feed = TeacherFeed([teacher_url])
+    replicas = feed.client._core.replicas
+    try:
+        replicas.failures[teacher_url] = 3  # as after three failures in a row, now over
+        step = feed.begin(max_positions=8)
+        step.put(rollouts(2))
+        list(step.scored_frames())
+        step.finish()
+    finally:
+        feed.close()
+    assert replicas.failures[teacher_url] == 0
+
+
 def test_a_replica_whose_forwards_fail_mid_step_is_scored_around(teacher_url):
     backend = CrashingBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
