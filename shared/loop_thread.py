@@ -11,6 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
+STOP_POLL_S = 0.1
+
+
+class Stopped(Exception):
+    """The caller's stop event was set while it waited for a call; the call was cancelled."""
+
 
 class LoopThread:
     def __init__(self, name: str):
@@ -19,11 +25,14 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name=name)
         self._thread.start()
 
-    def call(self, coro):
-        """Run `coro` on the loop and wait for its result. Interrupted while waiting (Ctrl-C), it
-        cancels the coroutine, which must not go on alone."""
+    def call(self, coro, stop: threading.Event | None = None):
+        """Run `coro` on the loop and wait for its result. Interrupted while waiting (Ctrl-C), or
+        once `stop` is set (Stopped), it cancels the coroutine, which must not go on alone."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
+            while stop is not None and not future.done():
+                if stop.wait(STOP_POLL_S):
+                    raise Stopped
             return future.result()
         except BaseException:
             future.cancel()

@@ -35,6 +35,7 @@ from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.client import TeacherTimedOut
 from shared.errors import Unauthorized
+from shared.loop_thread import Stopped
 from shared.task import LONGEST_PROMPT, Problem, problem_stream, problems
 
 log = logging.getLogger("opd.trainer")
@@ -234,7 +235,8 @@ class Run:
         self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key, timeout=cfg.teacher_timeout_s)
         try:
             infos = self.feed.call(
-                self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_load_wait_s)
+                self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_load_wait_s),
+                stop=self.stop,  # a teacher may take minutes to load: a stop must not wait for it
             )
         except Unauthorized as exc:
             raise RunError(
@@ -294,6 +296,8 @@ class Run:
         try:
             self.setup()
             return self._train()
+        except Stopped:
+            return self._stopped_before_start()
         except TeacherTimedOut as exc:
             raise RunError(
                 f"{exc}; --teacher-timeout-s gives a teacher longer "
@@ -303,6 +307,13 @@ class Run:
         finally:
             if self.feed is not None:
                 self.feed.close()
+
+    def _stopped_before_start(self) -> dict:
+        """Stopped while its teachers were still loading: nothing was done, so nothing is written."""
+        log.warning("stopped while waiting for the teacher to load; nothing was done")
+        summary = {"schedule": self.cfg.schedule, "steps": self.state.step, "completed": False}
+        self.events({"type": "done", **summary})
+        return summary
 
     def _train(self) -> dict:
         cfg, state = self.cfg, self.state

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from shared.loop_thread import LoopThread
+from shared.loop_thread import LoopThread, Stopped
 
 
 async def double(x: int) -> int:
@@ -73,3 +73,24 @@ def test_an_interrupted_wait_cancels_the_coroutine(monkeypatch):
     monkeypatch.undo()
     assert cancelled.wait(5)  # by the call itself, before anything closes the loop
     runner.close()
+
+
+def test_a_stop_while_waiting_cancels_the_coroutine_and_says_so():
+    runner = LoopThread("test")
+    stop, cancelled = threading.Event(), threading.Event()
+
+    async def slow() -> None:
+        stop.set()  # as a stop that comes while the caller waits
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    try:
+        with pytest.raises(Stopped):
+            runner.call(slow(), stop=stop)
+        assert cancelled.wait(5)
+        assert runner.call(double(2), stop=threading.Event()) == 4  # unset: waits for the result
+    finally:
+        runner.close()

@@ -344,6 +344,23 @@ def test_a_run_waits_for_a_teacher_still_loading_as_long_as_it_is_told(tmp_path)
         assert run(cfg.model_copy(update={"teacher_load_wait_s": 60}))["completed"]
 
 
+def test_a_stop_while_the_teacher_loads_ends_the_run_at_once_writing_nothing(tmp_path):
+    """Ctrl-C, `docker stop` or POST /runs/{id}/stop must not wait out --teacher-load-wait-s."""
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as url:
+        out = tmp_path / "run"
+        cfg = RunConfig(**SMALL, teacher_url=[url], steps=1, out=str(out), teacher_load_wait_s=600)
+        stop = threading.Event()
+        threading.Timer(1.0, stop.set).start()
+        try:
+            summary = run(cfg, stop=stop)
+        finally:
+            backend.release.set()
+    assert summary == {"schedule": cfg.schedule, "steps": 0, "completed": False}
+    assert not out.exists()
+
+
 def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longer(tmp_path, caplog):
     backend = GatedBackend(str(TEACHER_PATH))  # takes the rollouts, answers when the gate opens
     with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)) as url:
