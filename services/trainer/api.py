@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -144,6 +145,22 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
     return StreamingResponse(event_stream(record), media_type="text/event-stream")
 
 
+def strict_json(event: dict) -> str:
+    """`event` as strict JSON: NaN and infinities (a diverging run's loss, a teacher's -inf
+    log-prob) become null, as in GET /runs/{id}; a browser's JSON.parse refuses them otherwise."""
+    return json.dumps(_finite(event), allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 async def event_stream(record: RunRecord, keep_alive_s: float = 15.0) -> AsyncIterator[str]:
     """The run's events as server-sent events, from its oldest kept one to its last."""
     woken = asyncio.Event()
@@ -157,7 +174,7 @@ async def event_stream(record: RunRecord, keep_alive_s: float = 15.0) -> AsyncIt
             finished = record.finished
             events, sent = record.events_after(sent), record.published
             for event in events:
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                yield f"event: {event['type']}\ndata: {strict_json(event)}\n\n"
             if finished:
                 return
             if record.published > sent or record.finished:

@@ -19,7 +19,7 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
-from services.trainer.api import create_app, event_stream
+from services.trainer.api import create_app, event_stream, strict_json
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.runs import RunRecord
@@ -384,3 +384,15 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_events_are_strict_json_with_non_finite_numbers_as_null():
+    """A diverging run's NaN loss or a teacher's -inf log-prob must not make an event that
+    strict parsers (a browser's JSON.parse) refuse."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    event = {"type": "step", "loss": float("nan"), "lp": [float("-inf"), -1.5], "n": 3}
+    data = json.loads(strict_json(event), parse_constant=refuse)
+    assert data == {"type": "step", "loss": None, "lp": [None, -1.5], "n": 3}
