@@ -146,8 +146,8 @@ async def run_events(run_id: str, request: Request) -> StreamingResponse:
 
 
 def strict_json(event: dict) -> str:
-    """`event` as strict JSON: NaN and infinities (a diverging run's loss, a teacher's -inf
-    log-prob) become null, as in GET /runs/{id}; a browser's JSON.parse refuses them otherwise."""
+    """`event` as strict JSON: NaN and infinities (a diverging run's loss) become null, as in
+    GET /runs/{id}; a browser's JSON.parse refuses them otherwise."""
     return json.dumps(_finite(event), allow_nan=False)
 
 

@@ -36,6 +36,7 @@ from services.trainer.teacher_feed import TeacherFeed
 from shared.client import TeacherTimedOut
 from shared.errors import Unauthorized
 from shared.loop_thread import Stopped
+from shared.protocol import json_logprobs
 from shared.task import LONGEST_PROMPT, Problem, problem_stream, problems
 
 log = logging.getLogger("opd.trainer")
@@ -439,7 +440,8 @@ class Run:
                 "step": self.state.step,
                 "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
                 "completion": decode(rollout.completion_ids, skip_special_tokens=False),
-                "teacher_logprobs": [round(float(x), 4) for x in score.logprobs],
+                # The wire's JSON form: an impossible token's -inf is LOWEST_LOGPROB, not null.
+                "teacher_logprobs": [round(x, 4) for x in json_logprobs(score.logprobs)],
                 "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
             }
         )
