@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -207,8 +208,10 @@ class TrainerServer(uvicorn.Server):
             uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
         )
         self.trainer_app = app
+        self.interrupted = False  # stopped by Ctrl-C (SIGINT)
 
     def handle_exit(self, sig, frame) -> None:
+        self.interrupted = self.interrupted or sig == signal.SIGINT
         state = self.trainer_app.state
         if getattr(state, "stop_deadline", None) is None:  # both waits below share the one budget
             state.stop_deadline = time.monotonic() + SHUTDOWN_WAIT_S

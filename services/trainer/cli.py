@@ -132,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         if taken := cannot_listen(args.host, args.port):
             print(f"opd-trainer: error: {taken}", file=sys.stderr)
             return 2
+        server = TrainerServer(create_app(), args.host, args.port)
         try:
-            TrainerServer(create_app(), args.host, args.port).run()
+            server.run()
         except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
             return 130
-        return 0
+        # Not always (a CI run saw a Ctrl-C'd server exit 0): the status comes from the signal seen.
+        return 130 if server.interrupted else 0
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
