@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import itertools
 import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +65,44 @@ def plain_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[st
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def round_robin_balancer(urls: list[str]) -> Iterator[str]:
+    """A TCP load balancer on loopback: each new connection goes to the next of `urls` and stays
+    there, as HAProxy keeps a long request on one replica. Yields its base URL."""
+    targets = itertools.cycle([urllib.parse.urlsplit(u) for u in urls])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stopped = threading.Event()
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:  # the other side is gone
+            pass
+
+    def accept() -> None:
+        while not stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            target = next(targets)
+            upstream = socket.create_connection((target.hostname, target.port))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(src, dst), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stopped.set()
+        thread.join()
+        listener.close()
 
 
 def canned(status: int, body: bytes, content_type: str = "text/plain"):

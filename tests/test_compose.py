@@ -1,7 +1,8 @@
 """The whole system in real containers, with an API key: two teacher replicas behind the load
 balancer, a short distillation in the trainer container, one teacher stopped mid-run; and the GPU
-override as compose renders it (no GPU needed). Runs in the Docker CI stage (`make test-docker`),
-after docker/setup-ci.sh; skipped where Docker or compose v2 is missing."""
+override and the trainer's streams setting as compose renders them (no GPU needed). Runs in the
+Docker CI stage (`make test-docker`), after docker/setup-ci.sh; skipped where Docker or compose v2
+is missing."""
 
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ def test_distillation_survives_a_teacher_stopping_mid_run(stack):
         "run",
         "--teacher-url",
         "http://lb:8000",
+        "--streams-per-url",  # a step's frames on both replicas, the stopped one's rescored
+        "2",
         "--steps",
         str(STEPS),
         "--out",
@@ -179,3 +182,15 @@ def test_gpu_override_gives_the_teacher_the_named_gpu():
     assert device["device_ids"] == ["3"] and "count" not in device
     assert teacher["environment"]["OPD_TEACHER_BACKEND"] == "vllm"
     assert teacher["healthcheck"]["start_period"] == "20m0s"
+
+
+def test_opd_teacher_streams_reaches_the_demos_command():
+    """`OPD_TEACHER_STREAMS=3 docker compose up --scale teacher=3`: the demo opens three streams a
+    step through the balancer, one per replica."""
+    if not has_compose_cli():
+        pytest.skip("needs the compose v2 CLI (see docker/setup-ci.sh)")
+    for env, streams in (({}, "1"), ({"OPD_TEACHER_STREAMS": "3"}, "3")):
+        rendered = compose("config", "--format", "json", env={**os.environ, **env}, timeout=60)
+        command = json.loads(rendered.stdout)["services"]["trainer"]["command"]
+        assert command[:2] == ["opd", "demo"]
+        assert command[command.index("--streams-per-url") + 1] == streams

@@ -46,8 +46,16 @@ def api_key_from_env() -> str | None:
 MAX_ROLLOUTS_PER_STEP = 65536
 
 # The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
-# student runs (and the teacher the demo starts), the batch, and the step size.
-DEMO_RUN_SETTINGS = ("device", "prompts_per_step", "samples_per_prompt", "micro_batch", "lr")
+# student runs (and the teacher the demo starts), the batch, the step size, and the streams to a
+# balanced teacher pool.
+DEMO_RUN_SETTINGS = (
+    "device",
+    "prompts_per_step",
+    "samples_per_prompt",
+    "micro_batch",
+    "lr",
+    "streams_per_url",
+)
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -158,6 +166,14 @@ class RunConfig(BaseModel):
         600.0,
         ge=0,
         description="Seconds a run waits at its start for teacher replicas still loading their model.",
+    )
+    streams_per_url: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Scoring streams a step opens to each --teacher-url: behind a load balancer, "
+        "its number of replicas (the balancer keeps a stream on one replica).",
+        strict=True,
     )
     teacher_timeout_s: PositiveReal = Field(
         120.0,

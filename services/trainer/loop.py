@@ -233,7 +233,12 @@ class Run:
         resumed = self._resume()
         self.data = training_problems(cfg, self.state.data_position)
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
-        self.feed = TeacherFeed(cfg.teacher_url, cfg.api_key, timeout=cfg.teacher_timeout_s)
+        self.feed = TeacherFeed(
+            cfg.teacher_url,
+            cfg.api_key,
+            timeout=cfg.teacher_timeout_s,
+            streams_per_url=cfg.streams_per_url,
+        )
         try:
             infos = self.feed.call(
                 self.feed.client.connect(self.tokenizer, wait_s=cfg.teacher_load_wait_s),

@@ -1,15 +1,17 @@
 """Streams a step's rollouts to the teacher replicas while the student is still generating.
 
-Each step opens one `/score/stream` call per replica it uses; every micro-batch becomes one frame,
-sent to the replica with the fewest sequences awaiting scores. Backpressure: at most
-`frames_in_flight` times the number of replicas await scores in all (a replica that is down leaves
-its share to the others), and as many wait in a bounded queue; beyond that `put` blocks the
-generating thread. If a replica dies mid-step, the sequences it had not answered are scored again
-elsewhere at once, a frame per request; so are those of a replica that has sat on a frame for
-HEDGE_AFTER_S while others answered (it may hang: the client's timeout is minutes). Each
-rollout's first score is taken, exactly once, and the step ends when every rollout has one.
+Each step opens up to `streams_per_url` `/score/stream` calls (lanes) per teacher URL; every
+micro-batch becomes one frame, sent to the lane with the fewest sequences awaiting scores. More than
+one lane per URL is for a load balancer in front of several replicas: it keeps each stream on one
+replica, so one lane would give a step's frames all to one. Backpressure: at most
+`frames_in_flight` frames per lane await scores in all (a replica that is down leaves its share to
+the others), and as many wait in a bounded queue; beyond that `put` blocks the generating thread.
+If a replica dies mid-step, the sequences it had not answered are scored again elsewhere at once, a
+frame per request; so are those of a replica that has sat on a frame for HEDGE_AFTER_S while others
+answered (it may hang: the client's timeout is minutes). Each rollout's first score is taken,
+exactly once, and the step ends when every rollout has one.
 
-    feed = TeacherFeed(urls, api_key)              # one per run; owns an event-loop thread
+    feed = TeacherFeed(urls, api_key, streams_per_url=1)  # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
     step.put(micro_batch)                          # from the generating thread, as rollouts finish
     for rollouts, scores in step.scored_frames():  # after the last put: each micro-batch once scored
@@ -63,12 +65,14 @@ class TeacherStreamError(TeacherError):
 
 
 class _Lane:
-    """One /score/stream call to one replica during one step."""
+    """One /score/stream call to one teacher URL during one step."""
 
     def __init__(self, url: str):
         self.url = url
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sent: list[int] = []  # global frame ids, in the order this stream carries them
+        self.open: set[int] = set()  # of those, the frames not yet wholly scored
+        self.awaiting = 0  # sequences of its frames without a score yet
         self.task: asyncio.Task | None = None
         self.failed = False
         self.answered_at = float("-inf")  # loop time of its latest score
@@ -80,9 +84,14 @@ class StepFeed:
         self._loop = feed.loop
         self.max_positions = max_positions
         self.top_k = top_k
-        self._max_in_flight = feed.frames_in_flight * len(feed.client.urls)
+        self._lane_keys = [
+            (url, slot) for slot in range(feed.streams_per_url) for url in feed.client.urls
+        ]
+        self._max_in_flight = feed.frames_in_flight * len(self._lane_keys)
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._lane_of: dict[int, _Lane] = {}  # frame -> the lane that carries it
+        self._missing: dict[int, int] = {}  # frame -> its sequences without a score yet
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
         self._rescued: set[int] = set()  # frames given to a rescue (each once)
@@ -92,6 +101,7 @@ class StepFeed:
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self._refused: TeacherStreamError | None = None  # a frame the teacher refused
         self.frames: list[list[Rollout]] = []
+        self._frame_of: dict[int, int] = {}  # rollout key -> its frame
         self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
@@ -158,7 +168,7 @@ class StepFeed:
             self._done.result()  # _run is ending: wait for it, and raise its error
 
     def _frame_ready(self, index: int) -> bool:
-        return index < len(self.frames) and not self._unanswered(index)
+        return index < len(self.frames) and not self._missing[index]
 
     def _notify(self) -> None:
         with self._changed:
@@ -191,7 +201,7 @@ class StepFeed:
     async def _feed_lanes(self) -> None:
         lanes = self._lanes
         # Room first, then the next frame: so put() blocks once frames_in_flight times the
-        # replicas await scores in all, and as many again wait in the inbox.
+        # lanes await scores in all, and as many again wait in the inbox.
         while True:
             await self._room_for_a_frame()
             batch = await self._inbox.get()
@@ -200,11 +210,16 @@ class StepFeed:
             if self._refused is not None:  # refused while this frame waited in the inbox
                 raise self._refused
             frame = len(self.frames)
+            self._missing[frame] = len(batch)
+            self._frame_of.update((r.key, frame) for r in batch)
             with self._changed:
                 self.frames.append(batch)
             self._rollouts += len(batch)
             lane = self._pick_lane(lanes, frame)
+            self._lane_of[frame] = lane
             lane.sent.append(frame)
+            lane.open.add(frame)
+            lane.awaiting += len(batch)
             self._sent_at[frame] = asyncio.get_running_loop().time()
             await lane.queue.put(frame)
         for lane in lanes.values():
@@ -214,7 +229,7 @@ class StepFeed:
         await _cancelled([self._watcher])  # the streams are over: no frame can stall now
         await self._ended_or_all_scored(lambda: self._rescues)
         for frame in self._timed_out:
-            if self._unanswered(frame):
+            if self._missing[frame]:
                 # A replica took it and did not answer: the client does not send that again.
                 raise self._timed_out[frame]
         # What a rescue could not score (every replica down then): once more, now that the
@@ -256,9 +271,8 @@ class StepFeed:
                 others = max((o.answered_at for o in lanes if o is not lane), default=-1.0)
                 stalled = [
                     f
-                    for f in lane.sent
+                    for f in sorted(lane.open)
                     if f not in self._rescued
-                    and self._unanswered(f)
                     and others > self._sent_at[f]
                     and loop.time() - self._sent_at[f] > HEDGE_AFTER_S
                 ]
@@ -299,37 +313,28 @@ class StepFeed:
                 ) from None
 
     def _frames_in_flight(self) -> int:
-        """Frames sent to a live replica and not yet wholly scored (a dead replica's frames wait
-        for the rescoring pass at the end of the step, so they do not hold up the stream)."""
-        return sum(
-            1
-            for lane in self._lanes.values()
-            if not lane.failed
-            for frame in lane.sent
-            if self._unanswered(frame)
-        )
+        """Frames sent to a live lane and not yet wholly scored (a failed lane's frames wait for
+        the rescoring pass at the end of the step, so they do not hold up the stream)."""
+        return sum(len(lane.open) for lane in self._lanes.values() if not lane.failed)
 
-    def _unanswered(self, frame: int) -> int:
-        """Sequences of `frame` without a score yet."""
-        return sum(r.key not in self.scores for r in self.frames[frame])
-
-    def _pick_lane(self, lanes: dict[str, _Lane], frame: int) -> _Lane:
+    def _pick_lane(self, lanes: dict[tuple[str, int], _Lane], frame: int) -> _Lane:
         client = self._feed.client
-        urls = [u for u in client.urls if client.is_up(u) and not (u in lanes and lanes[u].failed)]
-        if not urls:  # every replica is down: the rescoring pass retries with backoff
-            urls = list(client.urls)
-        # Fewest sequences awaiting scores first; a replica with no stream yet counts as idle. Ties
-        # go round (from frame to frame), so one replica does not always get each step's first.
-        start = frame % len(urls)
-        url = min(
-            urls[start:] + urls[:start],
-            key=lambda u: sum(self._unanswered(f) for f in lanes[u].sent) if u in lanes else 0,
-        )
-        if url not in lanes or lanes[url].failed:
-            lanes[url] = _Lane(url)
-            lanes[url].task = asyncio.create_task(self._stream(lanes[url]))
-            self._streams.append(lanes[url].task)
-        return lanes[url]
+        keys = [
+            k
+            for k in self._lane_keys
+            if client.is_up(k[0]) and not (k in lanes and lanes[k].failed)
+        ]
+        if not keys:  # every replica is down: the rescoring pass retries with backoff
+            keys = list(self._lane_keys)
+        # Fewest sequences awaiting scores first; a lane with no stream yet counts as idle. Ties go
+        # round (from frame to frame), so one replica does not always get each step's first.
+        start = frame % len(keys)
+        key = min(keys[start:] + keys[:start], key=lambda k: lanes[k].awaiting if k in lanes else 0)
+        if key not in lanes or lanes[key].failed:
+            lanes[key] = _Lane(key[0])
+            lanes[key].task = asyncio.create_task(self._stream(lanes[key]))
+            self._streams.append(lanes[key].task)
+        return lanes[key]
 
     async def _stream(self, lane: _Lane) -> None:
         async def requests():
@@ -366,9 +371,15 @@ class StepFeed:
         self.stats.scored_tokens += len(score.logprobs)
         if rollout.key in self.scores:
             return  # already answered (a rescored duplicate): the first score trains
-        with self._changed:
+        frame = self._frame_of[rollout.key]
+        lane = self._lane_of[frame]
+        lane.awaiting -= 1
+        with self._changed:  # the count and the score together: scored_frames() reads both
             self.scores[rollout.key] = score
+            self._missing[frame] -= 1
             self._changed.notify_all()
+        if not self._missing[frame]:
+            lane.open.discard(frame)
         self._answered.set()
 
     async def _rescue(self, frame: int) -> None:
@@ -420,8 +431,10 @@ class TeacherFeed:
         api_key: str | None = None,
         frames_in_flight: int = 4,
         timeout: float = 120.0,
+        streams_per_url: int = 1,
     ):
         self.frames_in_flight = frames_in_flight
+        self.streams_per_url = streams_per_url
         self._runner = LoopThread("teacher-feed")
         self.loop = self._runner.loop
         self.call = self._runner.call  # run a coroutine on the feed's loop, from any other thread

@@ -18,9 +18,9 @@ from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
 from shared.client import TeacherTimedOut
 from shared.task import problems
-from tests.conftest import a_closed_port, plain_http, serve
+from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve
 from tests.teacher.test_routes import GatedBackend, wait_for
-from tests.teacher.test_routes_stream import CrashingBackend
+from tests.teacher.test_routes_stream import CrashingBackend, scored_tokens
 
 
 def test_close_cancels_a_step_that_was_never_finished(teacher_url):
@@ -54,6 +54,27 @@ def test_scored_frames_come_in_the_order_put_each_with_its_own_scores(teacher_ur
     assert all(sorted(s) == [r.key for r in f] for f, s in got)  # each frame's scores, no others
     assert sorted(scores) == list(range(6)) and stats.scored_tokens == 18
     assert stats.wait_s > 0
+
+
+def test_streams_per_url_spread_a_step_over_the_replicas_behind_one_balanced_url(teacher_url):
+    """A balancer keeps each stream on one replica: with one stream per URL a step's frames all go
+    to one replica, with two the step is shared."""
+    second = create_app(TeacherSettings(model=str(TEACHER_PATH)))
+    with serve(second) as second_url, round_robin_balancer([teacher_url, second_url]) as pool:
+        for streams, replicas_used in ((1, 1), (2, 2)):
+            before = [scored_tokens(u) for u in (teacher_url, second_url)]
+            feed = TeacherFeed([pool], streams_per_url=streams)
+            try:
+                step = feed.begin(max_positions=8)
+                for frame in range(4):
+                    step.put(rollouts(2, 2 * frame))
+                scores, stats = step.finish()
+            finally:
+                feed.close()
+            gained = [scored_tokens(u) - b for u, b in zip((teacher_url, second_url), before)]
+            assert sorted(scores) == list(range(8)) and stats.rescored == 0
+            assert sum(gained) == stats.scored_tokens == 24
+            assert sum(g > 0 for g in gained) == replicas_used, (streams, gained)
 
 
 def test_a_replica_that_answers_the_steps_stream_is_forgiven_its_earlier_failures(teacher_url):
