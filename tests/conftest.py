@@ -76,13 +76,34 @@ def round_robin_balancer(urls: list[str]) -> Iterator[str]:
     listener.settimeout(0.1)
     stopped = threading.Event()
 
+    pipes: list[threading.Thread] = []
+
     def pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
-        except OSError:  # the other side is gone
+        except OSError:  # the other side is gone, or the balancer closed
             pass
+
+    def connect(client: socket.socket) -> None:
+        target = next(targets)
+        try:
+            upstream = socket.create_connection((target.hostname, target.port), timeout=10)
+            upstream.settimeout(None)
+        except OSError:  # as a balancer whose replica is gone: the connection ends
+            client.close()
+            return
+        ends = [
+            threading.Thread(target=pipe, args=(src, dst), daemon=True)
+            for src, dst in ((client, upstream), (upstream, client))
+        ]
+        for end in ends:
+            end.start()
+        for end in ends:
+            end.join()
+        client.close()
+        upstream.close()
 
     def accept() -> None:
         while not stopped.is_set():
@@ -90,10 +111,9 @@ def round_robin_balancer(urls: list[str]) -> Iterator[str]:
                 client, _ = listener.accept()
             except TimeoutError:
                 continue
-            target = next(targets)
-            upstream = socket.create_connection((target.hostname, target.port))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pipe, args=(src, dst), daemon=True).start()
+            client.settimeout(None)
+            pipes.append(threading.Thread(target=connect, args=(client,), daemon=True))
+            pipes[-1].start()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -103,6 +123,8 @@ def round_robin_balancer(urls: list[str]) -> Iterator[str]:
         stopped.set()
         thread.join()
         listener.close()
+        for connection in pipes:
+            connection.join(timeout=5)
 
 
 def canned(status: int, body: bytes, content_type: str = "text/plain"):

@@ -190,7 +190,8 @@ def test_opd_teacher_streams_reaches_the_demos_command():
     if not has_compose_cli():
         pytest.skip("needs the compose v2 CLI (see docker/setup-ci.sh)")
     for env, streams in (({}, "1"), ({"OPD_TEACHER_STREAMS": "3"}, "3")):
-        rendered = compose("config", "--format", "json", env={**os.environ, **env}, timeout=60)
+        unset = {k: v for k, v in os.environ.items() if k != "OPD_TEACHER_STREAMS"}
+        rendered = compose("config", "--format", "json", env={**unset, **env}, timeout=60)
         command = json.loads(rendered.stdout)["services"]["trainer"]["command"]
         assert command[:2] == ["opd", "demo"]
         assert command[command.index("--streams-per-url") + 1] == streams

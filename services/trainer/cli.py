@@ -100,7 +100,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 # Settings that do not change what a resumed run computes (config.json never holds the API key).
-_NOT_THE_RUNS_COURSE = {"progress", "threads", "teacher_load_wait_s", "teacher_timeout_s"}
+_NOT_THE_RUNS_COURSE = {
+    "progress",
+    "threads",
+    "teacher_load_wait_s",
+    "teacher_timeout_s",
+    "streams_per_url",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if taken := cannot_listen(args.host, args.port):
             print(f"opd-trainer: error: {taken}", file=sys.stderr)
             return 2
-        server = TrainerServer(create_app(), args.host, args.port)
         try:
+            server = TrainerServer(create_app(), args.host, args.port)
             server.run()
         except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
             return 130

@@ -7,9 +7,9 @@ replica, so one lane would give a step's frames all to one. Backpressure: at mos
 `frames_in_flight` frames per lane await scores in all (a replica that is down leaves its share to
 the others), and as many wait in a bounded queue; beyond that `put` blocks the generating thread.
 If a replica dies mid-step, the sequences it had not answered are scored again elsewhere at once, a
-frame per request; so are those of a replica that has sat on a frame for HEDGE_AFTER_S while others
-answered (it may hang: the client's timeout is minutes). Each rollout's first score is taken,
-exactly once, and the step ends when every rollout has one.
+frame per request; so are those of a lane that has answered nothing for HEDGE_AFTER_S since a frame
+was sent on it while others answered (its replica may hang: the client's timeout is minutes). Each
+rollout's first score is taken, exactly once, and the step ends when every rollout has one.
 
     feed = TeacherFeed(urls, api_key, streams_per_url=1)  # one per run; owns an event-loop thread
     step = feed.begin(max_positions=H, top_k=0)
@@ -105,7 +105,8 @@ class StepFeed:
         self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
-        # Guards frames and scores, which the loop's thread writes and scored_frames() reads.
+        # Guards frames, scores and _missing, which the loop's thread writes and scored_frames()
+        # reads.
         self._changed = threading.Condition()
         self._closing = False  # the caller has sent the end of input
         self._done = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
@@ -224,7 +225,7 @@ class StepFeed:
             await lane.queue.put(frame)
         for lane in lanes.values():
             await lane.queue.put(None)
-        streams = [lane.task for lane in lanes.values()]
+        streams = list(self._streams)  # lanes given up on too: one may still hang
         await self._ended_or_all_scored(lambda: streams)
         await _cancelled([self._watcher])  # the streams are over: no frame can stall now
         await self._ended_or_all_scored(lambda: self._rescues)
@@ -259,8 +260,10 @@ class StepFeed:
         return len(self.scores) == self._rollouts
 
     async def _rescue_stalled_frames(self) -> None:
-        """Every little while: give to a rescue each frame its replica has sat on for
-        HEDGE_AFTER_S while another replica has answered since it was sent."""
+        """Every little while: give up on a lane that has answered nothing for HEDGE_AFTER_S
+        since a frame was sent on it while another lane has answered, and score its frames
+        elsewhere. (A lane that answers is alive, its frames only queued: with several lanes to
+        one replica, behind its siblings' frames.)"""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, HEDGE_AFTER_S / 4))
@@ -272,8 +275,7 @@ class StepFeed:
                 stalled = [
                     f
                     for f in sorted(lane.open)
-                    if f not in self._rescued
-                    and others > self._sent_at[f]
+                    if lane.answered_at < self._sent_at[f] < others
                     and loop.time() - self._sent_at[f] > HEDGE_AFTER_S
                 ]
                 if stalled:
@@ -283,8 +285,18 @@ class StepFeed:
                         stalled,
                         HEDGE_AFTER_S,
                     )
-                    self._feed.client.mark_down(lane.url)
-                    self._rescue_all(stalled)
+                    self._give_up_on(lane)
+
+    def _give_up_on(self, lane: _Lane) -> None:
+        """No more frames for `lane` (its key gets a new stream), and its unanswered ones are
+        scored elsewhere now. Its URL sits out only if the lane was the URL's one stream: behind
+        a balancer, one lane's replica is not the whole pool."""
+        lane.failed = True
+        self._answered.set()  # its frames no longer count as in flight
+        lane.queue.put_nowait(None)  # end its request body, should it be waiting for frames
+        if self._feed.streams_per_url == 1:
+            self._feed.client.mark_down(lane.url)
+        self._rescue_all(sorted(lane.open))
 
     def _rescue_all(self, frames: list[int]) -> None:
         for frame in frames:
@@ -358,13 +370,11 @@ class StepFeed:
             self._answered.set()
             raise
         except Exception as exc:  # the replica died, broke the connection or failed
-            lane.failed = True
-            self._answered.set()
-            self._feed.client.mark_down(lane.url)
-            log.warning("teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc)
-            # Unblock the request generator if it is waiting for more frames.
-            lane.queue.put_nowait(None)
-            self._rescue_all(lane.sent)
+            if not lane.failed:  # not given up on already, as stalled
+                log.warning(
+                    "teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc
+                )
+                self._give_up_on(lane)
 
     def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         self.stats.compute_s += compute_s
