@@ -78,6 +78,16 @@ class _Lane:
         self.answered_at = float("-inf")  # loop time of its latest score
 
 
+def stalled_frames(lane: _Lane, others_answered_at: float, sent_at: dict[int, float], now: float):
+    """The frames of `lane` sent over HEDGE_AFTER_S ago, since when the lane has answered nothing
+    while another lane has answered."""
+    return [
+        f
+        for f in sorted(lane.open)
+        if lane.answered_at < sent_at[f] < others_answered_at and now - sent_at[f] > HEDGE_AFTER_S
+    ]
+
+
 class StepFeed:
     def __init__(self, feed: TeacherFeed, max_positions: int | None, top_k: int):
         self._feed = feed
@@ -272,13 +282,7 @@ class StepFeed:
                 if lane.failed:
                     continue
                 others = max((o.answered_at for o in lanes if o is not lane), default=-1.0)
-                stalled = [
-                    f
-                    for f in sorted(lane.open)
-                    if lane.answered_at < self._sent_at[f] < others
-                    and loop.time() - self._sent_at[f] > HEDGE_AFTER_S
-                ]
-                if stalled:
+                if stalled := stalled_frames(lane, others, self._sent_at, loop.time()):
                     log.warning(
                         "teacher %s has not answered frames %s for %.0f s; scoring them elsewhere",
                         lane.url,

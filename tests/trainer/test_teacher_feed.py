@@ -15,7 +15,7 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
-from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError
+from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError, _Lane, stalled_frames
 from shared.client import TeacherTimedOut
 from shared.task import problems
 from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve
@@ -219,6 +219,18 @@ def test_a_refused_last_frame_fails_the_step_by_name(teacher_url):
             list(step.scored_frames())
     finally:
         feed.close()
+
+
+def test_a_lane_is_stalled_only_while_it_answers_nothing_and_another_lane_answers():
+    lane = _Lane("http://a")
+    lane.open = {0, 1}
+    sent_at = {0: 0.0, 1: 5.0}
+    silent = stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=20.0)
+    assert silent == [0, 1]  # nothing from it since either was sent, another lane answered
+    assert stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=14.0) == [0]
+    assert stalled_frames(lane, others_answered_at=-1.0, sent_at=sent_at, now=20.0) == []
+    lane.answered_at = 12.0  # it answered after both were sent: alive, the frames only queued
+    assert stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=20.0) == []
 
 
 def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_timeout(
