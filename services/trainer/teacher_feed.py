@@ -78,7 +78,9 @@ class _Lane:
         self.answered_at = float("-inf")  # loop time of its latest score
 
 
-def stalled_frames(lane: _Lane, others_answered_at: float, sent_at: dict[int, float], now: float):
+def stalled_frames(
+    lane: _Lane, others_answered_at: float, sent_at: dict[int, float], now: float
+) -> list[int]:
     """The frames of `lane` sent over HEDGE_AFTER_S ago, since when the lane has answered nothing
     while another lane has answered."""
     return [
