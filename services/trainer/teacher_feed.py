@@ -106,14 +106,12 @@ class StepFeed:
         self._missing: dict[int, int] = {}  # frame -> its sequences without a score yet
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
-        self._rescued: set[int] = set()  # frames given to a rescue (each once)
         self._timed_out: dict[int, TeacherTimedOut] = {}  # frames whose rescue got no answer
         self._sent_at: dict[int, float] = {}  # loop time each frame went to its lane
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         self._refused: TeacherStreamError | None = None  # a frame the teacher refused
         self.frames: list[list[Rollout]] = []
-        self._frame_of: dict[int, int] = {}  # rollout key -> its frame
         self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
         self.stats = FeedStats()
@@ -224,7 +222,6 @@ class StepFeed:
                 raise self._refused
             frame = len(self.frames)
             self._missing[frame] = len(batch)
-            self._frame_of.update((r.key, frame) for r in batch)
             with self._changed:
                 self.frames.append(batch)
             self._rollouts += len(batch)
@@ -302,13 +299,9 @@ class StepFeed:
         lane.queue.put_nowait(None)  # end its request body, should it be waiting for frames
         if self._feed.streams_per_url == 1:
             self._feed.client.mark_down(lane.url)
-        self._rescue_all(sorted(lane.open))
-
-    def _rescue_all(self, frames: list[int]) -> None:
-        for frame in frames:
-            if frame not in self._rescued:
-                self._rescued.add(frame)
-                self._rescues.append(asyncio.create_task(self._rescue(frame)))
+        # Once per frame: a lane is given up on once, and a frame is only ever sent on one lane.
+        for frame in sorted(lane.open):
+            self._rescues.append(asyncio.create_task(self._rescue(frame)))
 
     async def _room_for_a_frame(self) -> None:
         """Wait until a frame may go out; a refused frame ends the step here, by name."""
@@ -369,7 +362,7 @@ class StepFeed:
                 if item.error is not None:
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
                 lane.answered_at = asyncio.get_running_loop().time()
-                self._take(self.frames[frame][item.index], item.score, item.compute_s)
+                self._take(frame, self.frames[frame][item.index], item.score, item.compute_s)
         except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
             self._refused = exc
             lane.failed = True
@@ -382,12 +375,11 @@ class StepFeed:
                 )
                 self._give_up_on(lane)
 
-    def _take(self, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
+    def _take(self, frame: int, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         self.stats.compute_s += compute_s
         self.stats.scored_tokens += len(score.logprobs)
         if rollout.key in self.scores:
             return  # already answered (a rescored duplicate): the first score trains
-        frame = self._frame_of[rollout.key]
         lane = self._lane_of[frame]
         lane.awaiting -= 1
         with self._changed:  # the count and the score together: scored_frames() reads both
@@ -427,7 +419,7 @@ class StepFeed:
         for rollout, score in zip(missing, result.results):
             if rollout.key not in self.scores:  # not answered meanwhile by another route
                 self.stats.rescored += 1
-            self._take(rollout, score, 0.0)
+            self._take(frame, rollout, score, 0.0)
 
 
 async def _cancelled(tasks: list[asyncio.Task]) -> None:
