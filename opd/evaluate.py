@@ -13,6 +13,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.generate import generate
+from opd.padding import pad_id
 from shared.task import MAX_NEW_TOKENS, Problem, extract_answer
 
 
@@ -59,7 +60,7 @@ def evaluate(
             encode_prompts(tokenizer, chunk),
             MAX_NEW_TOKENS,
             tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
+            pad_id(tokenizer),
             temperature=temperature,
             generator=generator,
         )

@@ -18,6 +18,17 @@ def right_pad(rows: list, fill, dtype=torch.long, width: int | None = None) -> t
     return out
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else (many Llama and Mistral tokenizers
+    have none) its <eos>, as Hugging Face pipelines do. Padding is masked out or never read, so the
+    choice changes no result, and the tokenizer itself is left as it is: its fingerprint must
+    still match the teacher's."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts into (ids_B_P, mask_B_P) so every prompt ends at the same column."""
     width = max(len(p) for p in prompts)

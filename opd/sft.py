@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from opd.evaluate import evaluate
 from opd.models import count_parameters, tiny_config
+from opd.padding import right_pad
 from shared.task import Problem, problems
 
 
@@ -53,12 +54,8 @@ def sft_batch(
     prompts = tokenizer([p.prompt for p in batch])["input_ids"]
     targets = tokenizer([p.target for p in batch], add_special_tokens=False)["input_ids"]
     rows = [(pr, tg + [tokenizer.eos_token_id]) for pr, tg in zip(prompts, targets)]
-    width = max(len(pr) + len(tg) for pr, tg in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, (pr, tg) in enumerate(rows):
-        ids[b, : len(pr) + len(tg)] = torch.tensor(pr + tg)
-        labels[b, len(pr) : len(pr) + len(tg)] = torch.tensor(tg)
+    ids = right_pad([pr + tg for pr, tg in rows], tokenizer.pad_token_id)
+    labels = right_pad([[-100] * len(pr) + tg for pr, tg in rows], -100)
     return ids, labels
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from opd.models import hf_bars_for, weight_bytes
 
@@ -135,8 +136,17 @@ def _set_cuda_rng(states: list[torch.Tensor]) -> None:
 
 
 def read_state(path: Path) -> TrainState:
-    """The step, data position and schedule of the checkpoint at `path` (no weights read)."""
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    """The step, data position and schedule of the checkpoint at `path` (no weights read);
+    ValueError naming a field that is missing or of another type (a hand-edited state.json)."""
+    try:
+        return _STATE.validate_json((path / "state.json").read_bytes(), strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "state"
+        raise ValueError(f"{field}: {error['msg']}") from None
+
+
+_STATE = TypeAdapter(TrainState)
 
 
 def check_readable(path: Path) -> None:

@@ -101,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 # Settings that do not change what a resumed run computes (config.json never holds the API key).
 _NOT_THE_RUNS_COURSE = {
+    "teacher_url",  # another replica of the same teacher: checked by its tokenizer at connect
     "progress",
     "threads",
     "teacher_load_wait_s",

@@ -99,7 +99,11 @@ class RunConfig(BaseModel):
         "runs/opd", min_length=1, description="Output folder (metrics, plots, checkpoints)."
     )
     seed: int = Field(
-        0, ge=0, lt=2**32, description="Seed of data order, sampling and init.", strict=True
+        0,
+        ge=0,
+        lt=2**32,
+        description="Seed of the training problems' order, the held-out set and sampling.",
+        strict=True,
     )
     prompts_per_step: int = Field(
         16, ge=1, le=MAX_ROLLOUTS_PER_STEP, description="Problems per step.", strict=True
@@ -261,6 +265,13 @@ class _UniqueKeys(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # settings are named; `1:`, `null:` or `[a, b]:` is not
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"a key must be a setting's name, not of type {type(key).__name__}",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice", key_node.start_mark

@@ -261,8 +261,11 @@ class Run:
                 (self.out / name).unlink(missing_ok=True)
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
         keep = self.state.step if resumed else None
-        self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
-        self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)
+        try:
+            self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
+            self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)
+        except ValueError as exc:  # a damaged line before the last: not one a kill leaves
+            raise RunError(f"--resume: {exc}", param="resume") from None
 
     def _resume(self) -> bool:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
@@ -323,7 +326,7 @@ class Run:
 
     def _train(self) -> dict:
         cfg, state = self.cfg, self.state
-        if state.step == 0 and not self.stop.is_set():
+        if self._evaluation_missing():
             self._evaluate()
         bar = tqdm(
             total=cfg.steps,
@@ -338,7 +341,8 @@ class Run:
                 record = self._step()
                 self.metrics_log.write(record)
                 self.events({"type": "step", **record})
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                # A stop skips the evaluation, so it saves at once; --resume makes it up.
+                if self._evaluation_due() and not self.stop.is_set():
                     last_acc = self._evaluate()["accuracy"]
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
@@ -354,8 +358,9 @@ class Run:
             raise
         finally:
             bar.close()
-        final = self._final_evaluation() if state.step == cfg.steps else None
+        # Saved first: a final evaluation that fails or is interrupted loses no training.
         self._checkpoint()
+        final = self._final_evaluation() if state.step == cfg.steps else None
         return self._summary(final)
 
     def _step(self) -> dict:
@@ -450,6 +455,18 @@ class Run:
                 "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
             }
         )
+
+    def _evaluation_due(self) -> bool:
+        """Step 0 and every --eval-every steps are evaluated (the last one by _final_evaluation)."""
+        step, every = self.state.step, self.cfg.eval_every
+        return step < self.cfg.steps and (step == 0 or (every > 0 and step % every == 0))
+
+    def _evaluation_missing(self) -> bool:
+        """This step is due an evaluation that eval.jsonl lacks: a new run's step 0, or a
+        resumed run's step whose evaluation a stop skipped."""
+        if self.stop.is_set() or not self._evaluation_due():
+            return False
+        return not any(r["step"] == self.state.step for r in read_jsonl(self.out / "eval.jsonl"))
 
     def _final_evaluation(self) -> dict:
         """The evaluation at the last step; a resumed run that has one already keeps it."""

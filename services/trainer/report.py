@@ -29,7 +29,10 @@ class JsonlLog:
             path.write_text("")
         elif path.exists():
             records = read_jsonl(path, torn_tail_ok=True)
-            kept = [line for line in records if line["step"] <= keep_through_step]
+            try:
+                kept = [line for line in records if line["step"] <= keep_through_step]
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}: a line without a step number") from None
             path.write_text("".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.evaluate import encode_prompts
 from opd.generate import Generation, generate
+from opd.padding import pad_id
 from shared.task import Problem
 
 
@@ -65,7 +66,7 @@ def sample_rollouts(
         prompts,
         horizon,
         tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
+        pad_id(tokenizer),
         temperature=temperature,
         generator=generator,
         on_done=collect,

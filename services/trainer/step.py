@@ -14,18 +14,17 @@ from opd.padding import right_pad
 from services.trainer import losses
 from services.trainer.config import RunConfig
 from services.trainer.rollout import Rollout
-from shared.protocol import LOWEST_LOGPROB, SequenceScore
+from shared.protocol import SequenceScore
 
 # A teacher may call a token impossible (-inf; the vllm backend reports NaN so; a JSON answer says
-# LOWEST_LOGPROB, -9999, or less). Scored as a very bad but finite log-prob instead, the loss and
+# LOWEST_LOGPROB, -9999). Every log-prob is floored at a very bad but finite one, so the loss and
 # its gradient stay finite and sane rather than turning the student's weights into NaN or one
-# token's advantage into -9999; log-probs above LOWEST_LOGPROB, however low, are left as they are.
+# token's advantage into -9999, and an impossible token is never scored above a merely unlikely one.
 IMPOSSIBLE_LOGP = -100.0
 
 
 def finite_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    logp = torch.nan_to_num(logp, nan=IMPOSSIBLE_LOGP, neginf=IMPOSSIBLE_LOGP, posinf=0.0)
-    return logp.masked_fill(logp <= LOWEST_LOGPROB, IMPOSSIBLE_LOGP)
+    return torch.nan_to_num(logp, nan=IMPOSSIBLE_LOGP, posinf=0.0).clamp(min=IMPOSSIBLE_LOGP)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from opd.bundled import STUDENT_PATH
 from opd.evaluate import evaluate
+from opd.models import load_tokenizer
 from shared.task import problems
 
 PROBLEMS = problems("eval", 32, seed=0)
@@ -17,3 +19,14 @@ def test_one_sample_at_temperature_one_is_sampled_not_the_greedy_completion(stud
     again = evaluate(*student, PROBLEMS, samples=1, temperature=1.0, progress=False)
     same = ("accuracy", "mean_tokens", "well_formed")
     assert [getattr(again, f) for f in same] == [getattr(sampled, f) for f in same]  # by the seed
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_scores_the_same(student):
+    model, tokenizer = student
+    padless = load_tokenizer(STUDENT_PATH)  # its own copy: the session's stays as it is
+    padless.pad_token = None  # as many Llama and Mistral tokenizers are saved
+    assert padless.pad_token_id is None
+    plain = evaluate(model, tokenizer, PROBLEMS[:8], progress=False)
+    padded_with_eos = evaluate(model, padless, PROBLEMS[:8], progress=False)
+    same = ("accuracy", "mean_tokens", "well_formed")
+    assert [getattr(padded_with_eos, f) for f in same] == [getattr(plain, f) for f in same]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from opd.padding import left_pad, right_pad
+from opd.padding import left_pad, pad_id, right_pad
+from shared.tokenizer import build_tokenizer
 
 
 def test_right_pad_keeps_each_row_at_the_left_and_fills_the_rest():
@@ -27,3 +28,10 @@ def test_left_pad_ends_every_prompt_at_the_last_column_and_masks_the_padding():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_pad_id_is_the_pad_token_else_eos():
+    tokenizer = build_tokenizer()
+    assert pad_id(tokenizer) == tokenizer.pad_token_id == 0
+    tokenizer.pad_token = None
+    assert pad_id(tokenizer) == tokenizer.eos_token_id == 2

@@ -31,6 +31,8 @@ def errors_of(capsys, *argv: str) -> str:
             "'lr' is given twice (line 3, column 1)",
         ),
         ("twice.toml", "lr = 1e-4\nlr = 3e-4\n", "not valid TOML"),
+        ("number.yaml", "steps: 3\n1: 2\n", "not of type int (line 2, column 1)"),
+        ("list_key.yaml", "? [a, b]\n: 2\n", "not of type list (line 1, column 3)"),
         ("run.ini", "steps=3\n", ".yaml, .yml or .toml"),
     ],
 )

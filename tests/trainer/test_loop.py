@@ -279,6 +279,61 @@ def test_a_finished_run_killed_before_its_summary_resumes_to_one_final_evaluatio
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+def test_a_final_evaluation_that_fails_keeps_the_last_step(tmp_path, teacher_process, monkeypatch):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2, out=str(out))
+    evaluate = loop.evaluate
+
+    def out_of_memory_after_step_0(model, tokenizer, problems, **kwargs):
+        if read_jsonl(out / "eval.jsonl"):
+            raise MemoryError("as a long final avg@k evaluation may")
+        return evaluate(model, tokenizer, problems, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", out_of_memory_after_step_0)
+    with pytest.raises(MemoryError):
+        run(cfg)
+    assert checkpoint.latest(out).name == checkpoint.step_name(2)  # no checkpoint was asked for
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_stop_saves_before_the_evaluation_it_skips_and_resume_makes_it_up(
+    tmp_path, teacher_process
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(
+        **{**SMALL, "eval_every": 1}, teacher_url=[teacher_process], steps=3, out=str(out)
+    )
+    stop = threading.Event()
+    summary = run(cfg, events=lambda e: e["type"] == "step" and stop.set(), stop=stop)
+    assert summary["steps"] == 1 and not summary["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0]
+    assert checkpoint.latest(out).name == checkpoint.step_name(1)
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_damaged_state_or_log_is_refused_naming_resume(tmp_path, teacher_process):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    run(cfg)
+    more = cfg.model_copy(update={"resume": True, "steps": 2})
+    state_file = checkpoint.latest(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": "1"}))  # edited by hand
+    with pytest.raises(RunError, match=r"state.json is unreadable \(step: ") as error:
+        run(more)
+    assert error.value.param == "resume"
+    state_file.write_text(json.dumps(state))
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("{oops\n" + metrics.read_text())  # not the torn tail a kill leaves
+    with pytest.raises(RunError, match="metrics.jsonl: line 1 is not JSON") as error:
+        run(more)
+    assert error.value.param == "resume"
+
+
 def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monkeypatch):
     out = tmp_path / "run"
     cfg = RunConfig(

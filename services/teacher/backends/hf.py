@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from opd.models import load_model
-from opd.padding import right_pad
+from opd.padding import pad_id, right_pad
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.batcher import Batcher
 from services.teacher.metrics import TeacherMetrics
@@ -68,7 +68,7 @@ class HFBackend(Backend):
         self.output_logits = OutputLogits(model)
         check_output_logits(model, self.decoder, self.output_logits)
         self.cache_arg = cache_argument(self.decoder) if self.share_prompts else None
-        self.pad_id = tokenizer.pad_token_id or 0
+        self.pad_id = pad_id(tokenizer)
         vocab = self.output_logits.head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
         # Capped by the model's positions, as the vllm backend is: beyond them a model with learned
