@@ -28,6 +28,11 @@ def _package_version() -> str:
 VERSION = _package_version()
 
 
+def media_type(request: Request, default: str = "") -> str:
+    """The request's Content-Type without its parameters (`; charset=...`), lower-cased."""
+    return request.headers.get("content-type", default).split(";")[0].strip().lower()
+
+
 def error_response(err: TeacherError) -> JSONResponse:
     headers = {}
     if err.retry_after is not None:

@@ -25,6 +25,7 @@ from shared.errors import (
     from_validation,
 )
 from shared.protocol import JSON, MSGPACK, MSGPACK_TYPES, an_object, load_json
+from shared.web import media_type
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -82,7 +83,7 @@ Authorized = Annotated[None, Depends(check_api_key)]
 
 
 def is_binary_request(request: Request) -> bool:
-    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    ctype = media_type(request, JSON)
     if ctype in MSGPACK_TYPES:
         return True
     if ctype in (JSON, ""):

@@ -24,6 +24,7 @@ from shared.protocol import (
     encode_stream_error,
     encode_stream_score,
 )
+from shared.web import media_type
 
 router = APIRouter()
 # Result bytes a stream may leave unread before the teacher stops reading its frames: results are
@@ -75,7 +76,7 @@ class Outbox:
     summary="Stream micro-batches in, one result frame per sequence out (see shared.protocol)",
 )
 async def score_stream(request: Request, _: Authorized, state: Ready) -> StreamingResponse:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype != FRAMES:
         raise UnsupportedMediaType(
             f"/score/stream takes {FRAMES}, not {ctype!r}", param="Content-Type"

@@ -46,7 +46,7 @@ from shared.errors import (
     UnsupportedMediaType,
     from_validation,
 )
-from shared.web import VERSION, install_error_shape, metrics_response
+from shared.web import VERSION, install_error_shape, media_type, metrics_response
 
 log = logging.getLogger("opd.trainer.api")
 # On shutdown, how long to wait for runs to end their step and save a checkpoint.
@@ -246,7 +246,7 @@ def create_app() -> FastAPI:
         # As the teacher answers: a body in another form is a 415 and one that is not JSON a 400,
         # not a field's 422 (FastAPI reads neither as JSON, so a field would seem to be missing).
         first = exc.errors()[0]
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = media_type(request)
         if ctype not in ("", "application/json"):
             err = UnsupportedMediaType(
                 f"Content-Type {ctype!r} is not supported; send application/json",
