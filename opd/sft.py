@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from opd.evaluate import evaluate
 from opd.models import count_parameters, tiny_config
-from opd.padding import right_pad
+from opd.padding import pad_id, right_pad
 from shared.task import Problem, problems
 
 
@@ -54,7 +54,7 @@ def sft_batch(
     prompts = tokenizer([p.prompt for p in batch])["input_ids"]
     targets = tokenizer([p.target for p in batch], add_special_tokens=False)["input_ids"]
     rows = [(pr, tg + [tokenizer.eos_token_id]) for pr, tg in zip(prompts, targets)]
-    ids = right_pad([pr + tg for pr, tg in rows], tokenizer.pad_token_id)
+    ids = right_pad([pr + tg for pr, tg in rows], pad_id(tokenizer))
     labels = right_pad([[-100] * len(pr) + tg for pr, tg in rows], -100)
     return ids, labels
 

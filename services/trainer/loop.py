@@ -466,12 +466,17 @@ class Run:
         resumed run's step whose evaluation a stop skipped."""
         if self.stop.is_set() or not self._evaluation_due():
             return False
-        return not any(r["step"] == self.state.step for r in read_jsonl(self.out / "eval.jsonl"))
+        return self._evaluation_at(self.state.step) is None
 
     def _final_evaluation(self) -> dict:
         """The evaluation at the last step; a resumed run that has one already keeps it."""
-        done = [r for r in read_jsonl(self.out / "eval.jsonl") if r["step"] == self.cfg.steps]
-        return done[-1] if done else self._evaluate(samples=self.cfg.eval_samples)
+        done = self._evaluation_at(self.cfg.steps)
+        return done if done is not None else self._evaluate(samples=self.cfg.eval_samples)
+
+    def _evaluation_at(self, step: int) -> dict | None:
+        """The last record of eval.jsonl at `step`, if there is one."""
+        done = [r for r in read_jsonl(self.out / "eval.jsonl") if r["step"] == step]
+        return done[-1] if done else None
 
     def _evaluate(self, samples: int = 0) -> dict:
         greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False)
