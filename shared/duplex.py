@@ -312,14 +312,21 @@ async def _read_in_a_thread(body: Iterable[bytes], loop) -> AsyncIterator[bytes]
         yield item
 
 
+def _put_on_the_loop(items: asyncio.Queue, item) -> None:
+    if items.full():  # the body's last item is still waiting: queue behind it
+        asyncio.ensure_future(items.put(item))
+    else:
+        items.put_nowait(item)
+
+
 def _hand_over(items: asyncio.Queue, item, loop, wait: bool) -> bool:
     """Put `item` on the stream's queue from the reading thread (waiting until it is taken if
     `wait`); False once the stream is over and its loop gone or its put cancelled."""
     if not wait:
-        # The put is made on the loop, when it gets there: one made here would be a coroutine
-        # never awaited (and warned about) if the stream ends and its loop stops first.
+        # The put is made on the loop, when it gets there, and without a coroutine while there is
+        # room: a put task made as the stream's loop stops would never run (and be warned about).
         try:
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(items.put(item)))
+            loop.call_soon_threadsafe(_put_on_the_loop, items, item)
         except RuntimeError:  # the loop is closed
             return False
         return True

@@ -82,6 +82,21 @@ def test_a_body_item_that_is_not_bytes_reaches_the_caller():
                 response.read()
 
 
+
+def test_the_end_of_a_body_is_queued_without_a_task_a_stopping_loop_could_strand():
+    # The reading thread hands over the body's end without waiting; the loop may stop right after
+    # it gets there (the stream failed), so the hand-over must not leave a put task to run later.
+    loop = asyncio.new_event_loop()
+    items: asyncio.Queue = asyncio.Queue(maxsize=1)
+    try:
+        assert _hand_over(items, "end", loop, wait=False)
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # one pass: the hand-over's callback runs, and the loop stops
+        assert items.get_nowait() == "end"
+        assert not asyncio.all_tasks(loop)
+    finally:
+        loop.close()
+
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:21", "http://"])
 def test_a_url_that_is_not_http_is_refused_before_connecting(url):
     with pytest.raises(httpx.UnsupportedProtocol):
