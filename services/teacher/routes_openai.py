@@ -150,6 +150,15 @@ async def completions(request: Request, _: Authorized, state: Ready) -> dict:
         else (body.logprobs if body.echo else None)
     )
     generate = body.max_tokens == 1
+    if generate and state.limits.max_top_k < 1:
+        # The next token is read off the teacher's top-1: refused here in the words of what was
+        # asked, rather than as a top_k of 1 the client never sent.
+        raise BadRequest(
+            "max_tokens=1 returns the teacher's next token, which needs its top-1 log-probs: "
+            f"this server's max_top_k is {state.limits.max_top_k} (send max_tokens 0 to score "
+            "the prompt only)",
+            param="max_tokens",
+        )
     try:  # every prompt, whether or not log-probs are asked for, as vLLM checks them
         for i, prompt in enumerate(prompts):
             where = f"prompt.{i}" if isinstance(body.prompt[0], list) else "prompt"  # as sent

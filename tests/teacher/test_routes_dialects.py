@@ -70,6 +70,13 @@ def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, 
     assert_error(r, 400, param=named, says=f"{named} 25 exceeds this server's max_top_k 20")
 
 
+def test_openai_one_new_token_from_a_server_without_top_k_names_max_tokens():
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH), max_top_k=0))
+    with serve(app) as url:
+        r = post(url, OPENAI, {"prompt": [1, 21, 18, 5], "max_tokens": 1})
+        assert_error(r, 400, param="max_tokens", says="this server's max_top_k is 0")
+        assert post(url, OPENAI, OPENAI_GOOD).status_code == 200  # scoring the prompt still works
+
 @pytest.mark.parametrize(
     "body, param, says",
     [
