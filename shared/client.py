@@ -523,8 +523,9 @@ class TeacherClient(_ClientBase):
         self, requests: Iterable[ScoreRequest | dict], url: str | None = None
     ) -> Iterator[StreamItem]:
         """Send each request as one frame of a /score/stream call as `requests` yields it (read in
-        a background thread); yield a StreamItem per scored sequence as soon as it is scored, while
-        `requests` may still be yielding, then one with done=True. Not retried: a broken stream
+        a background thread); yield a StreamItem per scored sequence as soon as it is scored (or
+        with `error`: a refused frame, or with `index` too, a sequence that could not be scored),
+        while `requests` may still be yielding, then one with done=True. Not retried: a broken stream
         raises ServerError (TeacherUnreachable if it never connected, TeacherTimedOut if it sent
         nothing for `timeout` s), and the caller re-sends what got no result."""
         _refuse_if_closed(self._http)

@@ -19,8 +19,10 @@ of frames, each a 4-byte little-endian length and a msgpack map. Each request fr
 ScoreRequest (a micro-batch of rollouts, sent as soon as it is ready); the response streams one frame
 per scored sequence, {"frame": i, "index": j, "score": <binary SequenceScore>, "compute_s": float},
 in the order they finish, an {"frame": i, "error": {...}} frame for a frame that was refused (or for
-broken framing, which ends the input once the whole frames before it are answered), and a last
-{"done": true, "frames": n, "sequences": m} frame.
+broken framing, which ends the input once the whole frames before it are answered), an
+{"frame": i, "index": j, "error": {...}} frame for a sequence that could not be scored (its forward
+failed: the frame's other sequences are still answered), and a last
+{"done": true, "frames": n, "sequences": m} frame (m: the sequences scored).
 
 Binary form (Content-Type / Accept `application/msgpack`): the same maps, with every id array packed
 as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of
@@ -371,7 +373,8 @@ def _json_score(d: dict) -> SequenceScore:
 
 @dataclass
 class StreamItem:
-    """One response frame of /score/stream: a sequence's score, a refused frame, or the end."""
+    """One response frame of /score/stream: a sequence's score, a refused frame (or with `index`, a
+    sequence that could not be scored), or the end."""
 
     frame: int | None = None
     index: int | None = None
@@ -459,9 +462,13 @@ def encode_stream_score(frame: int, index: int, score: SequenceScore, compute_s:
     )
 
 
-def encode_stream_error(frame: int, err: TeacherError) -> bytes:
-    """Frame `frame` was refused (or broke the stream's framing), saying why in the error shape."""
-    return pack_frame({"frame": frame, "error": err.to_body()["error"]})
+def encode_stream_error(frame: int, err: TeacherError, index: int | None = None) -> bytes:
+    """Frame `frame` was refused (or broke the stream's framing), or with `index`, that sequence of
+    it could not be scored; saying why in the error shape."""
+    item: dict[str, Any] = {"frame": frame, "error": err.to_body()["error"]}
+    if index is not None:
+        item["index"] = index
+    return pack_frame(item)
 
 
 def encode_stream_done(frames: int, sequences: int) -> bytes:
@@ -474,7 +481,7 @@ def decode_stream_item(payload: bytes) -> StreamItem:
         if d.get("done"):
             return StreamItem(done=True, frames=d.get("frames"), sequences=d.get("sequences"))
         if "error" in d:
-            return StreamItem(frame=d["frame"], error=d["error"])
+            return StreamItem(frame=d["frame"], index=d.get("index"), error=d["error"])
         score = _unpack_score(d["score"])
         return StreamItem(d["frame"], d["index"], score, d.get("compute_s", 0.0))
 

@@ -172,12 +172,17 @@ async def _score_frame(
         if isinstance(payload, TeacherError):  # a frame too large to read, read past
             raise payload
         request = decode_request(payload, binary=True)
-        async for index, job, score in score_as_completed(
+        scored = 0
+        async for index, job, outcome in score_as_completed(
             request, state.backend, state.limits, state.metrics, queued
         ):
-            await out.put(encode_stream_score(frame, index, score, job.compute_s))
-        return len(request.sequences)
-    except TeacherError as err:  # refused, or its forward failed (a 500): the others go on
+            if isinstance(outcome, TeacherError):  # this sequence's forward failed (a 500)
+                await out.put(encode_stream_error(frame, outcome, index))
+            else:
+                await out.put(encode_stream_score(frame, index, outcome, job.compute_s))
+                scored += 1
+        return scored
+    except TeacherError as err:  # the frame was refused: the other frames go on
         await out.put(encode_stream_error(frame, err))
         return 0
     finally:

@@ -94,11 +94,12 @@ async def score_as_completed(
     limits: Limits,
     metrics: TeacherMetrics | None = None,
     queued: asyncio.Event | None = None,
-) -> AsyncIterator[tuple[int, ScoreJob, SequenceScore]]:
-    """Like score_request, but yields (index, job, score) per sequence as soon as each is done. Its
-    sequences are queued together; while the queue is full this waits for room (up to
-    QUEUE_WAIT_S, then QueueFull) instead of refusing at once, and a stream's reader waits too,
-    which holds its client back. `queued` is set once they are queued."""
+) -> AsyncIterator[tuple[int, ScoreJob, SequenceScore | TeacherError]]:
+    """Like score_request, but yields (index, job, score) per sequence as soon as each is done, or
+    (index, job, error) for a sequence whose scoring failed: the others go on. Its sequences are
+    queued together; while the queue is full this waits for room (up to QUEUE_WAIT_S, then
+    QueueFull) instead of refusing at once, and a stream's reader waits too, which holds its
+    client back. `queued` is set once they are queued."""
     jobs = jobs_from_request(request, limits)
     pending = await _queue_when_room(backend, jobs)
     if queued is not None:
@@ -106,11 +107,11 @@ async def score_as_completed(
     tasks = [asyncio.ensure_future(_indexed(i, p)) for i, p in enumerate(pending)]
     try:
         for next_done in asyncio.as_completed(tasks):
-            index, score = await next_done
-            if metrics is not None:
+            index, outcome = await next_done
+            if metrics is not None and not isinstance(outcome, TeacherError):
                 metrics.tokens_scored.inc(jobs[index].n_scored)
                 metrics.prompt_tokens.inc(jobs[index].n_prompt)
-            yield index, jobs[index], score
+            yield index, jobs[index], outcome
     finally:
         for task in tasks:
             task.cancel()
@@ -136,8 +137,13 @@ def _drop_unstarted(pending: list[Awaitable]) -> None:
             scoring.cancel()
 
 
-async def _indexed(index: int, pending: Awaitable[SequenceScore]) -> tuple[int, SequenceScore]:
-    return index, await _checked(pending, 1)
+async def _indexed(
+    index: int, pending: Awaitable[SequenceScore]
+) -> tuple[int, SequenceScore | TeacherError]:
+    try:
+        return index, await _checked(pending, 1)
+    except TeacherError as err:  # this sequence's forward failed, say: its siblings go on
+        return index, err
 
 
 async def score_request(

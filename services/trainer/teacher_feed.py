@@ -7,7 +7,8 @@ replica, so one lane would give a step's frames all to one. Backpressure: at mos
 `frames_in_flight` frames per lane await scores in all (a replica that is down leaves its share to
 the others), and as many wait in a bounded queue; beyond that `put` blocks the generating thread.
 If a replica dies mid-step, the sequences it had not answered are scored again elsewhere at once, a
-frame per request; so are those of a lane that has answered nothing for HEDGE_AFTER_S since a frame
+frame per request; so is a sequence it could not score (its siblings still come on the stream), and so
+are those of a lane that has answered nothing for HEDGE_AFTER_S since a frame
 was sent on it while others answered (its replica may hang: the client's timeout is minutes). Each
 rollout's first score is taken, exactly once, and the step ends when every rollout has one.
 
@@ -357,10 +358,13 @@ class StepFeed:
                 if item.done:  # read on to the end, where the client checks the count
                     continue
                 frame = lane.sent[item.frame]
-                if item.error is not None and _replica_fault(item.error):
-                    raise ServerError(f"frame {frame}: {item.error.get('message')}")
-                if item.error is not None:
+                if item.error is not None and not _replica_fault(item.error):
                     raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
+                if item.error is not None and item.index is None:
+                    raise ServerError(f"frame {frame}: {item.error.get('message')}")
+                if item.error is not None:  # one sequence failed; its siblings still come
+                    self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
+                    continue
                 lane.answered_at = asyncio.get_running_loop().time()
                 self._take(frame, self.frames[frame][item.index], item.score, item.compute_s)
         except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
@@ -374,6 +378,20 @@ class StepFeed:
                     "teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc
                 )
                 self._give_up_on(lane)
+
+    def _rescue_one(self, lane: _Lane, frame: int, rollout: Rollout, error: dict) -> None:
+        """Score elsewhere, now, a rollout whose scoring failed on `lane`'s replica; the lane goes
+        on with the rest of its frames, and its URL gets no new ones for a while (its forwards may
+        all be failing) if it is the URL's one stream."""
+        log.warning(
+            "teacher %s could not score a rollout of frame %d (%s); scoring it elsewhere",
+            lane.url,
+            frame,
+            error.get("message"),
+        )
+        if self._feed.streams_per_url == 1:
+            self._feed.client.mark_down(lane.url)
+        self._rescues.append(asyncio.create_task(self._rescue(frame, [rollout])))
 
     def _take(self, frame: int, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
         self.stats.compute_s += compute_s
@@ -390,12 +408,13 @@ class StepFeed:
             lane.open.discard(frame)
         self._answered.set()
 
-    async def _rescue(self, frame: int) -> None:
-        """Score again a failed lane's frame, now, so the step need not wait for its end; what
-        fails here is tried again after the last frame, except a request that a replica took and
-        did not answer in time: that fails the step, if the frame is not answered meanwhile."""
+    async def _rescue(self, frame: int, only: list[Rollout] | None = None) -> None:
+        """Score again a failed lane's frame (or `only` those of its rollouts), now, so the step
+        need not wait for its end; what fails here is tried again after the last frame, except a
+        request that a replica took and did not answer in time: that fails the step, if the frame
+        is not answered meanwhile."""
         try:
-            await self._rescore(frame)
+            await self._rescore(frame, only)
         except TeacherTimedOut as exc:
             self._timed_out[frame] = exc
             log.warning("rescoring frame %d got no answer in time (%s)", frame, exc)
@@ -404,10 +423,11 @@ class StepFeed:
                 "rescoring frame %d failed (%s); trying again at the step's end", frame, exc
             )
 
-    async def _rescore(self, frame: int) -> None:
-        """Score `frame`'s rollouts that have no score yet, in one request (a frame's size: a whole
-        step's in one could outlast the timeout or the teacher's body limit)."""
-        missing = [r for r in self.frames[frame] if r.key not in self.scores]
+    async def _rescore(self, frame: int, only: list[Rollout] | None = None) -> None:
+        """Score `frame`'s rollouts (or `only` those) that have no score yet, in one request (a
+        frame's size: a whole step's in one could outlast the timeout or the teacher's body
+        limit)."""
+        missing = [r for r in (only or self.frames[frame]) if r.key not in self.scores]
         if not missing:
             return
         # The unary call retries with backoff and fails over between replicas on its own.

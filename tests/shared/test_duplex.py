@@ -82,7 +82,6 @@ def test_a_body_item_that_is_not_bytes_reaches_the_caller():
                 response.read()
 
 
-
 def test_the_end_of_a_body_is_queued_without_a_task_a_stopping_loop_could_strand():
     # The reading thread hands over the body's end without waiting; the loop may stop right after
     # it gets there (the stream failed), so the hand-over must not leave a put task to run later.
@@ -96,6 +95,7 @@ def test_the_end_of_a_body_is_queued_without_a_task_a_stopping_loop_could_strand
         assert not asyncio.all_tasks(loop)
     finally:
         loop.close()
+
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:21", "http://"])
 def test_a_url_that_is_not_http_is_refused_before_connecting(url):

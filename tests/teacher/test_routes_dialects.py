@@ -77,6 +77,7 @@ def test_openai_one_new_token_from_a_server_without_top_k_names_max_tokens():
         assert_error(r, 400, param="max_tokens", says="this server's max_top_k is 0")
         assert post(url, OPENAI, OPENAI_GOOD).status_code == 200  # scoring the prompt still works
 
+
 @pytest.mark.parametrize(
     "body, param, says",
     [

@@ -36,7 +36,7 @@ from shared.protocol import (
 )
 from tests.conftest import free_port, plain_http, serve
 from tests.teacher.test_routes import CountingGatedBackend, GatedBackend, wait_for
-from tests.teacher.test_scoring_correctness import mixed_sequences
+from tests.teacher.test_scoring_correctness import mixed_sequences, reference_logp
 
 
 def frames_of(seqs, size):
@@ -296,6 +296,18 @@ class CrashingBackend(HFBackend):
         return super().score_batch(jobs)
 
 
+class PoisonedBackend(HFBackend):
+    """The real hf backend, failing every batch that holds a sequence with the POISON token, as a
+    forward that fails on some inputs would."""
+
+    POISON = 13
+
+    def score_batch(self, jobs):
+        if any(self.POISON in job.input_ids for job in jobs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().score_batch(jobs)
+
+
 def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly():
     backend = CrashingBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
@@ -304,8 +316,26 @@ def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly(
         backend.crashes = 1
         items = list(client.score_stream(iter([good])))
         assert items[0].error["code"] == 500 and "RuntimeError" in items[0].error["message"]
-        assert items[-1].done
+        assert (items[0].frame, items[0].index) == (0, 0)  # the sequence that failed, by name
+        assert items[-1].done and items[-1].sequences == 0
         assert len(list(client.score_stream(iter([good])))) == 2  # the server keeps serving
+
+
+def test_a_sequence_that_fails_is_an_error_frame_and_its_siblings_are_scored(teacher):
+    backend = PoisonedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    completions = [[5, 6, 7], [5, PoisonedBackend.POISON, 7], [8, 9], [6]]
+    frame = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": c} for c in completions]}
+    with serve(app) as url, TeacherClient(url) as client:
+        items = list(client.score_stream(iter([frame])))
+    errors = [item for item in items if item.error is not None]
+    scores = {item.index: item.score for item in items if item.score is not None}
+    assert [(e.frame, e.index, e.error["code"]) for e in errors] == [(0, 1, 500)]
+    assert sorted(scores) == [0, 2, 3] and items[-1].done and items[-1].sequences == 3
+    for i in scores:  # the siblings' scores are the real ones
+        logp = reference_logp(teacher[0], [1, 2], completions[i])
+        want = logp[range(len(completions[i])), completions[i]].numpy()
+        np.testing.assert_allclose(scores[i].logprobs, want, atol=1e-5)
 
 
 class CutOffStream(http.server.BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ from shared.client import TeacherTimedOut
 from shared.task import problems
 from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve
 from tests.teacher.test_routes import GatedBackend, wait_for
-from tests.teacher.test_routes_stream import CrashingBackend, scored_tokens
+from tests.teacher.test_routes_stream import CrashingBackend, PoisonedBackend, scored_tokens
 
 
 def test_close_cancels_a_step_that_was_never_finished(teacher_url):
@@ -112,6 +112,26 @@ def test_a_replica_whose_forwards_fail_mid_step_is_scored_around(teacher_url):
     assert all(len(score.logprobs) == 3 for score in scores.values())
     # The rescored frame is yielded once, whole, in its place.
     assert [sorted(s) for _, s in got] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_a_rollout_one_replica_cannot_score_is_scored_elsewhere_and_only_it(teacher_url):
+    backend = PoisonedBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app) as poisoned_url:
+        feed = TeacherFeed([poisoned_url, teacher_url])
+        try:
+            step = feed.begin(max_positions=8)
+            frame = rollouts(4)
+            frame[2].completion_ids = [5, PoisonedBackend.POISON, 7]
+            step.put(frame)  # to the poisoned replica: both are idle, and it comes first
+            got = list(step.scored_frames())
+            scores, stats = step.finish()
+        finally:
+            feed.close()
+    # Its three siblings came on the stream; only the one that failed was scored again.
+    assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == 1
+    assert [sorted(s) for _, s in got] == [[0, 1, 2, 3]]
+    assert stats.scored_tokens == 12  # each rollout's three tokens once, nothing scored twice
 
 
 def test_a_dead_replicas_frames_are_scored_elsewhere_at_once_not_at_the_steps_end(teacher_url):
