@@ -10,8 +10,11 @@ import torch
 
 
 def masked_mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the positions where the mask is 1; 0 when nothing is masked in."""
-    return (x_B_T * mask_B_T).sum() / mask_B_T.sum().clamp(min=1)
+    """Mean of x over the positions where the mask is 1; 0 when nothing is masked in. Masked-out
+    positions are dropped, not multiplied by 0, so whatever padding holds there (an inf) cannot
+    turn the mean into NaN."""
+    kept_B_T = torch.where(mask_B_T > 0, x_B_T * mask_B_T, torch.zeros_like(x_B_T))
+    return kept_B_T.sum() / mask_B_T.sum().clamp(min=1)
 
 
 def reverse_kl_advantage(
@@ -99,23 +102,37 @@ def topk_forward_kl(
     return masked_mean(kl, mask_B_T)
 
 
+# The least mass the bucket of tokens outside the teacher's top-k is given: float32's rounding
+# leaves 1 - sum(top-k) slightly negative when the top-k holds all the mass.
+_TAIL_FLOOR = 1e-12
+
+
 def topk_jsd(
     student_logp_B_T_K: torch.Tensor,
     teacher_logp_B_T_K: torch.Tensor,
     mask_B_T: torch.Tensor,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """Generalised JSD(beta) on the teacher's top-k support, both sides renormalised over it:
+    """Generalised JSD(beta) over the teacher's top-k ids plus one bucket for every other token:
     beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta * P + (1 - beta) * Q (P teacher, Q student),
-    for 0 < beta < 1 (at 0 or 1 it is no divergence at all; the config refuses both).
+    for 0 < beta < 1 (at 0 or 1 it is no divergence at all; the config refuses both). Both inputs
+    are full-vocabulary log-probs at those ids. The bucket makes a student pay for mass it puts
+    outside the teacher's top-k (renormalising over the top-k would not see it); with k the whole
+    vocabulary it is the exact JSD.
     """
-    log_p = torch.log_softmax(teacher_logp_B_T_K, dim=-1)
-    log_q = torch.log_softmax(student_logp_B_T_K, dim=-1)
+    log_p = _with_tail(teacher_logp_B_T_K)
+    log_q = _with_tail(student_logp_B_T_K)
     log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), 0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     jsd = beta * kl_pm + (1 - beta) * kl_qm
     return masked_mean(jsd, mask_B_T)
+
+
+def _with_tail(logp_B_T_K: torch.Tensor) -> torch.Tensor:
+    """[B, T, K + 1]: the K log-probs and the log of the mass outside them."""
+    rest_B_T_1 = 1 - logp_B_T_K.exp().sum(-1, keepdim=True)
+    return torch.cat([logp_B_T_K, rest_B_T_1.clamp(min=_TAIL_FLOOR).log()], dim=-1)
 
 
 def full_reverse_kl(

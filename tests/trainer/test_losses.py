@@ -77,6 +77,37 @@ def test_topk_divergences_vanish_when_student_equals_teacher_and_are_positive_ot
     assert losses.topk_jsd(s3, t3, MASK, beta=0.3) > 0
 
 
+def jsd_reference(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD(beta) of two probability vectors, from its definition."""
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()
+
+
+def test_topk_jsd_over_the_whole_vocabulary_is_the_exact_jsd():
+    teacher_V = torch.log_softmax(torch.randn(B, T, 7), -1)
+    student_V = torch.log_softmax(torch.randn(B, T, 7), -1)
+    got = losses.topk_jsd(student_V, teacher_V, MASK, beta=0.3)
+    per_token = torch.stack(
+        [
+            jsd_reference(teacher_V[b, t].exp(), student_V[b, t].exp(), 0.3)
+            for b in range(B)
+            for t in range(T)
+            if MASK[b, t]
+        ]
+    )
+    assert torch.isclose(got, per_token.mean(), atol=1e-6)
+
+
+def test_topk_jsd_charges_a_student_for_mass_outside_the_teachers_top_k():
+    # Over 5 tokens the teacher's top-2 hold 0.9; the student has their shape (2:1 as the teacher)
+    # but puts half its mass on the other tokens. Renormalised over the top-2 the two agree.
+    teacher = torch.tensor([0.6, 0.3]).log().expand(B, T, 2)
+    student = torch.tensor([1 / 3, 1 / 6]).log().expand(B, T, 2)
+    want = jsd_reference(torch.tensor([0.6, 0.3, 0.1]), torch.tensor([1 / 3, 1 / 6, 0.5]), 0.5)
+    assert torch.isclose(losses.topk_jsd(student, teacher, MASK), want, atol=1e-6)
+    assert want > 0.1
+
+
 def test_reverse_kl_estimate_and_profile():
     est = losses.reverse_kl_estimate(TEACHER, STUDENT, MASK)
     assert abs(est - float(((STUDENT - TEACHER) * MASK).sum() / MASK.sum())) < 1e-6
