@@ -30,6 +30,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -37,6 +38,7 @@ import httpx
 from shared.duplex import open_stream, open_stream_async
 from shared.errors import (
     FingerprintMismatch,
+    MalformedBody,
     NotFound,
     NotReady,
     ServerError,
@@ -98,8 +100,8 @@ class _Replicas:
         self._lock = threading.Lock()
 
     def is_up(self, url: str) -> bool:
-        """False while `url` sits out after a connection failure."""
-        return self.down_until[url] <= time.monotonic()
+        """False while `url` sits out after a failure (a URL outside the pool never does)."""
+        return self.down_until.get(url, 0.0) <= time.monotonic()
 
     def acquire(self) -> str:
         with self._lock:
@@ -120,16 +122,31 @@ class _Replicas:
         while it already sits out is the same incident (the other requests it held, or a second
         report of one broken stream), so it does not lengthen the span."""
         with self._lock:
-            if not self.is_up(url):
+            if url not in self.failures or not self.is_up(url):  # not one of ours, or sitting out
                 return
             self.failures[url] += 1
             growth = 2 ** min(self.failures[url] - 1, 16)
             self.down_until[url] = time.monotonic() + min(MAX_SIT_OUT_S, seconds * growth)
 
     def mark_good(self, url: str) -> None:
-        """`url` answered: its next failure sits out the first span again."""
+        """`url` answered: it is up, and its next failure sits out the first span again (a
+        replica that answered 503 while it loaded is up once it answers)."""
         with self._lock:
-            self.failures[url] = 0
+            if url in self.failures:
+                self.failures[url] = 0
+                self.down_until[url] = 0.0
+
+
+def checked_api_key(api_key: str) -> str:
+    """`api_key` as it can go in a header: one with a space or a control character (a key read
+    from a file with its newline) is refused at once, rather than failing every request as if
+    the teacher were unreachable."""
+    if not all("!" <= c <= "~" for c in api_key):
+        raise ValueError(
+            "an API key may hold only visible ASCII characters (no spaces or newlines: strip a "
+            "key read from a file)"
+        )
+    return api_key
 
 
 def checked_url(url: str) -> str:
@@ -167,9 +184,10 @@ class _Core:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = {"Authorization": f"Bearer {checked_api_key(api_key)}"} if api_key else {}
 
     def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):
+        """(body, headers, how many sequences it holds) of a /score request."""
         request = as_request(
             {
                 "sequences": sequences,
@@ -181,7 +199,17 @@ class _Core:
         )
         ctype = MSGPACK if self.binary else JSON
         headers = {**self.headers, "Content-Type": ctype, "Accept": ctype}
-        return encode_request(request, self.binary), headers
+        return encode_request(request, self.binary), headers, len(request.sequences)
+
+    def score_result(self, response: httpx.Response, sent: int) -> ScoreResult:
+        """The /score answer to `sent` sequences: a result for each, or a TeacherError."""
+        result = decode_response(response.content, self.binary)
+        if len(result.results) != sent:
+            raise TeacherError(
+                f"the teacher at {response.request.url} answered {len(result.results)} of the "
+                f"{sent} sequences sent"
+            )
+        return result
 
     def stream_headers(self) -> dict:
         return {**self.headers, "Content-Type": FRAMES, "Accept": FRAMES}
@@ -233,18 +261,29 @@ class _Core:
         return 0.0 if others_up and not pinned else self._backoff(attempt)
 
     def delay_after_response(
-        self, attempt: int, response: httpx.Response, max_retries: int | None = None
+        self,
+        attempt: int,
+        url: str,
+        response: httpx.Response,
+        max_retries: int | None = None,
+        pinned: bool = False,
     ) -> float | None:
-        """None when the response is final (success or an error to raise); else seconds to wait."""
-        budget = self.max_retries if max_retries is None else max_retries
-        if response.status_code not in RETRY_STATUSES or attempt >= budget:
+        """None when the response is final (success or an error to raise); else seconds to wait.
+        A replica that is busy or loading sits out its Retry-After (or the first span), so the
+        retry, and the requests after it, go to another replica at once when one is up."""
+        if response.status_code not in RETRY_STATUSES:
             return None
         retry_after = _retry_after(response)  # honoured, up to our own longest backoff
-        return (
+        wait = (
             min(retry_after, self.max_backoff)
             if retry_after is not None
             else self._backoff(attempt)
         )
+        self.replicas.mark_down(url, wait or SIT_OUT_S)
+        if attempt >= (self.max_retries if max_retries is None else max_retries):
+            return None
+        others_up = any(self.replicas.is_up(u) for u in self.replicas.urls if u != url)
+        return 0.0 if others_up and not pinned else wait
 
     def final_reply(self, url: str, response: httpx.Response) -> Any:
         """The response not to be retried: `url` answered, if only to refuse (a 5xx aside), so
@@ -302,7 +341,9 @@ class _StreamReader:
         return data
 
     def feed(self, chunk: bytes) -> list[StreamItem]:
-        items = [decode_stream_item(payload) for payload in self._frames.feed(chunk)]
+        with self._framing():
+            payloads = self._frames.feed(chunk)
+        items = [decode_stream_item(payload) for payload in payloads]
         self._done = self._done or next((item for item in items if item.done), None)
         if self._on_first_score and any(item.score is not None for item in items):
             # Here, not at the end: a caller may stop reading at the done frame.
@@ -313,12 +354,22 @@ class _StreamReader:
     def finish(self) -> None:
         if self._done is None:  # cut off, inside a frame or between two
             raise ServerError(f"the stream from {self.url} ended without its done frame")
-        self._frames.finish()
+        with self._framing():
+            self._frames.finish()
         if (self._done.frames or 0) < self.sent:  # frames the teacher never read as frames
             raise ServerError(
                 f"the teacher at {self.url} answered {self._done.frames} of the {self.sent} "
                 "frames sent; the rest got no result"
             )
+
+    @contextmanager
+    def _framing(self) -> Iterator[None]:
+        """Broken framing in the teacher's answer is the teacher's fault (a ServerError), not the
+        MalformedBody a caller's own bad body gets."""
+        try:
+            yield
+        except MalformedBody as exc:
+            raise ServerError(f"the stream from {self.url} is broken: {exc.message}") from None
 
 
 def _refuse_if_closed(http: httpx.Client | httpx.AsyncClient) -> None:
@@ -448,7 +499,7 @@ class TeacherClient(_ClientBase):
         self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
     ) -> httpx.Response:
         for attempt in itertools.count():
-            target = url or self._core.replicas.acquire()
+            target = checked_url(url) if url else self._core.replicas.acquire()
             try:
                 response = self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
@@ -456,7 +507,9 @@ class TeacherClient(_ClientBase):
                     attempt, target, exc, retries, pinned=url is not None
                 )
             else:
-                delay = self._core.delay_after_response(attempt, response, retries)
+                delay = self._core.delay_after_response(
+                    attempt, target, response, retries, pinned=url is not None
+                )
                 if delay is None:
                     return self._core.final_reply(target, response)
             finally:
@@ -513,11 +566,11 @@ class TeacherClient(_ClientBase):
         max_positions: int | None = None,
     ) -> ScoreResult:
         """Teacher log-probs of each (prompt_ids, completion_ids); see shared.protocol for shapes."""
-        body, headers = self._core.score_body(
+        body, headers, sent = self._core.score_body(
             sequences, top_k, candidate_ids, temperature, max_positions
         )
         response = self._request("POST", "/score", content=body, headers=headers)
-        return decode_response(response.content, self._core.binary)
+        return self._core.score_result(response, sent)
 
     def score_stream(
         self, requests: Iterable[ScoreRequest | dict], url: str | None = None
@@ -529,7 +582,7 @@ class TeacherClient(_ClientBase):
         raises ServerError (TeacherUnreachable if it never connected, TeacherTimedOut if it sent
         nothing for `timeout` s), and the caller re-sends what got no result."""
         _refuse_if_closed(self._http)
-        target = url or self._core.replicas.acquire()
+        target = checked_url(url) if url else self._core.replicas.acquire()
         reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
         frames = (reader.frame(r) for r in requests)
         try:
@@ -571,7 +624,7 @@ class AsyncTeacherClient(_ClientBase):
         self, method: str, path: str, url: str | None = None, retries: int | None = None, **kw
     ) -> httpx.Response:
         for attempt in itertools.count():
-            target = url or self._core.replicas.acquire()
+            target = checked_url(url) if url else self._core.replicas.acquire()
             try:
                 response = await self._http.request(method, target + path, **kw)
             except httpx.TransportError as exc:
@@ -579,7 +632,9 @@ class AsyncTeacherClient(_ClientBase):
                     attempt, target, exc, retries, pinned=url is not None
                 )
             else:
-                delay = self._core.delay_after_response(attempt, response, retries)
+                delay = self._core.delay_after_response(
+                    attempt, target, response, retries, pinned=url is not None
+                )
                 if delay is None:
                     return self._core.final_reply(target, response)
             finally:
@@ -631,11 +686,11 @@ class AsyncTeacherClient(_ClientBase):
         temperature: float = 1.0,
         max_positions: int | None = None,
     ) -> ScoreResult:
-        body, headers = self._core.score_body(
+        body, headers, sent = self._core.score_body(
             sequences, top_k, candidate_ids, temperature, max_positions
         )
         response = await self._request("POST", "/score", content=body, headers=headers)
-        return decode_response(response.content, self._core.binary)
+        return self._core.score_result(response, sent)
 
     async def score_stream(
         self,
@@ -645,7 +700,7 @@ class AsyncTeacherClient(_ClientBase):
         """Async form of TeacherClient.score_stream. `requests` is read in a task of its own; a
         plain iterable is read on the event loop, so it must not block (give an async one)."""
         _refuse_if_closed(self._http)
-        target = url or self._core.replicas.acquire()
+        target = checked_url(url) if url else self._core.replicas.acquire()
         reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
 
         async def frames():

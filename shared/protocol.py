@@ -339,16 +339,21 @@ def _array(data: bytes, dtype: str) -> np.ndarray:
 
 
 def _unpack_score(d: dict) -> SequenceScore:
-    k = d["top_k"]
+    """A binary score; its arrays must have a row per log-prob (ValueError otherwise, as a
+    reshape to the JSON form's shape refuses them)."""
+    logprobs = _array(d["logprobs"], "<f4")
+    n, k = len(logprobs), d["top_k"]
+    candidates = d["candidate_logprobs"]
+    candidates = None if candidates is None else _split_ragged(candidates, "<f4")
+    if candidates is not None and len(candidates) != n:
+        raise ValueError(f"{len(candidates)} candidate rows for {n} positions")
     return SequenceScore(
-        logprobs=_array(d["logprobs"], "<f4"),
-        topk_ids=None if d["topk_ids"] is None else _array(d["topk_ids"], "<i4").reshape(-1, k),
+        logprobs=logprobs,
+        topk_ids=None if d["topk_ids"] is None else _array(d["topk_ids"], "<i4").reshape(n, k),
         topk_logprobs=None
         if d["topk_logprobs"] is None
-        else _array(d["topk_logprobs"], "<f4").reshape(-1, k),
-        candidate_logprobs=None
-        if d["candidate_logprobs"] is None
-        else _split_ragged(d["candidate_logprobs"], "<f4"),
+        else _array(d["topk_logprobs"], "<f4").reshape(n, k),
+        candidate_logprobs=candidates,
     )
 
 
@@ -479,7 +484,10 @@ def decode_stream_item(payload: bytes) -> StreamItem:
     with _a_teachers_answer("a teacher's stream frame"):
         d = _unpack(payload)
         if d.get("done"):
-            return StreamItem(done=True, frames=d.get("frames"), sequences=d.get("sequences"))
+            frames, sequences = d.get("frames"), d.get("sequences")
+            if not all(isinstance(n, int) for n in (frames, sequences)):
+                raise ValueError(f"done frame counts {frames!r}, {sequences!r} are not integers")
+            return StreamItem(done=True, frames=frames, sequences=sequences)
         if "error" in d:
             return StreamItem(frame=d["frame"], index=d.get("index"), error=d["error"])
         score = _unpack_score(d["score"])

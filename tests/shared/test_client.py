@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import struct
 import threading
 import time
 
 import httpx
+import msgpack
+import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
@@ -19,6 +22,7 @@ from shared.client import (
     TeacherTimedOut,
     TeacherUnreachable,
     _Replicas,
+    _StreamReader,
 )
 from shared.errors import (
     FingerprintMismatch,
@@ -28,7 +32,16 @@ from shared.errors import (
     ServerError,
     TeacherError,
 )
-from tests.conftest import canned, free_port, plain_http, serve, silent_host, static_files
+from shared.protocol import MSGPACK, pack_frame
+from tests.conftest import (
+    a_closed_port,
+    canned,
+    free_port,
+    plain_http,
+    serve,
+    silent_host,
+    static_files,
+)
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
@@ -331,3 +344,100 @@ def test_failures_reported_while_a_replica_sits_out_are_one_incident():
         replicas.mark_down("http://a:1", 2.0)
     assert replicas.failures["http://a:1"] == 1
     assert round(replicas.down_until["http://a:1"] - time.monotonic()) == 2
+
+
+def score_count(url: str, status: int) -> float:
+    """/score requests the teacher at `url` answered with `status`, from its /metrics."""
+    key = f'opd_teacher_requests_total{{route="/score",status="{status}"}}'
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(line.split()[1]) for line in lines if line.startswith(key + " "))
+
+
+def test_a_replica_still_loading_is_passed_over_for_one_that_is_up(teacher_url):
+    """A 503 (or 429) sits the replica out for its Retry-After, so the retry and the requests
+    after it go to the replica that is up, at once, instead of waiting on the loading one."""
+    backend = SlowLoadBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    with serve(app, ready_path="/health") as loading:
+        try:
+            with TeacherClient([loading, teacher_url]) as client:
+                for _ in range(4):
+                    assert len(client.score([SEQ]).results[0].logprobs) == 3
+                assert not client.is_up(loading)
+            assert score_count(loading, 503) <= 1  # asked once, then passed over
+        finally:
+            backend.release.set()
+
+
+def test_a_pinned_url_with_a_slash_or_outside_the_pool_is_asked_as_any_other(teacher_url):
+    with TeacherClient([teacher_url], max_retries=0) as client:
+        assert client.health(url=teacher_url + "/") == {"status": "ok"}
+        elsewhere = f"http://127.0.0.1:{a_closed_port()}"
+        with pytest.raises(TeacherUnreachable):
+            client.health(url=elsewhere)
+        assert client.is_up(elsewhere) and client.is_up(teacher_url)
+
+
+@pytest.mark.parametrize("key", ["s3cret\n", "two words", "s3cr\u00e9t"])
+def test_an_api_key_no_header_can_carry_is_refused_at_once(key):
+    with pytest.raises(ValueError, match="only visible ASCII"):
+        TeacherClient("http://127.0.0.1:1", api_key=key)
+
+
+def binary_answer(results: list[dict]) -> bytes:
+    return msgpack.packb(
+        {
+            "model": "m",
+            "tokenizer_fingerprint": "sha256:0",
+            "results": results,
+            "usage": {"prompt_tokens": 4, "scored_tokens": 3},
+        },
+        use_bin_type=True,
+    )
+
+
+def f32(*values: float) -> bytes:
+    return np.asarray(values, "<f4").tobytes()
+
+
+SCORE_OF_3 = {
+    "logprobs": f32(-1, -2, -3),
+    "top_k": 0,
+    "topk_ids": None,
+    "topk_logprobs": None,
+    "candidate_logprobs": None,
+}
+
+
+@pytest.mark.parametrize(
+    "results, says",
+    [
+        ([], "answered 0 of the 1 sequences"),
+        ([SCORE_OF_3, SCORE_OF_3], "answered 2 of the 1 sequences"),
+        (  # top-2 rows for 4 positions, not the 3 scored
+            [
+                {
+                    **SCORE_OF_3,
+                    "top_k": 2,
+                    "topk_ids": np.zeros(8, "<i4").tobytes(),
+                    "topk_logprobs": f32(*[0.0] * 8),
+                }
+            ],
+            "not a teacher's score result",
+        ),
+    ],
+)
+def test_a_binary_answer_that_does_not_fit_the_request_is_an_error(results, says):
+    answer = canned(200, binary_answer(results), MSGPACK)
+    with plain_http(answer) as url, TeacherClient(url, max_retries=0) as client:
+        with pytest.raises(TeacherError, match=says):
+            client.score([SEQ], top_k=2)
+
+
+def test_a_stream_answer_that_is_no_stream_is_the_teachers_error_not_the_callers():
+    reader = _StreamReader("http://t:1", lambda: None)
+    with pytest.raises(TeacherError, match="not a teacher's stream frame"):
+        reader.feed(pack_frame({"done": True, "frames": "1", "sequences": 0}))
+    broken = _StreamReader("http://t:1", lambda: None)
+    with pytest.raises(ServerError, match="the stream from http://t:1 is broken"):
+        broken.feed(struct.pack("<I", 2**32 - 1))  # a frame longer than any teacher sends
