@@ -127,7 +127,8 @@ async def list_runs(request: Request) -> list[dict]:
 
 @router.get("/runs/{run_id}")
 async def get_run(run_id: str, request: Request) -> dict:
-    return runs_of(request).get(run_id).view()
+    # NaN and infinities (a diverging run's loss) become null: strict JSON has neither.
+    return _finite(runs_of(request).get(run_id).view())
 
 
 @router.post("/runs/{run_id}/stop", status_code=202)
@@ -143,7 +144,11 @@ async def stop_run(run_id: str, request: Request, response: Response) -> dict:
 @router.get("/runs/{run_id}/events")
 async def run_events(run_id: str, request: Request) -> StreamingResponse:
     record = runs_of(request).get(run_id)
-    return StreamingResponse(event_stream(record), media_type="text/event-stream")
+    # A follower that reconnects (a browser's EventSource does) goes on after the last event it
+    # got, rather than from the oldest kept one again.
+    after = request.headers.get("last-event-id", "")
+    seen = int(after) if after.isdigit() else 0
+    return StreamingResponse(event_stream(record, after=seen), media_type="text/event-stream")
 
 
 def strict_json(event: dict) -> str:
@@ -162,20 +167,23 @@ def _finite(value):
     return value
 
 
-async def event_stream(record: RunRecord, keep_alive_s: float = 15.0) -> AsyncIterator[str]:
-    """The run's events as server-sent events, from its oldest kept one to its last."""
+async def event_stream(
+    record: RunRecord, keep_alive_s: float = 15.0, after: int = 0
+) -> AsyncIterator[str]:
+    """The run's events as server-sent events, each with its number as its id, from the first
+    kept one after number `after` to its last."""
     woken = asyncio.Event()
     record.followers.add(woken)
     try:
-        sent = 0
+        sent = after
         while True:
             # Read before the events are taken: the run may publish and finish while they go out
             # (each yield can pause), and those last events must still be sent before the end.
             woken.clear()
             finished = record.finished
             events, sent = record.events_after(sent), record.published
-            for event in events:
-                yield f"event: {event['type']}\ndata: {strict_json(event)}\n\n"
+            for number, event in events:
+                yield f"event: {event['type']}\nid: {number}\ndata: {strict_json(event)}\n\n"
             if finished:
                 return
             if record.published > sent or record.finished:

@@ -22,7 +22,7 @@ from pydantic import (
 
 from opd.bundled import STUDENT_PATH, DeviceName
 from services.trainer.schedules import ScheduleError, parse_schedule
-from shared.client import checked_url
+from shared.client import checked_api_key, checked_url
 from shared.flags import field_words
 from shared.task import MAX_NEW_TOKENS
 
@@ -232,7 +232,18 @@ class RunConfig(BaseModel):
     @classmethod
     def _absolute(cls, value: str) -> str:
         # As an absolute path, the run's saved config.json resumes from any working directory.
-        return str(Path(value).expanduser().absolute()) if value else value
+        return str(usable_path(value).absolute()) if value else value
+
+    @field_validator("out")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        usable_path(value)
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _fits_a_header(cls, value: str | None) -> str | None:
+        return checked_api_key(value) if value else value
 
     @field_validator("overwrite")
     @classmethod
@@ -250,6 +261,22 @@ class RunConfig(BaseModel):
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
         return [checked_url(url) for url in urls]
+
+
+def usable_path(value: str) -> Path:
+    """`value` as a path (with ~ expanded) that this machine can look up, or a ValueError that
+    says why not: a NUL character, an unknown ~user or a name too long would otherwise fail deep
+    inside the run."""
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    try:
+        path = Path(value).expanduser()
+        path.exists()  # a name too long for this file system raises here
+    except RuntimeError as exc:  # ~user for a user this machine does not know
+        raise ValueError(f"cannot expand ~ in {value} ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"not a usable path ({exc.strerror})") from None
+    return path
 
 
 def in_api_words(message: str) -> str:

@@ -8,6 +8,7 @@ lives in schedules, rollout, step and losses.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from tqdm import tqdm
@@ -59,8 +61,10 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     a --resume continues from, if there is one."""
     out = Path(cfg.out)
     check_can_make(out)
+    if (out / LOCK_FILE).is_file():  # a run writing there now, in this process or another
+        lock_out(out).close()
     found = checkpoint.latest(out)
-    if (found or (out / "config.json").is_file()) and not (cfg.resume or cfg.overwrite):
+    if holds_a_run(out) and not (cfg.resume or cfg.overwrite):
         held = f"checkpoint {found.name}" if found else "no checkpoint yet"
         raise RunError(
             f"--out {out} holds a run ({held}): --resume to continue it, --overwrite to start "
@@ -70,6 +74,29 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     if cfg.resume and found is not None:
         return check_resumable(cfg, found)
     return None
+
+
+# Locked (flock) by the run writing into its folder: two runs there would interleave their files.
+LOCK_FILE = ".lock"
+
+
+def lock_out(out: Path) -> TextIO:
+    """Hold `out` for one run: an exclusive lock on its lock file, which lasts until the file is
+    closed or the process ends (so a killed run leaves no stale lock)."""
+    handle = open(out / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(
+            f"--out {out} is in use by another run (it holds {out / LOCK_FILE})", param="out"
+        ) from None
+    return handle
+
+
+def holds_a_run(out: Path) -> bool:
+    """Whether a run has written into `out` (its config, or a checkpoint)."""
+    return checkpoint.latest(out) is not None or (out / "config.json").is_file()
 
 
 def check_can_make(out: Path) -> None:
@@ -212,6 +239,7 @@ class Run:
         self.stop = stop or threading.Event()
         self.out = Path(cfg.out)
         self.feed: TeacherFeed | None = None  # opened in setup, closed when the run ends
+        self.lock: TextIO | None = None  # on out, taken in setup, let go when the run ends
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -255,7 +283,10 @@ class Run:
             raise RunError(
                 f"--out {self.out}: cannot make the run folder ({exc.strerror})", param="out"
             ) from None
-        if cfg.overwrite:  # the old run's checkpoints and results must not outlive it
+        self.lock = lock_out(self.out)  # before anything in it is deleted or written
+        # The old run's checkpoints and results must not outlive it; a folder that holds no run
+        # keeps what it has (its "checkpoints" are not ours to delete).
+        if cfg.overwrite and holds_a_run(self.out):
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
             for name in ("summary.json", "accuracy.png"):
                 (self.out / name).unlink(missing_ok=True)
@@ -316,6 +347,8 @@ class Run:
         finally:
             if self.feed is not None:
                 self.feed.close()
+            if self.lock is not None:
+                self.lock.close()
 
     def _stopped_before_start(self) -> dict:
         """Stopped while its teachers were still loading: nothing was done, so nothing is written."""
@@ -360,7 +393,9 @@ class Run:
             bar.close()
         # Saved first: a final evaluation that fails or is interrupted loses no training.
         self._checkpoint()
-        final = self._final_evaluation() if state.step == cfg.steps else None
+        # A stop during the last step skips the final evaluation too; --resume runs it.
+        done = state.step == cfg.steps and not self.stop.is_set()
+        final = self._final_evaluation() if done else None
         return self._summary(final)
 
     def _step(self) -> dict:
@@ -535,7 +570,7 @@ class Run:
         summary = {
             "schedule": self.cfg.schedule,
             "steps": self.state.step,
-            "completed": self.state.step == self.cfg.steps,
+            "completed": final is not None,  # its last step and the final evaluation done
             "initial_accuracy": evals[0]["accuracy"] if evals else None,
             "final_accuracy": final["accuracy"] if final else None,
             **({k: v for k, v in final.items() if k.startswith("avg@")} if final else {}),

@@ -90,11 +90,15 @@ class RunRecord:
         for woken in self.followers:
             woken.set()
 
-    def events_after(self, seen: int) -> list[dict]:
-        """The kept events after the first `seen` published (a follower that fell behind the kept
-        ones goes on from the oldest kept)."""
+    def events_after(self, seen: int) -> list[tuple[int, dict]]:
+        """(number, event) of the kept events after the first `seen` published, numbered from 1
+        in publishing order (a follower that fell behind the kept ones goes on from the oldest
+        kept)."""
         first_kept = self.published - len(self.history)
-        return list(itertools.islice(self.history, max(0, seen - first_kept), None))
+        start = max(0, seen - first_kept)
+        return list(
+            enumerate(itertools.islice(self.history, start, None), start=first_kept + start + 1)
+        )
 
     def view(self) -> dict:
         return {

@@ -56,12 +56,29 @@ def trainer_url():
         ({"steps": "3"}, "steps"),  # a count is a JSON number, not a string that looks like one
         ({"steps": True}, "steps"),
         ({"resume": "yes"}, "resume"),
+        # Paths this machine cannot look up, and a key no header can carry.
+        ({"student": "~nosuchuser/model"}, "student"),
+        ({"student": "s" * 5000}, "student"),
+        ({"out": "a\u0000b"}, "out"),
+        ({"out": "o" * 5000}, "out"),
+        ({"api_key": "key\n"}, "api_key"),
     ],
 )
 def test_bad_config_is_422_naming_the_field(trainer_url, body, param):
     r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 422
     assert r.json()["error"]["param"] == param
+
+
+def test_the_view_of_a_run_whose_loss_diverged_is_strict_json(tmp_path):
+    app = create_app()
+    record = RunRecord(id="run-nan", config=RunConfig(out=str(tmp_path)), status="running")
+    record.last_step = {"step": 3, "reverse_kl": float("nan"), "loss": float("inf")}
+    with serve(app, ready_path="/health") as url:
+        app.state.runs.records[record.id] = record  # as a diverging run reports its step
+        r = httpx.get(f"{url}/runs/run-nan")
+    assert r.status_code == 200
+    assert r.json()["last_step"] == {"step": 3, "reverse_kl": None, "loss": None}
 
 
 def test_a_config_check_across_fields_speaks_of_fields_not_flags(trainer_url):
@@ -219,9 +236,10 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(trainer_url):
     assert "POST" in r.headers["allow"]  # the header a 405 must carry
 
 
-def events_of(url: str, run_id: str) -> list[dict]:
+def events_of(url: str, run_id: str, headers: dict | None = None) -> list[dict]:
     events = []
-    with httpx.stream("GET", f"{url}/runs/{run_id}/events", timeout=300) as response:
+    route = f"{url}/runs/{run_id}/events"
+    with httpx.stream("GET", route, headers=headers, timeout=300) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -284,6 +302,20 @@ def test_each_follower_of_a_run_is_woken_for_its_last_events():
         assert [frame.split("\n")[0] for frame in frames] == ["event: done"]
 
 
+def test_a_follower_that_reconnects_goes_on_after_the_last_event_it_got():
+    async def follow(after: int) -> list[str]:
+        record = RunRecord(id="run-1", config=RunConfig(), status="completed")
+        for step in range(4):
+            record.publish({"type": "step", "step": step})
+        record.publish({"type": "done", "completed": True})
+        return [frame async for frame in event_stream(record, after=after)]
+
+    first = asyncio.run(follow(0))
+    assert [frame.split("\n")[1] for frame in first] == [f"id: {n}" for n in range(1, 6)]
+    again = asyncio.run(follow(3))  # as an EventSource sends Last-Event-ID: 3
+    assert again == first[3:]
+
+
 def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_path):
     body = {**SMALL, "teacher_url": [teacher_url], "steps": 3, "out": str(tmp_path / "run")}
     r = httpx.post(trainer_url + "/runs", json=body)
@@ -298,6 +330,8 @@ def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_
     assert len(sample["teacher_logprobs"]) == len(sample["student_logprobs"])
     view = httpx.get(f"{trainer_url}/runs/{run_id}").json()
     assert view["status"] == "completed" and view["last_step"]["step"] == 3
+    last_but_one = {"Last-Event-ID": str(len(events) - 1)}  # as an EventSource reconnects
+    assert events_of(trainer_url, run_id, last_but_one) == events[-1:]
     metrics = httpx.get(trainer_url + "/metrics").text
     assert f'opd_trainer_steps_total{{run="{run_id}"}} 3.0' in metrics
 

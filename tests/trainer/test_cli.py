@@ -116,6 +116,9 @@ def test_help_is_quick_because_it_does_not_import_torch(argv):
         (["--out", ""], "--out: String should have at least 1 character"),
         (["--teacher-url", "http://h\n:1"], "is not a URL"),
         (["--schedule", "truncated:nan"], "R must be a number > 0"),
+        (["--student", "~nosuchuser/model"], "--student: cannot expand ~"),
+        (["--out", "o" * 5000], "--out: not a usable path (File name too long)"),
+        (["--api-key", "key\n"], "--api-key: an API key may hold only visible ASCII"),
     ],
 )
 def test_settings_that_could_only_fail_later_or_be_changed_silently_are_refused(

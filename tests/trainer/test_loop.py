@@ -315,6 +315,21 @@ def test_a_stop_saves_before_the_evaluation_it_skips_and_resume_makes_it_up(
     assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 1, 2, 3]
 
 
+def test_a_stop_during_the_last_step_skips_the_final_evaluation_and_resume_runs_it(
+    tmp_path, teacher_process
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    stop = threading.Event()
+    summary = run(cfg, events=lambda e: e["type"] == "step" and stop.set(), stop=stop)
+    assert summary["steps"] == 1 and not summary["completed"]
+    assert summary["final_accuracy"] is None
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0]
+    resumed = run(cfg.model_copy(update={"resume": True}))
+    assert resumed["completed"] and resumed["final_accuracy"] is not None
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 1]
+
+
 def test_a_damaged_state_or_log_is_refused_naming_resume(tmp_path, teacher_process):
     out = tmp_path / "run"
     cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
@@ -361,6 +376,34 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monk
     with pytest.raises(ZeroDivisionError):
         run(cfg.model_copy(update={"steps": 1, "overwrite": True}))
     assert not (out / "summary.json").exists() and not (out / "accuracy.png").exists()
+
+
+def test_overwrite_deletes_nothing_in_a_folder_that_holds_no_run(tmp_path, teacher_process):
+    out = tmp_path / "project"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "notes.txt").write_text("not a run's")
+    (out / "summary.json").write_text("{}")
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    run(cfg.model_copy(update={"overwrite": True}))
+    assert (out / "checkpoints" / "notes.txt").read_text() == "not a run's"
+
+
+def test_a_folder_another_run_writes_into_is_refused_before_anything_is_touched(
+    tmp_path, teacher_process
+):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    run(cfg)
+    held = loop.lock_out(out)  # as a run in another process holds it while it trains
+    try:
+        for change in ({"overwrite": True}, {"resume": True, "steps": 2}):
+            with pytest.raises(RunError, match="is in use by another run") as error:
+                run(cfg.model_copy(update=change))
+            assert error.value.param == "out"
+        assert checkpoint.latest(out).name == checkpoint.step_name(1)  # nothing was deleted
+    finally:
+        held.close()
+    assert run(cfg.model_copy(update={"resume": True, "steps": 2}))["steps"] == 2
 
 
 def test_a_run_resumed_with_fewer_problems_a_step_goes_on_with_new_ones(tmp_path, teacher_process):

@@ -29,9 +29,9 @@ def test_a_run_keeps_its_latest_events_and_a_late_follower_goes_on_from_the_olde
     for step in range(KEPT_EVENTS + 5):
         record.publish({"type": "step", "step": step})
     assert len(record.history) == KEPT_EVENTS and record.published == KEPT_EVENTS + 5
-    assert record.events_after(0)[0]["step"] == 5  # the first five are no longer kept
-    assert [e["step"] for e in record.events_after(KEPT_EVENTS + 3)] == [
-        KEPT_EVENTS + 3,
-        KEPT_EVENTS + 4,
+    assert record.events_after(0)[0] == (6, {"type": "step", "step": 5})  # five no longer kept
+    assert [(n, e["step"]) for n, e in record.events_after(KEPT_EVENTS + 3)] == [
+        (KEPT_EVENTS + 4, KEPT_EVENTS + 3),
+        (KEPT_EVENTS + 5, KEPT_EVENTS + 4),
     ]
     assert record.events_after(record.published) == []
