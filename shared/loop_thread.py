@@ -9,7 +9,11 @@ client (shared/duplex.py) and the trainer's teacher feed each run their connecti
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import threading
+
+log = logging.getLogger(__name__)
 
 STOP_POLL_S = 0.1
 
@@ -24,6 +28,7 @@ class LoopThread:
         # A daemon: a loop left waiting (on a caller that never comes back) cannot hold up exit.
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name=name)
         self._thread.start()
+        self._closing = False
 
     def call(self, coro, stop: threading.Event | None = None):
         """Run `coro` on the loop and wait for its result. Interrupted while waiting (Ctrl-C), or
@@ -40,8 +45,18 @@ class LoopThread:
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel the tasks left on the loop (a stream broken off mid-way leaves some), so none is
-        destroyed while pending, then stop the loop and close it once its thread has ended."""
-        asyncio.run_coroutine_threadsafe(cancel_pending(), self.loop).result(timeout=timeout)
+        destroyed while pending, then stop the loop and close it once its thread has ended. Tasks
+        that do not end within `timeout` are left running on the loop in its daemon thread rather
+        than raising here (over the error that made the caller close); a second close does
+        nothing."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_pending(), self.loop).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("tasks on the %s loop did not end within %g s", self._thread.name, timeout)
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=timeout)
         if not self._thread.is_alive():

@@ -94,3 +94,22 @@ def test_a_stop_while_waiting_cancels_the_coroutine_and_says_so():
         assert runner.call(double(2), stop=threading.Event()) == 4  # unset: waits for the result
     finally:
         runner.close()
+
+
+def test_close_does_not_raise_over_a_task_slow_to_end_and_a_second_close_does_nothing():
+    # Raising from close() would replace the error that made its caller close the loop.
+    runner = LoopThread("test")
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(1)  # ignores its first cancel for a while
+            raise
+
+    async def start() -> asyncio.Task:
+        return asyncio.ensure_future(stubborn())
+
+    runner.call(start())
+    runner.close(timeout=0.1)
+    runner.close(timeout=0.1)
