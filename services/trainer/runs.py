@@ -5,6 +5,7 @@ a step boundary."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -20,6 +21,9 @@ from shared.errors import NotFound, NotReady
 
 # About 300 steps' events (a step, a sample and now and then an evaluation each).
 KEPT_EVENTS = 1000
+# Finished runs a server remembers (their views, events and metrics), the oldest forgotten first:
+# each keeps up to KEPT_EVENTS events, so a server running sweeps would otherwise grow without end.
+KEPT_FINISHED_RUNS = 100
 
 
 class TrainerMetrics:
@@ -57,6 +61,20 @@ class TrainerMetrics:
             self.step_seconds.labels(run_id).observe(event["step_s"])
         elif event["type"] == "eval":
             self.accuracy.labels(run_id).set(event["accuracy"])
+
+    def forget(self, run_id: str) -> None:
+        """Drop the run's series: a forgotten run is no longer exported."""
+        for metric in (
+            self.steps,
+            self.tokens,
+            self.teacher_tokens,
+            self.reverse_kl,
+            self.horizon,
+            self.accuracy,
+            self.step_seconds,
+        ):
+            with contextlib.suppress(KeyError):  # a run that never reported this one
+                metric.remove(run_id)
 
 
 @dataclass
@@ -133,6 +151,7 @@ class Runs:
     def start(self, cfg: RunConfig) -> RunRecord:
         if self.stopping:
             raise NotReady("the trainer is shutting down; start the run on another")
+        self._forget_old_runs()
         record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
         self.records[record.id] = record
         record.thread = threading.Thread(
@@ -140,6 +159,12 @@ class Runs:
         )
         record.thread.start()
         return record
+
+    def _forget_old_runs(self) -> None:
+        finished = [r for r in self.records.values() if r.finished]  # oldest first
+        for record in finished[: max(0, len(finished) - KEPT_FINISHED_RUNS)]:
+            del self.records[record.id]
+            self.metrics.forget(record.id)
 
     def stop_each(self) -> None:
         """Ask every run to stop at its next step boundary (each writes its checkpoint), and start
@@ -160,7 +185,11 @@ class Runs:
 
     def get(self, run_id: str) -> RunRecord:
         if run_id not in self.records:
-            raise NotFound(f"no run {run_id!r}", param="id")
+            raise NotFound(
+                f"no run {run_id!r} (a server remembers its last {KEPT_FINISHED_RUNS} finished "
+                "runs; an older one's files are in its out folder)",
+                param="id",
+            )
         return self.records[run_id]
 
     def _train(self, record: RunRecord) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import generate_latest
 
+from services.trainer import runs as runs_module
 from services.trainer.config import RunConfig
 from services.trainer.runs import KEPT_EVENTS, RunRecord, Runs, TrainerMetrics
 from shared.errors import NotReady
+from tests.conftest import a_closed_port
 
 
 def test_no_run_starts_once_the_server_is_shutting_down(tmp_path):
@@ -35,3 +38,23 @@ def test_a_run_keeps_its_latest_events_and_a_late_follower_goes_on_from_the_olde
         (KEPT_EVENTS + 5, KEPT_EVENTS + 4),
     ]
     assert record.events_after(record.published) == []
+
+
+def test_a_server_forgets_its_oldest_finished_runs_and_their_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs_module, "KEPT_FINISHED_RUNS", 2)
+    loop = asyncio.new_event_loop()
+    try:
+        runs = Runs(loop, TrainerMetrics())
+        for n, status in enumerate(["completed", "running", "failed", "stopped"]):
+            record = RunRecord(id=f"old-{n}", config=RunConfig(), status=status)
+            runs.records[record.id] = record
+            runs.metrics.observe(record.id, {"type": "eval", "accuracy": 0.5})
+        closed = f"http://127.0.0.1:{a_closed_port()}"
+        new = runs.start(RunConfig(out=str(tmp_path / "run"), teacher_url=[closed]))
+        new.thread.join(timeout=60)  # it fails at once: no teacher there
+        # The oldest finished one is forgotten; a running one never is.
+        assert list(runs.records) == ["old-1", "old-2", "old-3", new.id]
+        exported = generate_latest(runs.metrics.registry).decode()
+        assert 'run="old-0"' not in exported and 'run="old-2"' in exported
+    finally:
+        loop.close()
