@@ -55,14 +55,27 @@ _NEUTRAL = {
     "seed": (None,),
     "user": (None,),
     "logit_bias": (None, {}),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "top_p": (1,),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "top_p": (None, 1),
     "top_k": (None, -1, 0),
     "min_p": (None, 0),
     "repetition_penalty": (None, 1),
     "add_special_tokens": (True,),
-    "return_tokens_as_token_ids": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    # vLLM's own sampling extensions, as a typed client sends them when it sends every field
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "ignore_eos": (False,),
+    "include_stop_str_in_output": (False,),
+    "min_tokens": (0,),
+    "stop_token_ids": (None, []),
+    "use_beam_search": (False,),
+    "length_penalty": (1,),
+    "priority": (0,),
+    "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
 }
 
 
@@ -89,7 +102,7 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: Prompt
     max_tokens: Count | None = 16
-    echo: bool = False
+    echo: bool | None = False  # null is vLLM's "not set": no echo
     logprobs: count(ge=0) | None = None
     prompt_logprobs: count(ge=0) | None = None
     return_token_ids: bool | None = None

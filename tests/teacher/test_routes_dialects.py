@@ -70,6 +70,22 @@ def test_openai_top_k_over_the_limit_names_the_field_asked(teacher_url, fields, 
     assert_error(r, 400, param=named, says=f"{named} 25 exceeds this server's max_top_k 20")
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"skip_special_tokens": True, "ignore_eos": False, "min_tokens": 0, "priority": 0},
+        {"top_p": None, "presence_penalty": None, "frequency_penalty": None, "echo": True},
+        {"return_tokens_as_token_ids": False, "stop_token_ids": [], "length_penalty": 1.0},
+    ],
+)
+def test_openai_fields_at_vllms_defaults_or_null_are_taken(teacher_url, fields):
+    # A typed client sends every field it knows, at its default: none of them changes anything.
+    plain = post(teacher_url, OPENAI, OPENAI_GOOD)
+    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == plain.json()["choices"]
+
+
 def test_openai_one_new_token_from_a_server_without_top_k_names_max_tokens():
     app = create_app(TeacherSettings(model=str(TEACHER_PATH), max_top_k=0))
     with serve(app) as url:
