@@ -256,9 +256,7 @@ class _Core:
                 f"teacher at {url} is unreachable after {attempt + 1} attempts "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        # With another replica up (and the request free to go there), go at once; else back off.
-        others_up = any(self.replicas.is_up(u) for u in self.replicas.urls if u != url)
-        return 0.0 if others_up and not pinned else self._backoff(attempt)
+        return self._wait_before_retry(url, pinned, self._backoff(attempt))
 
     def delay_after_response(
         self,
@@ -282,6 +280,10 @@ class _Core:
         self.replicas.mark_down(url, wait or SIT_OUT_S)
         if attempt >= (self.max_retries if max_retries is None else max_retries):
             return None
+        return self._wait_before_retry(url, pinned, wait)
+
+    def _wait_before_retry(self, url: str, pinned: bool, wait: float) -> float:
+        """With another replica up (and the request free to go there), go at once; else `wait`."""
         others_up = any(self.replicas.is_up(u) for u in self.replicas.urls if u != url)
         return 0.0 if others_up and not pinned else wait
 
