@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from services.trainer.config import RunConfig, in_api_words
 from services.trainer.loop import Run, RunError
@@ -64,17 +65,10 @@ class TrainerMetrics:
 
     def forget(self, run_id: str) -> None:
         """Drop the run's series: a forgotten run is no longer exported."""
-        for metric in (
-            self.steps,
-            self.tokens,
-            self.teacher_tokens,
-            self.reverse_kl,
-            self.horizon,
-            self.accuracy,
-            self.step_seconds,
-        ):
-            with contextlib.suppress(KeyError):  # a run that never reported this one
-                metric.remove(run_id)
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase):  # each is labelled by run
+                with contextlib.suppress(KeyError):  # a run that never reported this one
+                    metric.remove(run_id)
 
 
 @dataclass

@@ -293,16 +293,20 @@ class StepFeed:
 
     def _give_up_on(self, lane: _Lane) -> None:
         """No more frames for `lane` (its key gets a new stream), and its unanswered ones are
-        scored elsewhere now. Its URL sits out only if the lane was the URL's one stream: behind
-        a balancer, one lane's replica is not the whole pool."""
+        scored elsewhere now; its URL sits out (see _sit_out)."""
         lane.failed = True
         self._answered.set()  # its frames no longer count as in flight
         lane.queue.put_nowait(None)  # end its request body, should it be waiting for frames
-        if self._feed.streams_per_url == 1:
-            self._feed.client.mark_down(lane.url)
+        self._sit_out(lane.url)
         # Once per frame: a lane is given up on once, and a frame is only ever sent on one lane.
         for frame in sorted(lane.open):
             self._rescues.append(asyncio.create_task(self._rescue(frame)))
+
+    def _sit_out(self, url: str) -> None:
+        """Give `url` no new frames for a while, if a lane is its one stream: behind a balancer,
+        one lane's replica is not the whole pool."""
+        if self._feed.streams_per_url == 1:
+            self._feed.client.mark_down(url)
 
     async def _room_for_a_frame(self) -> None:
         """Wait until a frame may go out; a refused frame ends the step here, by name."""
@@ -358,11 +362,12 @@ class StepFeed:
                 if item.done:  # read on to the end, where the client checks the count
                     continue
                 frame = lane.sent[item.frame]
-                if item.error is not None and not _replica_fault(item.error):
-                    raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
-                if item.error is not None and item.index is None:
-                    raise ServerError(f"frame {frame}: {item.error.get('message')}")
-                if item.error is not None:  # one sequence failed; its siblings still come
+                if item.error is not None:
+                    if not _replica_fault(item.error):
+                        raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
+                    if item.index is None:
+                        raise ServerError(f"frame {frame}: {item.error.get('message')}")
+                    # One sequence failed; its siblings still come on this stream.
                     self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
                     continue
                 lane.answered_at = asyncio.get_running_loop().time()
@@ -389,8 +394,7 @@ class StepFeed:
             frame,
             error.get("message"),
         )
-        if self._feed.streams_per_url == 1:
-            self._feed.client.mark_down(lane.url)
+        self._sit_out(lane.url)
         self._rescues.append(asyncio.create_task(self._rescue(frame, [rollout])))
 
     def _take(self, frame: int, rollout: Rollout, score: SequenceScore, compute_s: float) -> None:
