@@ -94,6 +94,13 @@ def lock_out(out: Path) -> TextIO:
     return handle
 
 
+def folder_state(out: Path) -> tuple:
+    """What a run in `out` has written so far (its last checkpoint and config.json's time): a run
+    compares it before and after taking the folder's lock, so no other run slipped in between."""
+    config = out / "config.json"
+    return checkpoint.latest(out), config.stat().st_mtime_ns if config.is_file() else None
+
+
 def holds_a_run(out: Path) -> bool:
     """Whether a run has written into `out` (its config, or a checkpoint)."""
     return checkpoint.latest(out) is not None or (out / "config.json").is_file()
@@ -258,6 +265,7 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        found_before = folder_state(self.out)
         resumed = self._resume()
         self.data = training_problems(cfg, self.state.data_position)
         # Refuse a teacher that is down, speaks another tokenizer or is too small before any work.
@@ -284,19 +292,26 @@ class Run:
                 f"--out {self.out}: cannot make the run folder ({exc.strerror})", param="out"
             ) from None
         self.lock = lock_out(self.out)  # before anything in it is deleted or written
+        if folder_state(self.out) != found_before:  # checked while a teacher loaded, say
+            raise RunError(
+                f"--out {self.out}: another run wrote into it while this one started; start "
+                "this one again to check the folder afresh",
+                param="out",
+            )
         # The old run's checkpoints and results must not outlive it; a folder that holds no run
         # keeps what it has (its "checkpoints" are not ours to delete).
         if cfg.overwrite and holds_a_run(self.out):
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
             for name in ("summary.json", "accuracy.png"):
                 (self.out / name).unlink(missing_ok=True)
-        (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
         keep = self.state.step if resumed else None
         try:
             self.metrics_log = JsonlLog(self.out / "metrics.jsonl", keep)
             self.eval_log = JsonlLog(self.out / "eval.jsonl", keep)
         except ValueError as exc:  # a damaged line before the last: not one a kill leaves
             raise RunError(f"--resume: {exc}", param="resume") from None
+        # After the logs are found whole: a refused --resume leaves the settings it was run with.
+        (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
 
     def _resume(self) -> bool:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
@@ -371,8 +386,10 @@ class Run:
         last_acc = None
         try:
             while state.step < cfg.steps and not self.stop.is_set():
-                record = self._step()
+                record, sample = self._step()
+                # Written first: an event that fails (its listener gone) must not cost the record.
                 self.metrics_log.write(record)
+                self.events(sample)
                 self.events({"type": "step", **record})
                 # A stop skips the evaluation, so it saves at once; --resume makes it up.
                 if self._evaluation_due() and not self.stop.is_set():
@@ -398,7 +415,8 @@ class Run:
         final = self._final_evaluation() if done else None
         return self._summary(final)
 
-    def _step(self) -> dict:
+    def _step(self) -> tuple[dict, dict]:
+        """One step: its metrics record, and a sample rollout with its scores as an event."""
         cfg, state = self.cfg, self.state
         horizon = self.schedule.horizon(state.step)
         batch = list(itertools.islice(self.data, cfg.prompts_per_step))
@@ -416,10 +434,9 @@ class Run:
         tokens = sum(len(r.completion_ids) for r in rollouts)
         state.tokens_generated += tokens
         state.teacher_tokens += fstats.scored_tokens
-        self._sample_event(rollouts[0], scores[rollouts[0].key])
         # Backpressure (put blocked) is waiting on the teacher too, not generating.
         teacher_wait = fstats.wait_s + fstats.put_wait_s
-        return {
+        record = {
             "step": state.step,
             "horizon": horizon,
             "truncated_fraction": sum(not r.finished for r in rollouts) / len(rollouts),
@@ -445,6 +462,7 @@ class Run:
             **peak_memory(self.cfg.device),
             "kl_by_position": result.kl_profile,
         }
+        return record, self._sample_event(rollouts[0], scores[rollouts[0].key])
 
     def _sample(self, batch: list[Problem], horizon: int):
         """The step's rollouts, each micro-batch streamed to the teacher as soon as it is sampled;
@@ -477,19 +495,18 @@ class Run:
         self.model.eval()
         return result, scores, fstats, float(grad_norm)
 
-    def _sample_event(self, rollout, score) -> None:
+    def _sample_event(self, rollout, score) -> dict:
+        """A rollout with the teacher's and the student's log-probs, for the run's listeners."""
         decode = self.tokenizer.decode
-        self.events(
-            {
-                "type": "sample",
-                "step": self.state.step,
-                "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
-                "completion": decode(rollout.completion_ids, skip_special_tokens=False),
-                # The wire's JSON form: an impossible token's -inf is LOWEST_LOGPROB, not null.
-                "teacher_logprobs": [round(x, 4) for x in json_logprobs(score.logprobs)],
-                "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
-            }
-        )
+        return {
+            "type": "sample",
+            "step": self.state.step,
+            "prompt": decode(rollout.prompt_ids, skip_special_tokens=True),
+            "completion": decode(rollout.completion_ids, skip_special_tokens=False),
+            # The wire's JSON form: an impossible token's -inf is LOWEST_LOGPROB, not null.
+            "teacher_logprobs": [round(x, 4) for x in json_logprobs(score.logprobs)],
+            "student_logprobs": [round(x, 4) for x in rollout.sample_logprobs],
+        }
 
     def _evaluation_due(self) -> bool:
         """Step 0 and every --eval-every steps are evaluated (the last one by _final_evaluation)."""

@@ -347,6 +347,8 @@ def test_a_damaged_state_or_log_is_refused_naming_resume(tmp_path, teacher_proce
     with pytest.raises(RunError, match="metrics.jsonl: line 1 is not JSON") as error:
         run(more)
     assert error.value.param == "resume"
+    # Refused, it leaves the settings the run was made with for the next --resume.
+    assert json.loads((out / "config.json").read_text())["steps"] == 1
 
 
 def test_a_run_is_never_overwritten_unless_asked(tmp_path, teacher_process, monkeypatch):
@@ -404,6 +406,28 @@ def test_a_folder_another_run_writes_into_is_refused_before_anything_is_touched(
     finally:
         held.close()
     assert run(cfg.model_copy(update={"resume": True, "steps": 2}))["steps"] == 2
+
+
+def test_a_run_that_wrote_into_the_folder_while_this_one_started_is_not_overwritten(
+    tmp_path, teacher_process, monkeypatch
+):
+    # The folder is checked before a run connects to its teachers (which may wait minutes for a
+    # loading teacher) and locked after; another run that started and wrote in between wins.
+    out = tmp_path / "run"
+    theirs = '{"theirs": true}'
+    check_limits = loop.check_teacher_limits
+
+    def another_run_writes(*args):
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(theirs)
+        return check_limits(*args)
+
+    monkeypatch.setattr(loop, "check_teacher_limits", another_run_writes)
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    with pytest.raises(RunError, match="another run wrote into it") as error:
+        run(cfg)
+    assert error.value.param == "out"
+    assert (out / "config.json").read_text() == theirs and not (out / "metrics.jsonl").exists()
 
 
 def test_a_run_resumed_with_fewer_problems_a_step_goes_on_with_new_ones(tmp_path, teacher_process):
@@ -644,6 +668,23 @@ def test_a_run_whose_teacher_dies_keeps_its_steps_and_resumes_to_the_same_weight
     want, got = final_weights(straight), final_weights(out)
     for name in want:
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
+
+
+def test_a_listener_that_fails_costs_no_step_its_record_or_checkpoint(tmp_path, teacher_process):
+    # As the control API's listener does when its event loop is gone: the step it was told of is
+    # recorded and saved, so --resume goes on after it with no gap in metrics.jsonl.
+    def gone(event):
+        if event["type"] == "sample":
+            raise RuntimeError("Event loop is closed")
+
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2, out=str(out))
+    with pytest.raises(RuntimeError, match="closed"):
+        run(cfg, events=gone)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert checkpoint.latest(out).name == checkpoint.step_name(1)
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert_every_step_once(out, 2)
 
 
 def test_the_peak_memory_of_runs_one_after_another_is_each_runs_own():
