@@ -113,6 +113,7 @@ class RunConfig(BaseModel):
         ge=1,
         description=f"Rollouts per problem (G); at most {MAX_ROLLOUTS_PER_STEP} rollouts a step.",
         strict=True,
+        validate_default=True,  # the product is checked when only --prompts-per-step is given
     )
     lr: Real = Field(3e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
@@ -316,6 +317,8 @@ def load_config_file(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as exc:
         raise ValueError(f"--config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not UTF-8 text") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, _UniqueKeys) or {}
     except tomllib.TOMLDecodeError as exc:

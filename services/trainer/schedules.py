@@ -41,7 +41,8 @@ class Schedule:
         if self.kind == "truncated":
             # A ratio below 1 is a fraction of H_max; 1 or more is a token count.
             h = self.ratio * self.h_max if self.ratio < 1 else self.ratio
-            return max(1, min(self.h_max, int(round(h))))
+            # Halves round up (Python's round() takes them to the even number: 12.5 -> 12).
+            return max(1, min(self.h_max, math.floor(h + 0.5)))
         if self.kind == "progressive":
             # Step-wise growth, as in the POPD paper: flat for `every` steps, then +dh.
             return min(self.h_max, self.h0 + self.dh * (step // self.every))

@@ -34,11 +34,12 @@ def errors_of(capsys, *argv: str) -> str:
         ("number.yaml", "steps: 3\n1: 2\n", "not of type int (line 2, column 1)"),
         ("list_key.yaml", "? [a, b]\n: 2\n", "not of type list (line 1, column 3)"),
         ("run.ini", "steps=3\n", ".yaml, .yml or .toml"),
+        ("latin1.yaml", b"# caf\xe9\nsteps: 3\n", "not UTF-8 text"),
     ],
 )
 def test_an_unreadable_config_file_is_named(tmp_path, capsys, name, text, says):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     err = errors_of(capsys, "run", "--config", str(path))
     assert str(path) in err and says in err
     assert "<unicode string>" not in err and "^" not in err and len(err.strip().splitlines()) == 1

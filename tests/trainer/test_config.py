@@ -28,6 +28,7 @@ def test_other_device_names_are_refused_naming_the_field(device):
     [
         ({"prompts_per_step": 10**20}, "prompts_per_step"),  # would build 10**20 problems first
         ({"prompts_per_step": 1024, "samples_per_prompt": 128}, "samples_per_prompt"),
+        ({"prompts_per_step": 65536}, "samples_per_prompt"),  # with the default 4 samples each
     ],
 )
 def test_more_rollouts_a_step_than_one_batch_can_hold_are_refused(batch, field):

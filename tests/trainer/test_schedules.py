@@ -32,6 +32,11 @@ def test_truncated_is_a_fraction_below_one_else_tokens(spec, h):
     assert set(horizons(spec)) == {h}
 
 
+@pytest.mark.parametrize("h_max, h", [(25, 13), (27, 14), (256, 128)])
+def test_half_of_an_odd_h_max_rounds_up_every_time(h_max, h):
+    assert parse_schedule("truncated:0.5", h_max).horizon(0) == h
+
+
 def test_progressive_is_the_papers_step_function():
     got = horizons("progressive:h0=32,dh=64,every=5", 30)
     want = [min(H_MAX, 32 + 64 * (k // 5)) for k in range(30)]
