@@ -440,9 +440,10 @@ class StepFeed:
             top_k=self.top_k,
             max_positions=self.max_positions,
         )
+        # Each was scored again, whether or not its first answer came back meanwhile (then the
+        # first trains and this one is only paid for).
+        self.stats.rescored += len(missing)
         for rollout, score in zip(missing, result.results):
-            if rollout.key not in self.scores:  # not answered meanwhile by another route
-                self.stats.rescored += 1
             self._take(frame, rollout, score, 0.0)
 
 
