@@ -1,0 +1,41 @@
+"""The decoding loop: greedy decoding is transformers' own, and the prompt's pass computes logits
+for its last position only."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.evaluate import encode_prompts
+from opd.generate import generate
+from shared.task import problems
+
+PROMPTS = problems("eval", 4, seed=2)
+
+
+def test_greedy_decoding_is_transformers_generate(student):
+    model, tokenizer = student
+    prompts = encode_prompts(tokenizer, PROMPTS)
+    ours = generate(model, prompts, 40, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for prompt, completion in zip(prompts, ours.completions()):
+        want = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+        assert completion == want
+
+
+def test_the_prompts_pass_computes_only_the_last_positions_logits(student):
+    model, tokenizer = student
+    prompts = encode_prompts(tokenizer, PROMPTS)
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape))
+    try:
+        generate(model, prompts, 3, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    vocab = model.config.vocab_size
+    assert rows_seen == [torch.Size([len(prompts), 1, vocab])] * 3
