@@ -179,7 +179,7 @@ def _row(name: str, folder: Path, summary: dict) -> dict:
         "generate_s": statistics.mean(s["generate_s"] for s in steps),
         "teacher_wait_s": statistics.mean(s["teacher_wait_s"] for s in steps),
         "update_s": statistics.mean(s["update_s"] for s in steps),
-        "hidden": _mean_known(s["teacher_hidden_fraction"] for s in steps),
+        "hidden": hidden_share(steps),
     }
 
 
@@ -196,10 +196,15 @@ def against_full(rows: list[dict], out: Path) -> None:
         row["matches_full_fraction"] = hit["train_s"] / full["train_s"] if hit else None
 
 
-def _mean_known(values) -> float | None:
-    """The mean of the values that are known (a teacher that does not time its forwards gives None)."""
-    known = [v for v in values if v is not None]
-    return statistics.mean(known) if known else None
+def hidden_share(steps: list[dict]) -> float | None:
+    """The share of the run's teacher scoring time hidden behind the student's work: 1 - total wait
+    / total scoring time, over the steps whose scoring was timed (None if none was: a vllm teacher
+    does not time its forwards). A mean of the steps' shares would weigh a short step as a long one."""
+    timed = [s for s in steps if s.get("teacher_compute_s")]
+    if not timed:
+        return None
+    wait = sum(s["teacher_wait_s"] for s in timed)
+    return max(0.0, 1 - wait / sum(s["teacher_compute_s"] for s in timed))
 
 
 def print_table(rows: list[dict]) -> None:

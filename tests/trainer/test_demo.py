@@ -21,6 +21,7 @@ from services.trainer.demo import (
     SCHEDULES,
     DemoConfig,
     against_full,
+    hidden_share,
     print_table,
     run_configs,
     run_demo,
@@ -68,6 +69,19 @@ def test_the_table_shows_an_unknown_hidden_share_as_a_dash(capsys):
     full, popd = capsys.readouterr().out.strip().splitlines()[-2:]
     # The hidden share is the column before "matches full" ("-": no full run was compared).
     assert full.split()[-2:] == ["-", "-"] and popd.split()[-2:] == ["57%", "-"]
+
+
+def test_the_hidden_share_is_of_the_runs_whole_scoring_time_not_a_mean_of_its_steps():
+    # 3 s of scoring all hidden and 1 s not hidden at all: 3 of 4 seconds were hidden (a mean of
+    # the steps' shares would say 50%). The untimed step (a vllm teacher's) counts for neither.
+    steps = [
+        {"teacher_wait_s": 0.0, "teacher_compute_s": 3.0},
+        {"teacher_wait_s": 1.0, "teacher_compute_s": 1.0},
+        {"teacher_wait_s": 5.0, "teacher_compute_s": 0.0},
+    ]
+    assert hidden_share(steps) == pytest.approx(0.75)
+    assert hidden_share(steps[2:]) is None
+    assert hidden_share([{"teacher_wait_s": 2.0, "teacher_compute_s": 1.0}]) == 0.0
 
 
 def evals(run: Path, *points: tuple[float, float]) -> None:
