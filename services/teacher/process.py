@@ -114,12 +114,14 @@ def _last_line(path: Path) -> str:
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Wait for the teacher this machine started at `url` (so never through a proxy from the
+    environment, which cannot reach this machine's loopback) to load its model."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"teacher at {url} exited with code {proc.returncode}")
         try:
-            response = httpx.get(url + "/ready", timeout=2)
+            response = httpx.get(url + "/ready", timeout=2, trust_env=False)
         except httpx.TransportError:
             time.sleep(0.2)  # not listening yet
             continue

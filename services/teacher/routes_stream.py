@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from services.teacher.deps import Authorized, Ready, client_gone
-from services.teacher.scoring import score_as_completed
+from services.teacher.scoring import failures_as_server_errors, score_as_completed
 from shared.errors import QueueFull, TeacherError, UnsupportedMediaType
 from shared.protocol import (
     FRAMES,
@@ -168,19 +168,22 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
 async def _score_frame(
     frame: int, payload: bytes | TeacherError, state, out: Outbox, queued: asyncio.Event
 ) -> int:
+    scored = 0
     try:
-        if isinstance(payload, TeacherError):  # a frame too large to read, read past
-            raise payload
-        request = decode_request(payload, binary=True)
-        scored = 0
-        async for index, job, outcome in score_as_completed(
-            request, state.backend, state.limits, state.metrics, queued
-        ):
-            if isinstance(outcome, TeacherError):  # this sequence's forward failed (a 500)
-                await out.put(encode_stream_error(frame, outcome, index))
-            else:
-                await out.put(encode_stream_score(frame, index, outcome, job.compute_s))
-                scored += 1
+        # A failure of ours here (a bug, not a forward's) still answers the frame, so the stream
+        # reaches its done frame instead of stopping without one.
+        with failures_as_server_errors(f"stream frame {frame}"):
+            if isinstance(payload, TeacherError):  # a frame too large to read, read past
+                raise payload
+            request = decode_request(payload, binary=True)
+            async for index, job, outcome in score_as_completed(
+                request, state.backend, state.limits, state.metrics, queued
+            ):
+                if isinstance(outcome, TeacherError):  # this sequence's forward failed (a 500)
+                    await out.put(encode_stream_error(frame, outcome, index))
+                else:
+                    await out.put(encode_stream_score(frame, index, outcome, job.compute_s))
+                    scored += 1
         return scored
     except TeacherError as err:  # the frame was refused: the other frames go on
         await out.put(encode_stream_error(frame, err))

@@ -122,7 +122,7 @@ async def _queue_when_room(backend: Backend, jobs: list[ScoreJob]) -> list[Await
     deadline = asyncio.get_running_loop().time() + QUEUE_WAIT_S
     while True:
         try:
-            with _failures_as_server_errors(len(jobs)):
+            with failures_as_server_errors(f"queueing {len(jobs)} sequences"):
                 return backend.score_each(jobs)
         except QueueFull:
             if asyncio.get_running_loop().time() > deadline:
@@ -178,12 +178,12 @@ async def score_request(
 
 
 async def _checked(scoring: Awaitable, sequences: int):
-    with _failures_as_server_errors(sequences):
+    with failures_as_server_errors(f"scoring {sequences} sequences"):
         return await scoring
 
 
 @contextmanager
-def _failures_as_server_errors(sequences: int) -> Iterator[None]:
+def failures_as_server_errors(what: str) -> Iterator[None]:
     """A failure that is not one of ours (a CUDA out-of-memory in a forward, say) becomes a
     ServerError, a 500 in the error shape on /score and an error frame on /score/stream, logged
     once here."""
@@ -192,7 +192,7 @@ def _failures_as_server_errors(sequences: int) -> Iterator[None]:
     except TeacherError:
         raise
     except Exception as exc:
-        log.exception("scoring %d sequences failed", sequences)
+        log.exception("%s failed", what)
         raise ServerError(f"internal error ({type(exc).__name__})") from exc
 
 

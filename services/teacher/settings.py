@@ -43,7 +43,8 @@ class TeacherSettings(BaseSettings):
         None,
         ge=1,
         description="Tokens queued before 429s: waiting for a batch (hf), or waiting or being "
-        "scored (vllm). Default 8 x max_batch_tokens.",
+        "scored (vllm). An empty queue takes a request of any size, so none is refused forever. "
+        "Default 8 x max_batch_tokens.",
     )
     max_body_mb: float = Field(64.0, gt=0, description="Largest request body, in MiB (else 413).")
     api_key: SecretStr | None = Field(

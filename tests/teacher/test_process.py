@@ -43,6 +43,18 @@ def test_a_500_in_another_shape_while_waiting_is_reported_not_a_crash():
             wait_ready(url, timeout=10)
 
 
+def test_waiting_for_a_teacher_on_loopback_goes_around_a_proxy_in_the_environment(
+    teacher_url, monkeypatch
+):
+    # A proxy cannot reach this machine's loopback: asked to, it would keep the teacher "not
+    # ready" until the timeout. (Port 9, discard, refuses the connection here.)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    wait_ready(teacher_url, timeout=5)
+
+
 PARENT = f"""
 from opd.bundled import REPO_ROOT, TEACHER_PATH
 from services.teacher.process import start_teacher

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
-from services.teacher import scoring
+from services.teacher import routes_stream, scoring
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
@@ -319,6 +319,29 @@ def test_a_backend_failure_is_an_error_frame_and_the_stream_still_ends_properly(
         assert (items[0].frame, items[0].index) == (0, 0)  # the sequence that failed, by name
         assert items[-1].done and items[-1].sequences == 0
         assert len(list(client.score_stream(iter([good])))) == 2  # the server keeps serving
+
+
+def test_a_failure_outside_the_forward_still_answers_the_frame_and_ends_the_stream(
+    teacher_url, monkeypatch
+):
+    # A bug in writing one frame's result (here, made on purpose) is that frame's 500; the
+    # stream goes on to its done frame rather than stopping without one.
+    encode = routes_stream.encode_stream_score
+
+    def fails_for_frame_0(frame, *args):
+        if frame == 0:
+            raise KeyError("a bug")
+        return encode(frame, *args)
+
+    monkeypatch.setattr(routes_stream, "encode_stream_score", fails_for_frame_0)
+    frame = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    with TeacherClient(teacher_url) as client:
+        items = list(client.score_stream(iter([frame, frame])))
+    [error] = [i for i in items if i.error]
+    assert (error.frame, error.index, error.error["code"]) == (0, None, 500)
+    assert "KeyError" in error.error["message"]
+    assert [i.frame for i in items if i.score is not None] == [1]
+    assert items[-1].done and (items[-1].frames, items[-1].sequences) == (2, 1)
 
 
 def test_a_sequence_that_fails_is_an_error_frame_and_its_siblings_are_scored(teacher):
