@@ -16,6 +16,7 @@ from services.teacher.backends.hf import (
     HFBackend,
     OutputLogits,
     check_output_logits,
+    shared_pass_fits,
     vocab_rank,
     worth_sharing,
 )
@@ -94,6 +95,15 @@ def test_sharing_is_for_prompts_that_are_much_of_the_batch(backend):
     whole = [ScoreJob(job.input_ids, 1) for job in samples]
     assert not worth_sharing(whole)
     assert not worth_sharing(samples[:1])
+
+
+def test_a_shared_pass_that_would_outgrow_the_batch_budget_is_not_taken():
+    # Packed by their longest sequence, 8 x 2,048 tokens fit 16,384; sharing would hold every row
+    # at the longest prompt plus the longest completion, 1,900 + 1,948 slots.
+    long_prompts = [ScoreJob([1] * 1900 + [5] * 148, 1900) for _ in range(4)]
+    long_tails = [ScoreJob([2] * 100 + [5] * 1948, 100) for _ in range(4)]
+    assert not shared_pass_fits(long_prompts + long_tails, 16_384)
+    assert shared_pass_fits(long_prompts, 16_384) and shared_pass_fits(long_tails, 16_384)
 
 
 def tiny_model(folder, config) -> str:

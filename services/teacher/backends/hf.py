@@ -124,7 +124,12 @@ class HFBackend(Backend):
         """Score a batch (called from the batcher's worker thread): the decoder's hidden states at
         each job's scored positions, then the output layer over them in chunks."""
         rows = None
-        if self.cache_arg and all(j.n_scored for j in jobs) and worth_sharing(jobs):
+        if (
+            self.cache_arg
+            and all(j.n_scored for j in jobs)
+            and worth_sharing(jobs)
+            and shared_pass_fits(jobs, self.max_batch_tokens)
+        ):
             try:
                 rows = self._rows_sharing_prompts(jobs)
             except torch.OutOfMemoryError:  # the cache's copies: this batch takes the lean pass
@@ -212,6 +217,15 @@ def worth_sharing(jobs: list[ScoreJob]) -> bool:
     distinct = {tuple(j.input_ids[: j.n_prompt]) for j in jobs}
     saved = sum(j.n_prompt for j in jobs) - sum(len(p) for p in distinct)
     return saved >= MIN_SAVED_SHARE * sum(len(j.input_ids) for j in jobs)
+
+
+def shared_pass_fits(jobs: list[ScoreJob], max_batch_tokens: int) -> bool:
+    """Whether the shared pass keeps the batch within `max_batch_tokens`: each of its rows holds
+    the longest prompt's and the longest completion's slots, which may be from different jobs, so
+    it can need more than the padded batch the batcher packed (rows x longest sequence)."""
+    width = max(j.n_prompt for j in jobs)
+    tail = max(j.n_scored for j in jobs)
+    return len(jobs) * (width + tail) <= max_batch_tokens
 
 
 def cache_argument(decoder) -> str | None:
