@@ -62,7 +62,6 @@ _NEUTRAL = {
     "min_p": (None, 0),
     "repetition_penalty": (None, 1),
     "add_special_tokens": (True,),
-    "return_tokens_as_token_ids": (None, False),
     # vLLM's own sampling extensions, as a typed client sends them when it sends every field
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
@@ -106,6 +105,9 @@ class CompletionRequest(BaseModel):
     logprobs: count(ge=0) | None = None
     prompt_logprobs: count(ge=0) | None = None
     return_token_ids: bool | None = None
+    # vLLM's: log-prob tokens as "token_id:N", for tokens whose text is not their own (a byte of
+    # a character) or is shared with other ids.
+    return_tokens_as_token_ids: bool | None = None
     temperature: number(ge=0, le=MAX_TEMPERATURE) | None = None
 
     @field_validator("temperature")
@@ -308,9 +310,14 @@ def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> di
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
     k = body.logprobs
 
+    def name(token_id: int) -> str:
+        if body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        return tokenizer.decode([token_id])
+
     def add(token_id: int, logprob: float | None, row: int | None) -> None:
         nonlocal offset
-        text = tokenizer.decode([token_id])
+        text = name(token_id)
         tokens.append(text)
         token_logprobs.append(logprob)
         offsets.append(offset)
@@ -319,10 +326,7 @@ def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> di
             top.append(None)
             return
         # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
-        entry = {
-            tokenizer.decode([score.topk_ids[row][r]]): score.topk_logprobs[row][r]
-            for r in range(k)
-        }
+        entry = {name(score.topk_ids[row][r]): score.topk_logprobs[row][r] for r in range(k)}
         entry.setdefault(text, logprob)
         top.append(entry)
 

@@ -259,6 +259,23 @@ def test_openai_options_at_a_value_that_changes_nothing_are_taken(teacher_url, f
     assert post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}).status_code == 200
 
 
+def test_openai_tokens_as_token_ids_name_each_token_by_its_id_as_vllm_does(teacher_url):
+    body = {**OPENAI_GOOD, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+    plain = post(teacher_url, OPENAI, body).json()["choices"][0]["logprobs"]
+    got = post(teacher_url, OPENAI, {**body, "return_tokens_as_token_ids": True}).json()
+    ids = got["choices"][0]["logprobs"]
+    assert ids["tokens"][:-1] == [f"token_id:{t}" for t in OPENAI_GOOD["prompt"]]
+    assert (
+        ids["tokens"][-1].startswith("token_id:") and ids["tokens"][-1] in ids["top_logprobs"][-1]
+    )
+    assert ids["token_logprobs"] == plain["token_logprobs"]
+    for named, texts in zip(ids["top_logprobs"][1:], plain["top_logprobs"][1:]):
+        assert all(key.startswith("token_id:") for key in named)
+        assert sorted(named.values()) == sorted(texts.values())
+    # Offsets count the characters of what is written, as vLLM's do.
+    assert ids["text_offset"] == list(np.cumsum([0] + [len(t) for t in ids["tokens"][:-1]]))
+
+
 @pytest.mark.parametrize(
     "fields, param",
     [({"top_k": 5}, "top_k"), ({"top_p": True}, "top_p"), ({"stop": ["\n"]}, "stop")],
