@@ -8,7 +8,7 @@ out=${1:-${OUT:-/tmp}}
 source bench/gpu_common.sh
 python3 bench/teacher_throughput.py --random-init qwen2-1.5b --device cuda --dtype bfloat16 \
   --seq-len 2048 --completion 1792 --batches 4 16 --concurrency 1 4 --repeats 5 --threads 8 \
-  --peak-tflops 787 --json "$out/gpu_qwen2_1p5b.json"
+  --peak-tflops 989 --json "$out/gpu_qwen2_1p5b.json"
 python3 bench/teacher_throughput.py --random-init qwen2-7b --device cuda --dtype bfloat16 \
   --seq-len 2048 --completion 1792 --batches 4 8 --concurrency 1 --repeats 3 --threads 8 \
-  --peak-tflops 787 --json "$out/gpu_qwen2_7b.json"
+  --peak-tflops 989 --json "$out/gpu_qwen2_7b.json"

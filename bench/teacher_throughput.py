@@ -173,7 +173,7 @@ def main() -> None:
         "--peak-tflops",
         type=float,
         default=0.0,
-        help="device bf16 peak for MFU (e.g. 787 on an H200)",
+        help="device bf16 peak for MFU (e.g. 989 on an H100 or H200 SXM)",
     )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
