@@ -78,13 +78,16 @@ def count_parameters(model: torch.nn.Module) -> int:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in `path`, never fetched from a hub."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path`, never fetched from a hub; code shipped in the folder runs
+    only with `trust_remote_code` (unset, transformers would ask on the terminal)."""
     folder = _existing_folder(path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except Exception as exc:  # transformers raises many types for a bad folder
         raise ModelLoadError(f"{folder}: no usable tokenizer ({_first_line(exc)})") from exc
 
@@ -97,7 +100,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local folder, in eval mode; checks they fit together."""
     folder = check_loadable(path, device)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
@@ -112,9 +115,12 @@ def load_model(
             f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab_size}; they do not belong together"
         )
-    on_disk = sum(
-        f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")
-    )
+    try:
+        on_disk = sum(
+            f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")
+        )
+    except OSError as exc:  # a link to weights that are gone (a pruned hub cache, say)
+        raise ModelLoadError(f"{folder}: unreadable weights file ({exc})") from None
     try:
         with hf_bars_for(on_disk):
             model = AutoModelForCausalLM.from_pretrained(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
 from opd.bundled import STUDENT_PATH
 from opd.evaluate import evaluate
-from opd.models import ModelLoadError, count_parameters, load_model
+from opd.models import ModelLoadError, count_parameters, load_model, load_tokenizer
 from shared.task import problems
 
 # 200 held-out problems: a 95% band is then stable to about +-1.5 points, and it runs in seconds.
@@ -46,3 +49,35 @@ def test_a_small_models_load_shows_no_transformers_bar_and_leaves_bars_on(capfd)
     load_model(STUDENT_PATH)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # a large model's load still shows its bar
+
+
+def test_a_tokenizer_that_ships_its_own_code_is_refused_not_run(tmp_path, monkeypatch):
+    # transformers asks on the terminal when trust_remote_code is unset: a "y" there (here, on
+    # cue) would run the folder's code in the teacher or trainer.
+    folder, ran = tmp_path / "custom", tmp_path / "ran"
+    shutil.copytree(STUDENT_PATH, folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config |= {"tokenizer_class": "MyTok", "auto_map": {"AutoTokenizer": [None, "tok.MyTok"]}}
+    config_file.write_text(json.dumps(config))
+    (folder / "tok.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('yes')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class MyTok(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(ModelLoadError, match="no usable tokenizer"):
+        load_tokenizer(folder)
+    with pytest.raises(ModelLoadError):
+        load_model(folder)
+    assert not ran.exists()
+
+
+def test_weights_behind_a_link_to_nothing_are_one_clear_error(tmp_path):
+    # As a hub cache whose blobs were pruned leaves a snapshot folder.
+    folder = tmp_path / "pruned"
+    shutil.copytree(STUDENT_PATH, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(ModelLoadError, match="unreadable weights file"):
+        load_model(folder)

@@ -60,7 +60,7 @@ class VLLMBackend(Backend):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path, self.trust_remote_code)
         args = AsyncEngineArgs(
             model=self.model_path,
             dtype=self.dtype,
