@@ -36,6 +36,14 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) 
     return tokenizer([p.prompt for p in problems])["input_ids"]
 
 
+def completion_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The text of a completion up to its <eos>, special tokens kept: one inside the answer (an
+    <unk> a sampled student can emit) must spoil it, not vanish from it."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -65,7 +73,7 @@ def evaluate(
             generator=generator,
         )
         for problem, ids in zip(chunk, out.completions()):
-            answer = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
+            answer = extract_answer(completion_text(tokenizer, ids))
             correct += answer == problem.answer
             well_formed += answer is not None
             tokens += len(ids)

@@ -40,7 +40,8 @@ LONGEST_PROMPT = "Q:" + "+".join(["9" * MAX_DIGITS] * MAX_OPERANDS) + "\n"
 # always generates this far, so it is never truncated, and it is the full rollout horizon H_max.
 MAX_NEW_TOKENS = 256
 
-_ANSWER_RE = re.compile(r"^A:(\d+)$", re.MULTILINE)
+# ASCII digits (\d takes any script's) and no leading zero: the answer is written one way only.
+_ANSWER_RE = re.compile(r"A:(0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ def column_line(col: int, terms: list[int]) -> tuple[str, int]:
 
 
 def extract_answer(text: str) -> int | None:
-    """The final answer in a generated completion, or None when there is no well-formed answer line."""
-    match = _ANSWER_RE.search(text)
+    """The final answer of a generated completion: its last non-empty line when that is exactly an
+    answer line, else None (no answer, a garbled one, or text after it)."""
+    lines = [line for line in text.split("\n") if line]
+    match = _ANSWER_RE.fullmatch(lines[-1]) if lines else None
     return int(match.group(1)) if match else None
 
 

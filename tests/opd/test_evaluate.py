@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from opd.bundled import STUDENT_PATH
-from opd.evaluate import evaluate
+from opd.evaluate import completion_text, evaluate
 from opd.models import load_tokenizer
-from shared.task import problems
+from shared.task import extract_answer, problems
 
 PROBLEMS = problems("eval", 32, seed=0)
 
@@ -30,3 +30,14 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_scores_the_same(stude
     padded_with_eos = evaluate(model, padless, PROBLEMS[:8], progress=False)
     same = ("accuracy", "mean_tokens", "well_formed")
     assert [getattr(padded_with_eos, f) for f in same] == [getattr(plain, f) for f in same]
+
+
+def test_a_special_token_inside_the_answer_spoils_it_and_text_after_eos_is_not_read(student):
+    tokenizer = student[1]
+    ids = tokenizer("A:45\n", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert extract_answer(completion_text(tokenizer, [*ids, eos])) == 45
+    with_unk = [*ids[:3], tokenizer.unk_token_id, *ids[3:], eos]  # "A:4<unk>5"
+    assert extract_answer(completion_text(tokenizer, with_unk)) is None
+    after_eos = [*ids, eos, *tokenizer("A:7\n", add_special_tokens=False)["input_ids"]]
+    assert extract_answer(completion_text(tokenizer, after_eos)) == 45

@@ -77,6 +77,12 @@ def test_verifier_rejects_wrong_and_garbled_answers():
     assert not is_correct(problem, "A:")
     assert not is_correct(problem, right.replace("A:4527", "A:04527x"))
     assert extract_answer("1:2+3=5>5c0\nA:5") == 5  # cut right after the answer still counts
+    # Exactly one way to write the answer, as the last line.
+    assert not is_correct(problem, right.replace("A:4527", "A:0004527"))
+    assert not is_correct(problem, right.replace("A:4527", "A:\u0664\u0665\u0662\u0667"))
+    assert not is_correct(problem, right + "1:7+8=15>5c1\n")  # went on after its answer
+    assert not is_correct(problem, right.replace("A:4527", "A:4527 "))
+    assert extract_answer("A:1\nA:2\n") == 2 and extract_answer("A:0\n") == 0
 
 
 def test_reasoning_length_grows_with_difficulty_and_makes_the_horizon_matter():
