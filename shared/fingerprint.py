@@ -17,7 +17,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         for token in tokenizer.all_special_tokens
     )
     payload = {
-        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        # By id, then token: get_vocab's order differs from process to process, so two tokens
+        # of one id would otherwise hash in either order.
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
         "special_tokens": specials,
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
