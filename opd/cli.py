@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
-from shared.flags import add_flags, fraction, non_negative_int, positive_int
+from shared.flags import add_flags, fraction, non_negative_int, positive_int, seed
 from shared.task import SPLITS, problems
 
 
@@ -59,7 +59,7 @@ def cmd_make_models(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
     }
-    kinds = args.only or ["teacher", "student"]
+    kinds = list(dict.fromkeys(args.only or ["teacher", "student"]))  # each trained once
     for kind in kinds:  # a folder that cannot be written is found now, not after the training
         out = Path(args.out_dir) / f"tiny-{kind}"
         try:
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
     task.add_argument("--n", type=positive_int, default=3, help="how many problems (default 3)")
     task.add_argument("--split", choices=SPLITS, default="eval", help="default: eval (held out)")
-    task.add_argument("--seed", type=int, default=0, help="which problems are drawn (default 0)")
+    task.add_argument("--seed", type=seed, default=0, help="which problems are drawn (default 0)")
     task.add_argument("--stats", action="store_true", help="print the length distribution instead")
     task.set_defaults(func=cmd_task)
 
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="stop the student once its dev accuracy reaches this (0 to 1, default 0.2)",
     )
-    make.add_argument("--seed", type=int, default=0, help="initialisation and data (default 0)")
+    make.add_argument("--seed", type=seed, default=0, help="initialisation and data (default 0)")
     make.add_argument(
         "--threads", type=positive_int, default=2, help="torch CPU threads (default 2)"
     )
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="held-out problems per evaluation (default 200)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
+    demo.add_argument("--seed", type=seed, default=0, help="one seed for every run (default 0)")
     demo.add_argument(
         "--schedules", nargs="+", help="subset of: full topd-10 topd-25 topd-50 popd (default all)"
     )
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="problems decoded at once (default 128)",
     )
     ev.add_argument(
-        "--seed", type=int, default=0, help="which problems are drawn, and sampling (default 0)"
+        "--seed", type=seed, default=0, help="which problems are drawn, and sampling (default 0)"
     )
     ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")

@@ -96,6 +96,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# numpy's generators take no larger seed; the trainer's configs hold seeds to the same range.
+MAX_SEED = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed from 0 to MAX_SEED."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed (0 to {MAX_SEED})")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type: a number from 0 to 1."""
     value = float(text)

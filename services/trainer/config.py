@@ -23,7 +23,7 @@ from pydantic import (
 from opd.bundled import STUDENT_PATH, DeviceName
 from services.trainer.schedules import ScheduleError, parse_schedule
 from shared.client import checked_api_key, checked_url
-from shared.flags import field_words
+from shared.flags import MAX_SEED, field_words
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
     seed: int = Field(
         0,
         ge=0,
-        lt=2**32,
+        le=MAX_SEED,
         description="Seed of the training problems' order, the held-out set and sampling.",
         strict=True,
     )

@@ -95,6 +95,20 @@ def test_make_models_refuses_an_out_dir_it_cannot_write_before_training(tmp_path
     assert "5.0 is not between 0 and 1" in capsys.readouterr().err
 
 
+def test_a_model_named_twice_in_only_is_trained_once(tmp_path, capsys):
+    argv = ["make-models", "--out-dir", str(tmp_path), "--only", "student", "student"]
+    assert main([*argv, "--student-steps", "1", "--threads", "1"]) == 0
+    assert capsys.readouterr().out.count("training student") == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "task", "demo", "make-models"])
+def test_a_seed_outside_what_the_generators_take_is_a_usage_error(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--seed", str(2**64)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{2**64} is not a seed (0 to {2**32 - 1})" in err
+
+
 def test_a_negative_demo_interval_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--eval-every", "-1"])
