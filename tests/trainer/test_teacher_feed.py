@@ -316,10 +316,12 @@ def test_a_second_answer_for_a_rollout_counts_as_teacher_work_but_does_not_train
     assert stats.scored_tokens == 18 and stats.rescored == 2
 
 
-def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch):
+@pytest.mark.parametrize("rescue_lands", [False, True])
+def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch, rescue_lands):
     """A stalled replica's frame goes to another replica, which is slow to take it; when the
     stalled one answers after all, the step ends without waiting out the slow rescue (whose
-    timeout would have failed it)."""
+    timeout would have failed it). A rescue that lands before the step ends was a second scoring
+    all the same: it counts as rescored."""
     hedge_after = "services.trainer.teacher_feed.HEDGE_AFTER_S"
     monkeypatch.setattr(hedge_after, 60.0)  # no rescue before b is made slow
     stalled, slow = GatedBackend(str(TEACHER_PATH)), GatedBackend(str(TEACHER_PATH))
@@ -340,6 +342,10 @@ def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch)
             monkeypatch.setattr(hedge_after, 0.5)  # the watcher reads it at each look
             wait_for(slow.running.is_set)  # the rescue of a's frame waits at b's gate
             stalled.gate.set()  # a answers its frame after all
+            if rescue_lands:
+                wait_for(lambda: len(step.scores) == 4)
+                slow.gate.set()
+                wait_for(lambda: step.stats.rescored == 2)
             started = time.monotonic()
             list(step.scored_frames())
             scores, stats = step.finish()
@@ -348,4 +354,4 @@ def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch)
             stalled.gate.set()
             slow.gate.set()
             feed.close()
-    assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == 0
+    assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == (2 if rescue_lands else 0)
