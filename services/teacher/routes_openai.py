@@ -285,8 +285,15 @@ class _JsonScore:
 
 
 def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, tokenizer) -> dict:
-    """vLLM's shape: {token_id: {logprob, rank, decoded_token}}: top-k, plus the actual token."""
-    entry = {}
+    """vLLM's shape and order: {token_id: {logprob, rank, decoded_token}}, the actual token first,
+    then the top-k by rank (one that is the actual token keeps the first place)."""
+    entry = {
+        str(actual): {
+            "logprob": score.logprobs[t],
+            "rank": score.ranks[t],
+            "decoded_token": tokenizer.decode([actual]),
+        }
+    }
     for r in range(k):
         token = score.topk_ids[t][r]
         entry[str(token)] = {
@@ -294,14 +301,6 @@ def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, tokenizer) -> 
             "rank": r + 1,
             "decoded_token": tokenizer.decode([token]),
         }
-    entry.setdefault(
-        str(actual),
-        {
-            "logprob": score.logprobs[t],
-            "rank": score.ranks[t],
-            "decoded_token": tokenizer.decode([actual]),
-        },
-    )
     return entry
 
 
@@ -325,9 +324,9 @@ def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> di
         if row is None:
             top.append(None)
             return
-        # As vLLM: the top k and the token itself, so logprobs 0 gives the token alone.
-        entry = {name(score.topk_ids[row][r]): score.topk_logprobs[row][r] for r in range(k)}
-        entry.setdefault(text, logprob)
+        # As vLLM: the token itself first, then the top k, so logprobs 0 gives the token alone.
+        entry = {text: logprob}
+        entry.update((name(score.topk_ids[row][r]), score.topk_logprobs[row][r]) for r in range(k))
         top.append(entry)
 
     if body.echo:

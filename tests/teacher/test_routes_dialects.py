@@ -259,6 +259,23 @@ def test_openai_options_at_a_value_that_changes_nothing_are_taken(teacher_url, f
     assert post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}).status_code == 200
 
 
+def test_openai_log_prob_entries_put_the_actual_token_first_as_vllm_does(teacher_url):
+    # vLLM builds each position's entries from the actual token, then the top-k by rank; a client
+    # may read the first entry as the token's own.
+    body = {**OPENAI_GOOD, "logprobs": 3, "prompt_logprobs": 3, "return_token_ids": True}
+    choice = post(teacher_url, OPENAI, body).json()["choices"][0]
+    prompt = OPENAI_GOOD["prompt"]
+    for t, entry in enumerate(choice["prompt_logprobs"][1:]):
+        first, *rest = entry.items()
+        assert first[0] == str(prompt[t + 1])
+        assert [v["rank"] for _, v in rest] == sorted(v["rank"] for _, v in rest)
+    logprobs = choice["logprobs"]
+    for token, logprob, top in zip(
+        logprobs["tokens"][1:], logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]
+    ):
+        assert next(iter(top.items())) == (token, logprob)
+
+
 def test_openai_tokens_as_token_ids_name_each_token_by_its_id_as_vllm_does(teacher_url):
     body = {**OPENAI_GOOD, "logprobs": 2, "max_tokens": 1, "temperature": 0}
     plain = post(teacher_url, OPENAI, body).json()["choices"][0]["logprobs"]
