@@ -194,31 +194,69 @@ class VLLMBackend(Backend):
         return await asyncio.to_thread(self._to_score, job, ids, final, generating)
 
     def _to_score(self, job: ScoreJob, ids: list[int], final, generating: bool) -> SequenceScore:
-        rows = _rows(final.prompt_logprobs, len(ids), job.n_prompt)  # one per scored token
-        targets = ids[job.n_prompt :]
-        if generating:  # the placeholder's row: the distribution of the generated token
-            sample = final.outputs[0]
-            rows.append(_rows(sample.logprobs, 1)[0])
-            token = sample.token_ids[0]
-            job_sampled = (token, rows[-1][token][0])
-            targets = [*targets, token]
-        k = job.top_k
-        logprobs = np.array([row[t][0] for row, t in zip(rows, targets)], dtype=np.float32)
-        score = SequenceScore(logprobs=logprobs)
-        if k:
-            ranked = [sorted(row.items(), key=lambda kv: kv[1][1])[:k] for row in rows]
-            score.topk_ids = np.array([[t for t, _ in r] for r in ranked], dtype=np.int32)
-            score.topk_logprobs = np.array([[v[0] for _, v in r] for r in ranked], dtype=np.float32)
-        if job.want_ranks:
-            score.ranks = np.array([row[t][1] for row, t in zip(rows, targets)], dtype=np.int64)
+        score = None
+        if not (generating or job.want_ranks):  # /score's case: read the flat arrays at once
+            score = flat_score(final.prompt_logprobs, ids, job.n_prompt, job.top_k)
+        if score is None:
+            score = _score_by_rows(job, ids, final, generating)
         if job.candidate_ids is not None:
             scored = np.asarray(final.prompt_token_id_logprobs, dtype=np.float32)
             score.candidate_logprobs = [
                 scored[i, : len(c)] for i, c in enumerate(job.candidate_ids)
             ]
-        if generating:
-            score.sampled = job_sampled
         return score
+
+
+def flat_score(logprobs, ids: list[int], n_prompt: int, k: int) -> SequenceScore | None:
+    """The scores of `ids`' completion positions read from vLLM's FlatLogprobs as arrays, with no
+    Python work per position (which took 44 ms per 2,048 positions at top_k 20). Each position
+    holds the actual token, then the top-k by rank (vLLM's `append_fast`). None where the layout is
+    any other (dict log-probs, or rows of another width or actual token), which _rows reads."""
+    if not hasattr(logprobs, "start_indices"):
+        return None
+    first = n_prompt - (len(ids) - len(logprobs.start_indices))  # the first scored position's row
+    begin = np.asarray(logprobs.start_indices[max(first, 0) :], dtype=np.int64)
+    end = np.asarray(logprobs.end_indices[max(first, 0) :], dtype=np.int64)
+    if first < 0 or len(begin) != len(ids) - n_prompt or not len(begin):
+        return None
+    if ((end - begin) != 1 + k).any():
+        return None
+    at_N_W = begin[:, None] + np.arange(1 + k)[None, :]
+    token_ids = np.asarray(logprobs.token_ids, dtype=np.int64)[at_N_W]
+    if not np.array_equal(token_ids[:, 0], ids[n_prompt:]):
+        return None
+    values = np.asarray(logprobs.logprobs, dtype=np.float64)[at_N_W]
+    values = np.where(np.isnan(values), -np.inf, values).astype(np.float32)  # as _finite
+    score = SequenceScore(logprobs=np.ascontiguousarray(values[:, 0]))
+    if k:
+        score.topk_ids = np.ascontiguousarray(token_ids[:, 1:], dtype=np.int32)
+        score.topk_logprobs = np.ascontiguousarray(values[:, 1:])
+    return score
+
+
+def _score_by_rows(job: ScoreJob, ids: list[int], final, generating: bool) -> SequenceScore:
+    """The scores through one {token: (logprob, rank)} row per position: any layout, ranks, and a
+    generated token's row."""
+    rows = _rows(final.prompt_logprobs, len(ids), job.n_prompt)  # one per scored token
+    targets = ids[job.n_prompt :]
+    if generating:  # the placeholder's row: the distribution of the generated token
+        sample = final.outputs[0]
+        rows.append(_rows(sample.logprobs, 1)[0])
+        token = sample.token_ids[0]
+        job_sampled = (token, rows[-1][token][0])
+        targets = [*targets, token]
+    k = job.top_k
+    logprobs = np.array([row[t][0] for row, t in zip(rows, targets)], dtype=np.float32)
+    score = SequenceScore(logprobs=logprobs)
+    if k:
+        ranked = [sorted(row.items(), key=lambda kv: kv[1][1])[:k] for row in rows]
+        score.topk_ids = np.array([[t for t, _ in r] for r in ranked], dtype=np.int32)
+        score.topk_logprobs = np.array([[v[0] for _, v in r] for r in ranked], dtype=np.float32)
+    if job.want_ranks:
+        score.ranks = np.array([row[t][1] for row, t in zip(rows, targets)], dtype=np.int64)
+    if generating:
+        score.sampled = job_sampled
+    return score
 
 
 def _rows(logprobs, length: int, start: int = 0) -> list[dict[int, tuple[float, int]]]:
