@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opd.bundled import STUDENT_PATH, TEACHER_PATH  # noqa: E402
-from opd.evaluate import evaluate  # noqa: E402
+from opd.evaluate import completion_text, evaluate  # noqa: E402
 from opd.models import ModelLoadError, load_model  # noqa: E402
 from opd.sft import sft_batch  # noqa: E402
 from services.trainer import losses  # noqa: E402
@@ -239,8 +239,7 @@ def objective_report(student, teacher, tokenizer, held_out: list[Problem], args)
         return losses.reverse_kl_estimate(split.teacher_B_T, split.student_B_T, where_B_T)
 
     correct = sum(
-        is_correct(r.problem, tokenizer.decode(r.completion_ids, skip_special_tokens=True))
-        for r in rollouts
+        is_correct(r.problem, completion_text(tokenizer, r.completion_ids)) for r in rollouts
     )
     return (
         f"rollouts: reverse KL {kl(split.mask_B_T):.3f} (up to first error "

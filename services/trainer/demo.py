@@ -26,7 +26,13 @@ from opd.models import ModelLoadError, check_loadable
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
 from services.trainer.loop import reset_peak_rss, run
-from services.trainer.report import first_reaching, plot_runs, read_evals, read_jsonl
+from services.trainer.report import (
+    first_reaching,
+    hidden_fraction,
+    plot_runs,
+    read_evals,
+    read_jsonl,
+)
 
 # The issue's mark for a schedule that matches full OPD: its final accuracy less 2 points.
 MATCH_POINTS = 0.02
@@ -201,10 +207,9 @@ def hidden_share(steps: list[dict]) -> float | None:
     / total scoring time, over the steps whose scoring was timed (None if none was: a vllm teacher
     does not time its forwards). A mean of the steps' shares would weigh a short step as a long one."""
     timed = [s for s in steps if s.get("teacher_compute_s")]
-    if not timed:
-        return None
-    wait = sum(s["teacher_wait_s"] for s in timed)
-    return max(0.0, 1 - wait / sum(s["teacher_compute_s"] for s in timed))
+    return hidden_fraction(
+        sum(s["teacher_wait_s"] for s in timed), sum(s["teacher_compute_s"] for s in timed)
+    )
 
 
 def print_table(rows: list[dict]) -> None:

@@ -30,7 +30,7 @@ from opd.evaluate import evaluate
 from opd.models import ModelLoadError, load_model
 from services.trainer import checkpoint
 from services.trainer.config import RunConfig
-from services.trainer.report import JsonlLog, plot_runs, read_jsonl
+from services.trainer.report import JsonlLog, hidden_fraction, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
 from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
 from services.trainer.step import accumulate_gradients
@@ -103,7 +103,7 @@ def folder_state(out: Path) -> tuple:
 
 def holds_a_run(out: Path) -> bool:
     """Whether a run has written into `out` (its config, or a checkpoint)."""
-    return checkpoint.latest(out) is not None or (out / "config.json").is_file()
+    return folder_state(out) != (None, None)
 
 
 def check_can_make(out: Path) -> None:
@@ -451,9 +451,7 @@ class Run:
             "teacher_compute_s": fstats.compute_s,
             # Share of the teacher's scoring time spent while the student generated or trained on
             # scored micro-batches; None when the teacher does not time its forwards (vllm backend).
-            "teacher_hidden_fraction": max(0.0, 1 - teacher_wait / fstats.compute_s)
-            if fstats.compute_s > 0
-            else None,
+            "teacher_hidden_fraction": hidden_fraction(teacher_wait, fstats.compute_s),
             "update_s": done - generated - fstats.wait_s,
             "tokens_generated": tokens,
             "teacher_tokens": fstats.scored_tokens,

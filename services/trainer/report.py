@@ -18,6 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def hidden_fraction(wait_s: float, compute_s: float) -> float | None:
+    """The share of the teacher's scoring time (`compute_s`) the student did not spend waiting for
+    it (`wait_s`); None when the scoring was not timed (a vllm teacher does not time its forwards)."""
+    return max(0.0, 1 - wait_s / compute_s) if compute_s > 0 else None
+
+
 class JsonlLog:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped so that no
     step is ever recorded twice."""

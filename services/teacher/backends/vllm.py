@@ -215,10 +215,10 @@ def flat_score(logprobs, ids: list[int], n_prompt: int, k: int) -> SequenceScore
     if not hasattr(logprobs, "start_indices"):
         return None
     first = n_prompt - (len(ids) - len(logprobs.start_indices))  # the first scored position's row
-    begin = np.asarray(logprobs.start_indices[max(first, 0) :], dtype=np.int64)
-    end = np.asarray(logprobs.end_indices[max(first, 0) :], dtype=np.int64)
-    if first < 0 or len(begin) != len(ids) - n_prompt or not len(begin):
+    if first < 0 or n_prompt == len(ids):  # fewer rows than positions, or none to score
         return None
+    begin = np.asarray(logprobs.start_indices[first:], dtype=np.int64)
+    end = np.asarray(logprobs.end_indices[first:], dtype=np.int64)
     if ((end - begin) != 1 + k).any():
         return None
     at_N_W = begin[:, None] + np.arange(1 + k)[None, :]
