@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opd.bundled import TEACHER_PATH  # noqa: E402
-from opd.evaluate import evaluate  # noqa: E402
+from opd.evaluate import completion_text, evaluate  # noqa: E402
 from opd.models import ModelLoadError, check_loadable, load_model  # noqa: E402
 from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
 from shared.flags import positive_int  # noqa: E402
@@ -150,7 +150,7 @@ def continuation(teacher, tokenizer, text: str) -> str:
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = teacher.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return completion_text(tokenizer, out[0, ids.shape[1] :].tolist())
 
 
 def main() -> None:
