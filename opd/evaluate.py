@@ -5,6 +5,7 @@ opd eval --model models/tiny-teacher --n 500
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,10 @@ class EvalResult:
         return asdict(self)
 
 
+class EvaluationStopped(Exception):
+    """An evaluation ended early by its `stop`: it has no result."""
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> list[list[int]]:
     """<bos> + prompt ids for each problem."""
     return tokenizer([p.prompt for p in problems])["input_ids"]
@@ -53,15 +58,20 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     temperature: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> EvalResult:
     """Mean accuracy of `samples` completions of each problem at `temperature`: greedy accuracy by
-    default, avg@k with samples=k at temperature 1."""
+    default, avg@k with samples=k at temperature 1. A `stop` set meanwhile ends it at the next
+    batch with EvaluationStopped (a long evaluation must not hold up a run's checkpoint)."""
     generator = torch.Generator(model.device).manual_seed(seed)
     jobs = [p for p in problems for _ in range(samples)]
     correct = well_formed = tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="eval", unit="completion", disable=not progress, leave=False)
     for i in range(0, len(jobs), batch_size):
+        if stop is not None and stop.is_set():
+            bar.close()
+            raise EvaluationStopped
         chunk = jobs[i : i + batch_size]
         out = generate(
             model,

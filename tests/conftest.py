@@ -55,6 +55,25 @@ def serve(app, ready_path: str | None = "/ready", timeout: float = 60.0) -> Iter
         thread.join(timeout=10)
 
 
+# The teacher's count of finished requests, labelled by route and status.
+TEACHER_REQUESTS = "opd_teacher_requests_total"
+
+
+def metric(url: str, sample: str, **labels: str) -> float:
+    """The sum of the `sample` series (e.g. opd_teacher_requests_total) with these labels in the
+    /metrics of the server at `url`; 0 when there is none yet."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and labels.items() <= s.labels.items()
+    )
+
+
 @contextlib.contextmanager
 def plain_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """A plain `http.server` on loopback in a thread (an HTTP server that is not a teacher)."""

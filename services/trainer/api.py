@@ -1,10 +1,11 @@
 """The trainer's HTTP control API: start, watch and stop distillation runs.
 
-POST /runs                 body: a RunConfig (JSON) -> 201 {"id", "status"}; bad fields -> 422
+POST /runs                 body: a RunConfig (JSON) -> 201 {"id", "status"}; bad fields -> 422;
+                           --max-runs already training -> 429
 GET  /runs                 all runs
 GET  /runs/{id}            status, config, latest step metrics, summary or error
-GET  /runs/{id}/events     server-sent events: step metrics, sample rollouts with teacher scores,
-                           evaluations, and a final "done" (or "failed") event
+GET  /runs/{id}/events     server-sent events: "started", step metrics, sample rollouts with teacher
+                           scores, evaluations, and a final "done" (or "failed") event
 POST /runs/{id}/stop       stop after the current step (a checkpoint is written)
 GET  /metrics              Prometheus metrics of every run
 GET  /health
@@ -18,6 +19,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from opd.models import ModelLoadError, check_loadable, load_tokenizer
-from services.trainer.config import RunConfig, in_api_words
+from services.trainer.config import MAX_RUNS, RunConfig, in_api_words
 from services.trainer.loop import (
     RunError,
     check_out,
@@ -102,6 +104,8 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
 async def start_run(cfg: RunConfig, request: Request) -> dict:
     # Refused here, each naming its field, rather than in the run's thread after a 201.
     runs = runs_of(request)
+    runs.refuse_when_full()
+    runs.refuse_other_threads(cfg)
     refuse_a_folder_in_use(cfg, runs)
     refuse_a_student_that_cannot_load(cfg)
     await refuse_teachers_that_cannot_serve(cfg)
@@ -142,13 +146,23 @@ async def stop_run(run_id: str, request: Request, response: Response) -> dict:
 
 
 @router.get("/runs/{run_id}/events")
-async def run_events(run_id: str, request: Request) -> StreamingResponse:
+async def run_events(run_id: str, request: Request) -> Response:
     record = runs_of(request).get(run_id)
     # A follower that reconnects (a browser's EventSource does) goes on after the last event it
     # got, rather than from the oldest kept one again.
     after = request.headers.get("last-event-id", "")
-    seen = int(after) if after.isdigit() else 0
-    return StreamingResponse(event_stream(record, after=seen), media_type="text/event-stream")
+    # Anything but an event number we could have sent (a 5,000-digit one, say) starts afresh.
+    seen = int(after) if re.fullmatch(r"[0-9]{1,18}", after) else 0
+    if record.finished and seen >= record.published:
+        # Nothing will come: 204 tells an EventSource to stop reconnecting (a 200 with no events
+        # has it reconnect every few seconds for good).
+        return Response(status_code=204)
+    return StreamingResponse(
+        event_stream(record, after=seen),
+        media_type="text/event-stream",
+        # Each event as it happens: proxies (nginx) and caches must not hold it back.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def strict_json(event: dict) -> str:
@@ -229,12 +243,12 @@ class TrainerServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def create_app() -> FastAPI:
+def create_app(max_runs: int = MAX_RUNS) -> FastAPI:
     metrics = TrainerMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.runs = Runs(asyncio.get_running_loop(), metrics)
+        app.state.runs = Runs(asyncio.get_running_loop(), metrics, max_runs)
         yield
         # A server that stops (Ctrl-C, SIGTERM, `docker stop`) lets each run end its step and save
         # its checkpoint rather than killing it mid-step with the process.

@@ -19,12 +19,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.trainer.config import (
+    MAX_RUNS,
     RunConfig,
     api_key_from_env,
     load_config_file,
     saved_settings,
 )
-from shared.flags import add_flags, cannot_listen, field_errors, given, port_number
+from shared.flags import add_flags, cannot_listen, field_errors, given, port_number, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port", type=port_number, default=8100, help="port to listen on [default %(default)s]"
+    )
+    serve.add_argument(
+        "--max-runs",
+        type=positive_int,
+        default=MAX_RUNS,
+        help="runs training at once; POST /runs beyond that is a 429 [default %(default)s]",
     )
     plot = sub.add_parser("plot", help="plot eval accuracy of runs side by side")
     plot.add_argument("runs", nargs="+", help="run folders (with eval.jsonl)")
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"opd-trainer: error: {taken}", file=sys.stderr)
             return 2
         try:
-            server = TrainerServer(create_app(), args.host, args.port)
+            server = TrainerServer(create_app(args.max_runs), args.host, args.port)
             server.run()
         except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
             return 130

@@ -46,8 +46,8 @@ def api_key_from_env() -> str | None:
 MAX_ROLLOUTS_PER_STEP = 65536
 
 # The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
-# student runs (and the teacher the demo starts), the batch, the step size, and the streams to a
-# balanced teacher pool.
+# student runs (and the teacher the demo starts), the batch, the step size, the streams to a
+# balanced teacher pool, and avg@k at the end.
 DEMO_RUN_SETTINGS = (
     "device",
     "prompts_per_step",
@@ -55,6 +55,7 @@ DEMO_RUN_SETTINGS = (
     "micro_batch",
     "lr",
     "streams_per_url",
+    "eval_samples",
 )
 
 
@@ -70,6 +71,10 @@ Real = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)
 # For `X | None` the bound must sit on the number, before the validator wraps it: else the API
 # schema shows an unknown "gt" keyword instead of exclusiveMinimum.
 PositiveReal = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_not_a_bool)]
+
+# Runs a control API server trains at once unless told otherwise (`opd-trainer serve --max-runs`):
+# each holds a student, its optimizer and its rollouts in the one process.
+MAX_RUNS = 4
 
 
 class RunConfig(BaseModel):
@@ -238,8 +243,8 @@ class RunConfig(BaseModel):
     @field_validator("out")
     @classmethod
     def _a_path(cls, value: str) -> str:
-        usable_path(value)
-        return value
+        # Expanded: the run writes to Path(out), which would take "~" for a folder's name.
+        return str(usable_path(value))
 
     @field_validator("api_key")
     @classmethod
@@ -272,11 +277,15 @@ def usable_path(value: str) -> Path:
         raise ValueError("a path cannot hold a NUL character")
     try:
         path = Path(value).expanduser()
-        path.exists()  # a name too long for this file system raises here
     except RuntimeError as exc:  # ~user for a user this machine does not know
         raise ValueError(f"cannot expand ~ in {value} ({exc})") from None
+    try:
+        path.exists()  # a name too long for this file system raises here
+        path.resolve()  # and a symlink loop here (exists() just says False)
     except OSError as exc:
-        raise ValueError(f"not a usable path ({exc.strerror})") from None
+        raise ValueError(f"not a usable path ({exc.strerror or exc})") from None
+    except RuntimeError as exc:  # Python before 3.13 reports a loop so
+        raise ValueError(f"not a usable path ({exc})") from None
     return path
 
 

@@ -8,7 +8,9 @@ lives in schedules, rollout, step and losses.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import gc
 import itertools
 import json
 import logging
@@ -26,13 +28,19 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from opd.evaluate import evaluate
+from opd.evaluate import EvaluationStopped, evaluate
 from opd.models import ModelLoadError, load_model
 from services.trainer import checkpoint
 from services.trainer.config import RunConfig
 from services.trainer.report import JsonlLog, hidden_fraction, plot_runs, read_jsonl
 from services.trainer.rollout import sample_rollouts
-from services.trainer.schedules import Schedule, ScheduleError, parse_schedule, warmup_lr
+from services.trainer.schedules import (
+    Schedule,
+    ScheduleError,
+    parse_schedule,
+    same_horizons,
+    warmup_lr,
+)
 from services.trainer.step import accumulate_gradients
 from services.trainer.teacher_feed import TeacherFeed
 from shared.client import TeacherTimedOut
@@ -145,7 +153,7 @@ def check_resumable(cfg: RunConfig, found: Path) -> checkpoint.TrainState:
     except ScheduleError:
         trained = None
     # Compared as horizons, so `truncated:0.1` and `truncated:0.10` are the same schedule.
-    if trained is None or any(trained.horizon(k) != now.horizon(k) for k in range(cfg.steps)):
+    if trained is None or not same_horizons(trained, now, cfg.steps):
         raise RunError(
             f"--resume: {found} was trained with --schedule {state.schedule} at "
             f"--max-new-tokens {trained_max}; {cfg.schedule} at {cfg.max_new_tokens} gives other "
@@ -217,7 +225,12 @@ def peak_memory(device: str) -> dict:
 
 def reset_peak_rss() -> None:
     """Start the process's peak resident memory afresh (Linux; elsewhere it stays the process's), so
-    that runs one after another in one process (the demo) each report their own."""
+    that runs one after another in one process (the demo) each report their own. What an earlier
+    run freed is handed back to the system first: the peak restarts from what the process holds,
+    and memory the allocator merely kept would count against the next run."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -312,6 +325,7 @@ class Run:
             raise RunError(f"--resume: {exc}", param="resume") from None
         # After the logs are found whole: a refused --resume leaves the settings it was run with.
         (self.out / "config.json").write_text(cfg.model_dump_json(indent=1, exclude={"api_key"}))
+        self.events({"type": "started", "step": self.state.step, "resumed": resumed})
 
     def _resume(self) -> bool:
         """Load the last checkpoint in `out` when asked to; whether one was loaded."""
@@ -375,7 +389,7 @@ class Run:
     def _train(self) -> dict:
         cfg, state = self.cfg, self.state
         if self._evaluation_missing():
-            self._evaluate()
+            self._evaluate_unless_stopped()
         bar = tqdm(
             total=cfg.steps,
             initial=state.step,
@@ -393,7 +407,8 @@ class Run:
                 self.events({"type": "step", **record})
                 # A stop skips the evaluation, so it saves at once; --resume makes it up.
                 if self._evaluation_due() and not self.stop.is_set():
-                    last_acc = self._evaluate()["accuracy"]
+                    evaluated = self._evaluate_unless_stopped()
+                    last_acc = evaluated["accuracy"] if evaluated else last_acc
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     self._checkpoint()
                 bar.update(1)
@@ -518,18 +533,28 @@ class Run:
             return False
         return self._evaluation_at(self.state.step) is None
 
-    def _final_evaluation(self) -> dict:
+    def _final_evaluation(self) -> dict | None:
         """The evaluation at the last step; a resumed run that has one already keeps it."""
         done = self._evaluation_at(self.cfg.steps)
-        return done if done is not None else self._evaluate(samples=self.cfg.eval_samples)
+        if done is not None:
+            return done
+        return self._evaluate_unless_stopped(samples=self.cfg.eval_samples)
 
     def _evaluation_at(self, step: int) -> dict | None:
         """The last record of eval.jsonl at `step`, if there is one."""
         done = [r for r in read_jsonl(self.out / "eval.jsonl") if r["step"] == step]
         return done[-1] if done else None
 
+    def _evaluate_unless_stopped(self, samples: int = 0) -> dict | None:
+        """The evaluation at this step, or None when a stop ended it (--resume runs it then)."""
+        try:
+            return self._evaluate(samples)
+        except EvaluationStopped:
+            log.info("stopped during the evaluation at step %d", self.state.step)
+            return None
+
     def _evaluate(self, samples: int = 0) -> dict:
-        greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False)
+        greedy = evaluate(self.model, self.tokenizer, self.eval_set, progress=False, stop=self.stop)
         record = {
             "step": self.state.step,
             "accuracy": greedy.accuracy,
@@ -548,6 +573,7 @@ class Run:
                 seed=self.cfg.seed,
                 progress=False,
                 temperature=1.0,
+                stop=self.stop,
             )
             record[f"avg@{samples}"] = sampled.accuracy
         self.eval_log.write(record)

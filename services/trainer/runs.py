@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -16,9 +17,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from services.trainer.config import RunConfig, in_api_words
+from services.trainer.config import MAX_RUNS, RunConfig, in_api_words
 from services.trainer.loop import Run, RunError
-from shared.errors import NotFound, NotReady
+from shared.errors import InvalidRequest, NotFound, NotReady, QueueFull
 
 # About 300 steps' events (a step, a sample and now and then an evaluation each).
 KEPT_EVENTS = 1000
@@ -75,7 +76,8 @@ class TrainerMetrics:
 class RunRecord:
     id: str
     config: RunConfig
-    status: str = "starting"  # starting | running | completed | stopped | failed
+    # starting (loading the student, waiting for its teachers) | running | completed | stopped | failed
+    status: str = "starting"
     error: str | None = None
     summary: dict | None = None
     last_step: dict | None = None
@@ -126,11 +128,17 @@ class RunRecord:
 class Runs:
     """Runs of this server; each trains in its own thread and reports events to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: TrainerMetrics):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, metrics: TrainerMetrics, max_runs: int = MAX_RUNS
+    ):
         self.loop = loop
         self.metrics = metrics
+        self.max_runs = max_runs
         self.records: dict[str, RunRecord] = {}
         self._ids = itertools.count(1)
+        # In every id: after a restart, a follower reconnecting to its run's events must get a 404,
+        # not the events of a new run that took the same number.
+        self._server_tag = secrets.token_hex(3)
         self.stopping = False  # set once the server shuts down: no run starts after that
 
     def writing_to(self, out: str) -> RunRecord | None:
@@ -142,11 +150,38 @@ class Runs:
                 return record
         return None
 
+    def unfinished(self) -> list[RunRecord]:
+        return [r for r in self.records.values() if not r.finished]
+
+    def refuse_when_full(self) -> None:
+        training = len(self.unfinished())
+        if training >= self.max_runs:
+            raise QueueFull(
+                f"{training} runs are training, the most this server takes (--max-runs "
+                f"{self.max_runs}); start this one when one of them ends",
+                retry_after=60,
+            )
+
+    def refuse_other_threads(self, cfg: RunConfig) -> None:
+        """torch's thread count is the process's: a run asking for another than a running run set
+        would change that run's too."""
+        if not cfg.threads:
+            return
+        for record in self.unfinished():
+            if record.config.threads and record.config.threads != cfg.threads:
+                raise InvalidRequest(
+                    f"threads {cfg.threads}: {record.id} set this server's torch threads to "
+                    f"{record.config.threads}, shared by all its runs; give that or leave it out",
+                    param="threads",
+                )
+
     def start(self, cfg: RunConfig) -> RunRecord:
         if self.stopping:
             raise NotReady("the trainer is shutting down; start the run on another")
+        self.refuse_when_full()
+        self.refuse_other_threads(cfg)
         self._forget_old_runs()
-        record = RunRecord(id=f"run-{next(self._ids)}", config=cfg)
+        record = RunRecord(id=f"run-{self._server_tag}-{next(self._ids)}", config=cfg)
         self.records[record.id] = record
         record.thread = threading.Thread(
             target=self._train, args=(record,), daemon=True, name=record.id
@@ -191,7 +226,6 @@ class Runs:
             self.metrics.observe(record.id, event)
             self.loop.call_soon_threadsafe(self._publish, record, event)
 
-        self.loop.call_soon_threadsafe(setattr, record, "status", "running")
         try:
             summary = Run(record.config, emit, record.stop).run()
             status = "completed" if summary["completed"] else "stopped"
@@ -203,7 +237,9 @@ class Runs:
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
 
     def _publish(self, record: RunRecord, event: dict) -> None:
-        if event["type"] == "step":
+        if event["type"] == "started":
+            record.status = "running"
+        elif event["type"] == "step":
             record.last_step = {k: v for k, v in event.items() if k != "kl_by_position"}
         record.publish(event)
 

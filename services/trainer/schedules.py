@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -39,16 +40,34 @@ class Schedule:
         if self.kind == "full":
             return self.h_max
         if self.kind == "truncated":
-            # A ratio below 1 is a fraction of H_max; 1 or more is a token count.
-            h = self.ratio * self.h_max if self.ratio < 1 else self.ratio
-            # Halves round up (Python's round() takes them to the even number: 12.5 -> 12).
-            return max(1, min(self.h_max, math.floor(h + 0.5)))
+            # A ratio below 1 is a fraction of H_max; 1 or more is a token count. Exact arithmetic:
+            # in floats 0.29 x 50 is just under 14.5. Halves round up (round() would take 12.5
+            # to the even 12).
+            exact = Fraction(str(self.ratio))
+            h = exact * self.h_max if self.ratio < 1 else exact
+            return max(1, min(self.h_max, math.floor(h + Fraction(1, 2))))
         if self.kind == "progressive":
             # Step-wise growth, as in the POPD paper: flat for `every` steps, then +dh.
             return min(self.h_max, self.h0 + self.dh * (step // self.every))
-        # linear: straight line from h0 at step 0 to h_max at `steps`, flat after.
-        frac = min(1.0, step / self.steps)
-        return min(self.h_max, int(math.floor(self.h0 + (self.h_max - self.h0) * frac)))
+        # linear: straight line from h0 at step 0 to h_max at `steps`, flat after; in integers,
+        # since in floats 3 / 11 x 99 is just under 27.
+        grown = (self.h_max - self.h0) * min(step, self.steps) // self.steps
+        return min(self.h_max, self.h0 + grown)
+
+    def settled_from(self) -> int:
+        """The first step from which the horizon never changes again."""
+        if self.kind == "progressive" and self.dh > 0:
+            return self.every * math.ceil(max(0, self.h_max - self.h0) / self.dh)
+        if self.kind == "linear":
+            return self.steps
+        return 0
+
+
+def same_horizons(a: Schedule, b: Schedule, steps: int) -> bool:
+    """`a` and `b` give every step in [0, steps) the same horizon. Only the steps up to where both
+    have settled are compared, so a billion steps cost no more than a few."""
+    last = min(steps, max(a.settled_from(), b.settled_from()) + 1)
+    return all(a.horizon(k) == b.horizon(k) for k in range(last))
 
 
 _SPEC_HELP = (
@@ -67,6 +86,11 @@ def parse_schedule(spec: str, h_max: int) -> Schedule:
             raise ScheduleError(f"schedule {spec!r}: R must be a number > 0")
         if ratio >= 1 and not ratio.is_integer():
             raise ScheduleError(f"schedule {spec!r}: R >= 1 is a token count, so a whole number")
+        if ratio == 1 and args.strip() != "1":  # 1.0 reads as the whole of H_max, not 1 token
+            raise ScheduleError(
+                f"schedule {spec!r}: R >= 1 is a token count, so this is a horizon of 1 token; "
+                "write full for the whole horizon, or truncated:1 for one token"
+            )
         _within(ratio, h_max, spec, "R")
         return Schedule("truncated", h_max, ratio=ratio)
     if kind == "progressive":

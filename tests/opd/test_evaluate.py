@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
 from opd.bundled import STUDENT_PATH
-from opd.evaluate import completion_text, evaluate
+from opd.evaluate import EvaluationStopped, completion_text, evaluate
 from opd.models import load_tokenizer
 from shared.task import extract_answer, problems
 
@@ -41,3 +45,22 @@ def test_a_special_token_inside_the_answer_spoils_it_and_text_after_eos_is_not_r
     assert extract_answer(completion_text(tokenizer, with_unk)) is None
     after_eos = [*ids, eos, *tokenizer("A:7\n", add_special_tokens=False)["input_ids"]]
     assert extract_answer(completion_text(tokenizer, after_eos)) == 45
+
+
+def test_a_stop_ends_an_evaluation_at_the_next_batch(student):
+    model, tokenizer = student
+
+    class SetAfterOneBatch(threading.Event):
+        asked = 0
+
+        def is_set(self) -> bool:
+            self.asked += 1
+            return self.asked > 1
+
+    stop = SetAfterOneBatch()
+    with pytest.raises(EvaluationStopped):
+        evaluate(model, tokenizer, problems("eval", 6), batch_size=2, progress=False, stop=stop)
+    assert stop.asked == 2  # one batch decoded, then the stop was seen
+    unset = threading.Event()
+    done = evaluate(model, tokenizer, problems("eval", 6), batch_size=2, progress=False, stop=unset)
+    assert done.n == 6

@@ -316,6 +316,39 @@ def test_a_follower_that_reconnects_goes_on_after_the_last_event_it_got():
     assert again == first[3:]
 
 
+def test_a_finished_runs_follower_with_every_event_gets_204_and_a_bad_id_starts_afresh(tmp_path):
+    app = create_app()
+    record = RunRecord(id="run-x", config=RunConfig(out=str(tmp_path)), status="completed")
+    record.publish({"type": "done", "completed": True})
+    with serve(app, ready_path="/health") as url:
+        app.state.runs.records[record.id] = record
+        events = f"{url}/runs/run-x/events"
+        # An EventSource stops reconnecting on a 204; a 200 with no events has it come back.
+        assert httpx.get(events, headers={"Last-Event-ID": "1"}).status_code == 204
+        for after in ("9" * 5000, "-1", "1.0", ""):  # not a number we sent: from the start
+            r = httpx.get(events, headers={"Last-Event-ID": after})
+            assert r.status_code == 200 and r.text.startswith("event: done\nid: 1\n")
+            assert r.headers["cache-control"] == "no-cache"
+            assert r.headers["x-accel-buffering"] == "no"
+
+
+def test_a_full_server_or_another_thread_count_is_refused_before_any_check(tmp_path):
+    app = create_app(max_runs=2)
+    with serve(app, ready_path="/health") as url:
+        busy = RunRecord(id="busy", config=RunConfig(threads=2), status="running")
+        app.state.runs.records[busy.id] = busy
+        body = {
+            "out": str(tmp_path / "run"),
+            "teacher_url": [f"http://127.0.0.1:{a_closed_port()}"],
+        }
+        other = httpx.post(url + "/runs", json={**body, "threads": 1})
+        assert other.status_code == 422 and other.json()["error"]["param"] == "threads"
+        app.state.runs.records["starting"] = RunRecord(id="starting", config=RunConfig())
+        full = httpx.post(url + "/runs", json=body)
+        assert full.status_code == 429 and "--max-runs 2" in full.json()["error"]["message"]
+        assert int(full.headers["retry-after"]) > 0
+
+
 def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_path):
     body = {**SMALL, "teacher_url": [teacher_url], "steps": 3, "out": str(tmp_path / "run")}
     r = httpx.post(trainer_url + "/runs", json=body)
@@ -323,6 +356,7 @@ def test_run_streams_steps_samples_evals_and_done(trainer_url, teacher_url, tmp_
     run_id = r.json()["id"]
     events = events_of(trainer_url, run_id)
     kinds = [e["type"] for e in events]
+    assert events[0] == {"type": "started", "step": 0, "resumed": False}
     assert kinds.count("step") == 3 and kinds.count("sample") == 3 and kinds[-1] == "done"
     assert kinds.count("eval") == 2  # before training and at the end
     sample = next(e for e in events if e["type"] == "sample")

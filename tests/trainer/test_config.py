@@ -60,6 +60,17 @@ def test_the_student_folder_is_kept_absolute_so_a_resume_works_from_anywhere(tmp
     assert RunConfig.model_validate_json(cfg.model_dump_json()).student == cfg.student
 
 
+def test_a_tilde_in_out_is_expanded_not_made_a_folder_named_tilde(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert RunConfig(out="~/runs/a").out == str(tmp_path / "runs" / "a")
+
+
+def test_an_out_inside_a_symlink_loop_is_refused_naming_out(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValidationError, match="out\n.*not a usable path"):
+        RunConfig(out=str(tmp_path / "loop" / "run"))
+
+
 @pytest.mark.parametrize(
     "given, ignored",
     [

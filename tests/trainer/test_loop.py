@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,7 +35,7 @@ from services.trainer.loop import (
 from services.trainer.report import read_jsonl
 from shared.errors import NotReady, TeacherError
 from shared.task import problems
-from tests.conftest import serve, static_files
+from tests.conftest import TEACHER_REQUESTS, metric, serve, static_files
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
@@ -330,6 +329,44 @@ def test_a_stop_during_the_last_step_skips_the_final_evaluation_and_resume_runs_
     assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 1]
 
 
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_a_stop_during_an_evaluation_ends_it_and_resume_makes_it_up(
+    tmp_path, teacher_process, monkeypatch, at_step
+):
+    """A long evaluation must not hold up the stop's checkpoint (a server that shuts down gives
+    its runs 2 minutes); one at the start or at the end is made up by --resume."""
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2, out=str(out))
+    stop, evaluate, started = threading.Event(), loop.evaluate, []
+
+    def a_stop_comes_meanwhile(model, tokenizer, problems, **kwargs):
+        if len(started) == (at_step > 0):  # the step-0 evaluation is the first, the final one next
+            stop.set()
+        started.append(kwargs["stop"])
+        return evaluate(model, tokenizer, problems, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", a_stop_comes_meanwhile)
+    summary = run(cfg, events=lambda e: None, stop=stop)
+    assert started[-1] is stop and not summary["completed"] and summary["final_accuracy"] is None
+    assert summary["steps"] == at_step
+    # The stopped evaluation left no record.
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == ([0] if at_step else [])
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    assert run(cfg.model_copy(update={"resume": True}))["completed"]
+    assert [r["step"] for r in read_jsonl(out / "eval.jsonl")] == [0, 2]
+
+
+def test_a_run_says_when_it_has_started_and_from_which_step(tmp_path, teacher_process):
+    out = tmp_path / "run"
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    events = []
+    run(cfg, events=events.append)
+    assert events[0] == {"type": "started", "step": 0, "resumed": False}
+    events.clear()
+    run(cfg.model_copy(update={"steps": 2, "resume": True}), events=events.append)
+    assert events[0] == {"type": "started", "step": 1, "resumed": True}
+
+
 def test_a_damaged_state_or_log_is_refused_naming_resume(tmp_path, teacher_process):
     out = tmp_path / "run"
     cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
@@ -493,24 +530,15 @@ def test_a_teacher_slower_than_the_timeout_names_the_setting_that_gives_it_longe
             assert error.value.param == "teacher_timeout_s"
             # The stream's wait, then the rescue's (one /score request); not a third at the end.
             assert "trying again at the step's end" not in caplog.text
-            wait_for(lambda: "499" in scores_by_status(url))  # the teacher saw it given up
+            # The teacher saw it given up.
+            wait_for(lambda: metric(url, TEACHER_REQUESTS, route="/score", status="499") == 1)
             time.sleep(0.3)  # a second request, had one been sent, would be counted by now
-            assert scores_by_status(url) == {"499": 1.0}
+            assert metric(url, TEACHER_REQUESTS, route="/score") == 1
             threading.Timer(3.0, backend.gate.set).start()  # slow, within a longer timeout
             slow_ok = {"teacher_timeout_s": 60, "overwrite": True}
             assert run(cfg.model_copy(update=slow_ok))["completed"]
         finally:
             backend.gate.set()
-
-
-def scores_by_status(url: str) -> dict[str, float]:
-    """The teacher's count of finished /score requests, by status, from its /metrics."""
-    counts = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith('opd_teacher_requests_total{route="/score",'):
-            labels, value = line.rsplit(" ", 1)
-            counts[labels.split('status="')[1].split('"')[0]] = float(value)
-    return counts
 
 
 def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from services.trainer import runs as runs_module
 from services.trainer.config import RunConfig
 from services.trainer.runs import KEPT_EVENTS, RunRecord, Runs, TrainerMetrics
-from shared.errors import NotReady
+from shared.errors import InvalidRequest, NotReady, QueueFull
 from tests.conftest import a_closed_port
 
 
@@ -58,3 +58,59 @@ def test_a_server_forgets_its_oldest_finished_runs_and_their_metrics(tmp_path, m
         assert 'run="old-0"' not in exported and 'run="old-2"' in exported
     finally:
         loop.close()
+
+
+def with_runs(test, **kwargs):
+    loop = asyncio.new_event_loop()
+    try:
+        return test(Runs(loop, TrainerMetrics(), **kwargs))
+    finally:
+        loop.close()
+
+
+def test_run_ids_differ_between_servers(tmp_path):
+    """A follower reconnecting after a restart must not get another run's events under its id."""
+    closed = [f"http://127.0.0.1:{a_closed_port()}"]
+
+    def first_id(runs: Runs) -> str:
+        record = runs.start(RunConfig(out=str(tmp_path / "run"), teacher_url=closed))
+        record.thread.join(timeout=60)
+        return record.id
+
+    ids = {with_runs(first_id) for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("run-") and i.endswith("-1") for i in ids)
+
+
+def test_a_run_is_starting_until_it_says_it_has_started():
+    def check(runs: Runs) -> None:
+        record = RunRecord(id="run-1", config=RunConfig())
+        assert record.status == "starting"
+        runs._publish(record, {"type": "started", "step": 0, "resumed": False})
+        assert record.status == "running" and record.published == 1
+
+    with_runs(check)
+
+
+def test_a_full_server_refuses_a_run_with_a_429_and_a_retry_after(tmp_path):
+    def check(runs: Runs) -> None:
+        runs.records["busy"] = RunRecord(id="busy", config=RunConfig(), status="running")
+        runs.records["old"] = RunRecord(id="old", config=RunConfig(), status="completed")
+        with pytest.raises(QueueFull, match="--max-runs 1") as refused:
+            runs.start(RunConfig(out=str(tmp_path / "run")))
+        assert refused.value.retry_after and list(runs.records) == ["busy", "old"]
+
+    with_runs(check, max_runs=1)
+
+
+def test_a_run_may_not_change_the_thread_count_of_the_runs_it_shares_the_process_with():
+    def check(runs: Runs) -> None:
+        runs.records["busy"] = RunRecord(id="busy", config=RunConfig(threads=2), status="running")
+        with pytest.raises(InvalidRequest, match="busy set") as refused:
+            runs.refuse_other_threads(RunConfig(threads=1))
+        assert refused.value.param == "threads"
+        runs.refuse_other_threads(RunConfig(threads=2))  # the same, or none, is fine
+        runs.refuse_other_threads(RunConfig())
+        runs.records["busy"].status = "completed"  # an ended run holds none
+        runs.refuse_other_threads(RunConfig(threads=1))
+
+    with_runs(check)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.schedules import ScheduleError, parse_schedule, warmup_lr
+from services.trainer.schedules import ScheduleError, parse_schedule, same_horizons, warmup_lr
 
 H_MAX = 256
 
@@ -37,6 +37,11 @@ def test_half_of_an_odd_h_max_rounds_up_every_time(h_max, h):
     assert parse_schedule("truncated:0.5", h_max).horizon(0) == h
 
 
+@pytest.mark.parametrize("spec, h_max, h", [("truncated:0.29", 50, 15), ("truncated:0.58", 25, 15)])
+def test_an_exact_half_rounds_up_though_floats_land_just_below_it(spec, h_max, h):
+    assert parse_schedule(spec, h_max).horizon(0) == h  # 14.5 exactly, 14.4999... in floats
+
+
 def test_progressive_is_the_papers_step_function():
     got = horizons("progressive:h0=32,dh=64,every=5", 30)
     want = [min(H_MAX, 32 + 64 * (k // 5)) for k in range(30)]
@@ -49,6 +54,16 @@ def test_linear_reaches_h_max_at_the_given_step():
     assert got[0] == 16 and got[10:] == [H_MAX] * 5
     assert all(a <= b for a, b in zip(got, got[1:]))
     assert got[5] == 16 + (H_MAX - 16) // 2
+
+
+@pytest.mark.parametrize("h_max", [100, 200, 225])
+def test_linear_is_exact_where_floats_would_round_down(h_max):
+    # h0 + (H_max - h0) * k / steps, floored, in exact arithmetic.
+    for h0, steps in [(1, 11), (3, 7), (10, 33), (1, 99)]:
+        schedule = parse_schedule(f"linear:h0={h0},steps={steps}", h_max)
+        got = [schedule.horizon(k) for k in range(steps + 3)]
+        assert got == [h0 + (h_max - h0) * min(k, steps) // steps for k in range(steps + 3)]
+    assert parse_schedule("linear:h0=1,steps=11", 100).horizon(3) == 28  # floats gave 27
 
 
 @pytest.mark.parametrize(
@@ -65,6 +80,7 @@ def test_linear_reaches_h_max_at_the_given_step():
         # Horizons the schedule could only cut or round without a word.
         (f"truncated:{H_MAX + 1}", "beyond H_max"),
         ("truncated:2.5", "a whole number"),
+        ("truncated:1.0", "write full for the whole horizon"),  # not 1 token by mistake
         (f"progressive:h0={H_MAX + 1},dh=1,every=1", "beyond H_max"),
         (f"linear:h0={H_MAX + 1},steps=3", "beyond H_max"),
     ],
@@ -89,6 +105,53 @@ def test_horizons_never_shrink(spec):
     schedule = parse_schedule(spec, 256)
     horizons = [schedule.horizon(k) for k in range(200)]
     assert horizons == sorted(horizons) and max(horizons) <= 256
+
+
+SPECS = [
+    "full",
+    "truncated:0.5",
+    "truncated:128",
+    "progressive:h0=8,dh=16,every=3",
+    "progressive:h0=8,dh=0,every=3",
+    "progressive:h0=250,dh=16,every=5",
+    "linear:h0=4,steps=50",
+    "linear:h0=4,steps=1",
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_horizon_never_changes_once_settled(spec):
+    schedule = parse_schedule(spec, H_MAX)
+    settled = schedule.settled_from()
+    assert {schedule.horizon(k) for k in range(settled, settled + 500)} == {
+        schedule.horizon(settled)
+    }
+    if settled > 0:  # and it is the first such step
+        assert schedule.horizon(settled - 1) != schedule.horizon(settled)
+
+
+@pytest.mark.parametrize("a", SPECS)
+@pytest.mark.parametrize("b", SPECS)
+def test_same_horizons_agrees_with_comparing_every_step(a, b):
+    sa, sb = parse_schedule(a, H_MAX), parse_schedule(b, H_MAX)
+    for steps in (1, 7, 60, 400):
+        every_step = all(sa.horizon(k) == sb.horizon(k) for k in range(steps))
+        assert same_horizons(sa, sb, steps) == every_step, (a, b, steps)
+
+
+def test_same_horizons_is_quick_for_a_billion_steps():
+    # Counted, not timed: the resume check compares this many steps on the API's event loop.
+    schedule = parse_schedule("progressive:h0=8,dh=16,every=3", H_MAX)
+    calls = []
+
+    class Counting(type(schedule)):
+        def horizon(self, step):
+            calls.append(step)
+            return super().horizon(step)
+
+    counting = Counting(**vars(schedule))
+    assert same_horizons(counting, counting, 10**9)
+    assert len(calls) <= 2 * (schedule.settled_from() + 1)
 
 
 def test_warmup_lr_rises_linearly_then_holds():
