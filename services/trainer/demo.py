@@ -177,6 +177,7 @@ def _row(name: str, folder: Path, summary: dict) -> dict:
         "schedule": summary["schedule"],
         "initial_accuracy": summary["initial_accuracy"],
         "final_accuracy": summary["final_accuracy"],
+        **{k: v for k, v in summary.items() if k.startswith("avg@")},  # with --eval-samples
         "train_s": summary["train_s"],
         "tokens_generated": summary["tokens_generated"],
         "teacher_tokens": summary["teacher_tokens"],
@@ -213,8 +214,11 @@ def hidden_share(steps: list[dict]) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
+    avg_k = next((k for k in rows[0] if k.startswith("avg@")), None) if rows else None
     head = (
-        f"{'run':<9} {'schedule':<34} {'acc start':>9} {'acc end':>8} {'train s':>8} "
+        f"{'run':<9} {'schedule':<34} {'acc start':>9} {'acc end':>8} "
+        + (f"{avg_k + ' end':>10} " if avg_k else "")
+        + f"{'train s':>8} "
         f"{'gen tok':>8} {'teach tok':>9} {'peak MB':>10} {'gen/step':>8} {'wait/step':>9} "
         f"{'upd/step':>8} {'hidden':>7} {'matches full':>13}"
     )
@@ -222,7 +226,9 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['run']:<9} {r['schedule']:<34} {r['initial_accuracy']:>9.1%} "
-            f"{r['final_accuracy']:>8.1%} {r['train_s']:>8.1f} {r['tokens_generated']:>8} "
+            f"{r['final_accuracy']:>8.1%} "
+            + (f"{r[avg_k]:>10.1%} " if avg_k else "")
+            + f"{r['train_s']:>8.1f} {r['tokens_generated']:>8} "
             f"{r['teacher_tokens']:>9} {_peak(r):>10} {r['generate_s']:>8.2f} "
             f"{r['teacher_wait_s']:>9.2f} {r['update_s']:>8.2f} "
             + (f"{r['hidden']:>7.0%}" if r["hidden"] is not None else f"{'-':>7}")

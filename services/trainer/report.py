@@ -9,6 +9,7 @@ opd-trainer plot runs/demo/full runs/demo/topd-10 --out runs/demo/comparison.png
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -91,14 +92,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name; where two runs share a name (seed0/full, seed1/full), every run's
+    path below the folder they all sit in, so the legend tells them apart."""
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    paths = [Path(r).resolve() for r in run_dirs]
+    common = Path(os.path.commonpath(paths))
+    return [str(p.relative_to(common)) if p != common else p.name for p in paths]
+
+
 def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:
     """Eval accuracy against steps, training wall-clock and teacher tokens; one line per run."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for run in run_dirs:
+    for run, label in zip(run_dirs, run_labels(run_dirs)):
         evals = read_evals(run)
         if not evals:
             continue
-        label = Path(run).name
         acc = [100 * e["accuracy"] for e in evals]
         axes[0].plot([e["step"] for e in evals], acc, marker="o", label=label)
         axes[1].plot([e["train_s"] for e in evals], acc, marker="o", label=label)

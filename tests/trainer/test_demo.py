@@ -38,12 +38,15 @@ def test_demo_uses_the_given_teacher_and_reports_each_schedule(tmp_path, teacher
         eval_n=4,
         schedules=("topd-10",),
         teacher_url=teacher_url,
+        run_settings={"eval_samples": 2},
     )
     [row] = run_demo(cfg)
     assert row["run"] == "topd-10" and row["teacher_tokens"] == row["tokens_generated"] > 0
+    assert 0 <= row["avg@2"] <= 1  # the final evaluation's, with the demo's --eval-samples 2
     assert not (tmp_path / "teacher.log").exists()  # no teacher of its own was started
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "results.json").is_file()
-    assert "topd-10" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "topd-10" in table and "avg@2 end" in table
 
 
 # A row of the demo's table, as _row makes it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.report import JsonlLog, first_reaching, read_jsonl
+from services.trainer.report import JsonlLog, first_reaching, read_jsonl, run_labels
 
 
 def test_a_resumed_log_keeps_the_steps_up_to_the_checkpoint(tmp_path):
@@ -44,3 +44,9 @@ def test_first_reaching_finds_the_first_evaluation_at_an_accuracy_despite_float_
     assert first_reaching(evals[1:], 28 / 200 - 0.02)["step"] == 8
     assert first_reaching(evals, 0.19)["step"] == 0
     assert first_reaching(evals, 0.2) is None
+
+
+def test_runs_that_share_a_folder_name_are_told_apart_in_the_legend(tmp_path):
+    seeds = [tmp_path / "seed0" / "full", tmp_path / "seed1" / "full", tmp_path / "seed1" / "popd"]
+    assert run_labels(seeds) == ["seed0/full", "seed1/full", "seed1/popd"]
+    assert run_labels(seeds[1:]) == ["full", "popd"]  # names that differ stay short
