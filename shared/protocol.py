@@ -253,9 +253,20 @@ def _unpack_request_arrays(data: dict) -> dict:
     candidates = data.get("candidate_ids")
     if isinstance(candidates, list):
         out["candidate_ids"] = [
-            _unpack_ragged(c, "<i4", f"candidate_ids.{i}") for i, c in enumerate(candidates)
+            _unpack_ragged(c, "<i4", f"candidate_ids.{i}", _completion_tokens(out, i))
+            for i, c in enumerate(candidates)
         ]
     return out
+
+
+def _completion_tokens(data: dict, i: int) -> int | None:
+    """How many completion tokens sequence i has, if it is there to say (validation checks the
+    rest): candidates for more positions than that can be refused unread."""
+    sequences = data.get("sequences")
+    if not isinstance(sequences, list) or i >= len(sequences):
+        return None
+    completion = sequences[i].get("completion_ids") if isinstance(sequences[i], dict) else None
+    return len(completion) if isinstance(completion, list) else None
 
 
 # ---- responses ----
@@ -523,14 +534,22 @@ def _split(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
-def _unpack_ragged(packed: Any, dtype: str, where: str) -> Any:
+def _unpack_ragged(packed: Any, dtype: str, where: str, most_rows: int | None = None) -> Any:
+    """The rows of a packed ragged list; more than `most_rows` of them are refused before they
+    are built (millions of empty rows fit in a few MB of counts and would take seconds)."""
     if not isinstance(packed, dict) or not {"values", "counts"} <= packed.keys():
         raise MalformedBody(f"{where}: expected {{'values': bytes, 'counts': bytes}}", param=where)
     values = _frombuffer(packed["values"], dtype, f"{where}.values")
     counts = _frombuffer(packed["counts"], "<i4", f"{where}.counts")
     if counts.min(initial=0) < 0 or int(counts.sum()) != len(values):
         raise MalformedBody(f"{where}: counts do not add up to the number of values", param=where)
-    return [part.tolist() for part in _split(values, counts)]
+    if most_rows is not None and len(counts) > most_rows:
+        raise InvalidRequest(
+            f"{where} has {len(counts)} positions; its sequence has {most_rows} completion tokens",
+            param=where,
+        )
+    flat, ends = values.tolist(), np.cumsum(counts).tolist()
+    return [flat[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def _ids_list(value: Any, where: str) -> Any:

@@ -94,11 +94,41 @@ def is_binary_request(request: Request) -> bool:
 
 
 def wants_binary_response(request: Request, binary_request: bool) -> bool:
-    """msgpack when Accept names it; with no Accept, answer in the request's own form."""
-    accept = request.headers.get("accept", "").lower()
-    if any(t in accept for t in MSGPACK_TYPES):
-        return True
-    return binary_request and accept in ("", "*/*")
+    """msgpack when Accept prefers it to JSON (by q-value, the most specific range deciding each);
+    with no Accept, or no preference (*/*), answer in the request's own form."""
+    ranges = accepted_ranges(request.headers.get("accept", ""))
+    q_binary = max(quality(ranges, t) for t in MSGPACK_TYPES)
+    q_json = quality(ranges, JSON)
+    return binary_request if q_binary == q_json else q_binary > q_json
+
+
+def accepted_ranges(accept: str) -> dict[str, float]:
+    """{media range: q} of an Accept header; an unreadable q counts as 1 (RFC 9110's default)."""
+    ranges = {}
+    for part in accept.lower().split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if not media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    pass
+        ranges[media] = q
+    return ranges
+
+
+def quality(ranges: dict[str, float], media: str) -> float:
+    """The q the most specific matching range gives `media`: 1 with no Accept, 0 if none matches."""
+    if not ranges:
+        return 1.0
+    for key in (media, media.split("/")[0] + "/*", "*/*"):
+        if key in ranges:
+            return ranges[key]
+    return 0.0
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:

@@ -28,12 +28,30 @@ from shared.web import VERSION, metrics_response
 
 router = APIRouter()
 
+
+def inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` written in place of their references: inside an
+    OpenAPI document, "#/$defs/..." would be looked up at the document's root, where none are."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 # The body is read by hand (two content types), so its schema is given to the docs here.
 _SCORE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            JSON: {"schema": ScoreRequest.model_json_schema()},
+            JSON: {"schema": inlined(ScoreRequest.model_json_schema())},
             MSGPACK: {"schema": {"type": "string", "format": "binary"}},
         },
     }

@@ -48,12 +48,11 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 _NEUTRAL = {
     "n": (1,),
     "best_of": (None, 1),
-    "stream": (False,),
+    "stream": (None, False),
     "stream_options": (None,),
     "suffix": (None,),
     "stop": (None, []),
     "seed": (None,),
-    "user": (None,),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
@@ -75,7 +74,24 @@ _NEUTRAL = {
     "truncate_prompt_tokens": (None,),
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
+    # vLLM's request fields that only a value would put to use; a client dumping vLLM's own
+    # request model sends each as null
+    "response_format": (None,),
+    "prompt_embeds": (None,),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "logits_processors": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
 }
+# Parameters that name or label a request and change no output here, whatever their value (vLLM's
+# request model fills request_id with a fresh id; cache_salt only keys its prefix cache).
+_LABELS = {"user", "request_id", "cache_salt"}
 
 
 def _prompt_form(prompt: Any) -> str:
@@ -128,6 +144,8 @@ def _is_neutral(name: str, value) -> bool:
 def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[list[int]]:
     """The request's token-id prompts, or a 400 naming what this server does not do."""
     for name, value in (body.model_extra or {}).items():
+        if name in _LABELS:
+            continue
         if name not in _NEUTRAL:
             raise BadRequest(f"parameter {name!r} is not supported by this teacher", param=name)
         if not _is_neutral(name, value):
@@ -232,12 +250,14 @@ def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
     n = len(prompt) - 1  # scored prompt positions
     lists = _JsonScore.of(score) if score is not None else None
     new_ids = [lists.next_token()[0]] if generate else []
-    text_ids = (prompt if body.echo else []) + new_ids
+    # As vLLM ends a completion: the end-of-sequence token is a "stop" and not written in the text.
+    stopped = bool(new_ids) and new_ids[0] == tokenizer.eos_token_id
+    text_ids = (prompt if body.echo else []) + ([] if stopped else new_ids)
     choice = {
         "index": index,
         "text": tokenizer.decode(text_ids),
         "logprobs": None,
-        "finish_reason": "length",
+        "finish_reason": "stop" if stopped else "length",
         "stop_reason": None,
         "prompt_logprobs": None,
     }

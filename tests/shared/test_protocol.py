@@ -66,6 +66,7 @@ def test_response_round_trip_is_exact(binary):
     result = make_result(np.random.default_rng(0))
     back = decode_response(encode_response(result, binary), binary)
     assert back.model == result.model and back.usage == result.usage
+    assert len(back.results) == len(result.results) > 1
     for a, b in zip(result.results, back.results):
         assert np.array_equal(a.logprobs, b.logprobs) and b.logprobs.dtype == np.float32
         assert np.array_equal(a.topk_ids, b.topk_ids)
@@ -79,6 +80,7 @@ def test_json_and_binary_responses_carry_the_same_numbers():
     result = make_result(np.random.default_rng(1))
     from_json = decode_response(encode_response(result, False), False)
     from_bin = decode_response(encode_response(result, True), True)
+    assert len(from_json.results) == len(from_bin.results) == len(result.results)
     for a, b in zip(from_json.results, from_bin.results):
         assert np.array_equal(a.logprobs, b.logprobs)
         assert np.array_equal(a.topk_logprobs, b.topk_logprobs)
@@ -141,6 +143,14 @@ def test_bad_binary_ragged_counts():
     with pytest.raises(MalformedBody) as info:
         decode_request(msgpack.packb(body), binary=True)
     assert info.value.param == "candidate_ids.0"
+
+
+def test_binary_candidates_for_more_positions_than_a_sequence_has_are_refused_unread():
+    """Two million empty rows fit in 8 MB of counts; building them took seconds on the event loop."""
+    body = msgpack.unpackb(encode_request(REQUEST, True))
+    body["candidate_ids"][0] = {"values": b"", "counts": np.zeros(2_000_000, "<i4").tobytes()}
+    with pytest.raises(InvalidRequest, match="2000000 positions; its sequence has 2 completion"):
+        decode_request(msgpack.packb(body), binary=True)
 
 
 @pytest.mark.parametrize("ids", [(True, 2), [1, "2"], (1, 2.0)])

@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import math
 
-import httpx
 import numpy as np
 import pytest
 
 from shared.client import TeacherClient
-from tests.teacher.test_scoring_correctness import mixed_sequences
+from tests.teacher.test_routes_dialects import TOL, reference
 
 pytestmark = pytest.mark.vllm
-TOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def seqs(teacher):
-    return mixed_sequences(teacher[1], n=6, seed=11)
-
-
-def reference(url, seqs, k):
-    with TeacherClient(url) as client:
-        return client.score(seqs, top_k=k).results
 
 
 @pytest.mark.parametrize("k", [1, 5])
@@ -46,36 +34,6 @@ def test_trl_vllm_client_matches_score(teacher_url, seqs, k):
         np.testing.assert_allclose(out["logprobs"][i], ref.topk_logprobs, atol=TOL)
         assert np.array_equal(out["logprob_token_ids"][i], ref.topk_ids)
         assert [row[0] for row in out["actual_token_ids"][i]] == completion
-
-
-@pytest.mark.parametrize("response_format", ["binary", "json"])
-def test_trl_sequence_logprobs_route(teacher_url, seqs, response_format):
-    """The route of `trl vllm-serve` (TRL before 1.16 calls it), in both response forms."""
-    import base64
-
-    body = {
-        "sequences": [p + c for p, c in seqs],
-        "prompt_lengths": [len(p) for p, _ in seqs],
-        "top_logprobs": 5,
-        "temperature": 1.0,
-        "response_format": response_format,
-    }
-    out = httpx.post(teacher_url + "/get_sequence_logprobs/", json=body).json()
-    refs = reference(teacher_url, seqs, 5)
-    if response_format == "binary":
-        shape = out["shape"]
-        lp = np.frombuffer(base64.b64decode(out["logprobs_b64"]), "<f4").reshape(shape)
-        actual = np.frombuffer(base64.b64decode(out["actual_logprobs_b64"]), "<f4")
-        actual = actual.reshape(shape[0], shape[1], 1)
-        for i, ref in enumerate(refs):
-            n = out["completion_lengths"][i]
-            np.testing.assert_allclose(lp[i, :n], ref.topk_logprobs, atol=TOL)
-            np.testing.assert_allclose(actual[i, :n, 0], ref.logprobs, atol=TOL)
-            assert np.all(np.isneginf(lp[i, n:]))
-    else:
-        for i, ref in enumerate(refs):
-            for t, row in enumerate(out["logprobs"][i]):
-                np.testing.assert_allclose(row[:5], ref.topk_logprobs[t], atol=TOL)
 
 
 def test_openai_completions_prompt_logprobs_match_score(teacher_url, seqs):

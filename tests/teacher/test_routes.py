@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from services.teacher.routes_trl import SequenceLogprobsRequest
 from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
 from shared.errors import Unauthorized
-from tests.conftest import schema_keys, serve
+from tests.conftest import TEACHER_REQUESTS, metric, schema_keys, serve
 
 GOOD = {"sequences": [{"prompt_ids": [1, 21, 18, 5], "completion_ids": [6, 14, 7]}]}
 
@@ -136,6 +137,31 @@ def test_binary_request_gets_binary_answer(teacher_url):
         teacher_url, body, {"Content-Type": "application/msgpack", "Accept": "application/json"}
     )
     assert r.json()["results"][0]["logprobs"]
+
+
+@pytest.mark.parametrize(
+    "binary, accept, answer_binary",
+    [
+        (False, "", False),  # no Accept: the request's own form
+        (True, "", True),
+        (True, "*/*;q=0.8", True),  # no preference, whatever the q
+        (True, "application/*", True),
+        (False, "application/msgpack", True),
+        (False, "application/json, application/msgpack;q=0", False),  # msgpack marked unacceptable
+        (False, "application/msgpack;q=0.5, application/json;q=0.9", False),
+        (True, "text/html, application/json;q=0.1", False),  # only JSON is acceptable at all
+        (False, "application/x-msgpack;q=0.9, */*;q=0.1", True),
+    ],
+)
+def test_the_answers_form_follows_accept_q_values(teacher_url, binary, accept, answer_binary):
+    from shared.protocol import ScoreRequest, encode_request
+
+    body = encode_request(ScoreRequest.model_validate(GOOD), binary=binary)
+    headers = {"Content-Type": "application/msgpack" if binary else "application/json"}
+    r = post(teacher_url, body, {**headers, **({"Accept": accept} if accept else {})})
+    assert r.status_code == 200
+    want = "application/msgpack" if answer_binary else "application/json"
+    assert r.headers["content-type"] == want
 
 
 def test_body_over_the_limit_is_413():
@@ -298,24 +324,39 @@ def test_info_names_model_backend_and_limits(teacher_url, teacher):
 
 
 def test_metrics_count_requests_tokens_and_batches(teacher_url):
+    # Read before and after: the teacher is the module's, other tests' requests are counted too.
+    counted = {
+        "ok": lambda: metric(teacher_url, TEACHER_REQUESTS, route="/score", status="200"),
+        "refused": lambda: metric(teacher_url, TEACHER_REQUESTS, route="/score", status="422"),
+        "tokens": lambda: metric(teacher_url, "opd_teacher_tokens_scored_total"),
+        "batches": lambda: metric(teacher_url, "opd_teacher_batch_sequences_count"),
+        "timed": lambda: metric(teacher_url, "opd_teacher_request_seconds_count", route="/score"),
+    }
+    before = {name: read() for name, read in counted.items()}
     post(teacher_url, GOOD)
     post(teacher_url, {"sequences": []})
-    text = httpx.get(teacher_url + "/metrics").text
-    assert 'opd_teacher_requests_total{route="/score",status="200"}' in text
-    assert 'opd_teacher_requests_total{route="/score",status="422"}' in text
-    for name in (
-        "opd_teacher_tokens_scored_total",
-        "opd_teacher_batch_sequences_bucket",
-        "opd_teacher_queue_depth",
-        "opd_teacher_request_seconds_bucket",
-    ):
-        assert name in text
+
+    def grew() -> dict[str, float]:
+        return {name: read() - before[name] for name, read in counted.items()}
+
+    wait_for(lambda: grew()["timed"] >= 2)  # counted once the answer has gone out
+    scored = len(GOOD["sequences"][0]["completion_ids"])
+    assert grew() == {"ok": 1, "refused": 1, "tokens": scored, "batches": 1, "timed": 2}
+    assert metric(teacher_url, "opd_teacher_queue_depth") == 0  # nothing left waiting
 
 
 def test_openapi_documents_score(teacher_url):
     spec = httpx.get(teacher_url + "/openapi.json").json()
     body = spec["paths"]["/score"]["post"]["requestBody"]["content"]
     assert {"application/json", "application/msgpack"} <= set(body)
+    assert body["application/json"]["schema"]["properties"]["sequences"]["items"]["properties"]
+    # Every reference in the document leads somewhere in it, so /docs can show every body.
+    refs = re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(spec))
+    for ref in refs:
+        node = spec
+        for part in ref.split("/"):
+            node = node[part]
+    assert refs  # the responses' models are in components/schemas
     assert httpx.get(teacher_url + "/docs").status_code == 200
 
 

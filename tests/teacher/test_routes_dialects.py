@@ -16,6 +16,8 @@ from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
+from shared.client import TeacherClient
+from shared.task import problems
 from tests.conftest import serve, strict_json
 from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error, wait_for
 
@@ -23,6 +25,7 @@ TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"
 TRL_GOOD = {"sequences": [[1, 21, 18, 5, 6]], "prompt_lengths": [3], "top_logprobs": 2}
 OPENAI_GOOD = {"prompt": [1, 21, 18, 5], "max_tokens": 0, "echo": True, "logprobs": 0}
+TOL = 1e-6
 
 
 def post(url: str, route: str, body) -> httpx.Response:
@@ -120,6 +123,9 @@ def test_openai_prompts_are_checked_and_named_as_sent(teacher_url, body, param, 
         ({"sequences": [[1, 2], [1, 21, 99]], "prompt_lengths": [2, 2]}, "sequences.1", "id 99"),
         ({"sequences": [[1, 2], [1, 99]], "prompt_lengths": [1, 2]}, "sequences.1", "id 99"),
         ({"sequences": [[1] * 600], "prompt_lengths": [3]}, "sequences.0", "max_seq_len"),
+        ({"prompt_lengths": [3, 3]}, "prompt_lengths", "1 sequences but 2 prompt_lengths"),
+        ({"prompt_lengths": [0]}, "prompt_lengths.0", "is 0; it must be between 1 and"),
+        ({"prompt_lengths": [6]}, "prompt_lengths.0", "the sequence length 5"),
     ],
 )
 def test_trl_sequences_are_checked_and_named_as_sent(teacher_url, fields, param, says):
@@ -252,11 +258,28 @@ def test_a_token_the_model_rules_out_has_vllms_floor_not_null_or_infinity():
 @pytest.mark.parametrize(
     "fields",
     [{"top_k": -1}, {"top_k": 0}, {"min_p": 0.0}, {"repetition_penalty": 1.0}, {"stop": []}]
-    + [{"logit_bias": {}}, {"best_of": 1}, {"top_p": 1.0}, {"stream": False}],
+    + [{"logit_bias": {}}, {"best_of": 1}, {"top_p": 1.0}, {"stream": False}, {"stream": None}]
+    # What a client dumping vLLM's own request model sends: labels, and null for unused features.
+    + [{"user": "alice"}, {"request_id": "cmpl-1"}, {"cache_salt": "s"}, {"response_format": None}]
+    + [{"guided_json": None}, {"structured_outputs": None}, {"vllm_xargs": None}],
 )
 def test_openai_options_at_a_value_that_changes_nothing_are_taken(teacher_url, fields):
     """vLLM-style clients send their ways of saying "off"; only a value with an effect is refused."""
     assert post(teacher_url, OPENAI, {**OPENAI_GOOD, **fields}).status_code == 200
+
+
+def test_a_next_token_that_ends_the_sequence_is_a_stop_left_out_of_the_text(teacher, teacher_url):
+    """As vLLM answers: a script that branches on finish_reason must see that the teacher would end
+    here, and the <eos> is not written into the text."""
+    tokenizer = teacher[1]
+    problem = problems("eval", 1)[0]
+    solved = tokenizer(problem.prompt + problem.target)["input_ids"]  # <bos> + text, no <eos>
+    body = {"prompt": solved, "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+    end = post(teacher_url, OPENAI, body).json()["choices"][0]
+    assert end["token_ids"] == [tokenizer.eos_token_id]
+    assert end["finish_reason"] == "stop" and end["text"] == ""
+    going = post(teacher_url, OPENAI, {**body, "prompt": solved[:-3]}).json()["choices"][0]
+    assert going["finish_reason"] == "length" and going["text"] == tokenizer.decode(solved[-3:-2])
 
 
 def test_openai_log_prob_entries_put_the_actual_token_first_as_vllm_does(teacher_url):
@@ -328,3 +351,38 @@ def test_the_dialects_wait_for_room_in_a_full_queue_as_vllm_queues(route):
         for thread in (first, queued, waiting):
             thread.join(timeout=60)
     assert answer["r"].status_code == 200, answer["r"].text
+
+
+def reference(url, seqs, k):
+    with TeacherClient(url) as client:
+        return client.score(seqs, top_k=k).results
+
+
+@pytest.mark.parametrize("response_format", ["binary", "json"])
+def test_trl_sequence_logprobs_route(teacher_url, seqs, response_format):
+    """The route of `trl vllm-serve` (TRL before 1.16 calls it), in both response forms."""
+    import base64
+
+    body = {
+        "sequences": [p + c for p, c in seqs],
+        "prompt_lengths": [len(p) for p, _ in seqs],
+        "top_logprobs": 5,
+        "temperature": 1.0,
+        "response_format": response_format,
+    }
+    out = httpx.post(teacher_url + "/get_sequence_logprobs/", json=body).json()
+    refs = reference(teacher_url, seqs, 5)
+    if response_format == "binary":
+        shape = out["shape"]
+        lp = np.frombuffer(base64.b64decode(out["logprobs_b64"]), "<f4").reshape(shape)
+        actual = np.frombuffer(base64.b64decode(out["actual_logprobs_b64"]), "<f4")
+        actual = actual.reshape(shape[0], shape[1], 1)
+        for i, ref in enumerate(refs):
+            n = out["completion_lengths"][i]
+            np.testing.assert_allclose(lp[i, :n], ref.topk_logprobs, atol=TOL)
+            np.testing.assert_allclose(actual[i, :n, 0], ref.logprobs, atol=TOL)
+            assert np.all(np.isneginf(lp[i, n:]))
+    else:
+        for i, ref in enumerate(refs):
+            for t, row in enumerate(out["logprobs"][i]):
+                np.testing.assert_allclose(row[:5], ref.topk_logprobs[t], atol=TOL)
