@@ -34,9 +34,11 @@ from shared.errors import (
 )
 from shared.protocol import MSGPACK, pack_frame
 from tests.conftest import (
+    TEACHER_REQUESTS,
     a_closed_port,
     canned,
     free_port,
+    metric,
     plain_http,
     serve,
     silent_host,
@@ -185,6 +187,7 @@ def test_429_is_retried_after_retry_after():
         for t in held:
             t.start()
         backend.running.wait(10)
+        wait_for(lambda: backend.queue_depth() == 1)  # one scoring, one queued: the queue is full
         threading.Timer(1.5, backend.gate.set).start()
         with TeacherClient(url) as client:  # queue full at first: 429, Retry-After, then success
             assert len(client.score([([1] * 5, [5] * 5)]).results[0].logprobs) == 5
@@ -206,15 +209,9 @@ def test_a_read_timeout_is_not_sent_again_to_a_busy_replica():
         finally:
             backend.gate.set()
         # The client hung up, so the teacher ended the request as a 499.
-        gone = 'opd_teacher_requests_total{route="/score",status="499"}'
-        wait_for(lambda: gone in httpx.get(url + "/metrics").text)
+        wait_for(lambda: metric(url, TEACHER_REQUESTS, route="/score", status="499") == 1)
         time.sleep(0.3)  # a second copy, had one been sent, was queued behind the first
-        scored = [
-            line
-            for line in httpx.get(url + "/metrics").text.splitlines()
-            if line.startswith('opd_teacher_requests_total{route="/score"')
-        ]
-        assert scored == [f"{gone} 1.0"]  # sent once
+        assert metric(url, TEACHER_REQUESTS, route="/score") == 1  # sent once
 
 
 def test_retries_to_a_pinned_replica_back_off_even_when_another_is_up(teacher_url):
@@ -235,10 +232,7 @@ def test_requests_spread_over_replicas_by_least_in_flight(teacher_url):
                 return await asyncio.gather(*(client.score([SEQ]) for _ in range(10)))
 
         def served(url):
-            for line in httpx.get(url + "/metrics").text.splitlines():
-                if line.startswith('opd_teacher_requests_total{route="/score",status="200"}'):
-                    return float(line.split()[-1])
-            return 0.0
+            return metric(url, TEACHER_REQUESTS, route="/score", status="200")
 
         before = served(teacher_url), served(second)
         assert len(asyncio.run(run())) == 10
@@ -346,13 +340,6 @@ def test_failures_reported_while_a_replica_sits_out_are_one_incident():
     assert round(replicas.down_until["http://a:1"] - time.monotonic()) == 2
 
 
-def score_count(url: str, status: int) -> float:
-    """/score requests the teacher at `url` answered with `status`, from its /metrics."""
-    key = f'opd_teacher_requests_total{{route="/score",status="{status}"}}'
-    lines = httpx.get(url + "/metrics").text.splitlines()
-    return sum(float(line.split()[1]) for line in lines if line.startswith(key + " "))
-
-
 def test_a_replica_still_loading_is_passed_over_for_one_that_is_up(teacher_url):
     """A 503 (or 429) sits the replica out for its Retry-After, so the retry and the requests
     after it go to the replica that is up, at once, instead of waiting on the loading one."""
@@ -364,7 +351,9 @@ def test_a_replica_still_loading_is_passed_over_for_one_that_is_up(teacher_url):
                 for _ in range(4):
                     assert len(client.score([SEQ]).results[0].logprobs) == 3
                 assert not client.is_up(loading)
-            assert score_count(loading, 503) <= 1  # asked once, then passed over
+            assert (
+                metric(loading, TEACHER_REQUESTS, route="/score", status="503") <= 1
+            )  # asked once, then passed over
         finally:
             backend.release.set()
 

@@ -34,7 +34,7 @@ from shared.protocol import (
     frame_bytes,
     validate_request,
 )
-from tests.conftest import free_port, plain_http, serve
+from tests.conftest import free_port, metric, plain_http, serve
 from tests.teacher.test_routes import CountingGatedBackend, GatedBackend, wait_for
 from tests.teacher.test_scoring_correctness import mixed_sequences, reference_logp
 
@@ -509,10 +509,7 @@ def test_frames_the_teacher_did_not_answer_are_an_error_not_silence():
 
 
 def scored_tokens(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("opd_teacher_tokens_scored_total "):
-            return float(line.split()[1])
-    raise AssertionError("no opd_teacher_tokens_scored_total in /metrics")
+    return metric(url, "opd_teacher_tokens_scored_total")
 
 
 def unread_results_case(n_frames: int) -> tuple[bytes, TeacherSettings]:
