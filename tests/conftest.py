@@ -28,13 +28,19 @@ torch.set_num_threads(2)
 
 
 @contextlib.contextmanager
-def serve(app, ready_path: str | None = "/ready", timeout: float = 60.0) -> Iterator[str]:
-    """Run `app` with uvicorn on a free loopback port in a thread; yields its base URL."""
+def serve(
+    app, ready_path: str | None = "/ready", timeout: float = 60.0, stop_timeout: float = 30.0
+) -> Iterator[str]:
+    """Run `app` with uvicorn on a free loopback port in a thread; yields its base URL, and on
+    leaving waits up to `stop_timeout` s for the server (its lifespan's shutdown too) to end."""
     import httpx
 
-    port = free_port()
+    # Bound here and handed over, so no other process can take the port in between.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -52,7 +58,17 @@ def serve(app, ready_path: str | None = "/ready", timeout: float = 60.0) -> Iter
         yield url
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=stop_timeout)
+        sock.close()
+        assert not thread.is_alive(), f"server at {url} did not stop in {stop_timeout:g} s"
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 # The teacher's count of finished requests, labelled by route and status.
@@ -190,9 +206,7 @@ def static_files(folder: Path) -> contextlib.AbstractContextManager[str]:
 
 def a_closed_port() -> int:
     """A loopback port nothing listens on (bound, then released): connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 def schema_keys(node) -> set[str]:

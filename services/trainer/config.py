@@ -243,8 +243,10 @@ class RunConfig(BaseModel):
     @field_validator("out")
     @classmethod
     def _a_path(cls, value: str) -> str:
-        # Expanded: the run writes to Path(out), which would take "~" for a folder's name.
-        return str(usable_path(value))
+        usable_path(value)
+        # ~ expanded (the run writes to Path(out), which would take "~" for a folder's name), the
+        # rest as the user wrote it.
+        return os.path.expanduser(value)
 
     @field_validator("api_key")
     @classmethod

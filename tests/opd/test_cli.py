@@ -12,7 +12,9 @@ from transformers import LlamaForCausalLM
 
 from opd.bundled import STUDENT_PATH
 from opd.cli import main
+from opd.evaluate import evaluate
 from opd.models import tiny_config
+from shared.task import problems
 from shared.tokenizer import build_tokenizer
 from tests.conftest import main_imports_torch
 
@@ -52,13 +54,15 @@ def test_eval_on_bad_model_prints_one_line_and_fails(tmp_path, make, says):
     assert says in lines[0] and "Traceback" not in result.stderr
 
 
-def test_eval_json_reports_accuracy_n_and_mean_tokens():
+def test_eval_json_reports_accuracy_n_and_mean_tokens(student):
     result = opd("eval", "--model", str(STUDENT_PATH), "--n", "8", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    # The same held-out problems (seed 0) evaluated here, in this process.
+    want = evaluate(*student, problems("eval", 8, 0), progress=False)
     assert report["n"] == 8
-    assert 0.0 <= report["accuracy"] <= 1.0
-    assert report["mean_tokens"] > 0
+    assert report["accuracy"] == want.accuracy
+    assert report["mean_tokens"] == pytest.approx(want.mean_tokens) and want.mean_tokens > 50
 
 
 def test_task_stats_prints_the_length_distribution():

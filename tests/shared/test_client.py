@@ -43,8 +43,9 @@ from tests.conftest import (
     serve,
     silent_host,
     static_files,
+    wait_for,
 )
-from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 SEQ = ([1, 21, 18, 5], [6, 14, 7])
 
@@ -103,25 +104,24 @@ def test_a_200_that_is_no_score_result_says_so(binary):
             client.score([SEQ])
 
 
-class OddRetryAfter(http.server.BaseHTTPRequestHandler):
+def test_a_retry_after_that_is_no_wait_falls_back_to_the_clients_backoff():
     values = iter(["nan", "-1", "inf", "Wed, 21 Oct 2026 07:28:00 GMT"])
 
-    def do_POST(self):  # noqa: N802 (the name http.server calls)
-        self.send_response(503)
-        self.send_header("retry-after", next(self.values, "0"))
-        self.send_header("content-length", "0")
-        self.end_headers()
+    class OddRetryAfter(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the name http.server calls)
+            self.send_response(503)
+            self.send_header("retry-after", next(values, "0"))
+            self.send_header("content-length", "0")
+            self.end_headers()
 
-    def log_message(self, *args):
-        pass
+        def log_message(self, *args):
+            pass
 
-
-def test_a_retry_after_that_is_no_wait_falls_back_to_the_clients_backoff():
     with plain_http(OddRetryAfter) as url:
         with TeacherClient(url, max_retries=4, backoff=0.01) as client:
             with pytest.raises(NotReady):  # retried each time (not a ValueError), then given up
                 client.score([SEQ])
-    assert next(OddRetryAfter.values, None) is None  # all four were answered and retried
+    assert next(values, None) is None  # all four were answered and retried
 
 
 def test_server_errors_are_raised_with_their_type(teacher_url):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.teacher.test_scoring_correctness import mixed_sequences
+from tests.teacher.test_scoring import mixed_sequences
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from services.teacher.backends.hf import (
     vocab_rank,
     worth_sharing,
 )
-from tests.teacher.test_scoring_correctness import reference_logp, samples_of_few_prompts
+from tests.teacher.test_scoring import reference_logp, samples_of_few_prompts
 
 
 @pytest.mark.parametrize("asked, served", [(None, 512), (300, 300), (4096, 512)])

@@ -17,7 +17,8 @@ import pytest
 
 from opd.bundled import REPO_ROOT, TEACHER_PATH
 from services.teacher.process import SHUTDOWN_WAIT_S, free_port, start_teacher, stop, wait_ready
-from tests.conftest import canned, plain_http
+from shared.protocol import ScoreRequest, encode_request_frame
+from tests.conftest import canned, metric, plain_http, wait_for
 
 
 def test_a_model_that_cannot_load_fails_fast_with_the_reason(tmp_path):
@@ -76,7 +77,12 @@ def test_sigterm_stops_a_teacher_whose_stream_a_client_holds_open():
                 b"POST /score/stream HTTP/1.1\r\nHost: teacher\r\nTransfer-Encoding: chunked"
                 b"\r\nContent-Type: application/x-opd-frames\r\n\r\n"
             )
-            time.sleep(0.5)  # the request has started: its handler waits for frames
+            # One frame, scored: the handler is running, and now waits for the next frame.
+            frame = encode_request_frame(
+                ScoreRequest(sequences=[{"prompt_ids": [1, 21], "completion_ids": [18, 5]}])
+            )
+            held.sendall(f"{len(frame):x}\r\n".encode() + frame + b"\r\n")
+            wait_for(lambda: metric(url, "opd_teacher_tokens_scored_total") == 2)
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             # Not held until a SIGKILL; uvicorn raises the signal again once it has shut down.

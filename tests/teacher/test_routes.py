@@ -22,7 +22,7 @@ from services.teacher.routes_trl import SequenceLogprobsRequest
 from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
 from shared.errors import Unauthorized
-from tests.conftest import TEACHER_REQUESTS, metric, schema_keys, serve
+from tests.conftest import TEACHER_REQUESTS, metric, schema_keys, serve, wait_for
 
 GOOD = {"sequences": [{"prompt_ids": [1, 21, 18, 5], "completion_ids": [6, 14, 7]}]}
 
@@ -209,13 +209,6 @@ class CountingGatedBackend(GatedBackend):
         out = super().score_batch(jobs)
         self.sequences += len(jobs)
         return out
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_queue_full_is_429_with_retry_after_and_recovers():

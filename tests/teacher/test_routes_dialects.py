@@ -18,8 +18,8 @@ from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
 from shared.task import problems
-from tests.conftest import serve, strict_json
-from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error, wait_for
+from tests.conftest import serve, strict_json, wait_for
+from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error
 
 TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"

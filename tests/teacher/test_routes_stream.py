@@ -34,9 +34,9 @@ from shared.protocol import (
     frame_bytes,
     validate_request,
 )
-from tests.conftest import free_port, metric, plain_http, serve
-from tests.teacher.test_routes import CountingGatedBackend, GatedBackend, wait_for
-from tests.teacher.test_scoring_correctness import mixed_sequences, reference_logp
+from tests.conftest import free_port, metric, plain_http, serve, wait_for
+from tests.teacher.test_routes import CountingGatedBackend, GatedBackend
+from tests.teacher.test_scoring import mixed_sequences, reference_logp
 
 
 def frames_of(seqs, size):

@@ -11,64 +11,14 @@ import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
-from services.teacher.backends.base import ScoreJob
-from services.teacher.backends.vllm import VLLMBackend
 from services.teacher.process import start_teacher, stop
 from shared.client import AsyncTeacherClient, TeacherClient
-from shared.errors import InvalidRequest, QueueFull
 from tests.teacher.test_routes import GOOD, assert_error, post, seq
-from tests.teacher.test_scoring_correctness import mixed_sequences
+from tests.teacher.test_scoring import mixed_sequences
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 TOL = 1e-4
-
-
-class OneRefused(VLLMBackend):
-    """The backend's own score(), over jobs that each wait or are refused as vLLM would refuse."""
-
-    cancelled: list[int]
-
-    async def _score(self, job):
-        if job.n_prompt == 1:
-            raise InvalidRequest("refused by the engine")
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            self.cancelled.append(job.n_prompt)
-            raise
-
-
-def test_a_refused_job_cancels_the_others_in_its_request():
-    backend = OneRefused(str(TEACHER_PATH))
-    backend.cancelled = []
-    jobs = [ScoreJob([1, 5, 6], n) for n in (2, 1, 2)]
-
-    async def refused_then_what_is_left() -> list[int]:
-        with pytest.raises(InvalidRequest):
-            await backend.score(jobs)
-        await asyncio.sleep(0)  # the loop runs on: the cancellations land, or they never come
-        return list(backend.cancelled)  # as it is now, before asyncio.run cancels what is left
-
-    assert asyncio.run(refused_then_what_is_left()) == [2, 2]  # no engine request left running
-
-
-def test_the_vllm_backend_holds_requests_to_the_queue_limit_as_the_hf_backend_does():
-    """vLLM would queue anything; sequences sent to the engine and not yet scored count."""
-    backend = OneRefused(str(TEACHER_PATH), max_queue_tokens=8)
-    backend.cancelled = []
-
-    async def over_the_limit_then_freed() -> int:
-        waiting = backend.score_each([ScoreJob([1, 5, 6, 7, 8], 2)])  # 5 tokens, at the engine
-        with pytest.raises(QueueFull, match="5 tokens waiting, limit 8"):
-            backend.score_each([ScoreJob([1, 5, 6, 7], 2)])
-        assert backend.queue_depth() == 1
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
-        return backend.queue_depth()
-
-    assert asyncio.run(over_the_limit_then_freed()) == 0
 
 
 @pytest.fixture(scope="module")

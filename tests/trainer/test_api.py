@@ -23,8 +23,9 @@ from services.trainer.api import create_app, event_stream, strict_json
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.runs import RunRecord
-from tests.conftest import a_closed_port, serve
-from tests.teacher.test_routes import SlowLoadBackend, wait_for
+from tests.conftest import a_closed_port, serve, wait_for
+from tests.conftest import strict_json as parsed_strictly
+from tests.teacher.test_routes import SlowLoadBackend
 
 SMALL = dict(
     prompts_per_step=2,
@@ -184,8 +185,8 @@ def test_a_replica_still_loading_does_not_hide_the_others_from_the_checks(
 ):
     loading = SlowLoadBackend(str(TEACHER_PATH))
     app = create_teacher_app(TeacherSettings(model=str(TEACHER_PATH)), backend=loading)
-    try:
-        with serve(app, ready_path="/health") as loading_url:
+    with serve(app, ready_path="/health") as loading_url:
+        try:
             for others, param, says in [
                 ([f"http://127.0.0.1:{a_closed_port()}"], "teacher_url", "unreachable"),
                 ([teacher_url], "top_k", "allows at most 20"),  # a ready one's limits still count
@@ -200,8 +201,8 @@ def test_a_replica_still_loading_does_not_hide_the_others_from_the_checks(
                 r = httpx.post(trainer_url + "/runs", json=body)
                 assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
                 assert says in r.json()["error"]["message"]
-    finally:
-        loading.release.set()
+        finally:
+            loading.release.set()  # before the server stops: its shutdown waits for the load
 
 
 def test_a_student_folder_without_a_tokenizer_is_422_naming_student(
@@ -458,9 +459,6 @@ def test_events_are_strict_json_with_non_finite_numbers_as_null():
     """A diverging run's NaN loss or a teacher's -inf log-prob must not make an event that
     strict parsers (a browser's JSON.parse) refuse."""
 
-    def refuse(name):
-        raise ValueError(f"not JSON: {name}")
-
     event = {"type": "step", "loss": float("nan"), "lp": [float("-inf"), -1.5], "n": 3}
-    data = json.loads(strict_json(event), parse_constant=refuse)
+    data = parsed_strictly(strict_json(event))
     assert data == {"type": "step", "loss": None, "lp": [None, -1.5], "n": 3}

@@ -4,6 +4,7 @@ or a key of the --config file), before any model is loaded."""
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -92,6 +93,17 @@ def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
     assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_in_one_line_naming_the_flag(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opd-trainer: error: --port cannot listen on 127.0.0.1:{port}: ")
+    assert len(err.splitlines()) == 1
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):

@@ -35,8 +35,8 @@ from services.trainer.loop import (
 from services.trainer.report import read_jsonl
 from shared.errors import NotReady, TeacherError
 from shared.task import problems
-from tests.conftest import TEACHER_REQUESTS, metric, serve, static_files
-from tests.teacher.test_routes import GatedBackend, SlowLoadBackend, wait_for
+from tests.conftest import TEACHER_REQUESTS, metric, serve, static_files, wait_for
+from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(

@@ -18,8 +18,8 @@ from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError, _Lane, stalled_frames
 from shared.client import TeacherTimedOut
 from shared.task import problems
-from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve
-from tests.teacher.test_routes import GatedBackend, wait_for
+from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve, wait_for
+from tests.teacher.test_routes import GatedBackend
 from tests.teacher.test_routes_stream import CrashingBackend, PoisonedBackend, scored_tokens
 
 
