@@ -251,21 +251,26 @@ def _unpack_request_arrays(data: dict) -> dict:
             for i, s in enumerate(sequences)
         ]
     candidates = data.get("candidate_ids")
-    if isinstance(candidates, list):
-        out["candidate_ids"] = [
-            _unpack_ragged(c, "<i4", f"candidate_ids.{i}", _completion_tokens(out, i))
-            for i, c in enumerate(candidates)
-        ]
+    if isinstance(candidates, list) and isinstance(out.get("sequences"), list):
+        if len(candidates) != len(out["sequences"]):  # before any is unpacked
+            raise InvalidRequest(
+                f"candidate_ids has {len(candidates)} entries for {len(out['sequences'])} "
+                "sequences",
+                param="candidate_ids",
+            )
+        bounds = [_completion_tokens(s) for s in out["sequences"]]
+        if None not in bounds:  # else validation names the bad sequence first
+            out["candidate_ids"] = [
+                _unpack_ragged(c, "<i4", f"candidate_ids.{i}", bound)
+                for i, (c, bound) in enumerate(zip(candidates, bounds))
+            ]
     return out
 
 
-def _completion_tokens(data: dict, i: int) -> int | None:
-    """How many completion tokens sequence i has, if it is there to say (validation checks the
-    rest): candidates for more positions than that can be refused unread."""
-    sequences = data.get("sequences")
-    if not isinstance(sequences, list) or i >= len(sequences):
-        return None
-    completion = sequences[i].get("completion_ids") if isinstance(sequences[i], dict) else None
+def _completion_tokens(sequence: Any) -> int | None:
+    """How many completion tokens a sequence has, if it says (validation checks the rest):
+    candidates for more positions than that can be refused unread."""
+    completion = sequence.get("completion_ids") if isinstance(sequence, dict) else None
     return len(completion) if isinstance(completion, list) else None
 
 

@@ -54,13 +54,19 @@ def serve(
         if time.monotonic() > deadline:
             raise RuntimeError(f"server at {url} did not become ready")
         time.sleep(0.05)
-    try:
-        yield url
-    finally:
+
+    def stopped() -> bool:
         server.should_exit = True
         thread.join(timeout=stop_timeout)
         sock.close()
-        assert not thread.is_alive(), f"server at {url} did not stop in {stop_timeout:g} s"
+        return not thread.is_alive()
+
+    try:
+        yield url
+    except BaseException:  # the test's own failure is the one to report
+        stopped()
+        raise
+    assert stopped(), f"server at {url} did not stop in {stop_timeout:g} s"
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:

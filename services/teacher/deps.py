@@ -97,9 +97,12 @@ def wants_binary_response(request: Request, binary_request: bool) -> bool:
     """msgpack when Accept prefers it to JSON (by q-value, the most specific range deciding each);
     with no Accept, or no preference (*/*), answer in the request's own form."""
     ranges = accepted_ranges(request.headers.get("accept", ""))
-    q_binary = max(quality(ranges, t) for t in MSGPACK_TYPES)
+    named = [ranges[t] for t in MSGPACK_TYPES if t in ranges]  # an alias named outranks a wildcard
+    q_binary = max(named) if named else quality(ranges, MSGPACK)
     q_json = quality(ranges, JSON)
-    return binary_request if q_binary == q_json else q_binary > q_json
+    if q_binary == q_json:  # no preference; if neither is acceptable, JSON says so readably
+        return binary_request and q_binary > 0
+    return q_binary > q_json
 
 
 def accepted_ranges(accept: str) -> dict[str, float]:

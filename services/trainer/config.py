@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from opd.bundled import STUDENT_PATH, DeviceName
-from services.trainer.schedules import ScheduleError, parse_schedule
+from services.trainer.schedules import ScheduleError, parse_schedule, refuse_ambiguous
 from shared.client import checked_api_key, checked_url
 from shared.flags import MAX_SEED, field_words
 from shared.task import MAX_NEW_TOKENS
@@ -219,6 +219,7 @@ class RunConfig(BaseModel):
         h_max = info.data.get("max_new_tokens", math.inf)
         try:
             parse_schedule(value, h_max)
+            refuse_ambiguous(value)
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -282,12 +283,11 @@ def usable_path(value: str) -> Path:
     except RuntimeError as exc:  # ~user for a user this machine does not know
         raise ValueError(f"cannot expand ~ in {value} ({exc})") from None
     try:
-        path.exists()  # a name too long for this file system raises here
-        path.resolve()  # and a symlink loop here (exists() just says False)
-    except OSError as exc:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not there yet (a run makes it), or under a file (the run says so, naming --out)
+    except OSError as exc:  # a name too long, a symlink loop, a folder it may not search
         raise ValueError(f"not a usable path ({exc.strerror or exc})") from None
-    except RuntimeError as exc:  # Python before 3.13 reports a loop so
-        raise ValueError(f"not a usable path ({exc})") from None
     return path
 
 

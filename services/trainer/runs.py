@@ -163,15 +163,17 @@ class Runs:
             )
 
     def refuse_other_threads(self, cfg: RunConfig) -> None:
-        """torch's thread count is the process's: a run asking for another than a running run set
-        would change that run's too."""
+        """torch's thread count is the process's: a run that set one would change it under every
+        run training beside it, whether that run set another or trains on the count as it was."""
         if not cfg.threads:
             return
         for record in self.unfinished():
-            if record.config.threads and record.config.threads != cfg.threads:
+            if record.config.threads != cfg.threads:
+                has = record.config.threads
                 raise InvalidRequest(
-                    f"threads {cfg.threads}: {record.id} set this server's torch threads to "
-                    f"{record.config.threads}, shared by all its runs; give that or leave it out",
+                    f"threads {cfg.threads}: {record.id} trains on this server's torch threads "
+                    + (f"set to {has}; give {has}" if has else "as they were; leave threads out")
+                    + " while it runs (the count is the process's, shared by its runs)",
                     param="threads",
                 )
 

@@ -54,20 +54,27 @@ class Schedule:
         grown = (self.h_max - self.h0) * min(step, self.steps) // self.steps
         return min(self.h_max, self.h0 + grown)
 
-    def settled_from(self) -> int:
-        """The first step from which the horizon never changes again."""
+    def change_steps(self) -> list[int]:
+        """Step 0 and every step whose horizon differs from the step before's (at most H_max of
+        them, however many steps the schedule spans)."""
         if self.kind == "progressive" and self.dh > 0:
-            return self.every * math.ceil(max(0, self.h_max - self.h0) / self.dh)
-        if self.kind == "linear":
-            return self.steps
-        return 0
+            increments = -(-max(0, self.h_max - self.h0) // self.dh)  # ceil
+            return [j * self.every for j in range(increments + 1)]
+        if self.kind == "linear" and self.h_max > self.h0:
+            # The first step at or above each horizon v: h0 + floor(span * k / steps) >= v.
+            span = self.h_max - self.h0
+            firsts = {
+                -(-(v - self.h0) * self.steps // span) for v in range(self.h0 + 1, self.h_max + 1)
+            }
+            return sorted({0} | firsts)
+        return [0]
 
 
 def same_horizons(a: Schedule, b: Schedule, steps: int) -> bool:
-    """`a` and `b` give every step in [0, steps) the same horizon. Only the steps up to where both
-    have settled are compared, so a billion steps cost no more than a few."""
-    last = min(steps, max(a.settled_from(), b.settled_from()) + 1)
-    return all(a.horizon(k) == b.horizon(k) for k in range(last))
+    """`a` and `b` give every step in [0, steps) the same horizon. Both are constant between their
+    change steps, so those are the only steps compared: a billion steps cost no more than a few."""
+    compared = sorted(set(a.change_steps()) | set(b.change_steps()))
+    return all(a.horizon(k) == b.horizon(k) for k in compared if k < steps)
 
 
 _SPEC_HELP = (
@@ -86,11 +93,6 @@ def parse_schedule(spec: str, h_max: int) -> Schedule:
             raise ScheduleError(f"schedule {spec!r}: R must be a number > 0")
         if ratio >= 1 and not ratio.is_integer():
             raise ScheduleError(f"schedule {spec!r}: R >= 1 is a token count, so a whole number")
-        if ratio == 1 and args.strip() != "1":  # 1.0 reads as the whole of H_max, not 1 token
-            raise ScheduleError(
-                f"schedule {spec!r}: R >= 1 is a token count, so this is a horizon of 1 token; "
-                "write full for the whole horizon, or truncated:1 for one token"
-            )
         _within(ratio, h_max, spec, "R")
         return Schedule("truncated", h_max, ratio=ratio)
     if kind == "progressive":
@@ -106,6 +108,21 @@ def parse_schedule(spec: str, h_max: int) -> Schedule:
         _within(p["h0"], h_max, spec, "h0")
         return Schedule("linear", h_max, h0=p["h0"], steps=p["steps"])
     raise ScheduleError(f"unknown schedule {spec!r}: {_SPEC_HELP}")
+
+
+def refuse_ambiguous(spec: str) -> None:
+    """A spec a user may well have meant otherwise: `truncated:1.0` is 1 token, not all of H_max.
+    Checked on what a user gives, not on a checkpoint's saved spec, which keeps its meaning."""
+    kind, _, args = spec.strip().partition(":")
+    try:
+        one = kind == "truncated" and float(args) == 1 and args.strip() != "1"
+    except ValueError:
+        return
+    if one:
+        raise ScheduleError(
+            f"schedule {spec!r}: R >= 1 is a token count, so this is a horizon of 1 token; "
+            "write full for the whole horizon, or truncated:1 for one token"
+        )
 
 
 def _within(tokens: float, h_max: int, spec: str, name: str) -> None:

@@ -147,10 +147,17 @@ def test_bad_binary_ragged_counts():
 
 def test_binary_candidates_for_more_positions_than_a_sequence_has_are_refused_unread():
     """Two million empty rows fit in 8 MB of counts; building them took seconds on the event loop."""
+    huge = {"values": b"", "counts": np.zeros(2_000_000, "<i4").tobytes()}
     body = msgpack.unpackb(encode_request(REQUEST, True))
-    body["candidate_ids"][0] = {"values": b"", "counts": np.zeros(2_000_000, "<i4").tobytes()}
+    body["candidate_ids"][0] = huge
     with pytest.raises(InvalidRequest, match="2000000 positions; its sequence has 2 completion"):
         decode_request(msgpack.packb(body), binary=True)
+    # An entry more than there are sequences is refused before any entry is read.
+    body = msgpack.unpackb(encode_request(REQUEST, True))
+    body["candidate_ids"].append(huge)
+    with pytest.raises(InvalidRequest, match="3 entries for 2 sequences") as refused:
+        decode_request(msgpack.packb(body), binary=True)
+    assert refused.value.param == "candidate_ids"
 
 
 @pytest.mark.parametrize("ids", [(True, 2), [1, "2"], (1, 2.0)])

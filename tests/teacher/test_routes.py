@@ -151,6 +151,8 @@ def test_binary_request_gets_binary_answer(teacher_url):
         (False, "application/msgpack;q=0.5, application/json;q=0.9", False),
         (True, "text/html, application/json;q=0.1", False),  # only JSON is acceptable at all
         (False, "application/x-msgpack;q=0.9, */*;q=0.1", True),
+        (True, "application/msgpack;q=0, */*", False),  # named, it outranks the wildcard
+        (True, "application/msgpack;q=0", False),  # nothing acceptable: JSON, readably
     ],
 )
 def test_the_answers_form_follows_accept_q_values(teacher_url, binary, accept, answer_binary):

@@ -65,6 +65,11 @@ def test_a_tilde_in_out_is_expanded_not_made_a_folder_named_tilde(monkeypatch, t
     assert RunConfig(out="~/runs/a").out == str(tmp_path / "runs" / "a")
 
 
+def test_a_schedule_a_user_gives_as_truncated_one_point_zero_is_refused_as_ambiguous():
+    with pytest.raises(ValidationError, match="schedule\n.*write full for the whole horizon"):
+        RunConfig(schedule="truncated:1.0")
+
+
 def test_an_out_inside_a_symlink_loop_is_refused_naming_out(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(ValidationError, match="out\n.*not a usable path"):

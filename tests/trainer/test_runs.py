@@ -105,11 +105,14 @@ def test_a_full_server_refuses_a_run_with_a_429_and_a_retry_after(tmp_path):
 def test_a_run_may_not_change_the_thread_count_of_the_runs_it_shares_the_process_with():
     def check(runs: Runs) -> None:
         runs.records["busy"] = RunRecord(id="busy", config=RunConfig(threads=2), status="running")
-        with pytest.raises(InvalidRequest, match="busy set") as refused:
+        with pytest.raises(InvalidRequest, match="set to 2; give 2") as refused:
             runs.refuse_other_threads(RunConfig(threads=1))
         assert refused.value.param == "threads"
         runs.refuse_other_threads(RunConfig(threads=2))  # the same, or none, is fine
         runs.refuse_other_threads(RunConfig())
+        runs.records["busy"].config = RunConfig()  # one that trains on the count as it was
+        with pytest.raises(InvalidRequest, match="as they were; leave threads out"):
+            runs.refuse_other_threads(RunConfig(threads=1))
         runs.records["busy"].status = "completed"  # an ended run holds none
         runs.refuse_other_threads(RunConfig(threads=1))
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.schedules import ScheduleError, parse_schedule, same_horizons, warmup_lr
+from services.trainer.schedules import (
+    ScheduleError,
+    parse_schedule,
+    refuse_ambiguous,
+    same_horizons,
+    warmup_lr,
+)
 
 H_MAX = 256
 
@@ -80,7 +86,6 @@ def test_linear_is_exact_where_floats_would_round_down(h_max):
         # Horizons the schedule could only cut or round without a word.
         (f"truncated:{H_MAX + 1}", "beyond H_max"),
         ("truncated:2.5", "a whole number"),
-        ("truncated:1.0", "write full for the whole horizon"),  # not 1 token by mistake
         (f"progressive:h0={H_MAX + 1},dh=1,every=1", "beyond H_max"),
         (f"linear:h0={H_MAX + 1},steps=3", "beyond H_max"),
     ],
@@ -119,15 +124,11 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_the_horizon_never_changes_once_settled(spec):
+@pytest.mark.parametrize("spec", SPECS + ["linear:h0=3,steps=700", "progressive:h0=1,dh=3,every=7"])
+def test_change_steps_are_exactly_where_the_horizon_changes(spec):
     schedule = parse_schedule(spec, H_MAX)
-    settled = schedule.settled_from()
-    assert {schedule.horizon(k) for k in range(settled, settled + 500)} == {
-        schedule.horizon(settled)
-    }
-    if settled > 0:  # and it is the first such step
-        assert schedule.horizon(settled - 1) != schedule.horizon(settled)
+    h = [schedule.horizon(k) for k in range(2000)]
+    assert schedule.change_steps() == [0] + [k for k in range(1, 2000) if h[k] != h[k - 1]]
 
 
 @pytest.mark.parametrize("a", SPECS)
@@ -139,9 +140,17 @@ def test_same_horizons_agrees_with_comparing_every_step(a, b):
         assert same_horizons(sa, sb, steps) == every_step, (a, b, steps)
 
 
-def test_same_horizons_is_quick_for_a_billion_steps():
-    # Counted, not timed: the resume check compares this many steps on the API's event loop.
-    schedule = parse_schedule("progressive:h0=8,dh=16,every=3", H_MAX)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "progressive:h0=8,dh=16,every=3",
+        "linear:h0=1,steps=1000000",
+        "progressive:h0=1,dh=1,every=10000000",
+    ],
+)
+def test_same_horizons_compares_few_steps_however_many_a_run_has(spec):
+    # Counted, not timed: the resume check compares a run's steps on the API's event loop.
+    schedule = parse_schedule(spec, H_MAX)
     calls = []
 
     class Counting(type(schedule)):
@@ -151,7 +160,7 @@ def test_same_horizons_is_quick_for_a_billion_steps():
 
     counting = Counting(**vars(schedule))
     assert same_horizons(counting, counting, 10**9)
-    assert len(calls) <= 2 * (schedule.settled_from() + 1)
+    assert len(calls) <= 2 * (H_MAX + 1)
 
 
 def test_warmup_lr_rises_linearly_then_holds():
@@ -159,3 +168,13 @@ def test_warmup_lr_rises_linearly_then_holds():
         [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
     )
     assert warmup_lr(0, 1e-3, 0) == warmup_lr(0, 1e-3, 1) == 1e-3  # no warmup
+
+
+@pytest.mark.parametrize("spec", ["truncated:1.0", "truncated:1e0", " truncated:1.00"])
+def test_a_ratio_written_as_one_is_refused_as_ambiguous_where_a_user_gives_it(spec):
+    with pytest.raises(ScheduleError, match="write full for the whole horizon"):
+        refuse_ambiguous(spec)
+    # A checkpoint's saved spec keeps its meaning (1 token), so it still parses.
+    assert parse_schedule(spec, H_MAX).horizon(0) == 1
+    refuse_ambiguous("truncated:1")
+    refuse_ambiguous("truncated:0.5")
