@@ -288,11 +288,17 @@ class _Core:
         return 0.0 if others_up and not pinned else wait
 
     def final_reply(self, url: str, response: httpx.Response) -> Any:
-        """The response not to be retried: `url` answered, if only to refuse (a 5xx aside), so
-        its failures so far are forgiven; then the reply, or the error it says."""
-        if response.status_code < 500:
+        """The response not to be retried: `url` answered, if only to refuse (a 5xx, or a 429 or
+        503 whose retries ran out, aside: its sit-out stands), so its failures so far are
+        forgiven; then the reply, or the error it says (a server's fault names the replica)."""
+        if response.status_code < 500 and response.status_code not in RETRY_STATUSES:
             self.replicas.mark_good(url)
-        return self.reply(response)
+        try:
+            return self.reply(response)
+        except TeacherError as exc:
+            if response.status_code >= 500 and url not in exc.message:
+                raise _at(url, exc) from None
+            raise
 
     def reply(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:
@@ -320,7 +326,10 @@ class _Core:
             )
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+        # The exponent is capped: 2.0 ** 1024 overflows, and the wait is max_backoff long before.
+        return min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 60)) * (
+            0.5 + random.random() / 2
+        )
 
 
 class _StreamReader:

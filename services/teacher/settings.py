@@ -29,12 +29,13 @@ class TeacherSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    # At least 2: the shortest sequence there is to score, a prompt token and a completion token.
     max_batch_tokens: int = Field(
-        16384, ge=1, description="Token budget of one forward batch (rows x longest row)."
+        16384, ge=2, description="Token budget of one forward batch (rows x longest row)."
     )
     max_seq_len: int | None = Field(
         None,
-        ge=1,
+        ge=2,
         description="Longest prompt + scored tokens (unset: the model's positions, less one with "
         "the vllm backend; with the hf backend at most --max-batch-tokens).",
     )
@@ -46,7 +47,13 @@ class TeacherSettings(BaseSettings):
         "scored (vllm). An empty queue takes a request of any size, so none is refused forever. "
         "Default 8 x max_batch_tokens.",
     )
-    max_body_mb: float = Field(64.0, gt=0, description="Largest request body, in MiB (else 413).")
+    max_body_mb: float = Field(
+        64.0,
+        gt=0,
+        le=1 << 20,  # a TiB: whatever a byte count may hold, and more than any body will be
+        allow_inf_nan=False,
+        description="Largest request body, in MiB (else 413).",
+    )
     api_key: SecretStr | None = Field(
         None, description="If set, requests need 'Authorization: Bearer KEY'."
     )

@@ -361,12 +361,21 @@ class StepFeed:
             async for item in self._feed.client.score_stream(requests(), url=lane.url):
                 if item.done:  # read on to the end, where the client checks the count
                     continue
-                frame = lane.sent[item.frame]
+                frame = self._frame_answered(lane, item)
                 if item.error is not None:
+                    if lane.failed:  # given up on: its frames are another lane's now
+                        log.info(
+                            "teacher %s answered frame %d late: %s", lane.url, frame, item.error
+                        )
+                        continue
                     if not _replica_fault(item.error):
-                        raise TeacherStreamError(f"teacher refused frame {frame}: {item.error}")
+                        raise TeacherStreamError(
+                            f"teacher at {lane.url} refused frame {frame}: {item.error}"
+                        )
                     if item.index is None:
-                        raise ServerError(f"frame {frame}: {item.error.get('message')}")
+                        raise ServerError(
+                            f"teacher at {lane.url}, frame {frame}: {item.error.get('message')}"
+                        )
                     # One sequence failed; its siblings still come on this stream.
                     self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
                     continue
@@ -383,6 +392,30 @@ class StepFeed:
                     "teacher %s failed mid-step (%s); rescoring its rollouts", lane.url, exc
                 )
                 self._give_up_on(lane)
+
+    def _frame_answered(self, lane: _Lane, item) -> int:
+        """The step's frame an answer on `lane` is for; an answer naming a frame or a sequence
+        that was never sent there is the replica's fault (a score on the wrong rollout would
+        train it), so the lane fails over like one whose connection broke."""
+        sent = lane.sent
+        if not 0 <= item.frame < len(sent):
+            raise ServerError(f"teacher at {lane.url} answered frame {item.frame}, never sent")
+        frame = sent[item.frame]
+        if item.index is not None and not 0 <= item.index < len(self.frames[frame]):
+            raise ServerError(
+                f"teacher at {lane.url} answered sequence {item.index} of frame {frame}, "
+                f"which has {len(self.frames[frame])}"
+            )
+        if item.score is not None and item.index is not None:
+            want = len(self.frames[frame][item.index].completion_ids)
+            if self.max_positions is not None:
+                want = min(want, self.max_positions)
+            if len(item.score.logprobs) != want:
+                raise ServerError(
+                    f"teacher at {lane.url} scored {len(item.score.logprobs)} tokens of a rollout "
+                    f"of {want} in frame {frame}"
+                )
+        return frame
 
     def _rescue_one(self, lane: _Lane, frame: int, rollout: Rollout, error: dict) -> None:
         """Score elsewhere, now, a rollout whose scoring failed on `lane`'s replica; the lane goes

@@ -29,6 +29,7 @@ from shared.errors import (
     InvalidRequest,
     NotFound,
     NotReady,
+    QueueFull,
     ServerError,
     TeacherError,
 )
@@ -102,6 +103,32 @@ def test_a_200_that_is_no_score_result_says_so(binary):
     with plain_http(not_a_score) as url, TeacherClient(url, binary=binary) as client:
         with pytest.raises(TeacherError, match="the answer is not a teacher's score result"):
             client.score([SEQ])
+
+
+def test_a_server_error_names_the_replica_that_answered_it():
+    """With several replicas, a step that fails on a 500 must say which one to look at."""
+    body = (
+        b'{"error": {"message": "CUDA error", "type": "server_error", "param": null, "code": 500}}'
+    )
+    with plain_http(canned(500, body, "application/json")) as url:
+        with TeacherClient(url, max_retries=0) as client, pytest.raises(ServerError) as err:
+            client.score([SEQ])
+    assert str(err.value) == f"teacher at {url}: CUDA error"
+
+
+def test_a_429_whose_retries_ran_out_leaves_the_replica_sitting_out():
+    body = b'{"error": {"message": "queue full", "type": "queue_full", "param": null, "code": 429}}'
+    with plain_http(canned(429, body, "application/json")) as url:
+        with TeacherClient(url, max_retries=0) as client:
+            with pytest.raises(QueueFull):
+                client.score([SEQ])
+            assert not client.is_up(url)  # the refusal does not forgive what it said
+
+
+def test_the_backoff_stays_finite_and_capped_however_many_tries():
+    with TeacherClient("http://127.0.0.1:1", backoff=0.5, max_backoff=30) as client:
+        waits = [client._core._backoff(attempt) for attempt in (0, 10, 1100, 10**6)]
+    assert 0.25 <= waits[0] <= 0.5 and all(15 <= w <= 30 for w in waits[1:])
 
 
 def test_a_retry_after_that_is_no_wait_falls_back_to_the_clients_backoff():

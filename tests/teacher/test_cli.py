@@ -27,6 +27,21 @@ def test_a_bad_device_is_refused_before_serving(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--max-body-mb", "inf"),  # every request's limit would be int(inf): a 500 each
+        ("--max-body-mb", "nan"),
+        ("--max-batch-tokens", "1"),  # no sequence (a prompt token and one to score) fits
+        ("--max-seq-len", "1"),
+    ],
+)
+def test_limits_that_could_serve_no_request_are_refused_before_serving(capsys, flag, value):
+    assert main(["serve", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} (or env OPD_TEACHER_" in err and "Traceback" not in err
+
+
 def test_a_bad_environment_value_names_its_variable(capsys, monkeypatch):
     monkeypatch.setenv("OPD_TEACHER_MAX_TOP_K", "abc")
     assert main(["serve"]) == 2

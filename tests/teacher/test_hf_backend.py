@@ -17,10 +17,11 @@ from services.teacher.backends.hf import (
     OutputLogits,
     check_output_logits,
     shared_pass_fits,
+    top_k_by_value_then_id,
     vocab_rank,
     worth_sharing,
 )
-from tests.teacher.test_scoring import reference_logp, samples_of_few_prompts
+from tests.teacher.test_scoring import mixed_sequences, reference_logp, samples_of_few_prompts
 
 
 @pytest.mark.parametrize("asked, served", [(None, 512), (300, 300), (4096, 512)])
@@ -51,6 +52,37 @@ def test_a_tied_token_takes_the_last_of_the_tied_ranks_as_in_vllm():
     target = logp[:, [0]]  # tied with two others in row 0, the least likely in row 1
     assert vocab_rank(logp, target).tolist() == [3, 4]
     assert vocab_rank(logp, logp[:, [1]]).tolist() == [3, 2]
+
+
+def test_top_k_orders_ties_by_id_and_settles_the_kth_place_the_same_way():
+    logp = torch.tensor([[0.0, -1, -1, -1, -1, -2], [-3.0, -1, -1, -2, -1, -1]])
+    values, ids = top_k_by_value_then_id(logp, 3)
+    assert ids.tolist() == [[0, 1, 2], [1, 2, 4]]
+    assert values.tolist() == [[0.0, -1, -1], [-1, -1, -1]]
+    # bf16 log-probs tie often; each row's top-k is the first k of its top-(k + j), whatever k.
+    rows = torch.log_softmax(torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)), -1)
+    rows = rows.to(torch.bfloat16).float()
+    widest_values, widest = top_k_by_value_then_id(rows, 50)
+    for k in (1, 2, 3, 20):
+        assert torch.equal(top_k_by_value_then_id(rows, k)[1], widest[:, :k])
+    order = [(-v, i) for v, i in zip(widest_values[0].tolist(), widest[0].tolist())]
+    assert order == sorted(order)
+
+
+def test_a_requests_top_k_is_the_same_whichever_top_k_shares_its_batch():
+    """The bf16 teacher ties tokens at the k-th place; which tied ones a request got used to
+    change with the top_k of the request batched beside it."""
+    # Prompts run once for several sequences give other bf16 numbers than the padded pass; with
+    # that pass off, a request's numbers are the same in either batch, and only ties could differ.
+    bf16 = HFBackend(str(TEACHER_PATH), dtype="bfloat16", share_prompts=False)
+    bf16.load()
+    seqs = mixed_sequences(bf16.tokenizer, n=10, seed=1)  # 2 positions tie at the 3rd place
+    narrow = [ScoreJob(p + c, len(p), top_k=3) for p, c in seqs]
+    wide = [ScoreJob(p + c, len(p), top_k=20) for p, c in seqs]
+    alone = bf16.score_batch(narrow)
+    beside = bf16.score_batch(narrow + wide)[: len(narrow)]
+    for score, shared in zip(alone, beside):
+        assert np.array_equal(score.topk_ids, shared.topk_ids)
 
 
 def test_prompts_shared_by_several_sequences_run_once_with_the_same_result(backend):

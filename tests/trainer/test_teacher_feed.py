@@ -9,6 +9,7 @@ import http.server
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
@@ -17,6 +18,11 @@ from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError, _Lane, stalled_frames
 from shared.client import TeacherTimedOut
+from shared.errors import ServerError
+from shared.protocol import (
+    SequenceScore,
+    StreamItem,
+)
 from shared.task import problems
 from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve, wait_for
 from tests.teacher.test_routes import GatedBackend
@@ -213,7 +219,7 @@ def test_a_refused_frame_fails_the_step_at_once_saying_why(teacher_url):
         bad = rollouts(1, 0)
         bad[0].completion_ids = [10**6]  # no such token: the teacher refuses the frame
         started = time.monotonic()
-        with pytest.raises(TeacherStreamError, match="teacher refused frame 0"):
+        with pytest.raises(TeacherStreamError, match=f"teacher at {teacher_url} refused frame 0"):
             for key in range(6):
                 step.put(bad if key == 0 else rollouts(1, key))
             list(step.scored_frames())
@@ -235,7 +241,7 @@ def test_a_refused_last_frame_fails_the_step_by_name(teacher_url):
         step.put(rollouts(2, 0))
         step.put(bad)
         time.sleep(1.0)  # the refusal comes back while the feed still waits for more frames
-        with pytest.raises(TeacherStreamError, match="teacher refused frame 1"):
+        with pytest.raises(TeacherStreamError, match=f"teacher at {teacher_url} refused frame 1"):
             list(step.scored_frames())
     finally:
         feed.close()
@@ -355,3 +361,33 @@ def test_a_slow_rescue_is_not_waited_for_once_its_frame_is_answered(monkeypatch,
             slow.gate.set()
             feed.close()
     assert sorted(scores) == [0, 1, 2, 3] and stats.rescored == (2 if rescue_lands else 0)
+
+
+@pytest.mark.parametrize(
+    "frame, index, tokens, says",
+    [
+        (1, 0, 3, "answered frame 1, never sent"),
+        (-1, 0, 3, "answered frame -1, never sent"),  # would wrap around to the last one
+        (0, 2, 3, "answered sequence 2 of frame 0, which has 2"),
+        (0, -1, 3, "answered sequence -1 of frame 0, which has 2"),
+        (0, 1, 2, "scored 2 tokens of a rollout of 3"),
+    ],
+)
+def test_an_answer_for_a_rollout_never_sent_fails_the_replica_not_another_rollout(
+    teacher_url, frame, index, tokens, says
+):
+    """A broken teacher's score must not land on, and train, some other rollout of the step."""
+    feed = TeacherFeed([teacher_url])
+    try:
+        step = feed.begin(max_positions=8)
+        step.put(rollouts(2))
+        list(step.scored_frames())
+        lane = _Lane("http://replica")
+        lane.sent = [0]
+        score = SequenceScore(logprobs=np.zeros(tokens, dtype=np.float32))
+        with pytest.raises(ServerError, match=f"teacher at http://replica {says}"):
+            step._frame_answered(lane, StreamItem(frame, index, score))
+        assert step._frame_answered(lane, StreamItem(0, 1, SequenceScore(np.zeros(3)))) == 0
+        step.finish()
+    finally:
+        feed.close()

@@ -281,6 +281,32 @@ def vocab_rank(logp_C_V: torch.Tensor, target_logp_C1: torch.Tensor) -> torch.Te
     return (logp_C_V >= target_logp_C1).sum(-1)
 
 
+def top_k_by_value_then_id(logp_C_V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k likeliest tokens of each row, ordered by log-prob and, among equal ones (common in
+    bf16), by lowest id, the k-th place's ties settled the same way. torch.topk leaves both orders
+    to its kernel and to k, so a request's top-k would change with the top_k of the requests
+    batched beside it. Each row's top-k is then the first k of its top-(k + j)."""
+    # One more than asked: where the (k+1)-th ties with the k-th, which of the tied tokens made the
+    # cut is the kernel's choice (a whole-row comparison would cost twice the topk itself).
+    wider = min(k + 1, logp_C_V.shape[-1])
+    values_C_W, ids_C_W = logp_C_V.topk(wider, dim=-1)
+    values_C_K, ids_C_K = values_C_W[:, :k].contiguous(), ids_C_W[:, :k].contiguous()
+    kth_C1 = values_C_K[:, -1:]
+    open_rows = (values_C_W[:, -1] == kth_C1[:, 0]).nonzero().flatten() if wider > k else []
+    if len(open_rows):
+        rows_R_V, kth_R1 = logp_C_V[open_rows], kth_C1[open_rows]
+        above_R_V, tied_R_V = rows_R_V > kth_R1, rows_R_V == kth_R1
+        room_R1 = k - above_R_V.sum(-1, keepdim=True)
+        taken_R_V = above_R_V | (tied_R_V & (tied_R_V.cumsum(-1) <= room_R1))
+        ids_R_K = taken_R_V.nonzero()[:, 1].view(len(open_rows), k)  # ascending ids
+        ids_C_K[open_rows] = ids_R_K
+        values_C_K[open_rows] = rows_R_V.gather(1, ids_R_K)
+    by_id_C_K = ids_C_K.argsort(dim=-1)
+    ids_C_K, values_C_K = ids_C_K.gather(1, by_id_C_K), values_C_K.gather(1, by_id_C_K)
+    by_value_C_K = values_C_K.argsort(dim=-1, descending=True, stable=True)
+    return values_C_K.gather(1, by_value_C_K), ids_C_K.gather(1, by_value_C_K)
+
+
 def chunked_scores(
     hidden_N_H: torch.Tensor,
     output_logits: OutputLogits,
@@ -340,7 +366,7 @@ def _score_rows(
         if want_ranks:
             ranks.append(vocab_rank(logp_C_V, target_logp))
         if k:
-            values, ids = logp_C_V.topk(k, dim=-1)  # sorted, descending
+            values, ids = top_k_by_value_then_id(logp_C_V, k)
             topk_vals.append(values)
             topk_ids.append(ids)
         if cand_N_C is not None:
