@@ -48,6 +48,7 @@ from shared.errors import (
 )
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (
+    FINGERPRINT_HEADER,
     FRAMES,
     JSON,
     MSGPACK,
@@ -185,6 +186,9 @@ class _Core:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.headers = {"Authorization": f"Bearer {checked_api_key(api_key)}"} if api_key else {}
+        # The tokenizer connect() checked the replicas against; every answer after it is held to
+        # it too, since behind a balancer connect() meets only one replica, and one may change.
+        self.fingerprint: str | None = None
 
     def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):
         """(body, headers, how many sequences it holds) of a /score request."""
@@ -204,6 +208,7 @@ class _Core:
     def score_result(self, response: httpx.Response, sent: int) -> ScoreResult:
         """The /score answer to `sent` sequences: a result for each, or a TeacherError."""
         result = decode_response(response.content, self.binary)
+        self.check_answer(str(response.request.url), result.tokenizer_fingerprint)
         if len(result.results) != sent:
             raise TeacherError(
                 f"the teacher at {response.request.url} answered {len(result.results)} of the "
@@ -318,11 +323,26 @@ class _Core:
         return response
 
     def check_info(self, url: str, info: dict, expected: str | None) -> None:
-        if expected is not None and info.get("tokenizer_fingerprint") != expected:
+        """connect()'s check of one replica: its tokenizer is `expected` (the student's) or, with
+        none given, the first replica's; the one it has is pinned for every answer after."""
+        got = info.get("tokenizer_fingerprint")
+        if expected is not None and got != expected:
             raise FingerprintMismatch(
-                f"teacher at {url} uses another tokenizer (fingerprint "
-                f"{info.get('tokenizer_fingerprint')}) than the student ({expected}); its token ids "
-                "would mean other text, so refusing to use it"
+                f"teacher at {url} uses another tokenizer (fingerprint {got}) than the student "
+                f"({expected}); its token ids would mean other text, so refusing to use it"
+            )
+        self.check_answer(url, got)
+        self.fingerprint = got
+
+    def check_answer(self, url: str, fingerprint: str | None) -> None:
+        """An answer from a replica whose tokenizer is not the one connect() pinned (one that
+        joined or changed behind `url` since) is refused, not used. An answer that names none
+        (a stream from a server that sends no fingerprint header) is not checked."""
+        if None not in (self.fingerprint, fingerprint) and fingerprint != self.fingerprint:
+            raise FingerprintMismatch(
+                f"teacher at {url} answered with another tokenizer (fingerprint {fingerprint}) "
+                f"than connect() found ({self.fingerprint}): a replica changed or joined behind "
+                "it? Its token ids would mean other text, so its answer is refused"
             )
 
     def _backoff(self, attempt: int) -> float:
@@ -549,8 +569,11 @@ class TeacherClient(_ClientBase):
         """Wait up to `wait_s` while each replica loads its model (503), and check its tokenizer
         against `tokenizer` (a HF tokenizer or its 'sha256:...' fingerprint). A replica that does
         not accept connections at all fails at once (TeacherUnreachable, after the usual couple
-        of retries): a wrong URL should not cost `wait_s`. Returns each replica's /info."""
+        of retries): a wrong URL should not cost `wait_s`. Returns each replica's /info. The
+        tokenizer found is pinned: an answer from a replica with another one (say, one that joined
+        behind a balancer later) raises FingerprintMismatch, not a score."""
         expected = _expected_fingerprint(tokenizer)
+        self._core.fingerprint = None  # connecting again pins afresh
         deadline = time.monotonic() + wait_s
         infos = []
         for url in self.urls:
@@ -607,6 +630,7 @@ class TeacherClient(_ClientBase):
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(response.read())
+                self._core.check_answer(target, response.headers.get(FINGERPRINT_HEADER))
                 for chunk in response.iter_bytes():
                     yield from reader.feed(chunk)
                 reader.finish()
@@ -672,6 +696,7 @@ class AsyncTeacherClient(_ClientBase):
 
     async def connect(self, tokenizer: Any = None, wait_s: float = 120.0) -> list[dict]:
         expected = _expected_fingerprint(tokenizer)
+        self._core.fingerprint = None  # connecting again pins afresh
         deadline = time.monotonic() + wait_s
         infos = []
         for url in self.urls:
@@ -733,6 +758,7 @@ class AsyncTeacherClient(_ClientBase):
             ) as response:
                 if response.status_code >= 400:
                     self._core.reply(await response.aread())
+                self._core.check_answer(target, response.headers.get(FINGERPRINT_HEADER))
                 async for chunk in response.aiter_bytes():
                     for item in reader.feed(chunk):
                         yield item

@@ -118,6 +118,10 @@ class AsyncStreamResponse:
     def status_code(self) -> int:
         return self._exchange.status_code
 
+    @property
+    def headers(self) -> httpx.Headers:
+        return self._exchange.headers
+
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         while True:
             while self._chunks:  # taken as yielded: a later call goes on where this one stopped
@@ -247,6 +251,10 @@ class StreamResponse:
     @property
     def status_code(self) -> int:
         return self._response.status_code
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self._response.headers
 
     def iter_bytes(self) -> Iterator[bytes]:
         chunks = self._response.aiter_bytes()

@@ -22,7 +22,10 @@ in the order they finish, an {"frame": i, "error": {...}} frame for a frame that
 broken framing, which ends the input once the whole frames before it are answered), an
 {"frame": i, "index": j, "error": {...}} frame for a sequence that could not be scored (its forward
 failed: the frame's other sequences are still answered), and a last
-{"done": true, "frames": n, "sequences": m} frame (m: the sequences scored).
+{"done": true, "frames": n, "sequences": m} frame (m: the sequences scored). The stream's response
+headers name the teacher's tokenizer (FINGERPRINT_HEADER), as a /score answer's body does: behind a
+load balancer each call may reach another replica, and a client holds every answer to the tokenizer
+it connected with.
 
 Binary form (Content-Type / Accept `application/msgpack`): the same maps, with every id array packed
 as little-endian int32 bytes and every log-prob array as little-endian float32 bytes. Ragged lists of
@@ -59,6 +62,7 @@ JSON = "application/json"
 MSGPACK = "application/msgpack"
 MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
 FRAMES = "application/x-opd-frames"
+FINGERPRINT_HEADER = "X-OPD-Tokenizer-Fingerprint"
 _LENGTH = struct.Struct("<I")
 
 # The floor of a log-prob in a JSON answer (here and in the dialect routes), vLLM's: -inf is no JSON

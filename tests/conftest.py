@@ -7,6 +7,7 @@ import functools
 import http.server
 import itertools
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +68,16 @@ def serve(
         stopped()
         raise
     assert stopped(), f"server at {url} did not stop in {stop_timeout:g} s"
+
+
+def teacher_with_another_tokenizer(folder: Path) -> Path:
+    """A copy of the bundled teacher in `folder` whose tokenizer differs only in its chat
+    template: the same token ids, another fingerprint (which a trainer must still refuse)."""
+    shutil.copytree(TEACHER_PATH, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:

@@ -17,6 +17,7 @@ from services.teacher.deps import Authorized, Ready, client_gone
 from services.teacher.scoring import failures_as_server_errors, score_as_completed
 from shared.errors import QueueFull, TeacherError, UnsupportedMediaType
 from shared.protocol import (
+    FINGERPRINT_HEADER,
     FRAMES,
     FrameReader,
     decode_request,
@@ -91,7 +92,10 @@ async def score_stream(request: Request, _: Authorized, state: Ready) -> Streami
         finally:
             reader.cancel()  # the client went away: stop reading and scoring
 
-    return DuplexStreamingResponse(frames(), media_type=FRAMES)
+    fingerprint = state.backend.info.tokenizer_fingerprint
+    return DuplexStreamingResponse(
+        frames(), media_type=FRAMES, headers={FINGERPRINT_HEADER: fingerprint}
+    )
 
 
 class DuplexStreamingResponse(StreamingResponse):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from services.trainer.rollout import Rollout
 from shared.client import AsyncTeacherClient, TeacherTimedOut
-from shared.errors import ServerError, TeacherError
+from shared.errors import FingerprintMismatch, ServerError, TeacherError
 from shared.loop_thread import LoopThread, cancel_pending
 from shared.protocol import ScoreRequest, SequenceScore
 
@@ -111,7 +111,9 @@ class StepFeed:
         self._sent_at: dict[int, float] = {}  # loop time each frame went to its lane
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
-        self._refused: TeacherStreamError | None = None  # a frame the teacher refused
+        # A frame the teacher refused, or an answer from a replica with another tokenizer: what
+        # scoring elsewhere cannot get past, so the step fails by name.
+        self._refused: TeacherError | None = None
         self.frames: list[list[Rollout]] = []
         self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
@@ -302,6 +304,11 @@ class StepFeed:
         for frame in sorted(lane.open):
             self._rescues.append(asyncio.create_task(self._rescue(frame)))
 
+    def _refuse(self, exc: TeacherError) -> None:
+        """Fail the step with `exc` as soon as the feeding loop looks (see _room_for_a_frame)."""
+        self._refused = exc
+        self._answered.set()
+
     def _sit_out(self, url: str) -> None:
         """Give `url` no new frames for a while, if a lane is its one stream: behind a balancer,
         one lane's replica is not the whole pool."""
@@ -381,10 +388,9 @@ class StepFeed:
                     continue
                 lane.answered_at = asyncio.get_running_loop().time()
                 self._take(frame, self.frames[frame][item.index], item.score, item.compute_s)
-        except TeacherStreamError as exc:  # a bad frame fails the step, at once and by name
-            self._refused = exc
+        except (TeacherStreamError, FingerprintMismatch) as exc:  # fails the step, by name
             lane.failed = True
-            self._answered.set()
+            self._refuse(exc)
             raise
         except Exception as exc:  # the replica died, broke the connection or failed
             if not lane.failed:  # not given up on already, as stalled
@@ -452,6 +458,9 @@ class StepFeed:
         is not answered meanwhile."""
         try:
             await self._rescore(frame, only)
+        except FingerprintMismatch as exc:
+            self._refuse(exc)
+            raise
         except TeacherTimedOut as exc:
             self._timed_out[frame] = exc
             log.warning("rescoring frame %d got no answer in time (%s)", frame, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import struct
 import threading
@@ -41,9 +42,11 @@ from tests.conftest import (
     free_port,
     metric,
     plain_http,
+    round_robin_balancer,
     serve,
     silent_host,
     static_files,
+    teacher_with_another_tokenizer,
     wait_for,
 )
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
@@ -61,6 +64,34 @@ def test_connect_refuses_another_tokenizer(teacher_url):
     with TeacherClient(teacher_url) as client, pytest.raises(FingerprintMismatch) as info:
         client.connect("sha256:someone-elses-tokenizer")
     assert teacher_url in str(info.value) and "another tokenizer" in str(info.value)
+
+
+def test_a_stream_from_a_replica_with_another_tokenizer_is_refused(teacher_url, teacher, tmp_path):
+    """Behind a balancer connect() meets one replica; a stream, on a connection of its own, may
+    reach another: its answer is refused, not scored."""
+    other = create_app(TeacherSettings(model=str(teacher_with_another_tokenizer(tmp_path / "t"))))
+    with serve(other) as other_url, round_robin_balancer([teacher_url, other_url]) as pool:
+        with TeacherClient(pool) as client:
+            client.connect(teacher[1])  # the balancer's first connection: the bundled teacher
+            with pytest.raises(FingerprintMismatch, match="another tokenizer") as info:
+                list(client.score_stream([{"sequences": [SEQ]}]))  # its second: the other
+    assert pool in str(info.value)
+
+
+def test_a_score_from_a_replica_that_changed_behind_the_url_is_refused(teacher, tmp_path):
+    """The replica connect() met is replaced by one with another tokenizer: the next /score, on
+    a new connection, reaches it, and its answer is refused."""
+    first = create_app(TeacherSettings(model=str(TEACHER_PATH)))
+    other = create_app(TeacherSettings(model=str(teacher_with_another_tokenizer(tmp_path / "t"))))
+    with serve(other) as other_url, contextlib.ExitStack() as replaced:
+        first_url = replaced.enter_context(serve(first))
+        with round_robin_balancer([first_url, other_url]) as pool, TeacherClient(pool) as client:
+            client.connect(teacher[1])
+            assert len(client.score([SEQ]).results) == 1  # on connect()'s connection: the first
+            replaced.close()  # the first replica stops, and its connections end
+            with pytest.raises(FingerprintMismatch, match="another tokenizer") as info:
+                client.score([SEQ])
+    assert pool in str(info.value)
 
 
 @pytest.mark.parametrize("page", [None, "info"])

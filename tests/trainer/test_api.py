@@ -23,7 +23,7 @@ from services.trainer.api import create_app, event_stream, strict_json
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.runs import RunRecord
-from tests.conftest import a_closed_port, serve, wait_for
+from tests.conftest import a_closed_port, serve, teacher_with_another_tokenizer, wait_for
 from tests.conftest import strict_json as parsed_strictly
 from tests.teacher.test_routes import SlowLoadBackend
 
@@ -168,11 +168,7 @@ def test_a_horizon_beyond_the_teachers_max_seq_len_is_422_naming_its_field(train
 
 
 def test_a_teacher_with_another_tokenizer_is_422_naming_teacher_url(trainer_url, tmp_path):
-    other = tmp_path / "other-teacher"
-    shutil.copytree(TEACHER_PATH, other)
-    config = json.loads((other / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{{ messages }}"  # same ids, another tokenizer: still refused
-    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    other = teacher_with_another_tokenizer(tmp_path / "other-teacher")
     with serve(create_teacher_app(TeacherSettings(model=str(other)))) as url:
         body = {**SMALL, "teacher_url": [url], "out": str(tmp_path / "run")}
         r = httpx.post(trainer_url + "/runs", json=body)

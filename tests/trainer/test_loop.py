@@ -35,7 +35,14 @@ from services.trainer.loop import (
 from services.trainer.report import read_jsonl
 from shared.errors import NotReady, TeacherError
 from shared.task import problems
-from tests.conftest import TEACHER_REQUESTS, metric, serve, static_files, wait_for
+from tests.conftest import (
+    TEACHER_REQUESTS,
+    metric,
+    serve,
+    static_files,
+    teacher_with_another_tokenizer,
+    wait_for,
+)
 from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
@@ -553,11 +560,7 @@ def test_a_teacher_with_an_api_key_needs_it_and_says_which_flag(tmp_path):
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path):
-    other = tmp_path / "other-teacher"
-    shutil.copytree(TEACHER_PATH, other)
-    config = json.loads((other / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{{ messages }}"  # same ids, different tokenizer: still refused
-    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    other = teacher_with_another_tokenizer(tmp_path / "other-teacher")
     proc, url = start_teacher(str(other), threads=1)
     try:
         result = trainer_cli(*small_args(url, tmp_path / "run"))

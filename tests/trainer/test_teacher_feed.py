@@ -18,13 +18,20 @@ from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError, _Lane, stalled_frames
 from shared.client import TeacherTimedOut
-from shared.errors import ServerError
+from shared.errors import FingerprintMismatch, ServerError
 from shared.protocol import (
     SequenceScore,
     StreamItem,
 )
 from shared.task import problems
-from tests.conftest import a_closed_port, plain_http, round_robin_balancer, serve, wait_for
+from tests.conftest import (
+    a_closed_port,
+    plain_http,
+    round_robin_balancer,
+    serve,
+    teacher_with_another_tokenizer,
+    wait_for,
+)
 from tests.teacher.test_routes import GatedBackend
 from tests.teacher.test_routes_stream import CrashingBackend, PoisonedBackend, scored_tokens
 
@@ -245,6 +252,25 @@ def test_a_refused_last_frame_fails_the_step_by_name(teacher_url):
             list(step.scored_frames())
     finally:
         feed.close()
+
+
+def test_a_replica_with_another_tokenizer_behind_the_balancer_fails_the_step_unscored(
+    teacher_url, teacher, tmp_path
+):
+    """connect() met the bundled teacher; the step's stream reaches another replica, whose
+    tokenizer is not the student's: the step fails by name, and none of its scores is taken."""
+    other = create_app(TeacherSettings(model=str(teacher_with_another_tokenizer(tmp_path / "t"))))
+    with serve(other) as other_url, round_robin_balancer([teacher_url, other_url]) as pool:
+        feed = TeacherFeed([pool], timeout=30.0)
+        try:
+            feed.call(feed.client.connect(teacher[1], wait_s=0))
+            step = feed.begin(max_positions=8)
+            with pytest.raises(FingerprintMismatch, match=f"teacher at {pool} answered with"):
+                step.put(rollouts(2, 0))
+                list(step.scored_frames())
+            assert not step.scores
+        finally:
+            feed.close()
 
 
 def test_a_lane_is_stalled_only_while_it_answers_nothing_and_another_lane_answers():
