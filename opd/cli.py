@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
-from shared.flags import add_flags, fraction, non_negative_int, positive_int, seed
+from shared.flags import Parser, add_flags, fraction, non_negative_int, positive_int, seed
 from shared.task import SPLITS, problems
 
 
@@ -163,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)

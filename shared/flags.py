@@ -19,6 +19,16 @@ from shared.errors import field_message
 _FLAG = re.compile(r"(?<![\w/=?'\"-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, reading `--lr -1e-4` as the flag and its value, as Python 3.13 does:
+    3.10-3.12 take a number in e-notation for a flag and say only "expected one argument", where
+    the value's own check says what is wrong with it. Its subcommands' parsers are Parsers too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
 def field_words(message: str, fields: Iterable[str]) -> str:
     """A message written for the command line, reworded for an API user who sent the same settings
     as JSON: each `--flag-name` of one of `fields` becomes the field's name, `flag_name`."""

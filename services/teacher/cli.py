@@ -14,11 +14,11 @@ import sys
 from pydantic import ValidationError
 
 from services.teacher.settings import TeacherSettings
-from shared.flags import add_flags, cannot_listen, field_errors, given
+from shared.flags import Parser, add_flags, cannot_listen, field_errors, given
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="opd-teacher",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

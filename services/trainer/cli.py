@@ -25,11 +25,19 @@ from services.trainer.config import (
     load_config_file,
     saved_settings,
 )
-from shared.flags import add_flags, cannot_listen, field_errors, given, port_number, positive_int
+from shared.flags import (
+    Parser,
+    add_flags,
+    cannot_listen,
+    field_errors,
+    given,
+    port_number,
+    positive_int,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="opd-trainer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,7 +3,7 @@ import argparse
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from shared.flags import add_flags, field_errors, field_words
+from shared.flags import Parser, add_flags, field_errors, field_words
 
 FIELDS = ("out", "resume", "max_new_tokens", "top_k", "api_key")
 
@@ -70,3 +70,22 @@ def test_a_list_default_is_shown_as_it_is_typed():
     parser = argparse.ArgumentParser()
     add_flags(parser, Urls)
     assert "[default http://a:1 http://b:2]" in " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-3", "-.5", "-2.5E+3"])
+def test_a_negative_number_is_a_flags_value_for_its_own_check_to_refuse(value):
+    """Python 3.10-3.12's argparse takes -1e-4 for a flag ("expected one argument")."""
+    parser = Parser(prog="p")
+    parser.add_argument("--lr", type=float)
+    sub = parser.add_subparsers(dest="command").add_parser("run")
+    sub.add_argument("--lr", type=float)
+    assert parser.parse_args(["--lr", value]).lr == float(value)
+    assert parser.parse_args(["run", "--lr", value]).lr == float(value)
+
+
+def test_a_flag_is_still_no_value():
+    parser = Parser(prog="p", exit_on_error=False)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("-x", action="store_true")
+    with pytest.raises(argparse.ArgumentError, match="expected one argument"):
+        parser.parse_args(["--lr", "-x"])

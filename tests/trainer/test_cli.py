@@ -67,6 +67,11 @@ def test_a_bad_flag_is_named_without_pydantic_prefixes(capsys):
     assert "opd-trainer: error: --schedule: " in err and "Value error" not in err
 
 
+def test_a_negative_learning_rate_is_refused_by_its_check_not_taken_for_a_flag(capsys):
+    err = errors_of(capsys, "run", "--lr", "-1e-4")
+    assert "opd-trainer: error: --lr: Input should be greater than 0" in err
+
+
 def test_one_teacher_url_may_be_a_plain_string_in_a_config_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('teacher_url = "http://10.0.0.5:8000/"\nsteps = 3\n')
