@@ -6,10 +6,14 @@ app = create_app(TeacherSettings(model="models/tiny-teacher"))
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
@@ -23,6 +27,7 @@ from services.teacher.settings import TeacherSettings
 from shared.web import VERSION, install_error_shape
 
 log = logging.getLogger("opd.teacher")
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,7 +101,7 @@ def create_app(settings: TeacherSettings, backend: Backend | None = None) -> Fas
 
 async def _load(state: TeacherState) -> None:
     try:
-        info = await asyncio.to_thread(state.backend.load)
+        info = await _in_daemon_thread(state.backend.load)
         await state.backend.start()
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -104,6 +109,32 @@ async def _load(state: TeacherState) -> None:
         return
     state.limits = Limits.of(info, state.settings.max_top_k)
     log.info("ready: %s (%s, %s) on %s", info.model, info.backend, info.dtype, info.device)
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """fn() in a daemon thread, not asyncio's executor, whose threads the interpreter waits for at
+    exit: a teacher stopped (Ctrl-C) while a model loads, for minutes, exits at once."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # not cancelled meanwhile (the server stopping)
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = functools.partial(done.set_exception, exc)
+        else:
+            outcome = functools.partial(done.set_result, result)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop has closed: nobody waits for it
+            pass
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -115,6 +115,42 @@ def test_a_teacher_stops_when_the_process_that_started_it_is_killed():
             os.kill(teacher, signal.SIGKILL)
 
 
+STUCK_LOAD = """
+import sys, threading, uvicorn
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
+from services.teacher.settings import TeacherSettings
+
+class StuckLoad(HFBackend):
+    def load(self):  # as a large model's, minutes long
+        threading.Event().wait()
+
+app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=StuckLoad(str(TEACHER_PATH)))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_teacher_whose_model_is_still_loading_stops_at_once(sig):
+    """Stopping (or Ctrl-C) a teacher that is loading a model need not wait for the load."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_LOAD, str(port)], cwd=REPO_ROOT)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) in (0, -sig)  # uvicorn may raise the signal again
+    finally:
+        stop(proc)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def alive(pid: int) -> bool:
     """Running, not gone and not a zombie waiting for a reaper."""
     try:
