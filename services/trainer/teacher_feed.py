@@ -8,8 +8,8 @@ replica, so one lane would give a step's frames all to one. Backpressure: at mos
 the others), and as many wait in a bounded queue; beyond that `put` blocks the generating thread.
 If a replica dies mid-step, the sequences it had not answered are scored again elsewhere at once, a
 frame per request; so is a sequence it could not score (its siblings still come on the stream), and so
-are those of a lane that has answered nothing for HEDGE_AFTER_S since a frame
-was sent on it while others answered (its replica may hang: the client's timeout is minutes). Each
+are those of a lane with a frame open that has answered nothing for HEDGE_AFTER_S while others
+answered (its replica may hang, mid-frame too: the client's timeout is minutes). Each
 rollout's first score is taken, exactly once, and the step ends when every rollout has one.
 
     feed = TeacherFeed(urls, api_key, streams_per_url=1)  # one per run; owns an event-loop thread
@@ -82,13 +82,15 @@ class _Lane:
 def stalled_frames(
     lane: _Lane, others_answered_at: float, sent_at: dict[int, float], now: float
 ) -> list[int]:
-    """The frames of `lane` sent over HEDGE_AFTER_S ago, since when the lane has answered nothing
-    while another lane has answered."""
-    return [
-        f
-        for f in sorted(lane.open)
-        if lane.answered_at < sent_at[f] < others_answered_at and now - sent_at[f] > HEDGE_AFTER_S
-    ]
+    """The open frames of `lane` that have waited over HEDGE_AFTER_S since it was last heard from
+    (its latest answer, or the frame's sending if later), while another lane has answered since:
+    a replica that hangs mid-frame, after answering some of its sequences, is stalled too."""
+    stalled = []
+    for f in sorted(lane.open):
+        heard = max(lane.answered_at, sent_at[f])
+        if heard < others_answered_at and now - heard > HEDGE_AFTER_S:
+            stalled.append(f)
+    return stalled
 
 
 class StepFeed:
@@ -272,10 +274,9 @@ class StepFeed:
         return len(self.scores) == self._rollouts
 
     async def _rescue_stalled_frames(self) -> None:
-        """Every little while: give up on a lane that has answered nothing for HEDGE_AFTER_S
-        since a frame was sent on it while another lane has answered, and score its frames
-        elsewhere. (A lane that answers is alive, its frames only queued: with several lanes to
-        one replica, behind its siblings' frames.)"""
+        """Every little while: give up on a lane with stalled frames (see stalled_frames) and
+        score its frames elsewhere. (A lane that keeps answering is alive, its frames only
+        queued: with several lanes to one replica, behind its siblings' frames.)"""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(1.0, HEDGE_AFTER_S / 4))

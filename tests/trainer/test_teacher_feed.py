@@ -14,6 +14,7 @@ import pytest
 
 from opd.bundled import TEACHER_PATH
 from services.teacher.app import create_app
+from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
 from services.trainer.rollout import Rollout
 from services.trainer.teacher_feed import TeacherFeed, TeacherStreamError, _Lane, stalled_frames
@@ -26,6 +27,7 @@ from shared.protocol import (
 from shared.task import problems
 from tests.conftest import (
     a_closed_port,
+    metric,
     plain_http,
     round_robin_balancer,
     serve,
@@ -283,6 +285,56 @@ def test_a_lane_is_stalled_only_while_it_answers_nothing_and_another_lane_answer
     assert stalled_frames(lane, others_answered_at=-1.0, sent_at=sent_at, now=20.0) == []
     lane.answered_at = 12.0  # it answered after both were sent: alive, the frames only queued
     assert stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=20.0) == []
+    # ... until it has said nothing for HEDGE_AFTER_S since, while another lane answered: it may
+    # have hung mid-frame.
+    assert stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=23.0) == [0, 1]
+    assert stalled_frames(lane, others_answered_at=11.0, sent_at=sent_at, now=23.0) == []
+
+
+class HangsOnPoison(HFBackend):
+    """The real hf backend, hanging on a batch that holds the POISON token, as a GPU that stops
+    mid-frame would (the frame's other sequences, in batches before it, are answered)."""
+
+    POISON = 13
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.release = threading.Event()
+
+    def score_batch(self, jobs):
+        if any(self.POISON in job.input_ids for job in jobs):
+            self.release.wait(60)
+        return super().score_batch(jobs)
+
+
+def test_a_replica_that_hangs_mid_frame_is_scored_around(teacher_url, monkeypatch):
+    monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 0.5)
+    settings = TeacherSettings(model=str(TEACHER_PATH), max_batch_tokens=8)  # a sequence a batch
+    backend = HangsOnPoison(str(TEACHER_PATH), max_batch_tokens=8)
+    result = {}
+    with serve(create_app(settings, backend=backend)) as hangs_url:
+        feed = TeacherFeed([hangs_url, teacher_url], timeout=300)
+        try:
+            step = feed.begin(max_positions=8)
+            frame = rollouts(2, 0)
+            frame[1].completion_ids = [5, HangsOnPoison.POISON, 7]
+            step.put(frame)  # to the first replica: it answers rollout 0, then hangs
+            wait_for(lambda: metric(hangs_url, "opd_teacher_tokens_scored_total") == 3)
+            step.put(rollouts(2, 2))  # to the other, which answers after that
+
+            def train():
+                result["got"] = list(step.scored_frames())
+                result["scores"], result["stats"] = step.finish()
+
+            trainer = threading.Thread(target=train)
+            trainer.start()
+            trainer.join(timeout=60)
+            assert not trainer.is_alive()  # not held for the client's 300 s
+        finally:
+            backend.release.set()
+            feed.close()
+    assert [sorted(s) for _, s in result["got"]] == [[0, 1], [2, 3]]
+    assert result["stats"].rescored == 1  # only the rollout it never answered
 
 
 def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_timeout(
