@@ -4,8 +4,6 @@ Runs in the vLLM CI stage, where trl (which needs vLLM importable) and openai ar
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -28,10 +26,8 @@ def test_trl_vllm_client_matches_score(teacher_url, seqs, k):
     )
     for i, (ref, (_, completion)) in enumerate(zip(reference(teacher_url, seqs, k), seqs)):
         assert np.array(out["logprobs"][i]).shape == (len(completion), k)
-        np.testing.assert_allclose(
-            np.array(out["actual_logprobs"][i])[:, 0], ref.logprobs, atol=TOL
-        )
-        np.testing.assert_allclose(out["logprobs"][i], ref.topk_logprobs, atol=TOL)
+        np.testing.assert_allclose(np.array(out["actual_logprobs"][i])[:, 0], ref.logprobs, **TOL)
+        np.testing.assert_allclose(out["logprobs"][i], ref.topk_logprobs, **TOL)
         assert np.array_equal(out["logprob_token_ids"][i], ref.topk_ids)
         assert [row[0] for row in out["actual_token_ids"][i]] == completion
 
@@ -58,11 +54,11 @@ def test_openai_completions_prompt_logprobs_match_score(teacher_url, seqs):
         assert plp[0] is None and len(plp) == len(seq)
         for t, entry in enumerate(plp[1:]):
             actual = entry[str(seq[t + 1])]
-            assert math.isclose(actual["logprob"], ref.logprobs[t], abs_tol=TOL)
+            np.testing.assert_allclose(actual["logprob"], ref.logprobs[t], **TOL)
             top = sorted(entry.items(), key=lambda kv: kv[1]["rank"])[:3]
             assert [int(tok) for tok, _ in top] == ref.topk_ids[t].tolist()
         assert choice.logprobs.token_logprobs[0] is None
-        np.testing.assert_allclose(choice.logprobs.token_logprobs[1:], ref.logprobs, atol=TOL)
+        np.testing.assert_allclose(choice.logprobs.token_logprobs[1:], ref.logprobs, **TOL)
         assert choice.logprobs.top_logprobs[0] is None
         for t, top in enumerate(choice.logprobs.top_logprobs[1:]):  # the top 2 and the token
             assert 2 <= len(top) <= 3 and choice.logprobs.tokens[t + 1] in top
