@@ -25,10 +25,10 @@ TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"
 TRL_GOOD = {"sequences": [[1, 21, 18, 5, 6]], "prompt_lengths": [3], "top_logprobs": 2}
 OPENAI_GOOD = {"prompt": [1, 21, 18, 5], "max_tokens": 0, "echo": True, "logprobs": 0}
-# A dialect and /score run the same model, though not bit for bit: a prompt_logprobs request (as
-# TRL's VLLMClient sends) scores every position from the second, so the output layer multiplies
-# other row blocks and float32 rounds differently (5.7e-6 at -12 seen). A real mistake (a shifted
-# position, a temperature skipped) moves a log-prob by far more.
+# A dialect and /score run the same model, though not bit for bit: TRL's VLLMClient asks for
+# max_tokens 1, which scores one more row per sequence (its next token), so rows fall elsewhere in
+# the output layer's matrix product and float32 rounds some differently (5.7e-6 at -12 seen). A real
+# mistake (a shifted position, a temperature skipped) moves a log-prob by far more.
 TOL = {"atol": 1e-5, "rtol": 1e-6}
 
 
