@@ -102,9 +102,16 @@ def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_atomic(root / "latest", name)
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in sorted(root.glob("step_*"), key=_step_number)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_number(path: Path) -> int:
+    """A checkpoint's step, for ordering: by name, step_1000000 would sort before step_999999
+    (six digits of padding) and each checkpoint from then on would prune itself."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def latest(out) -> Path | None:

@@ -350,7 +350,10 @@ class Run:
             raise RunError(f"--resume: {exc} (--student {cfg.student})", param="student") from None
         except checkpoint.UnreadableCheckpoint as exc:
             raise RunError(f"--resume: {exc}", param="resume") from None
-        self.state.max_new_tokens = cfg.max_new_tokens  # the same horizons, as checked
+        # The same horizons, as checked, in the words of this run: its next checkpoint pairs the
+        # spec with the H_max it was checked at (truncated:100 at 256 saved as full, at 256, would
+        # give other horizons and refuse every later --resume).
+        self.state.schedule, self.state.max_new_tokens = cfg.schedule, cfg.max_new_tokens
         for group in self.optimizer.param_groups:  # loading brought back the saved one
             group["weight_decay"] = cfg.weight_decay
         log.info("resumed from %s at step %d", found, self.state.step)

@@ -125,6 +125,15 @@ def test_old_checkpoints_are_pruned(tmp_path):
     assert checkpoint.latest(tmp_path / "elsewhere") is None
 
 
+def test_pruning_keeps_the_newest_checkpoints_past_six_digits(tmp_path):
+    model, tokenizer, optimizer = trained_student()
+    for step in (999_999, 1_000_000, 1_000_001):
+        checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(step), keep=2)
+    root = checkpoint.checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1000000", "step_1000001"]
+    assert checkpoint.latest(tmp_path).name == "step_1000001"
+
+
 class DiesWhileSaving:
     """A tokenizer whose save fails, as a run killed in the middle of writing a checkpoint."""
 

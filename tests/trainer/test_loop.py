@@ -233,6 +233,24 @@ def test_resume_refuses_another_schedule_and_says_when_nothing_is_there(
     assert run(cfg.model_copy(update={"schedule": "truncated:24.0"}))["steps"] == 1
 
 
+def test_a_run_resumed_with_its_horizons_spelled_anew_resumes_again(tmp_path, teacher_process):
+    """full at 24 tokens resumed as truncated:24 at 32: the same horizons, so taken, and the
+    checkpoint it leaves pairs the new spec with the new H_max, so the same resume is taken again."""
+    cfg = RunConfig(
+        **{**SMALL, "schedule": "full"},
+        max_new_tokens=24,
+        teacher_url=[teacher_process],
+        steps=1,
+        out=str(tmp_path / "run"),
+    )
+    run(cfg)
+    respelled = cfg.model_copy(
+        update={"schedule": "truncated:24", "max_new_tokens": 32, "resume": True, "steps": 2}
+    )
+    assert run(respelled)["steps"] == 2
+    assert run(respelled.model_copy(update={"steps": 3}))["steps"] == 3
+
+
 def test_resume_refuses_fewer_steps_or_other_horizons_and_keeps_a_finished_run(
     tmp_path, teacher_process, monkeypatch
 ):
