@@ -90,15 +90,16 @@ class _Exchange:
 
 
 class _Sender:
-    """What the body's sender tells the reader: whether it waits for the caller, and how it failed
-    (an error from the caller's iterable is re-raised to the caller)."""
+    """What the body's sender tells the reader: whether it waits for the caller, and what the
+    caller's iterable raised, if it did (re-raised to the caller, whatever its type: an OSError
+    reading the caller's own files is not the connection's)."""
 
     def __init__(self):
         self.waiting_for_caller = False
         self.error: BaseException | None = None
 
     def raise_caller_error(self) -> None:
-        if self.error is not None and not isinstance(self.error, OSError):
+        if self.error is not None:
             raise self.error
 
 
@@ -185,28 +186,36 @@ async def _connect(
 async def _send(
     writer: asyncio.StreamWriter, head: bytes, body: AsyncIterable[bytes], sender: _Sender
 ) -> None:
-    """Write the request head, then each body item as a chunk as it comes; an error (the body's
-    own, or the connection's) is kept for the reader to raise, and the connection dropped."""
+    """Write the request head, then each body item as a chunk as it comes. On an error the
+    connection is dropped: the reader then meets the connection's error, or raises the body's."""
     try:
         writer.write(head)
         iterator = aiter(body)
-        while True:
-            sender.waiting_for_caller = True
-            data = await anext(iterator, _END)
-            sender.waiting_for_caller = False
-            if data is _END:
-                break
-            if not isinstance(data, (bytes, bytearray)):
-                raise TypeError(f"a request body item must be bytes, not {type(data).__name__}")
+        while (data := await _caller_item(iterator, sender)) is not _END:
             if data:
                 writer.write(_chunk(data))
                 await writer.drain()
         writer.write(_LAST_CHUNK)
         await writer.drain()
-    except BaseException as exc:  # noqa: BLE001 - the reader raises it
-        sender.error = exc
-        sender.waiting_for_caller = False
+    except BaseException:  # noqa: BLE001 - the caller's error is kept for the reader to raise
         writer.transport.abort()
+
+
+async def _caller_item(iterator: AsyncIterator, sender: _Sender):
+    """The caller's next body item (or _END), with what its iterable raises kept in `sender`."""
+    sender.waiting_for_caller = True
+    try:
+        data = await anext(iterator, _END)
+        if data is not _END and not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"a request body item must be bytes, not {type(data).__name__}")
+        return data
+    except asyncio.CancelledError:  # the stream is over: nothing to tell the caller
+        raise
+    except BaseException as exc:
+        sender.error = exc
+        raise
+    finally:
+        sender.waiting_for_caller = False
 
 
 def _receiver(

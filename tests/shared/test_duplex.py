@@ -82,6 +82,21 @@ def test_a_body_item_that_is_not_bytes_reaches_the_caller():
                 response.read()
 
 
+@pytest.mark.parametrize("error", [ValueError, FileNotFoundError, ConnectionResetError])
+def test_what_the_body_raises_reaches_the_caller_even_an_os_error(error):
+    """An OSError reading the caller's own input (a rollout file gone) is the caller's, not a
+    broken connection: the client would blame the replica and send it to sit out."""
+
+    def body():
+        yield b"frame"
+        raise error("the caller's own")
+
+    with raw_peer(silent) as url:
+        with pytest.raises(error, match="the caller's own"):
+            with open_stream(url, "/score/stream", {}, body(), timeout=5) as response:
+                response.read()
+
+
 def test_the_end_of_a_body_is_queued_without_a_task_a_stopping_loop_could_strand():
     # The reading thread hands over the body's end without waiting; the loop may stop right after
     # it gets there (the stream failed), so the hand-over must not leave a put task to run later.
