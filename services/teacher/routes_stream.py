@@ -1,6 +1,7 @@
 """POST /score/stream: length-prefixed msgpack frames in (one micro-batch each), one result frame
 per scored sequence out as soon as it is scored, while the request body is still arriving. A frame
-waits for room in a full queue, and the body is not read meanwhile: TCP holds the client back. So
+waits for room in a full queue, and the body is read at most one chunk ahead meanwhile (to notice a
+client that goes away): TCP holds the client back. So
 does a client that leaves its results unread: the teacher reads no more frames until it catches up,
 and refuses them (small error frames) once it has waited UNREAD_WAIT_S, so that a client that sends
 all its frames before it reads any result gets errors instead of a stream that never ends."""
@@ -8,6 +9,8 @@ all its frames before it reads any result gets errors instead of a stream that n
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -28,6 +31,7 @@ from shared.protocol import (
 from shared.web import media_type
 
 router = APIRouter()
+T = TypeVar("T")
 # Result bytes a stream may leave unread before the teacher stops reading its frames: results are
 # up to 40 times the size of the frames they answer, so a client that sends without reading (not a
 # full-duplex one) would otherwise grow the teacher's memory without end.
@@ -110,6 +114,49 @@ class DuplexStreamingResponse(StreamingResponse):
         await self.stream_response(send)
 
 
+class _Body:
+    """The request body's chunks, with the next one asked for while the reader waits on something
+    else (room in the queue, the client reading its results), so that a client that goes away is
+    noticed then, not after the teacher has queued and scored every frame it had sent. One chunk
+    ahead at most: TCP still holds the client back."""
+
+    def __init__(self, request: Request):
+        self._chunks = aiter(request.stream())
+        self._ahead: asyncio.Future | None = None
+
+    def _next(self) -> asyncio.Future:
+        if self._ahead is None:
+            self._ahead = asyncio.ensure_future(anext(self._chunks, None))
+        return self._ahead
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        ahead, self._ahead = self._next(), None
+        if (chunk := await ahead) is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def until(self, waiting: Awaitable[T]) -> T:
+        """`waiting`'s result; ClientDisconnect as soon as the client goes away meanwhile."""
+        task = asyncio.ensure_future(waiting)
+        try:
+            ahead = self._next()
+            await asyncio.wait({task, ahead}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and ahead.exception() is not None:
+                raise ahead.exception()
+            return await task  # a chunk came: it waits its turn
+        finally:
+            task.cancel()
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            # Retrieved, so a disconnect nobody waited for is not logged as never retrieved.
+            self._ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
 async def _read_frames(request: Request, state, out: Outbox) -> None:
     """Score each frame as soon as it arrives; put result frames on `out`, then None. Broken
     framing ends the input, saying why, after the frames before it are answered. A client that
@@ -118,16 +165,17 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
     tasks: list[asyncio.Task] = []
     broken: TeacherError | None = None
     given_up = False  # on the client reading its results, till it does
+    body = _Body(request)
     try:
         try:
-            async for chunk in request.stream():
+            async for chunk in body:
                 for payload in reader.feed(chunk):
                     # Results unread: take no more until the client catches up, or refuse them
                     # once it has not for UNREAD_WAIT_S (it may be reading only after sending).
                     if out.has_room():
                         given_up = False
                     elif not given_up:
-                        given_up = not await out.room(UNREAD_WAIT_S)
+                        given_up = not await body.until(out.room(UNREAD_WAIT_S))
                     if given_up:
                         payload = QueueFull(
                             f"over {MAX_UNREAD_BYTES / 2**20:g} MiB of this stream's results were "
@@ -139,7 +187,7 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
                     )
                     # Backpressure: the next frame is read once this one is queued or refused, so
                     # a full queue holds the client back instead of refusing its frames.
-                    await queued.wait()
+                    await body.until(queued.wait())
             reader.finish()
         except TeacherError as err:
             broken = err
@@ -164,6 +212,7 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
             await out.put(encode_stream_error(len(tasks), broken))
         await out.put(encode_stream_done(len(tasks), sum(counts)))
     finally:
+        body.close()
         for task in tasks:
             task.cancel()
         await out.put(None)

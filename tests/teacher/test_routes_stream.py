@@ -428,6 +428,30 @@ def test_a_client_that_goes_away_cancels_the_scoring_of_what_it_sent():
         assert backend.sequences == 1
 
 
+def test_a_client_that_goes_away_mid_body_is_noticed_while_its_frames_wait_for_room():
+    """Its frames already queued are dropped and those waiting for room never queue, though the
+    queue stays full (they were scored once room came, the reader noticing only then)."""
+    backend = CountingGatedBackend(str(TEACHER_PATH), max_queue_tokens=10)
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    one = encode_request_frame(validate_request(frames_of([([1, 2], [5, 6])], 1)[0]))  # 4 tokens
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + chunk(one)
+            )
+            assert backend.running.wait(timeout=30)  # the first frame is at the gate
+            sock.sendall(chunk(one * 4))  # two fill the queue, the third waits for room
+            wait_for(lambda: backend.queue_depth() == 2)
+        # Gone mid-body: the stream ends while the queue is still full.
+        wait_for(lambda: 'route="/score/stream"' in httpx.get(url + "/metrics").text)
+        backend.gate.set()
+        wait_for(lambda: backend.sequences == 1)
+        time.sleep(0.5)
+        assert backend.sequences == 1
+
+
 class RefusesAtOnce(http.server.BaseHTTPRequestHandler):
     """Answers 401 without reading the body, as a teacher with another API key does."""
 
