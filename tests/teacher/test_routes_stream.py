@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import http.server
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -406,17 +408,25 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+@contextlib.contextmanager
+def stream_by_hand(url: str, first: bytes) -> Iterator[socket.socket]:
+    """A /score/stream request on a raw socket, its head and `first` sent: the test sends the
+    rest, or hangs up, when it likes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + first
+        )
+        yield sock
+
+
 def test_a_client_that_goes_away_cancels_the_scoring_of_what_it_sent():
     backend = CountingGatedBackend(str(TEACHER_PATH))
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
     one = encode_request_frame(validate_request(frames_of([([1, 2], [5, 6])], 1)[0]))
     with serve(app) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(
-                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
-                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + chunk(one)
-            )
+        with stream_by_hand(url, chunk(one)) as sock:
             assert backend.running.wait(timeout=30)  # the first frame is at the gate
             sock.sendall(chunk(one) + b"0\r\n\r\n")  # the second waits in the queue
             time.sleep(0.2)
@@ -435,12 +445,7 @@ def test_a_client_that_goes_away_mid_body_is_noticed_while_its_frames_wait_for_r
     app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
     one = encode_request_frame(validate_request(frames_of([([1, 2], [5, 6])], 1)[0]))  # 4 tokens
     with serve(app) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(
-                b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
-                b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + chunk(one)
-            )
+        with stream_by_hand(url, chunk(one)) as sock:
             assert backend.running.wait(timeout=30)  # the first frame is at the gate
             sock.sendall(chunk(one * 4))  # two fill the queue, the third waits for room
             wait_for(lambda: backend.queue_depth() == 2)

@@ -54,6 +54,21 @@ def rollouts(n: int, first_key: int = 0) -> list[Rollout]:
     ]
 
 
+def finished_within(step, seconds: float) -> dict:
+    """The step's scored frames and its finish(), trained on in a thread that must end in time."""
+    result: dict = {}
+
+    def train():
+        result["got"] = list(step.scored_frames())
+        result["scores"], result["stats"] = step.finish()
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    trainer.join(timeout=seconds)
+    assert not trainer.is_alive()
+    return result
+
+
 def test_scored_frames_come_in_the_order_put_each_with_its_own_scores(teacher_url):
     feed = TeacherFeed([teacher_url])
     try:
@@ -311,7 +326,6 @@ def test_a_replica_that_hangs_mid_frame_is_scored_around(teacher_url, monkeypatc
     monkeypatch.setattr("services.trainer.teacher_feed.HEDGE_AFTER_S", 0.5)
     settings = TeacherSettings(model=str(TEACHER_PATH), max_batch_tokens=8)  # a sequence a batch
     backend = HangsOnPoison(str(TEACHER_PATH), max_batch_tokens=8)
-    result = {}
     with serve(create_app(settings, backend=backend)) as hangs_url:
         feed = TeacherFeed([hangs_url, teacher_url], timeout=300)
         try:
@@ -321,15 +335,7 @@ def test_a_replica_that_hangs_mid_frame_is_scored_around(teacher_url, monkeypatc
             step.put(frame)  # to the first replica: it answers rollout 0, then hangs
             wait_for(lambda: metric(hangs_url, "opd_teacher_tokens_scored_total") == 3)
             step.put(rollouts(2, 2))  # to the other, which answers after that
-
-            def train():
-                result["got"] = list(step.scored_frames())
-                result["scores"], result["stats"] = step.finish()
-
-            trainer = threading.Thread(target=train)
-            trainer.start()
-            trainer.join(timeout=60)
-            assert not trainer.is_alive()  # not held for the client's 300 s
+            result = finished_within(step, 60)  # not held for the client's 300 s
         finally:
             backend.release.set()
             feed.close()
@@ -350,22 +356,13 @@ def test_a_replica_that_hangs_is_scored_around_without_waiting_for_the_client_ti
         def do_POST(self):
             release.wait(60)
 
-    result = {}
     with plain_http(Hangs) as hung:
         feed = TeacherFeed([hung, teacher_url], timeout=300)
         try:
             step = feed.begin(max_positions=8)
             for first in range(0, 8, 2):
                 step.put(rollouts(2, first))
-
-            def train():
-                result["got"] = list(step.scored_frames())
-                result["scores"], result["stats"] = step.finish()
-
-            trainer = threading.Thread(target=train)
-            trainer.start()
-            trainer.join(timeout=60)
-            assert not trainer.is_alive()  # not held for the client's 300 s
+            result = finished_within(step, 60)  # not held for the client's 300 s
         finally:
             release.set()
             feed.close()
