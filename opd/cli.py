@@ -18,7 +18,17 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
-from shared.flags import Parser, add_flags, fraction, non_negative_int, positive_int, seed
+from shared.flags import (
+    Parser,
+    add_flags,
+    fraction,
+    non_negative_int,
+    positive_int,
+    problem_count,
+    sample_count,
+    seed,
+    thread_count,
+)
 from shared.task import SPLITS, problems
 
 
@@ -135,6 +145,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from shared.errors import TeacherError
     from shared.flags import field_errors, given
 
+    try:
+        api_key = api_key_from_env()  # the key a teacher started here reads too
+    except ValueError as exc:
+        print(f"opd demo: error: {exc}", file=sys.stderr)
+        return 2
     cfg = DemoConfig(
         out=args.out,
         steps=args.steps,
@@ -144,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedules or SCHEDULES),
         teacher_url=args.teacher_url,
         run_settings=given(args, RunConfig, only=DEMO_RUN_SETTINGS),
-        api_key=api_key_from_env(),  # the key a teacher started here reads too
+        api_key=api_key,
     )
     # `timeout` and `docker stop` send SIGTERM: end as on Ctrl-C, so the teacher started here stops.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -169,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     task = sub.add_parser("task", help="print problems of the bundled task, or their length stats")
-    task.add_argument("--n", type=positive_int, default=3, help="how many problems (default 3)")
+    task.add_argument("--n", type=problem_count, default=3, help="how many problems (default 3)")
     task.add_argument("--split", choices=SPLITS, default="eval", help="default: eval (held out)")
     task.add_argument("--seed", type=seed, default=0, help="which problems are drawn (default 0)")
     task.add_argument("--stats", action="store_true", help="print the length distribution instead")
@@ -195,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--seed", type=seed, default=0, help="initialisation and data (default 0)")
     make.add_argument(
-        "--threads", type=positive_int, default=2, help="torch CPU threads (default 2)"
+        "--threads", type=thread_count, default=2, help="torch CPU threads (default 2)"
     )
     make.set_defaults(func=cmd_make_models)
 
@@ -217,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--eval-n",
-        type=positive_int,
+        type=problem_count,
         default=200,
         help="held-out problems per evaluation (default 200)",
     )
@@ -237,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")
     ev.add_argument("--model", required=True, help="folder of a Hugging Face causal LM")
-    ev.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500)")
+    ev.add_argument("--n", type=problem_count, default=500, help="held-out problems (default 500)")
     ev.add_argument(
         "--samples",
-        type=positive_int,
+        type=sample_count,
         default=1,
         help="1: greedy accuracy; k > 1: avg@k, sampled at temperature 1 (default 1)",
     )
@@ -253,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--seed", type=seed, default=0, help="which problems are drawn, and sampling (default 0)"
     )
-    ev.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    ev.add_argument("--threads", type=thread_count, default=2, help="torch CPU threads (default 2)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -90,19 +90,45 @@ def given(
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, else a usage error that names the flag."""
+# Caps that make a huge number a usage error, not an overflow deep inside or hours of setup.
+MAX_THREADS = 1024  # more than any machine's cores (torch.set_num_threads overflows past 2**63)
+MAX_PROBLEMS = 100_000  # per evaluation: seconds to draw, hours to evaluate on a CPU
+MAX_SAMPLES = 1024  # of avg@k, per problem
+MAX_COUNT = 2**31 - 1  # any other count
+
+
+def positive_int(text: str, most: int = MAX_COUNT) -> int:
+    """argparse type: an integer from 1 to `most`, else a usage error that names the flag."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"{value} is more than {most}")
     return value
 
 
+def thread_count(text: str) -> int:
+    """argparse type: torch CPU threads, 1 to MAX_THREADS."""
+    return positive_int(text, MAX_THREADS)
+
+
+def problem_count(text: str) -> int:
+    """argparse type: how many problems, 1 to MAX_PROBLEMS."""
+    return positive_int(text, MAX_PROBLEMS)
+
+
+def sample_count(text: str) -> int:
+    """argparse type: samples per problem, 1 to MAX_SAMPLES."""
+    return positive_int(text, MAX_SAMPLES)
+
+
 def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (where 0 means "off")."""
+    """argparse type: an integer from 0 (where 0 means "off") to MAX_COUNT."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT}")
     return value
 
 
@@ -142,6 +168,18 @@ def cannot_listen(host: str, port: int) -> str | None:
             flag = "--port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
             return f"{flag} cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
+
+
+# uvicorn and socket.bind take "" for every address, so an unset `--host "$HOST"` would open a
+# server to every network it reaches.
+EMPTY_HOST = "an empty host would listen on every address: give 0.0.0.0 to mean that"
+
+
+def listen_host(text: str) -> str:
+    """argparse type: an address to listen on, not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_HOST)
+    return text
 
 
 def port_number(text: str) -> int:

@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from opd.bundled import TEACHER_PATH, DeviceName
+from shared.client import checked_api_key
+from shared.flags import EMPTY_HOST, MAX_THREADS
 
 
 class TeacherSettings(BaseSettings):
@@ -61,7 +63,9 @@ class TeacherSettings(BaseSettings):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of GPU memory vLLM may take (vllm backend)."
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's).")
+    threads: int | None = Field(
+        None, ge=1, le=MAX_THREADS, description="torch CPU threads (default: torch's)."
+    )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model.")
     share_prompts: bool = Field(
         True,
@@ -78,6 +82,21 @@ class TeacherSettings(BaseSettings):
     def _empty_key_is_none(cls, value):
         # An empty OPD_TEACHER_API_KEY (as compose passes an unset variable) means no key.
         return None if value in ("", None) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _sendable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # A key no client can send (a newline from a file, a space) would refuse every request.
+        if key is not None:
+            checked_api_key(key.get_secret_value())
+        return key
+
+    @field_validator("host")
+    @classmethod
+    def _some_host(cls, host: str) -> str:
+        if not host.strip():
+            raise ValueError(EMPTY_HOST)
+        return host
 
     @field_validator("served_model_name", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from shared.flags import (
     cannot_listen,
     field_errors,
     given,
+    listen_host,
     port_number,
     positive_int,
 )
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(run, RunConfig)
     serve = sub.add_parser("serve", help="serve the HTTP control API (POST /runs ...)")
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on [default %(default)s]"
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on [default %(default)s]",
     )
     serve.add_argument(
         "--port", type=port_number, default=8100, help="port to listen on [default %(default)s]"
@@ -85,8 +89,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     from_file = load_config_file(args.config) if args.config else {}
     flags = given(args, RunConfig)
     chosen = {**from_file, **flags}
-    if "api_key" not in chosen and (key := api_key_from_env()):
-        chosen["api_key"] = key
+    if "api_key" not in chosen:
+        try:
+            if key := api_key_from_env():
+                chosen["api_key"] = key
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
     saved, saved_file = {}, Path(str(out)) / "config.json"
     if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value

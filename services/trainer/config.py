@@ -23,7 +23,7 @@ from pydantic import (
 from opd.bundled import STUDENT_PATH, DeviceName
 from services.trainer.schedules import ScheduleError, parse_schedule, refuse_ambiguous
 from shared.client import checked_api_key, checked_url
-from shared.flags import MAX_SEED, field_words
+from shared.flags import MAX_PROBLEMS, MAX_SAMPLES, MAX_SEED, MAX_THREADS, field_words
 from shared.task import MAX_NEW_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -39,7 +39,15 @@ API_KEY_ENV = "OPD_TEACHER_API_KEY"
 
 
 def api_key_from_env() -> str | None:
-    return os.environ.get(API_KEY_ENV) or None  # empty, as compose passes an unset variable: none
+    """The key in API_KEY_ENV (empty, as compose passes an unset variable: none); ValueError
+    naming the variable for a key no header can carry."""
+    key = os.environ.get(API_KEY_ENV) or None
+    if key is not None:
+        try:
+            checked_api_key(key)
+        except ValueError as exc:
+            raise ValueError(f"env {API_KEY_ENV}: {exc}") from None
+    return key
 
 
 # A step's rollouts decode as one batch: 65,536 is 16 times the largest measured (1,024 x 4 on an H200).
@@ -147,9 +155,15 @@ class RunConfig(BaseModel):
     eval_every: int = Field(
         20, ge=0, description="Evaluate every N steps (0: only at step 0 and the end).", strict=True
     )
-    eval_n: int = Field(200, ge=1, description="Held-out problems per evaluation.", strict=True)
+    eval_n: int = Field(
+        200, ge=1, le=MAX_PROBLEMS, description="Held-out problems per evaluation.", strict=True
+    )
     eval_samples: int = Field(
-        0, ge=0, description="k of avg@k at the final evaluation (0: off).", strict=True
+        0,
+        ge=0,
+        le=MAX_SAMPLES,
+        description="k of avg@k at the final evaluation (0: off).",
+        strict=True,
     )
     checkpoint_every: int = Field(
         0,
@@ -171,7 +185,9 @@ class RunConfig(BaseModel):
     device: DeviceName = Field(
         "cpu", description="Where the student trains and samples: cpu, cuda or cuda:N."
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads.", strict=True)
+    threads: int | None = Field(
+        None, ge=1, le=MAX_THREADS, description="torch CPU threads.", strict=True
+    )
     teacher_load_wait_s: Real = Field(
         600.0,
         ge=0,

@@ -25,7 +25,7 @@ from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from opd.models import ModelLoadError, check_loadable
 from services.teacher.process import free_port, start_teacher, stop
 from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
-from services.trainer.loop import reset_peak_rss, run
+from services.trainer.loop import holds_a_run, reset_peak_rss, run
 from services.trainer.report import (
     first_reaching,
     hidden_fraction,
@@ -97,8 +97,9 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     out = Path(cfg.out)
     # Bad settings (a URL that is none, say) are refused before a teacher starts; a teacher of our
     # own gets its port now, so its URL is checked like any other.
-    port = None if cfg.teacher_url else free_port()
-    configs = run_configs(cfg, cfg.teacher_url or f"http://127.0.0.1:{port}")
+    port = None if cfg.teacher_url is not None else free_port()
+    url = cfg.teacher_url if port is None else f"http://127.0.0.1:{port}"
+    configs = run_configs(cfg, url)
     first = next(iter(configs.values()))  # the runs differ only in schedule and folder
     try:  # what stops the runs, said before a teacher starts
         check_loadable(first.student, first.device)
@@ -106,14 +107,35 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         raise ModelLoadError(f"--device {exc}" if exc.setting == "device" else str(exc)) from None
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
+    check_runs_are_the_demos(out, configs)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    mark = out / DEMO_MARK
+    mark.write_text(json.dumps({"schedules": list(configs), "steps": cfg.steps, "seed": cfg.seed}))
     try:
         return _run_all(cfg, configs, first, out, port)
     except BaseException:
-        if created and not any(out.iterdir()):  # a demo that did nothing leaves nothing
+        if created and list(out.iterdir()) == [mark]:  # a demo that did nothing leaves nothing
+            mark.unlink()
             out.rmdir()
         raise
+
+
+# Written first in the demo's --out: the runs in a folder with it are the demo's own to redo.
+DEMO_MARK = "demo.json"
+
+
+def check_runs_are_the_demos(out: Path, configs: dict[str, RunConfig]) -> None:
+    """Refuses to redo a run folder the demo did not make (`opd demo --out runs` would replace a
+    user's runs/full): FileExistsError naming it. results.json marks a folder of older demos."""
+    if (out / DEMO_MARK).is_file() or (out / "results.json").is_file():
+        return
+    theirs = [str(out / name) for name in configs if holds_a_run(out / name)]
+    if theirs:
+        raise FileExistsError(
+            f"--out {out}: {', '.join(theirs)} holds a run the demo did not make, which it would "
+            "replace: give another --out"
+        )
 
 
 def _run_all(

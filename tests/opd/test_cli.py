@@ -89,6 +89,24 @@ def test_counts_below_one_are_usage_errors(argv, capsys):
     assert exit_info.value.code == 2 and "is not a positive integer" in err
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["task", "--n", "99999999999999999999"], "--n: 99999999999999999999 is more than 100000"),
+        (["eval", "--model", "m", "--threads", "99999999999999999999"], "is more than 1024"),
+        (["eval", "--model", "m", "--n", "100001"], "100001 is more than 100000"),
+        (["eval", "--model", "m", "--samples", "1025"], "1025 is more than 1024"),
+        (["eval", "--model", "m", "--batch-size", "2147483648"], "is more than 2147483647"),
+        (["demo", "--eval-n", "99999999999999999999"], "--eval-n"),
+    ],
+)
+def test_counts_above_their_caps_are_usage_errors_not_tracebacks_or_hours(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err
+
+
 def test_make_models_refuses_an_out_dir_it_cannot_write_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     argv = ["make-models", "--out-dir", str(tmp_path / "file"), "--only", "student"]

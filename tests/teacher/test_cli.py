@@ -34,6 +34,10 @@ def test_a_bad_device_is_refused_before_serving(capsys):
         ("--max-body-mb", "nan"),
         ("--max-batch-tokens", "1"),  # no sequence (a prompt token and one to score) fits
         ("--max-seq-len", "1"),
+        ("--threads", "99999999999999999999"),  # torch.set_num_threads overflowed
+        ("--host", ""),  # every address, as 0.0.0.0, for an unset `--host "$HOST"`
+        ("--api-key", "s3cret\n"),  # no client can send it: every request a 401
+        ("--api-key", "two words"),
     ],
 )
 def test_limits_that_could_serve_no_request_are_refused_before_serving(capsys, flag, value):

@@ -137,6 +137,9 @@ def test_help_is_quick_because_it_does_not_import_torch(argv):
         (["--student", "~nosuchuser/model"], "--student: cannot expand ~"),
         (["--out", "o" * 5000], "--out: not a usable path (File name too long)"),
         (["--api-key", "key\n"], "--api-key: an API key may hold only visible ASCII"),
+        (["--eval-n", "99999999999999999999"], "--eval-n: Input should be less than or equal"),
+        (["--threads", "99999999999999999999"], "--threads: Input should be less than or equal"),
+        (["--eval-samples", "1025"], "--eval-samples: Input should be less than or equal"),
     ],
 )
 def test_settings_that_could_only_fail_later_or_be_changed_silently_are_refused(
@@ -161,6 +164,20 @@ def test_the_teachers_key_comes_from_its_variable_unless_given(monkeypatch):
     assert RunConfig().api_key is None
     monkeypatch.setenv("OPD_TEACHER_API_KEY", "")  # as compose passes an unset variable
     assert config_from_args(parse(["run"])).api_key is None
+
+
+def test_a_key_from_the_variable_that_no_header_can_carry_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("OPD_TEACHER_API_KEY", "a b")
+    err = errors_of(capsys, "run")
+    assert "env OPD_TEACHER_API_KEY: an API key may hold only visible ASCII" in err
+    assert "--api-key" not in err
+
+
+def test_serve_refuses_an_empty_host_which_would_listen_everywhere(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--host", ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--host: " in err and "every address" in err
 
 
 def test_max_new_tokens_stops_where_evaluation_does(capsys):

@@ -17,6 +17,7 @@ from opd.bundled import TEACHER_PATH
 from opd.models import ModelLoadError
 from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
+from services.trainer.config import RunConfig
 from services.trainer.demo import (
     SCHEDULES,
     DemoConfig,
@@ -26,8 +27,10 @@ from services.trainer.demo import (
     run_configs,
     run_demo,
 )
+from services.trainer.loop import run
 from services.trainer.report import JsonlLog
 from tests.conftest import serve
+from tests.trainer.test_loop import SMALL
 
 
 def test_demo_uses_the_given_teacher_and_reports_each_schedule(tmp_path, teacher_url, capsys):
@@ -192,12 +195,28 @@ def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
         (["--out", str(tmp_path / "file")], 1, "is a file"),
         (["--lr", "-1"], 2, "--lr: Input should be greater than 0"),
         (["--device", "gpu"], 2, "--device"),
+        (["--teacher-url", ""], 2, "--teacher-url"),  # not "start a teacher of your own"
     ]:
         out = ["--out", str(tmp_path / "run")] if "--out" not in args else []
         demo = opd("demo", "--steps", "1", "--schedules", "topd-10", *out, *args)
         _, err = demo.communicate(timeout=120)
         assert demo.returncode == code and says in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_the_demo_refuses_to_replace_a_run_it_did_not_make(tmp_path, teacher_url):
+    """`opd demo --out runs` beside a user's runs/full: its folder would be the demo's full run."""
+    mine = tmp_path / "full"
+    run(RunConfig(**SMALL, steps=1, teacher_url=[teacher_url], out=str(mine)))
+    before = sorted(p.name for p in mine.iterdir())
+    cfg = DemoConfig(
+        out=str(tmp_path), steps=1, eval_n=2, schedules=("full",), teacher_url=teacher_url
+    )
+    with pytest.raises(FileExistsError, match="full holds a run the demo did not make"):
+        run_demo(cfg)
+    assert (
+        sorted(p.name for p in mine.iterdir()) == before and not (tmp_path / "demo.json").exists()
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU it asks for")
