@@ -9,7 +9,9 @@ Every flag is also an environment variable (OPD_TEACHER_<FLAG>); flags win.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
@@ -29,8 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve POST /score over HTTP",
         description="Serve teacher log-probs over HTTP.",
     )
-    add_flags(serve, TeacherSettings, env_prefix="OPD_TEACHER_")
+    add_flags(serve, TeacherSettings, env_prefix=ENV_PREFIX)
     return parser
+
+
+ENV_PREFIX = "OPD_TEACHER_"
+# Variables docker compose reads for itself (replicas' streams, health check, GPU), not settings.
+COMPOSE_VARIABLES = {"OPD_TEACHER_STREAMS", "OPD_TEACHER_START_PERIOD", "OPD_TEACHER_GPU"}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """OPD_TEACHER_* variables that are no setting (OPD_TEACHER_MAX_TOPK): pydantic-settings
+    ignores them, so a misspelt one would leave its setting at the default without a word."""
+    known = {ENV_PREFIX + name.upper() for name in TeacherSettings.model_fields}
+    known |= COMPOSE_VARIABLES
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
 def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
@@ -39,10 +54,15 @@ def settings_from_args(args: argparse.Namespace) -> TeacherSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in unknown_variables(os.environ):
+        print(
+            f"opd-teacher: warning: {name} is no setting, so it is ignored (--help lists them)",
+            file=sys.stderr,
+        )
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        for line in field_errors(exc, env_prefix="OPD_TEACHER_"):
+        for line in field_errors(exc, env_prefix=ENV_PREFIX):
             print(f"opd-teacher: error: {line}", file=sys.stderr)
         return 2
     return serve(settings)

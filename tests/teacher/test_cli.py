@@ -52,6 +52,14 @@ def test_a_bad_environment_value_names_its_variable(capsys, monkeypatch):
     assert "OPD_TEACHER_MAX_TOP_K" in capsys.readouterr().err
 
 
+def test_a_misspelt_variable_is_named_in_a_warning_not_ignored_without_a_word(capsys, monkeypatch):
+    monkeypatch.setenv("OPD_TEACHER_MAX_TOPK", "50")  # MAX_TOP_K
+    monkeypatch.setenv("OPD_TEACHER_STREAMS", "3")  # compose's, for the trainer
+    assert main(["serve", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: OPD_TEACHER_MAX_TOPK is no setting" in err and "STREAMS" not in err
+
+
 def test_served_model_names_are_given_as_vllms_are():
     names = ["gpt-4-0613", " gpt-4 ", "gpt-4"]  # padded and repeated, as a script might
     args = build_parser().parse_args(["serve", "--served-model-name", *names])
