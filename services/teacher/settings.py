@@ -51,7 +51,7 @@ class TeacherSettings(BaseSettings):
     )
     max_body_mb: float = Field(
         64.0,
-        gt=0,
+        ge=1 / 1024,  # a KiB: 1e-9 MiB would be a limit of 0 bytes, every request a 413
         le=1 << 20,  # a TiB: whatever a byte count may hold, and more than any body will be
         allow_inf_nan=False,
         description="Largest request body, in MiB (else 413).",

@@ -32,6 +32,7 @@ def test_a_bad_device_is_refused_before_serving(capsys):
     [
         ("--max-body-mb", "inf"),  # every request's limit would be int(inf): a 500 each
         ("--max-body-mb", "nan"),
+        ("--max-body-mb", "1e-9"),  # a limit of 0 bytes
         ("--max-batch-tokens", "1"),  # no sequence (a prompt token and one to score) fits
         ("--max-seq-len", "1"),
         ("--threads", "99999999999999999999"),  # torch.set_num_threads overflowed
