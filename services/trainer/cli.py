@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(plot_runs([Path(r) for r in args.runs], args.out))
         except OSError as exc:
-            print(f"opd-trainer: error: --out {args.out}: {exc.strerror}", file=sys.stderr)
+            why = exc.strerror
+            if isinstance(exc, (FileExistsError, NotADirectoryError)):  # a folder on the way
+                why = f"a file is in the way of the folder {exc.filename}"
+            print(f"opd-trainer: error: --out {args.out}: {why}", file=sys.stderr)
             return 2
         return 0
     if args.command == "serve":

@@ -52,7 +52,10 @@ def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
     `torn_tail_ok` drops a bad last line, as a run killed in the middle of writing it leaves."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -95,9 +95,21 @@ def test_plot_refuses_folders_without_evaluations_and_non_png_output(tmp_path, c
     (tmp_path / "eval.jsonl").write_text(typed)  # every field there, none a number
     err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
     assert f"{tmp_path / 'eval.jsonl'}: record 1 is not an evaluation" in err
+    (tmp_path / "eval.jsonl").write_bytes(b"\xff\n")
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "p.png"))
+    assert f"{tmp_path / 'eval.jsonl'}: not UTF-8 text" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path), "--out", str(tmp_path / "p.txt")])
     assert exit_info.value.code == 2 and ".png" in capsys.readouterr().err
+
+
+def test_plot_names_a_file_where_its_out_needs_a_folder(tmp_path, capsys):
+    (tmp_path / "eval.jsonl").write_text(
+        '{"step": 0, "accuracy": 0.5, "train_s": 0, "teacher_tokens": 0}\n'
+    )
+    (tmp_path / "afile").write_text("")
+    err = errors_of(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "afile" / "p.png"))
+    assert f"a file is in the way of the folder {tmp_path / 'afile'}" in err
 
 
 def test_serve_refuses_a_port_in_use_in_one_line_naming_the_flag(capsys):
