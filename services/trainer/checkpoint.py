@@ -170,9 +170,21 @@ def check_readable(path: Path) -> None:
                 weights.keys()
         except Exception as exc:
             raise UnreadableCheckpoint(f"{shard} cannot be read ({_why(exc)})") from None
-    for name in ("optimizer.pt", "rng.pt"):
+    for name in (*_indexed_shards(path), "optimizer.pt", "rng.pt"):
         if not (path / name).is_file():
             raise UnreadableCheckpoint(f"{path / name} is missing")
+
+
+def _indexed_shards(path: Path) -> list[str]:
+    """The weight files a sharded checkpoint's index names (none for one file): a shard lost to a
+    pruned copy is then named as missing, not found later as weights that do not fit."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnreadableCheckpoint(f"{index} cannot be read ({_why(exc)})") from None
 
 
 def load_weights(path: Path, model) -> None:

@@ -102,6 +102,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
         checkpoint.load(path, model, optimizer)
 
 
+def test_a_sharded_checkpoint_missing_a_shard_is_refused_naming_it(tmp_path):
+    model, tokenizer, _ = trained_student()
+    model.save_pretrained(tmp_path, max_shard_size="500KB")  # a large student's layout
+    for name in ("optimizer.pt", "rng.pt"):
+        (tmp_path / name).write_bytes(b"")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    checkpoint.check_readable(tmp_path)  # whole, it passes
+    shards[-1].unlink()
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=f"{shards[-1].name} is missing"):
+        checkpoint.check_readable(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match="index.json cannot be read"):
+        checkpoint.check_readable(tmp_path)
+
+
 def test_damaged_weights_are_refused_naming_the_file(tmp_path):
     model, tokenizer, optimizer = trained_student()
     path = checkpoint.save(tmp_path, model, tokenizer, optimizer, state_at(1))
