@@ -102,6 +102,10 @@ def positive_int(text: str, most: int = MAX_COUNT) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return _at_most(value, most)
+
+
+def _at_most(value: int, most: int) -> int:
     if value > most:
         raise argparse.ArgumentTypeError(f"{value} is more than {most}")
     return value
@@ -127,9 +131,7 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
-    if value > MAX_COUNT:
-        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_COUNT}")
-    return value
+    return _at_most(value, MAX_COUNT)
 
 
 # numpy's generators take no larger seed; the trainer's configs hold seeds to the same range.

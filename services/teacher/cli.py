@@ -18,6 +18,10 @@ from pydantic import ValidationError
 from services.teacher.settings import TeacherSettings
 from shared.flags import Parser, add_flags, cannot_listen, field_errors, given
 
+ENV_PREFIX = TeacherSettings.model_config["env_prefix"]
+# Variables docker compose reads for itself (replicas' streams, health check, GPU), not settings.
+COMPOSE_VARIABLES = {"OPD_TEACHER_STREAMS", "OPD_TEACHER_START_PERIOD", "OPD_TEACHER_GPU"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
@@ -33,11 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(serve, TeacherSettings, env_prefix=ENV_PREFIX)
     return parser
-
-
-ENV_PREFIX = "OPD_TEACHER_"
-# Variables docker compose reads for itself (replicas' streams, health check, GPU), not settings.
-COMPOSE_VARIABLES = {"OPD_TEACHER_STREAMS", "OPD_TEACHER_START_PERIOD", "OPD_TEACHER_GPU"}
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
