@@ -87,16 +87,7 @@ def save(out, model, tokenizer, optimizer, state: TrainState, keep: int = 2) -> 
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(
-        {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            # Dropout on a GPU draws from CUDA's generators (the rollouts have their own).
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        },
-        tmp / "rng.pt",
-    )
+    torch.save(rng_states(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -126,12 +117,27 @@ def load(path: Path, model, optimizer) -> TrainState:
     """Restore weights, optimizer and RNG states from `path` into the given objects."""
     load_weights(path, model)
     optimizer.load_state_dict(_torch_file(path / "optimizer.pt"))
-    rng = _torch_file(path / "rng.pt")
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    _set_cuda_rng(rng.get("cuda", []))
+    set_rng_states(_torch_file(path / "rng.pt"))
     return read_state(path)
+
+
+def rng_states() -> dict:
+    """The process's random generators, as rng.pt keeps them."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        # Dropout on a GPU draws from CUDA's generators (the rollouts have their own).
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Put the generators back as `rng_states` (or an older rng.pt, without CUDA's) found them."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    _set_cuda_rng(states.get("cuda", []))
 
 
 def _set_cuda_rng(states: list[torch.Tensor]) -> None:

@@ -260,6 +260,7 @@ class Run:
         self.out = Path(cfg.out)
         self.feed: TeacherFeed | None = None  # opened in setup, closed when the run ends
         self.lock: TextIO | None = None  # on out, taken in setup, let go when the run ends
+        self.rng_before_failed_step: dict | None = None  # while a step is under way
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -440,11 +441,14 @@ class Run:
         batch = list(itertools.islice(self.data, cfg.prompts_per_step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(state.step, cfg.lr, cfg.warmup_steps)
+        # Put back should the step fail: its training passes draw from them (dropout).
+        self.rng_before_failed_step = checkpoint.rng_states()
         started = time.perf_counter()
         rollouts, feed = self._sample(batch, horizon)
         generated = time.perf_counter()
         result, scores, fstats, grad_norm = self._update(feed)
         done = time.perf_counter()
+        self.rng_before_failed_step = None
 
         state.step += 1
         state.data_position += len(batch)
@@ -586,7 +590,10 @@ class Run:
     def _keep_steps_done(self) -> None:
         """A run failing mid-way (its teachers gone, say) keeps the steps it finished: a failed step
         changes no weight before its optimizer step, so the weights in memory are the last whole
-        step's, and a checkpoint of them lets --resume go on from there, not from step 0."""
+        step's, and a checkpoint of them (with the random generators as that step left them) lets
+        --resume go on from there, not from step 0."""
+        if self.rng_before_failed_step is not None:
+            checkpoint.set_rng_states(self.rng_before_failed_step)
         try:
             self._checkpoint()
         except Exception as exc:  # the failure itself matters more; say this and let it through

@@ -719,6 +719,40 @@ def test_a_run_whose_teacher_dies_keeps_its_steps_and_resumes_to_the_same_weight
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
 
 
+def test_a_step_failing_mid_update_saves_the_random_state_the_last_whole_step_left(
+    tmp_path, teacher_process, monkeypatch
+):
+    """A student with dropout draws from torch's generator in every training pass: the failed
+    step's passes must not leak into the checkpoint, or the resumed run drops other units."""
+    student = tmp_path / "student-with-dropout"
+    shutil.copytree(STUDENT_PATH, student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    small = {**SMALL, "micro_batch": 4}  # two passes a step: the failure comes after the first
+    cfg = RunConfig(**small, student=str(student), teacher_url=[teacher_process], steps=4)
+    run(cfg.model_copy(update={"out": str(tmp_path / "straight")}))
+
+    accumulate = loop.accumulate_gradients
+
+    def fails_in_step_3(model, frames, cfg):
+        if len(read_jsonl(out / "metrics.jsonl")) < 2:
+            return accumulate(model, frames, cfg)
+        first = next(iter(frames))
+        accumulate(model, [first], cfg)  # one pass, dropout and all, then the failure
+        raise MemoryError("as a long rollout's backward may")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "accumulate_gradients", fails_in_step_3)
+    with pytest.raises(MemoryError):
+        run(cfg.model_copy(update={"out": str(out)}))
+    assert checkpoint.latest(out).name == checkpoint.step_name(2)
+    monkeypatch.setattr(loop, "accumulate_gradients", accumulate)
+    assert run(cfg.model_copy(update={"out": str(out), "resume": True}))["completed"]
+    want, got = final_weights(tmp_path / "straight"), final_weights(out)
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
+
+
 def test_a_listener_that_fails_costs_no_step_its_record_or_checkpoint(tmp_path, teacher_process):
     # As the control API's listener does when its event loop is gone: the step it was told of is
     # recorded and saved, so --resume goes on after it with no gap in metrics.jsonl.
