@@ -476,11 +476,18 @@ class FrameReader:
         return frames
 
     def finish(self) -> None:
-        """The stream has ended: MalformedBody if it ended inside a frame (except one being read
-        past, which has had its answer)."""
+        """The stream has ended: MalformedBody if it ended inside a frame. One being read past has
+        had its answer, but a stream that ends before the length it declared is more likely
+        broken framing (a length prefix that is no length reads as an oversize frame) than a
+        frame that was too large, so that is said too."""
         if self._broken is not None:
             raise self._broken
-        if self._buffer and not self._skip:
+        if self._skip:
+            raise MalformedBody(
+                f"stream ended {self._skip} bytes before the end of the oversize frame it began: "
+                "a cut-off frame, or a length prefix that is not a frame's length (broken framing)"
+            )
+        if self._buffer:
             raise MalformedBody(f"stream ended inside a frame ({len(self._buffer)} bytes left)")
 
 

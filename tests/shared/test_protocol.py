@@ -206,9 +206,16 @@ def test_frame_reader_can_read_past_an_oversize_frame_and_go_on():
     assert frames[0] == b"a" and frames[2] == b"b" and len(frames) == 3
     assert isinstance(frames[1], PayloadTooLarge) and "150 bytes exceeds 100" in str(frames[1])
     reader.finish()
+
+
+def test_a_stream_ending_inside_an_oversize_frame_says_its_framing_may_be_broken():
+    """Refused at its header as too large; that the stream then ends short of the length it
+    declared says more: four bytes of garbage read as a length look like a huge frame."""
     cut = FrameReader(100, skip_oversize=True)
-    assert len(cut.feed(big[:60])) == 1  # refused at its header; a body that ends inside it
-    cut.finish()  # is not a second error
+    [refused] = cut.feed(frame_bytes(b"x" * 150)[:60])
+    assert isinstance(refused, PayloadTooLarge)
+    with pytest.raises(MalformedBody, match="ended 94 bytes before .*broken framing"):
+        cut.finish()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import http.server
+import json
 import socket
 import subprocess
 import sys
@@ -261,6 +262,22 @@ def test_an_oversize_frame_is_413_and_the_frames_around_it_are_scored():
         and "exceeds 10485 bytes" in error.error["message"]
     )
     assert items[-1].done and items[-1].frames == 4
+
+
+def test_garbage_after_a_frame_is_said_to_be_broken_framing_not_only_an_oversize_frame(
+    teacher_url,
+):
+    """JSON sent where frames belong: its first four bytes read as a length of about 2 GB."""
+    good = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6]}]}
+    frame = encode_request_frame(ScoreRequest.model_validate(good))
+    body = frame + json.dumps(good).encode()
+    r = httpx.post(teacher_url + "/score/stream", content=body, headers={"Content-Type": FRAMES})
+    items = [decode_stream_item(p) for p in FrameReader(2**20).feed(r.content)]
+    assert [i.frame for i in items if i.score is not None] == [0]
+    too_large, broken = sorted((i for i in items if i.error), key=lambda i: i.frame)
+    assert too_large.frame == 1 and too_large.error["code"] == 413
+    assert broken.frame == 2 and broken.error["code"] == 400
+    assert "broken framing" in broken.error["message"] and items[-1].done
 
 
 def test_a_full_queue_holds_a_stream_back_instead_of_refusing_its_frames():
