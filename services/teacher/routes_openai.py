@@ -10,12 +10,13 @@ log-probs ignore `temperature`, and `max_tokens` 1 samples one token at it (gree
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, field_validator
 
 from services.teacher.deps import (
@@ -23,10 +24,16 @@ from services.teacher.deps import (
     Loaded,
     Ready,
     in_dialect,
+    json_built_off_the_loop,
     read_model,
     while_connected,
 )
-from services.teacher.scoring import check_tokens, score_request
+from services.teacher.scoring import (
+    check_response_entries,
+    check_tokens,
+    check_top_k,
+    score_request,
+)
 from shared.errors import BadRequest, InvalidRequest, NotFound
 from shared.protocol import (
     MAX_TEMPERATURE,
@@ -174,7 +181,7 @@ def check_supported(body: CompletionRequest, names: tuple[str, ...]) -> list[lis
 
 
 @router.post("/completions", summary="OpenAI-style completions, for scoring token-id prompts")
-async def completions(request: Request, _: Authorized, state: Ready) -> dict:
+async def completions(request: Request, _: Authorized, state: Ready) -> Response:
     body = await read_model(request, CompletionRequest, state.settings.max_body_bytes)
     prompts = check_supported(body, state.settings.served_names)
     prompt_k = (
@@ -192,13 +199,16 @@ async def completions(request: Request, _: Authorized, state: Ready) -> dict:
             "the prompt only)",
             param="max_tokens",
         )
+    k = max(prompt_k or 0, body.logprobs or 0, 1 if generate else 0)
+    k_name = "prompt_logprobs" if body.prompt_logprobs == k else "logprobs"
     try:  # every prompt, whether or not log-probs are asked for, as vLLM checks them
+        check_top_k(k, state.limits)
         for i, prompt in enumerate(prompts):
             where = f"prompt.{i}" if isinstance(body.prompt[0], list) else "prompt"  # as sent
             check_tokens(prompt, state.limits, where, extra=1 if generate else 0)
+        check_response_entries(_entries(prompts, body, prompt_k, generate), "prompt")
     except InvalidRequest as exc:
-        raise in_dialect(exc, "logprobs") from None
-    k = max(prompt_k or 0, body.logprobs or 0, 1 if generate else 0)
+        raise in_dialect(exc, k_name) from None
     # Position i of the scored sequence predicts prompt token i+1; a placeholder token after the
     # prompt makes the last position predict the next token, for greedy generation.
     seqs = [
@@ -221,32 +231,45 @@ async def completions(request: Request, _: Authorized, state: Ready) -> dict:
             )
             result = await while_connected(request, scoring)
         except InvalidRequest as exc:
-            raise in_dialect(
-                exc, "prompt_logprobs" if body.prompt_logprobs == k else "logprobs"
-            ) from None
+            raise in_dialect(exc, k_name) from None
         scores = dict(zip(need_scores, result.results))
     tokenizer = state.backend.tokenizer
-    choices = [
-        _choice(i, p, scores.get(i), body, prompt_k, generate, tokenizer)
-        for i, p in enumerate(prompts)
-    ]
-    n_prompt = sum(len(p) for p in prompts)
-    n_generated = len(prompts) if generate else 0
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.settings.served_names[0],
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": n_generated,
-            "total_tokens": n_prompt + n_generated,
-        },
-    }
+    decode_one = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
+
+    def response() -> dict:
+        choices = [
+            _choice(i, p, scores.get(i), body, prompt_k, generate, tokenizer, decode_one)
+            for i, p in enumerate(prompts)
+        ]
+        n_prompt = sum(len(p) for p in prompts)
+        n_generated = len(prompts) if generate else 0
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": state.settings.served_names[0],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": n_generated,
+                "total_tokens": n_prompt + n_generated,
+            },
+        }
+
+    return await json_built_off_the_loop(response)
 
 
-def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
+def _entries(prompts: list[list[int]], body: CompletionRequest, prompt_k, generate) -> int:
+    """The log-prob entries the response will hold: each scored prompt position's in
+    prompt_logprobs and in echo's logprobs, and the generated token's."""
+    per_position = (0 if prompt_k is None else prompt_k + 1) + (
+        body.logprobs + 1 if body.echo and body.logprobs is not None else 0
+    )
+    per_generated = body.logprobs + 1 if generate and body.logprobs is not None else 0
+    return sum((len(p) - 1) * per_position + per_generated for p in prompts)
+
+
+def _choice(index, prompt, score, body, prompt_k, generate, tokenizer, decode_one) -> dict:
     n = len(prompt) - 1  # scored prompt positions
     lists = _JsonScore.of(score) if score is not None else None
     new_ids = [lists.next_token()[0]] if generate else []
@@ -263,10 +286,10 @@ def _choice(index, prompt, score, body, prompt_k, generate, tokenizer) -> dict:
     }
     if prompt_k is not None:
         choice["prompt_logprobs"] = [None] + [
-            _prompt_entry(lists, t, prompt[t + 1], prompt_k, tokenizer) for t in range(n)
+            _prompt_entry(lists, t, prompt[t + 1], prompt_k, decode_one) for t in range(n)
         ]
     if body.logprobs is not None:
-        choice["logprobs"] = _openai_logprobs(prompt, lists, body, generate, tokenizer)
+        choice["logprobs"] = _openai_logprobs(prompt, lists, body, generate, decode_one)
     if body.return_token_ids:
         choice["prompt_token_ids"] = list(prompt)
         choice["token_ids"] = new_ids
@@ -304,14 +327,14 @@ class _JsonScore:
         return self.topk_ids[-1][0], self.topk_logprobs[-1][0]
 
 
-def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, tokenizer) -> dict:
+def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, decode_one) -> dict:
     """vLLM's shape and order: {token_id: {logprob, rank, decoded_token}}, the actual token first,
     then the top-k by rank (one that is the actual token keeps the first place)."""
     entry = {
         str(actual): {
             "logprob": score.logprobs[t],
             "rank": score.ranks[t],
-            "decoded_token": tokenizer.decode([actual]),
+            "decoded_token": decode_one(actual),
         }
     }
     for r in range(k):
@@ -319,12 +342,12 @@ def _prompt_entry(score: _JsonScore, t: int, actual: int, k: int, tokenizer) -> 
         entry[str(token)] = {
             "logprob": score.topk_logprobs[t][r],
             "rank": r + 1,
-            "decoded_token": tokenizer.decode([token]),
+            "decoded_token": decode_one(token),
         }
     return entry
 
 
-def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> dict:
+def _openai_logprobs(prompt, score: _JsonScore, body, generate, decode_one) -> dict:
     """OpenAI's legacy shape over the echoed prompt (first token: null) and any generated token."""
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
     k = body.logprobs
@@ -332,7 +355,7 @@ def _openai_logprobs(prompt, score: _JsonScore, body, generate, tokenizer) -> di
     def name(token_id: int) -> str:
         if body.return_tokens_as_token_ids:
             return f"token_id:{token_id}"
-        return tokenizer.decode([token_id])
+        return decode_one(token_id)
 
     def add(token_id: int, logprob: float | None, row: int | None) -> None:
         nonlocal offset

@@ -18,11 +18,23 @@ import base64
 from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.teacher.deps import Authorized, Ready, in_dialect, read_model, while_connected
-from services.teacher.scoring import check_tokens, score_request
+from services.teacher.deps import (
+    Authorized,
+    Ready,
+    in_dialect,
+    json_built_off_the_loop,
+    read_model,
+    while_connected,
+)
+from services.teacher.scoring import (
+    check_response_entries,
+    check_tokens,
+    check_top_k,
+    score_request,
+)
 from shared.errors import BadRequest, InvalidRequest
 from shared.protocol import (
     ScoreRequest,
@@ -48,7 +60,7 @@ class SequenceLogprobsRequest(BaseModel):
 
 @router.post("/get_sequence_logprobs/", summary="TRL: teacher log-probs of completion tokens")
 @router.post("/get_sequence_logprobs", include_in_schema=False)
-async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -> dict:
+async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -> Response:
     body = await read_model(request, SequenceLogprobsRequest, state.settings.max_body_bytes)
     if len(body.prompt_lengths) != len(body.sequences):
         raise BadRequest(
@@ -62,9 +74,12 @@ async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -
                 f"{len(seq)} (a first token with no context has no log-prob here)",
                 param=f"prompt_lengths.{i}",
             )
+    completions = [seq[n:] for seq, n in zip(body.sequences, body.prompt_lengths)]
     try:  # every sequence, scored or not, as vLLM checks every prompt
+        check_top_k(body.top_logprobs, state.limits)
         for i, seq in enumerate(body.sequences):
             check_tokens(seq, state.limits, f"sequences.{i}")
+        check_response_entries(_entries(completions, body), "sequences")
     except InvalidRequest as exc:
         raise in_dialect(exc, "top_logprobs") from None
     scored = [
@@ -93,10 +108,20 @@ async def get_sequence_logprobs(request: Request, _: Authorized, state: Ready) -
         except InvalidRequest as exc:
             raise in_dialect(exc, "top_logprobs") from None
         scores = dict(zip(scored, result.results))
-    completions = [seq[n:] for seq, n in zip(body.sequences, body.prompt_lengths)]
     if body.response_format == "binary":
-        return binary_response(scores, completions, body.top_logprobs)
-    return json_response(scores, completions)
+        return await json_built_off_the_loop(
+            lambda: binary_response(scores, completions, body.top_logprobs)
+        )
+    return await json_built_off_the_loop(lambda: json_response(scores, completions))
+
+
+def _entries(completions: list[list[int]], body: SequenceLogprobsRequest) -> int:
+    """The log-probs the response will hold: the top ones and the actual token's, a position; the
+    binary form pads every sequence to the longest."""
+    lengths = [len(c) for c in completions]
+    if body.response_format == "binary":
+        return len(lengths) * max(lengths) * (body.top_logprobs + 1)
+    return sum(lengths) * (body.top_logprobs + 1)
 
 
 def json_response(scores: dict[int, SequenceScore], completions: list[list[int]]) -> dict:

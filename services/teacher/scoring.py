@@ -38,11 +38,7 @@ def jobs_from_request(
     want_ranks: bool = False,
     sample_temperature: float | None = None,
 ) -> list[ScoreJob]:
-    if request.top_k > limits.max_top_k:
-        raise InvalidRequest(
-            f"top_k {request.top_k} exceeds this server's max_top_k {limits.max_top_k}",
-            param="top_k",
-        )
+    check_top_k(request.top_k, limits)
     jobs = []
     for s, seq in enumerate(request.sequences):
         n_scored = request.scored_positions(s)
@@ -194,6 +190,33 @@ def failures_as_server_errors(what: str) -> Iterator[None]:
     except Exception as exc:
         log.exception("%s failed", what)
         raise ServerError(f"internal error ({type(exc).__name__})") from exc
+
+
+def check_top_k(top_k: int, limits: Limits) -> None:
+    """Called by the dialects before they know whether anything needs scoring: a request with no
+    position to score must not get past the limit and size its response by it."""
+    if top_k > limits.max_top_k:
+        raise InvalidRequest(
+            f"top_k {top_k} exceeds this server's max_top_k {limits.max_top_k}", param="top_k"
+        )
+
+
+# Log-prob entries (a token's log-prob, with its id, rank or text) one dialect response may hold.
+# The dialects build their JSON as Python objects, up to about 280 bytes an entry with OpenAI's
+# dicts (measured), so a 64 MiB body of short prompts asking for 20 each would need some 180 GB
+# unchecked; at this limit a response takes at most about 2.3 GB while it is built. Far above
+# what one training batch asks for (64 sequences of 2,048 tokens at 20 each: 2.8M).
+MAX_RESPONSE_ENTRIES = 2**23
+
+
+def check_response_entries(entries: int, where: str) -> None:
+    if entries > MAX_RESPONSE_ENTRIES:
+        raise InvalidRequest(
+            f"this request asks for {entries:,} log-probs; a response holds at most "
+            f"{MAX_RESPONSE_ENTRIES:,}: send fewer or shorter sequences a request, or ask for "
+            "fewer log-probs a position",
+            param=where,
+        )
 
 
 def check_tokens(ids: list[int], limits: Limits, where: str, extra: int = 0) -> None:

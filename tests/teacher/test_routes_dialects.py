@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
+from services.teacher import routes_openai, routes_trl
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
@@ -62,6 +64,98 @@ def test_trl_top_logprobs_over_the_limit_is_named_in_trl_words(teacher_url):
     assert_error(
         r, 400, param="top_logprobs", says="top_logprobs 25 exceeds this server's max_top_k"
     )
+
+
+@pytest.mark.parametrize("response_format", ["json", "binary"])
+def test_trl_top_logprobs_over_the_limit_is_refused_when_nothing_is_to_be_scored(
+    teacher_url, response_format
+):
+    """Prompts only: no forward, but the response would still be sized by top_logprobs (10**20
+    made numpy fail, a 500; 10**9 answered 200 with a [1, 0, 10**9] shape)."""
+    for top in (10**9, 10**20):
+        body = {"sequences": [[1, 2]], "prompt_lengths": [2], "top_logprobs": top}
+        r = post(teacher_url, TRL, {**body, "response_format": response_format})
+        assert_error(r, 400, param="top_logprobs", says="exceeds this server's max_top_k")
+
+
+def test_openai_logprobs_over_the_limit_is_refused_when_nothing_is_to_be_scored(teacher_url):
+    r = post(teacher_url, OPENAI, {**OPENAI_GOOD, "prompt": [1], "logprobs": 10**9})
+    assert_error(r, 400, param="logprobs", says="exceeds this server's max_top_k")
+
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        # 1,000 prompts of 420 tokens at 20 log-probs: 8.8M entries, in a 2 MB body
+        (OPENAI, {"prompt": [[1] * 420] * 1000, "max_tokens": 0, "prompt_logprobs": 20}, "prompt"),
+        (
+            OPENAI,  # echo's logprobs count as well as prompt_logprobs (4.4M each)
+            {
+                "prompt": [[1] * 420] * 500,
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 20,
+                "prompt_logprobs": 20,
+            },
+            "prompt",
+        ),
+        (
+            TRL,
+            {"sequences": [[1] * 420] * 1000, "prompt_lengths": [1] * 1000, "top_logprobs": 20},
+            "sequences",
+        ),
+        (  # 200 tokens to score in all, but the binary form pads 40,000 rows to the longest
+            TRL,
+            {
+                "sequences": [[1] * 420] + [[1, 2]] * 40_000,
+                "prompt_lengths": [1] * 40_001,
+                "top_logprobs": 20,
+                "response_format": "binary",
+            },
+            "sequences",
+        ),
+    ],
+)
+def test_a_response_too_large_to_build_is_refused_before_any_scoring(
+    teacher_url, route, body, param
+):
+    """A small body may ask for a response of many gigabytes: OpenAI's per-token dicts take some
+    230 bytes an entry while they are built, so an unchecked 64 MiB body would need 180 GB."""
+    r = post(teacher_url, route, body)
+    assert_error(r, 400, param=param, says="a response holds at most 8,388,608")
+
+
+@pytest.mark.parametrize(
+    "route, body, module, builder",
+    [
+        (OPENAI, {**OPENAI_GOOD, "prompt_logprobs": 2}, routes_openai, "_prompt_entry"),
+        (TRL, TRL_GOOD, routes_trl, "json_response"),
+        (TRL, {**TRL_GOOD, "response_format": "binary"}, routes_trl, "binary_response"),
+    ],
+    ids=["openai", "trl-json", "trl-binary"],
+)
+def test_a_response_being_built_holds_up_no_other_request(
+    teacher_url, monkeypatch, route, body, module, builder
+):
+    """A dialect's response is Python objects, seconds of work for a large batch: built on the
+    event loop, it held up every other request meanwhile (here: /health, till it timed out)."""
+    building, release = threading.Event(), threading.Event()
+    build = getattr(module, builder)
+
+    def slow(*args, **kwargs):
+        building.set()
+        release.wait(30)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(module, builder, slow)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, teacher_url, route, body)
+        assert building.wait(30)
+        try:
+            assert httpx.get(teacher_url + "/health", timeout=5).status_code == 200
+        finally:
+            release.set()
+        assert answer.result().status_code == 200
 
 
 @pytest.mark.parametrize(
