@@ -101,23 +101,10 @@ def load_model(
     """A causal LM and its tokenizer from a local folder, in eval mode; checks they fit together."""
     folder = check_loadable(path, device)
     tokenizer = load_tokenizer(folder, trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from exc
-    # A vocabulary larger than the embedding table would index out of range; a smaller one is the
-    # common padded-vocabulary case and is fine. Checked before any weights are read.
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ModelLoadError(
-            f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{vocab_size}; they do not belong together"
-        )
+    check_config(folder, tokenizer, trust_remote_code)
     try:
         on_disk = sum(
-            f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")
+            f.stat().st_size for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)
         )
     except OSError as exc:  # a link to weights that are gone (a pruned hub cache, say)
         raise ModelLoadError(f"{folder}: unreadable weights file ({exc})") from None
@@ -131,10 +118,32 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> None:
+    """The folder's config is one transformers knows, and its vocabulary holds the tokenizer's: a
+    larger tokenizer would index past the embedding table (a smaller one is the common padded
+    vocabulary, and fine). Reads no weights."""
+    try:
+        config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from exc
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelLoadError(
+            f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab_size}; they do not belong together"
+        )
+
+
+# What a model folder's weights are saved as (vLLM also reads .pt); an index names its shards.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
 def check_loadable(path: str | Path, device: str = "cpu") -> Path:
-    """The model folder, known to exist, to hold a readable config.json and to name a device this
-    machine has; else ModelLoadError saying why. Reads no weights, so servers can refuse bad settings
-    at once."""
+    """The model folder, known to exist, to hold a readable config.json and weights files and to
+    name a device this machine has; else ModelLoadError saying why. Reads no weights, so servers
+    can refuse bad settings at once."""
     folder = _existing_folder(path)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
@@ -144,6 +153,15 @@ def check_loadable(path: str | Path, device: str = "cpu") -> Path:
         raise ModelLoadError(f"{folder}: unreadable config.json ({_first_line(exc)})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{folder}: config.json is not a JSON object")
+    try:
+        names = [f.name for f in folder.iterdir()]
+    except OSError as exc:
+        raise ModelLoadError(f"{folder}: cannot list its files ({exc.strerror})") from None
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
+        raise ModelLoadError(
+            f"{folder}: no weights files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}) beside "
+            "its config.json"
+        )
     if problem := device_problem(device):
         raise ModelLoadError(f"{device}: {problem}", setting="device")
     return folder

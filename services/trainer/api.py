@@ -29,8 +29,9 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from transformers import PreTrainedTokenizerBase
 
-from opd.models import ModelLoadError, check_loadable, load_tokenizer
+from opd.models import ModelLoadError, check_config, check_loadable, load_tokenizer
 from services.trainer.config import MAX_RUNS, RunConfig, in_api_words
 from services.trainer.loop import (
     RunError,
@@ -61,23 +62,23 @@ def runs_of(request: Request) -> Runs:
     return request.app.state.runs
 
 
-def refuse_a_student_that_cannot_load(cfg: RunConfig) -> None:
-    """What can be known at once about the student (no weights are read), named by its field."""
+async def refuse_a_student_that_cannot_load(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """What can be known at once about the student (no weights are read), named by its field: its
+    folder, weights files, config, tokenizer and device. Its tokenizer, for the teachers' check."""
     try:
-        check_loadable(cfg.student, cfg.device)
+        folder = check_loadable(cfg.student, cfg.device)
+        tokenizer = await asyncio.to_thread(load_tokenizer, folder)
+        await asyncio.to_thread(check_config, folder, tokenizer)
     except ModelLoadError as exc:
         param = "device" if exc.setting == "device" else "student"
         raise InvalidRequest(f"{param}: {exc}", param=param) from None
+    return tokenizer
 
 
-async def refuse_teachers_that_cannot_serve(cfg: RunConfig) -> None:
+async def refuse_teachers_that_cannot_serve(cfg: RunConfig, tokenizer) -> None:
     """What the run would check first against each teacher replica, asked now: that it answers, takes
     the API key, speaks the student's tokenizer, and allows the top-k and the longest sequence.
     A replica still loading passes: the run waits for it and checks it then."""
-    try:
-        tokenizer = await asyncio.to_thread(load_tokenizer, cfg.student)
-    except ModelLoadError as exc:  # a config.json and no tokenizer beside it
-        raise InvalidRequest(str(exc), param="student") from None
     ready, infos = [], []
     for url in cfg.teacher_url:
         try:
@@ -107,8 +108,8 @@ async def start_run(cfg: RunConfig, request: Request) -> dict:
     runs.refuse_when_full()
     runs.refuse_other_threads(cfg)
     refuse_a_folder_in_use(cfg, runs)
-    refuse_a_student_that_cannot_load(cfg)
-    await refuse_teachers_that_cannot_serve(cfg)
+    tokenizer = await refuse_a_student_that_cannot_load(cfg)
+    await refuse_teachers_that_cannot_serve(cfg, tokenizer)
     refuse_a_folder_in_use(cfg, runs)  # again: another request may have claimed it meanwhile
     record = runs.start(cfg)
     return {"id": record.id, "status": record.status}

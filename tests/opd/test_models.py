@@ -11,7 +11,13 @@ from transformers.utils import logging as hf_logging
 
 from opd.bundled import STUDENT_PATH
 from opd.evaluate import evaluate
-from opd.models import ModelLoadError, count_parameters, load_model, load_tokenizer
+from opd.models import (
+    ModelLoadError,
+    check_loadable,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+)
 from shared.task import problems
 
 # 200 held-out problems: a 95% band is then stable to about +-1.5 points, and it runs in seconds.
@@ -81,3 +87,14 @@ def test_weights_behind_a_link_to_nothing_are_one_clear_error(tmp_path):
     (folder / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
     with pytest.raises(ModelLoadError, match="unreadable weights file"):
         load_model(folder)
+
+
+def test_a_folder_without_weights_is_refused_before_anything_is_loaded(tmp_path):
+    """As a copy still in progress, or a checkout one level too high, leaves it: said by
+    check_loadable, which servers call to refuse a model at once, not after they start."""
+    folder = tmp_path / "no-weights"
+    shutil.copytree(STUDENT_PATH, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no weights files \(\*.safetensors"):
+        check_loadable(folder)
+    check_loadable(STUDENT_PATH)

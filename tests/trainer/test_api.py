@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -201,16 +202,46 @@ def test_a_replica_still_loading_does_not_hide_the_others_from_the_checks(
             loading.release.set()  # before the server stops: its shutdown waits for the load
 
 
-def test_a_student_folder_without_a_tokenizer_is_422_naming_student(
-    trainer_url, teacher_url, tmp_path
+def without(*names: str):
+    def spoil(folder: Path) -> None:
+        for name in names:
+            (folder / name).unlink()
+
+    return spoil
+
+
+def with_config(**fields):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **fields}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (
+            without("tokenizer.json", "tokenizer_config.json"),
+            "no tokenizer (none of tokenizer.json",
+        ),
+        (without("model.safetensors"), "no weights files (*.safetensors, *.bin, *.pt)"),
+        (with_config(model_type="no-such-model"), "unreadable config.json"),
+        (with_config(vocab_size=8), "tokenizer has 23 tokens but the model's vocab_size is 8"),
+    ],
+    ids=["no-tokenizer", "no-weights", "unknown-model-type", "vocab-smaller-than-tokenizer"],
+)
+def test_a_student_folder_that_cannot_load_is_422_naming_student(
+    trainer_url, teacher_url, tmp_path, spoil, says
 ):
+    """Each was a 201 and then a failed run (the tokenizer aside), as the README promised not."""
     student = tmp_path / "student"
-    student.mkdir()
-    shutil.copy(STUDENT_PATH / "config.json", student / "config.json")
+    shutil.copytree(STUDENT_PATH, student)
+    spoil(student)
     body = {**SMALL, "teacher_url": [teacher_url], "student": str(student), "out": str(tmp_path)}
     r = httpx.post(trainer_url + "/runs", json=body)
     assert r.status_code == 422 and r.json()["error"]["param"] == "student", r.text
-    assert "no tokenizer (none of tokenizer.json" in r.json()["error"]["message"]
+    assert says in r.json()["error"]["message"]
 
 
 def test_a_bug_is_a_500_in_the_error_shape_not_plain_text(
