@@ -117,6 +117,17 @@ def test_a_body_in_another_form_is_415_as_on_the_teacher(trainer_url):
     assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
 
 
+def test_a_bad_field_in_a_json_body_of_a_structured_type_is_422_naming_it(trainer_url):
+    """FastAPI reads application/...+json as JSON: a good body so sent starts a run, so a bad
+    one gets the field's 422, not a 415 for its Content-Type."""
+    r = httpx.post(
+        trainer_url + "/runs",
+        content=b'{"steps": "two"}',
+        headers={"content-type": "application/merge-patch+json"},
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "steps", r.text
+
+
 def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, tmp_path):
     (tmp_path / "config.json").write_text("{}")  # what a previous run leaves
     before = httpx.get(trainer_url + "/runs").json()
