@@ -188,20 +188,33 @@ def run_from_cli(cfg: RunConfig) -> int:
     import logging
 
     from opd.models import ModelLoadError
-    from services.trainer.loop import RunError, run
+    from services.trainer.loop import Run, RunError
     from shared.errors import TeacherError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
+    trainer = Run(cfg, stop=stop)
+    signalled = 0
 
     def stop_after_this_step(signum, frame) -> None:
-        if stop.is_set():  # the second time: at once
+        nonlocal signalled
+        signalled += 1
+        if signalled == 1:
+            stop.set()
+            print(
+                "\nopd-trainer: stopping after this step, with a checkpoint (again to give up on "
+                "the step)",
+                file=sys.stderr,
+            )
+        elif signalled == 2:  # a step waiting on a hung teacher would not end for minutes
+            trainer.abandon_step("interrupted")
+            print(
+                "\nopd-trainer: giving up on this step, saving the one before (again to stop at "
+                "once)",
+                file=sys.stderr,
+            )
+        else:
             raise KeyboardInterrupt
-        stop.set()
-        print(
-            "\nopd-trainer: stopping after this step, with a checkpoint (again to stop at once)",
-            file=sys.stderr,
-        )
 
     # Ctrl-C, `timeout`, `docker stop`: the run ends its step and saves, so --resume goes on.
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -210,7 +223,7 @@ def run_from_cli(cfg: RunConfig) -> int:
     else:
         before = {}
     try:
-        summary = run(cfg, stop=stop)
+        summary = trainer.run()
     # OSError: a full disk, a folder it may not write (the checkpoints made so far are kept).
     except (TeacherError, ModelLoadError, RunError, OSError) as exc:
         print(f"opd-trainer: error: {exc}", file=sys.stderr)

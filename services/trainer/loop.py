@@ -42,7 +42,7 @@ from services.trainer.schedules import (
     warmup_lr,
 )
 from services.trainer.step import accumulate_gradients
-from services.trainer.teacher_feed import TeacherFeed
+from services.trainer.teacher_feed import StepAbandoned, StepFeed, TeacherFeed
 from shared.client import TeacherTimedOut
 from shared.errors import Unauthorized
 from shared.loop_thread import Stopped
@@ -261,6 +261,7 @@ class Run:
         self.feed: TeacherFeed | None = None  # opened in setup, closed when the run ends
         self.lock: TextIO | None = None  # on out, taken in setup, let go when the run ends
         self.rng_before_failed_step: dict | None = None  # while a step is under way
+        self.step_feed: StepFeed | None = None  # the step under way's, while it is
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -422,6 +423,9 @@ class Run:
                     acc="-" if last_acc is None else f"{last_acc:.1%}",
                     tok_s=f"{record['tokens_generated'] / record['generate_s']:.0f}",
                 )
+        except StepAbandoned as exc:  # the run ends as stopped, after the step before this one
+            log.warning("step %d given up on: %s", state.step + 1, exc)
+            self._drop_unfinished_step()
         except Exception:
             self._keep_steps_done()
             raise
@@ -448,7 +452,7 @@ class Run:
         generated = time.perf_counter()
         result, scores, fstats, grad_norm = self._update(feed)
         done = time.perf_counter()
-        self.rng_before_failed_step = None
+        self.rng_before_failed_step = self.step_feed = None
 
         state.step += 1
         state.data_position += len(batch)
@@ -490,7 +494,7 @@ class Run:
         cfg = self.cfg
         seed = step_seed(cfg.seed, self.state.step)
         generator = torch.Generator(self.model.device).manual_seed(seed)
-        feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
+        feed = self.step_feed = self.feed.begin(max_positions=horizon, top_k=cfg.teacher_top_k)
         rollouts = sample_rollouts(
             self.model,
             self.tokenizer,
@@ -592,8 +596,7 @@ class Run:
         changes no weight before its optimizer step, so the weights in memory are the last whole
         step's, and a checkpoint of them (with the random generators as that step left them) lets
         --resume go on from there, not from step 0."""
-        if self.rng_before_failed_step is not None:
-            checkpoint.set_rng_states(self.rng_before_failed_step)
+        self._drop_unfinished_step()
         try:
             self._checkpoint()
         except Exception as exc:  # the failure itself matters more; say this and let it through
@@ -605,6 +608,21 @@ class Run:
                     self.state.step,
                     checkpoint.latest(self.out),
                 )
+
+    def _drop_unfinished_step(self) -> None:
+        """Put the random generators back as the last whole step left them (a step that did not
+        finish has changed no weight: its optimizer step comes last)."""
+        if self.rng_before_failed_step is not None:
+            checkpoint.set_rng_states(self.rng_before_failed_step)
+            self.rng_before_failed_step = None
+
+    def abandon_step(self, reason: str) -> None:
+        """From another thread: stop the run, and give up on the step under way now if it waits
+        on its teachers (generating and training it take bounded time; a hung teacher may not).
+        The run then saves the step before it, as a stop does, and ends as stopped."""
+        self.stop.set()
+        if (feed := self.step_feed) is not None:
+            feed.abandon(reason)
 
     def _checkpoint(self) -> None:
         if self.state.step == 0:  # stopped before its first step: nothing to keep

@@ -26,6 +26,10 @@ KEPT_EVENTS = 1000
 # Finished runs a server remembers (their views, events and metrics), the oldest forgotten first:
 # each keeps up to KEPT_EVENTS events, so a server running sweeps would otherwise grow without end.
 KEPT_FINISHED_RUNS = 100
+# Of a shutdown's wait, the part left for runs to save once the steps still under way are given up
+# on (a step that waits on a hung teacher would outlast the wait, and the process end kill it).
+SAVE_RESERVE_S = 30.0
+ABANDON_POLL_S = 0.5
 
 
 class TrainerMetrics:
@@ -90,6 +94,7 @@ class RunRecord:
     # wake-up, and that follower would get the run's last events only at its next keep-alive.
     followers: set[asyncio.Event] = field(default_factory=set)
     thread: threading.Thread | None = None
+    run: Run | None = None  # its trainer, once its thread has made it
 
     @property
     def finished(self) -> bool:
@@ -206,13 +211,25 @@ class Runs:
 
     def stop_all(self, timeout: float) -> list[str]:
         """Stop every run at its next step boundary and wait for them, up to `timeout` seconds in
-        all; returns the ids of runs still going."""
+        all; a step still under way when SAVE_RESERVE_S (or half the wait) is left is given up
+        on, so that its run saves the step before it. Returns the ids of runs still going."""
         self.stop_each()
         deadline = time.monotonic() + timeout
-        for record in self.records.values():
-            if record.thread is not None:
-                record.thread.join(max(0.0, deadline - time.monotonic()))
-        return [r.id for r in self.records.values() if r.thread is not None and r.thread.is_alive()]
+        abandon_at = deadline - min(SAVE_RESERVE_S, timeout / 2)
+        self._join_all(abandon_at)
+        while self._going() and time.monotonic() < deadline:
+            for record in self.records.values():
+                if record.run is not None:  # again each time: a step may have just begun
+                    record.run.abandon_step("the trainer is shutting down")
+            self._join_all(min(deadline, time.monotonic() + ABANDON_POLL_S))
+        return [r.id for r in self._going()]
+
+    def _going(self) -> list[RunRecord]:
+        return [r for r in self.records.values() if r.thread is not None and r.thread.is_alive()]
+
+    def _join_all(self, until: float) -> None:
+        for record in self._going():
+            record.thread.join(max(0.0, until - time.monotonic()))
 
     def get(self, run_id: str) -> RunRecord:
         if run_id not in self.records:
@@ -229,7 +246,8 @@ class Runs:
             self.loop.call_soon_threadsafe(self._publish, record, event)
 
         try:
-            summary = Run(record.config, emit, record.stop).run()
+            record.run = Run(record.config, emit, record.stop)
+            summary = record.run.run()
             status = "completed" if summary["completed"] else "stopped"
             self.loop.call_soon_threadsafe(self._finish, record, status, summary, None)
         except Exception as exc:  # reported on the run, never a dead thread with no word
@@ -237,6 +255,8 @@ class Runs:
             said = in_api_words(str(exc)) if isinstance(exc, RunError) else exc
             error = f"{type(exc).__name__}: {said}"
             self.loop.call_soon_threadsafe(self._finish, record, "failed", None, error)
+        finally:
+            record.run = None  # its student and optimizer: a finished run's record outlives them
 
     def _publish(self, record: RunRecord, event: dict) -> None:
         if event["type"] == "started":

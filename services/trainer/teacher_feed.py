@@ -65,6 +65,10 @@ class TeacherStreamError(TeacherError):
     """The teacher refused a frame (a bug on our side: frames are built valid)."""
 
 
+class StepAbandoned(Exception):
+    """The step was given up on before every rollout had its score (see StepFeed.abandon)."""
+
+
 class _Lane:
     """One /score/stream call to one teacher URL during one step."""
 
@@ -114,8 +118,8 @@ class StepFeed:
         self._answered = asyncio.Event()  # set whenever a sequence is scored or a lane fails
         self._ended = asyncio.Event()  # _run has returned or failed: nothing takes from the inbox
         # A frame the teacher refused, or an answer from a replica with another tokenizer: what
-        # scoring elsewhere cannot get past, so the step fails by name.
-        self._refused: TeacherError | None = None
+        # scoring elsewhere cannot get past, so the step fails by name. Or StepAbandoned.
+        self._refused: Exception | None = None
         self.frames: list[list[Rollout]] = []
         self._rollouts = 0  # in self.frames
         self.scores: dict[int, SequenceScore] = {}
@@ -156,6 +160,12 @@ class StepFeed:
             frame = self.frames[index]
             yield frame, {r.key: self.scores[r.key] for r in frame}
             index += 1
+
+    def abandon(self, reason: str) -> None:
+        """From any thread: end the step's scoring now, its streams cancelled, and fail the step's
+        next call here with StepAbandoned(reason) (a server shutting down gives up on a step that
+        waits on a hung teacher, rather than be killed with it and lose the steps before it)."""
+        self._loop.call_soon_threadsafe(self._refuse, StepAbandoned(reason))
 
     def finish(self) -> tuple[dict[int, SequenceScore], FeedStats]:
         """Wait for every queued rollout's score; returns {rollout.key: score} and stats."""
@@ -250,6 +260,8 @@ class StepFeed:
         # What a rescue could not score (every replica down then): once more, now that the
         # client retries with its full backoff.
         for frame in range(len(self.frames)):
+            if self._refused is not None:
+                raise self._refused
             await self._rescore(frame)
 
     async def _ended_or_all_scored(self, tasks: Callable[[], list[asyncio.Task]]) -> None:
@@ -257,6 +269,8 @@ class StepFeed:
         name), or until every rollout is scored: then a task still running (a hung replica's
         stream, a rescue whose frame its first replica answered after all) is not waited for."""
         while True:
+            if self._refused is not None:
+                raise self._refused
             for task in tasks():
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()
@@ -305,7 +319,7 @@ class StepFeed:
         for frame in sorted(lane.open):
             self._rescues.append(asyncio.create_task(self._rescue(frame)))
 
-    def _refuse(self, exc: TeacherError) -> None:
+    def _refuse(self, exc: Exception) -> None:
         """Fail the step with `exc` as soon as the feeding loop looks (see _room_for_a_frame)."""
         self._refused = exc
         self._answered.set()

@@ -204,6 +204,20 @@ class GatedBackend(HFBackend):
         return super().score_batch(jobs)
 
 
+class HangingBackend(HFBackend):
+    """The real hf backend, hanging (as a wedged GPU or a stuck replica may) once told to."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.hang, self.hanging, self.release = (threading.Event() for _ in range(3))
+
+    def score_batch(self, jobs):
+        if self.hang.is_set():
+            self.hanging.set()
+            self.release.wait(60)
+        return super().score_batch(jobs)
+
+
 class CountingGatedBackend(GatedBackend):
     sequences = 0
 

@@ -43,7 +43,7 @@ from tests.conftest import (
     teacher_with_another_tokenizer,
     wait_for,
 )
-from tests.teacher.test_routes import GatedBackend, SlowLoadBackend
+from tests.teacher.test_routes import GatedBackend, HangingBackend, SlowLoadBackend
 
 # Small but real: 4 problems x 2 samples per step, horizon 24 tokens, tiny evaluations.
 SMALL = dict(
@@ -125,9 +125,18 @@ def test_cuda_student_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_a_student_folder_that_cannot_load_is_named_by_its_flag(tmp_path):
-    (tmp_path / "student").mkdir()
-    shutil.copy(STUDENT_PATH / "config.json", tmp_path / "student" / "config.json")
-    for student, says in [("missing", "no such file or directory"), ("student", "no tokenizer")]:
+    for folder, files in [
+        ("bare", ["config.json"]),
+        ("student", ["config.json", "model.safetensors"]),
+    ]:
+        (tmp_path / folder).mkdir()
+        for name in files:
+            shutil.copy(STUDENT_PATH / name, tmp_path / folder / name)
+    for student, says in [
+        ("missing", "no such file or directory"),
+        ("bare", "no weights files"),
+        ("student", "no tokenizer"),
+    ]:
         result = trainer_cli("--student", str(tmp_path / student), "--out", str(tmp_path / "run"))
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"error: --student {tmp_path / student}: {says}" in result.stderr
@@ -656,6 +665,37 @@ def test_sigterm_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, teache
     done = len(read_jsonl(out / "metrics.jsonl"))
     assert json.loads(stdout)["steps"] == done < 500 and "Traceback" not in stderr
     assert json.loads((checkpoint.latest(out) / "state.json").read_text())["step"] == done
+
+
+def test_a_second_sigterm_gives_up_on_a_step_a_hung_teacher_holds_and_saves_the_one_before(
+    tmp_path,
+):
+    """The step would wait for the teacher's timeout (2 minutes), past any stop grace period."""
+    backend = HangingBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    out = tmp_path / "run"
+    with serve(app) as url:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.trainer.cli", "run", *small_args(url, out, 500)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 2, timeout=240)
+            backend.hang.set()
+            wait_for(backend.hanging.is_set, timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # handled one at a time
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            backend.release.set()
+            proc.kill()
+    assert proc.returncode == 130 and "giving up on this step" in stderr, stderr
+    steps = len(read_jsonl(out / "metrics.jsonl"))
+    assert json.loads(stdout)["steps"] == steps and "Traceback" not in stderr
+    assert checkpoint.latest(out).name == checkpoint.step_name(steps)
 
 
 def test_killed_trainer_resumes_to_the_same_weights(tmp_path, teacher_process):

@@ -7,11 +7,18 @@ import asyncio
 import pytest
 from prometheus_client import generate_latest
 
+from opd.bundled import TEACHER_PATH
+from services.teacher.app import create_app
+from services.teacher.settings import TeacherSettings
+from services.trainer import checkpoint
 from services.trainer import runs as runs_module
 from services.trainer.config import RunConfig
+from services.trainer.report import read_jsonl
 from services.trainer.runs import KEPT_EVENTS, RunRecord, Runs, TrainerMetrics
 from shared.errors import InvalidRequest, NotReady, QueueFull
-from tests.conftest import a_closed_port
+from tests.conftest import a_closed_port, serve, wait_for
+from tests.teacher.test_routes import HangingBackend
+from tests.trainer.test_loop import SMALL
 
 
 def test_no_run_starts_once_the_server_is_shutting_down(tmp_path):
@@ -117,3 +124,33 @@ def test_a_run_may_not_change_the_thread_count_of_the_runs_it_shares_the_process
         runs.refuse_other_threads(RunConfig(threads=1))
 
     with_runs(check)
+
+
+def test_a_shutdown_gives_up_on_a_step_that_outlasts_its_wait_and_keeps_the_steps_before_it(
+    tmp_path,
+):
+    """No periodic checkpoints, and a teacher that hangs mid-run: the step under way would wait
+    for the client's timeout (minutes) and the process end kill the run with all its steps. It
+    is given up on instead, and the run saves the step before it."""
+    backend = HangingBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    out = tmp_path / "run"
+    loop = asyncio.new_event_loop()
+    try:
+        with serve(app) as url:
+            runs = Runs(loop, TrainerMetrics())
+            record = runs.start(RunConfig(**SMALL, teacher_url=[url], steps=500, out=str(out)))
+            wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 2, timeout=120)
+            backend.hang.set()
+            wait_for(backend.hanging.is_set, timeout=60)
+            try:
+                assert runs.stop_all(timeout=4) == []
+            finally:
+                backend.release.set()
+        loop.run_until_complete(asyncio.sleep(0))  # the run's last events, as the server's loop
+        steps = len(read_jsonl(out / "metrics.jsonl"))
+        assert steps >= 2 and checkpoint.latest(out).name == checkpoint.step_name(steps)
+        assert record.status == "stopped" and record.summary["steps"] == steps
+        assert record.run is None  # a finished run's record keeps no student
+    finally:
+        loop.close()
