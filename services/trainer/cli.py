@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -96,9 +97,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
-    saved, saved_file = {}, Path(str(out)) / "config.json"
+    folder = os.path.expanduser(str(out))  # where the run is, as RunConfig expands `out`
+    saved, saved_file = {}, Path(folder) / "config.json"
     if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value
-        saved = saved_settings(str(out))
+        saved = saved_settings(folder)
     try:
         cfg = RunConfig(**{**saved, **chosen})
     except ValidationError as exc:

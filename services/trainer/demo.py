@@ -70,6 +70,9 @@ class DemoConfig:
     def __post_init__(self):
         if unknown := set(self.run_settings) - set(DEMO_RUN_SETTINGS):
             raise ValueError(f"run_settings may set {DEMO_RUN_SETTINGS}, not {sorted(unknown)}")
+        # As each run's RunConfig expands it: checked and written as two places, "~/runs" (a
+        # shell leaves --out=~/runs as it is) let the demo replace a run it had not made.
+        self.out = os.path.expanduser(self.out)
 
 
 def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
@@ -107,11 +110,12 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         raise ModelLoadError(f"--device {exc}" if exc.setting == "device" else str(exc)) from None
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file")
-    check_runs_are_the_demos(out, configs)
+    made = check_runs_are_the_demos(out, configs)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     mark = out / DEMO_MARK
-    mark.write_text(json.dumps({"schedules": list(configs), "steps": cfg.steps, "seed": cfg.seed}))
+    schedules = [name for name in SCHEDULES if name in made or name in configs]
+    mark.write_text(json.dumps({"schedules": schedules, "steps": cfg.steps, "seed": cfg.seed}))
     try:
         return _run_all(cfg, configs, first, out, port)
     except BaseException:
@@ -121,21 +125,35 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         raise
 
 
-# Written first in the demo's --out: the runs in a folder with it are the demo's own to redo.
+# Written first in the demo's --out: it names the run folders there that are the demo's own to redo.
 DEMO_MARK = "demo.json"
 
 
-def check_runs_are_the_demos(out: Path, configs: dict[str, RunConfig]) -> None:
+def check_runs_are_the_demos(out: Path, configs: dict[str, RunConfig]) -> set[str]:
     """Refuses to redo a run folder the demo did not make (`opd demo --out runs` would replace a
-    user's runs/full): FileExistsError naming it. results.json marks a folder of older demos."""
-    if (out / DEMO_MARK).is_file() or (out / "results.json").is_file():
-        return
-    theirs = [str(out / name) for name in configs if holds_a_run(out / name)]
+    user's runs/full): FileExistsError naming it. Returns the run folders earlier demos made
+    there, as their mark names them (an older demo's results.json, its rows)."""
+    made = demos_runs(out)
+    theirs = [str(out / name) for name in configs if name not in made and holds_a_run(out / name)]
     if theirs:
         raise FileExistsError(
             f"--out {out}: {', '.join(theirs)} holds a run the demo did not make, which it would "
             "replace: give another --out"
         )
+    return made
+
+
+def demos_runs(out: Path) -> set[str]:
+    """The run folders in `out` that earlier demos made, as their mark says (none if it cannot be
+    read: then every run folder there is taken for the user's)."""
+    try:
+        if (out / DEMO_MARK).is_file():
+            return set(json.loads((out / DEMO_MARK).read_text())["schedules"]) & set(SCHEDULES)
+        if (out / "results.json").is_file():  # an older demo's, written at its end
+            return {row["run"] for row in json.loads((out / "results.json").read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return set()
 
 
 def _run_all(
@@ -256,8 +274,12 @@ def print_table(rows: list[dict]) -> None:
             + (f"{r['hidden']:>7.0%}" if r["hidden"] is not None else f"{'-':>7}")
             + f" {_matches_full(r):>13}"
         )
+    print(
+        "\ntrain s: each run's steps (sampling, waiting on the teacher, updates); evaluations "
+        "and model loading left out. gen/wait/upd: seconds a step"
+    )
     if any(r.get("peak_gpu_mb") is not None for r in rows):
-        print("\npeak MB: the trainer's resident memory / the GPU memory torch allocated for it")
+        print("peak MB: the trainer's resident memory / the GPU memory torch allocated for it")
     full = next((r for r in rows if r["run"] == "full"), None)
     if full and "matches_full_s" in full:
         print(

@@ -117,7 +117,8 @@ def plot_runs(run_dirs: list[Path], out_png: Path, title: str = "") -> Path:
         axes[0].plot([e["step"] for e in evals], acc, marker="o", label=label)
         axes[1].plot([e["train_s"] for e in evals], acc, marker="o", label=label)
         axes[2].plot([e["teacher_tokens"] / 1e3 for e in evals], acc, marker="o", label=label)
-    for ax, xlabel in zip(axes, ("step", "training wall-clock (s)", "teacher tokens scored (k)")):
+    xlabels = ("step", "training wall-clock (s), evaluations left out", "teacher tokens scored (k)")
+    for ax, xlabel in zip(axes, xlabels):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.5 in a short run

@@ -216,6 +216,18 @@ def test_resume_continues_with_the_settings_the_run_began_with(tmp_path, capsys)
     assert fresh.schedule == "full"
 
 
+def test_resume_reads_the_settings_of_a_folder_given_with_a_tilde(tmp_path, monkeypatch):
+    """--out=~/run reaches the trainer unexpanded; the run expands it, and so must --resume's
+    reading of its config.json (it read none, and went on with the defaults)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    began = RunConfig(out=str(tmp_path / "run"), schedule="truncated:40", steps=4, lr=1e-3)
+    (tmp_path / "run" / "config.json").write_text(began.model_dump_json())
+    cfg = config_from_args(build_parser().parse_args(["run", "--out=~/run", "--resume"]))
+    assert cfg.out == str(tmp_path / "run") and cfg.schedule == "truncated:40"
+    assert cfg.steps == 4 and cfg.lr == 1e-3
+
+
 def test_a_bad_max_new_tokens_is_the_only_error_not_a_schedule_beyond_a_default(capsys):
     err = errors_of(capsys, "run", "--max-new-tokens", "0", "--schedule", "truncated:300")
     assert "--max-new-tokens:" in err and "--schedule" not in err

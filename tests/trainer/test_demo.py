@@ -4,6 +4,7 @@ are one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,7 +73,8 @@ def test_the_table_shows_an_unknown_hidden_share_as_a_dash(capsys):
     # A vllm teacher does not time its forwards, so its runs have no hidden share to report.
     row = ROW
     print_table([{**row, "hidden": None}, {**row, "run": "popd", "hidden": 0.57}])
-    full, popd = capsys.readouterr().out.strip().splitlines()[-2:]
+    lines = capsys.readouterr().out.strip().splitlines()
+    full, popd = lines[2:4]  # under the heading and its rule
     # The hidden share is the column before "matches full" ("-": no full run was compared).
     assert full.split()[-2:] == ["-", "-"] and popd.split()[-2:] == ["57%", "-"]
 
@@ -217,6 +219,37 @@ def test_the_demo_refuses_to_replace_a_run_it_did_not_make(tmp_path, teacher_url
     assert (
         sorted(p.name for p in mine.iterdir()) == before and not (tmp_path / "demo.json").exists()
     )
+
+
+def test_a_demo_of_some_schedules_does_not_claim_the_run_folders_of_others(tmp_path, teacher_url):
+    """Its mark names the folders it made: a later demo of every schedule must still refuse the
+    user's runs/popd beside them."""
+    mine = tmp_path / "popd"
+    run(RunConfig(**SMALL, steps=1, teacher_url=[teacher_url], out=str(mine)))
+    some = DemoConfig(
+        out=str(tmp_path), steps=1, eval_n=2, schedules=("topd-10",), teacher_url=teacher_url
+    )
+    run_demo(some)
+    every = DemoConfig(out=str(tmp_path), steps=1, eval_n=2, teacher_url=teacher_url)
+    with pytest.raises(FileExistsError, match="popd holds a run the demo did not make"):
+        run_demo(every)
+    run_demo(some)  # its own folder it redoes
+    assert json.loads((tmp_path / "demo.json").read_text())["schedules"] == ["topd-10"]
+
+
+def test_the_demo_checks_the_folder_it_writes_when_out_starts_with_a_tilde(
+    tmp_path, teacher_url, monkeypatch
+):
+    """--out=~/runs reaches the demo unexpanded (a shell expands ~ only at a word's start); each
+    run expands it, so the check must look there too, not in a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "runs" / "full"
+    run(RunConfig(**SMALL, steps=1, teacher_url=[teacher_url], out=str(mine)))
+    cfg = DemoConfig(out="~/runs", steps=1, eval_n=2, schedules=("full",), teacher_url=teacher_url)
+    with pytest.raises(FileExistsError, match="full holds a run the demo did not make"):
+        run_demo(cfg)
+    assert not (tmp_path / "~").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU it asks for")
