@@ -182,6 +182,8 @@ class _Core:
         self.binary = binary
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, not {max_retries!r}")
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -191,7 +193,7 @@ class _Core:
         self.fingerprint: str | None = None
 
     def score_body(self, sequences, top_k, candidate_ids, temperature, max_positions):
-        """(body, headers, how many sequences it holds) of a /score request."""
+        """(body, headers, the request) of a /score call."""
         request = as_request(
             {
                 "sequences": sequences,
@@ -203,17 +205,23 @@ class _Core:
         )
         ctype = MSGPACK if self.binary else JSON
         headers = {**self.headers, "Content-Type": ctype, "Accept": ctype}
-        return encode_request(request, self.binary), headers, len(request.sequences)
+        return encode_request(request, self.binary), headers, request
 
-    def score_result(self, response: httpx.Response, sent: int) -> ScoreResult:
-        """The /score answer to `sent` sequences: a result for each, or a TeacherError."""
+    def score_result(self, response: httpx.Response, request: ScoreRequest) -> ScoreResult:
+        """The /score answer to `request`: a result of the shape asked for each sequence, or a
+        TeacherError (an answer off by a position would train on misaligned scores)."""
         result = decode_response(response.content, self.binary)
-        self.check_answer(str(response.request.url), result.tokenizer_fingerprint)
+        where = response.request.url
+        self.check_answer(str(where), result.tokenizer_fingerprint)
+        sent = len(request.sequences)
         if len(result.results) != sent:
             raise TeacherError(
-                f"the teacher at {response.request.url} answered {len(result.results)} of the "
-                f"{sent} sequences sent"
+                f"the teacher at {where} answered {len(result.results)} of the {sent} sequences "
+                "sent"
             )
+        for i, score in enumerate(result.results):
+            if problem := _shape_problem(score, request, i):
+                raise TeacherError(f"the teacher at {where} answered sequence {i} {problem}")
         return result
 
     def stream_headers(self) -> dict:
@@ -453,6 +461,39 @@ def _info_of(url: str, response: httpx.Response) -> dict:
     return info
 
 
+def _shape_problem(score, request: ScoreRequest, i: int) -> str | None:
+    """How sequence `i`'s score differs from the shape `request` asks for, if it does."""
+    n = request.scored_positions(i)
+    if len(score.logprobs) != n:
+        return f"with {len(score.logprobs)} log-probs for its {n} scored positions"
+    if request.top_k and (score.topk_ids is None or score.topk_ids.shape != (n, request.top_k)):
+        got = None if score.topk_ids is None else score.topk_ids.shape
+        return f"with top-k ids of shape {got}, not ({n}, {request.top_k})"
+    if request.candidate_ids is not None and (
+        score.candidate_logprobs is None
+        or [len(c) for c in score.candidate_logprobs]
+        != [len(row) for row in request.candidate_ids[i][:n]]
+    ):
+        return "with candidate log-probs that do not match the candidate ids sent"
+    return None
+
+
+def _json_of(response: httpx.Response) -> dict:
+    """A teacher's small JSON answer (/health, /ready); a page from another server is a
+    TeacherError saying so, not a JSONDecodeError."""
+    try:
+        return response.json()
+    except ValueError:
+        raise TeacherError(
+            f"{response.request.method} {response.request.url} did not answer JSON: not an OPD "
+            "teacher?"
+        ) from None
+
+
+def _undecodable(url: str, exc: httpx.DecodingError) -> TeacherError:
+    return ServerError(f"teacher at {url} sent an answer that cannot be decoded ({exc})")
+
+
 def _at(url: str, exc: TeacherError) -> TeacherError:
     """The same error, saying which replica answered it."""
     return type(exc)(f"teacher at {url}: {exc.message}", exc.param, exc.retry_after)
@@ -503,7 +544,12 @@ class _ClientBase:
         self._core = _Core(
             base_urls, api_key, binary, timeout, max_retries, backoff, max_backoff, connect_timeout
         )
-        self._http = self._http_class(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self._http = self._http_class(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            # A teacher answers uncompressed; asked so, a proxy should not compress either (a
+            # small compressed answer could inflate to gigabytes in memory).
+            headers={"Accept-Encoding": "identity"},
+        )
 
     @property
     def timeout(self) -> float:
@@ -533,6 +579,8 @@ class TeacherClient(_ClientBase):
             target = checked_url(url) if url else self._core.replicas.acquire()
             try:
                 response = self._http.request(method, target + path, **kw)
+            except httpx.DecodingError as exc:
+                raise _undecodable(target, exc) from None
             except httpx.TransportError as exc:
                 delay = self._core.delay_after_error(
                     attempt, target, exc, retries, pinned=url is not None
@@ -550,10 +598,10 @@ class TeacherClient(_ClientBase):
         raise AssertionError("unreachable")
 
     def health(self, url: str | None = None) -> dict:
-        return self._request("GET", "/health", url).json()
+        return _json_of(self._request("GET", "/health", url))
 
     def ready(self, url: str | None = None) -> dict:
-        return self._request("GET", "/ready", url).json()
+        return _json_of(self._request("GET", "/ready", url))
 
     def info(self, url: str | None = None, retries: int | None = None) -> dict:
         where = url or " / ".join(self.urls)  # the replica that answers is picked per request
@@ -600,11 +648,11 @@ class TeacherClient(_ClientBase):
         max_positions: int | None = None,
     ) -> ScoreResult:
         """Teacher log-probs of each (prompt_ids, completion_ids); see shared.protocol for shapes."""
-        body, headers, sent = self._core.score_body(
+        body, headers, request = self._core.score_body(
             sequences, top_k, candidate_ids, temperature, max_positions
         )
         response = self._request("POST", "/score", content=body, headers=headers)
-        return self._core.score_result(response, sent)
+        return self._core.score_result(response, request)
 
     def score_stream(
         self, requests: Iterable[ScoreRequest | dict], url: str | None = None
@@ -662,6 +710,8 @@ class AsyncTeacherClient(_ClientBase):
             target = checked_url(url) if url else self._core.replicas.acquire()
             try:
                 response = await self._http.request(method, target + path, **kw)
+            except httpx.DecodingError as exc:
+                raise _undecodable(target, exc) from None
             except httpx.TransportError as exc:
                 delay = self._core.delay_after_error(
                     attempt, target, exc, retries, pinned=url is not None
@@ -679,10 +729,10 @@ class AsyncTeacherClient(_ClientBase):
         raise AssertionError("unreachable")
 
     async def health(self, url: str | None = None) -> dict:
-        return (await self._request("GET", "/health", url)).json()
+        return _json_of(await self._request("GET", "/health", url))
 
     async def ready(self, url: str | None = None) -> dict:
-        return (await self._request("GET", "/ready", url)).json()
+        return _json_of(await self._request("GET", "/ready", url))
 
     async def info(self, url: str | None = None, retries: int | None = None) -> dict:
         where = url or " / ".join(self.urls)
@@ -722,11 +772,11 @@ class AsyncTeacherClient(_ClientBase):
         temperature: float = 1.0,
         max_positions: int | None = None,
     ) -> ScoreResult:
-        body, headers, sent = self._core.score_body(
+        body, headers, request = self._core.score_body(
             sequences, top_k, candidate_ids, temperature, max_positions
         )
         response = await self._request("POST", "/score", content=body, headers=headers)
-        return self._core.score_result(response, sent)
+        return self._core.score_result(response, request)
 
     async def score_stream(
         self,

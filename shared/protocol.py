@@ -328,7 +328,15 @@ def _a_teachers_answer(what: str) -> Iterator[None]:
     server that only looks like one, raises TeacherError saying so, not a KeyError."""
     try:
         yield
-    except (MalformedBody, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+    except (
+        MalformedBody,
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        OverflowError,  # a JSON number past float32 or int32
+    ) as exc:
         raise TeacherError(f"the answer is not {what} ({type(exc).__name__}: {exc})") from None
 
 
@@ -366,6 +374,8 @@ def _unpack_score(d: dict) -> SequenceScore:
     reshape to the JSON form's shape refuses them)."""
     logprobs = _array(d["logprobs"], "<f4")
     n, k = len(logprobs), d["top_k"]
+    if not _an_int(k) or k < 0:
+        raise ValueError(f"top_k {k!r} is not a count")
     candidates = d["candidate_logprobs"]
     candidates = None if candidates is None else _split_ragged(candidates, "<f4")
     if candidates is not None and len(candidates) != n:
@@ -518,10 +528,24 @@ def decode_stream_item(payload: bytes) -> StreamItem:
             if not all(isinstance(n, int) for n in (frames, sequences)):
                 raise ValueError(f"done frame counts {frames!r}, {sequences!r} are not integers")
             return StreamItem(done=True, frames=frames, sequences=sequences)
+        frame, index = d["frame"], d.get("index")
+        if not _an_int(frame) or not (index is None or _an_int(index)):
+            raise ValueError(f"frame {frame!r}, index {index!r}: not integers")
         if "error" in d:
-            return StreamItem(frame=d["frame"], index=d.get("index"), error=d["error"])
+            if not isinstance(d["error"], dict):
+                raise ValueError(f"error {d['error']!r} is not an error object")
+            return StreamItem(frame=frame, index=index, error=d["error"])
+        if index is None:
+            raise ValueError("a score frame names no sequence (index)")
         score = _unpack_score(d["score"])
-        return StreamItem(d["frame"], d["index"], score, d.get("compute_s", 0.0))
+        compute_s = d.get("compute_s", 0.0)
+        if not isinstance(compute_s, (int, float)) or isinstance(compute_s, bool):
+            raise ValueError(f"compute_s {compute_s!r} is not a number")
+        return StreamItem(frame, index, score, compute_s)
+
+
+def _an_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---- packing helpers ----
@@ -542,7 +566,10 @@ def _pack_ragged(rows: list, pack) -> dict:
 
 
 def _split_ragged(packed: dict, dtype: str) -> list[np.ndarray]:
-    return _split(_array(packed["values"], dtype), np.frombuffer(packed["counts"], dtype="<i4"))
+    values, counts = _array(packed["values"], dtype), np.frombuffer(packed["counts"], dtype="<i4")
+    if counts.min(initial=0) < 0 or int(counts.sum()) != len(values):
+        raise ValueError(f"row lengths sum to {int(counts.sum())}, not the {len(values)} values")
+    return _split(values, counts)
 
 
 def _split(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:

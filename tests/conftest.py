@@ -179,7 +179,7 @@ def round_robin_balancer(urls: list[str]) -> Iterator[str]:
             connection.join(timeout=5)
 
 
-def canned(status: int, body: bytes, content_type: str = "text/plain"):
+def canned(status: int, body: bytes, content_type: str = "text/plain", headers: dict | None = None):
     """A request handler that answers every GET and POST alike: a server, or a proxy in front of
     one, that is not a teacher."""
 
@@ -187,6 +187,8 @@ def canned(status: int, body: bytes, content_type: str = "text/plain"):
         def answer(self) -> None:
             self.send_response(status)
             self.send_header("content-type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -34,7 +34,14 @@ from shared.errors import (
     ServerError,
     TeacherError,
 )
-from shared.protocol import MSGPACK, pack_frame
+from shared.protocol import (
+    MSGPACK,
+    ScoreResult,
+    SequenceScore,
+    Usage,
+    encode_response,
+    pack_frame,
+)
 from tests.conftest import (
     TEACHER_REQUESTS,
     a_closed_port,
@@ -134,6 +141,103 @@ def test_a_200_that_is_no_score_result_says_so(binary):
     with plain_http(not_a_score) as url, TeacherClient(url, binary=binary) as client:
         with pytest.raises(TeacherError, match="the answer is not a teacher's score result"):
             client.score([SEQ])
+
+
+def score_answer(*scores: SequenceScore, binary: bool) -> bytes:
+    """A teacher's /score answer holding `scores`, as the server encodes one."""
+    usage = Usage(prompt_tokens=0, scored_tokens=sum(len(s.logprobs) for s in scores))
+    result = ScoreResult(
+        model="m", tokenizer_fingerprint="sha256:0", results=list(scores), usage=usage
+    )
+    return encode_response(result, binary)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize(
+    "score, top_k, says",
+    [
+        (SequenceScore(logprobs=np.zeros(2, np.float32)), 0, "2 log-probs for its 3 scored"),
+        (
+            SequenceScore(
+                logprobs=np.zeros(3, np.float32),
+                topk_ids=np.zeros((3, 2), np.int32),
+                topk_logprobs=np.zeros((3, 2), np.float32),
+            ),
+            3,
+            r"top-k ids of shape \(3, 2\), not \(3, 3\)",
+        ),
+    ],
+    ids=["a-position-short", "a-narrower-top-k"],
+)
+def test_an_answer_of_another_shape_than_asked_is_refused_not_trained_on(
+    binary, score, top_k, says
+):
+    """A buggy teacher (or one behind a proxy that mixed answers up) off by a position would
+    train the student on scores of other tokens; it was checked only for its count."""
+    ctype = MSGPACK if binary else "application/json"
+    with plain_http(canned(200, score_answer(score, binary=binary), ctype)) as url:
+        with TeacherClient(url, binary=binary) as client:
+            with pytest.raises(TeacherError, match=f"answered sequence 0 with {says}"):
+                client.score([SEQ], top_k=top_k)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "tokenizer_fingerprint": "f", "usage": {"prompt_tokens": 0, '
+        b'"scored_tokens": 1}, "results": [{"logprobs": [0], "topk_ids": [[1099511627776]], '
+        b'"topk_logprobs": [[0]]}]}',  # an id past int32: OverflowError, not a TeacherError
+        b'{"model": "m", "tokenizer_fingerprint": "f", "usage": {"prompt_tokens": 0, '
+        b'"scored_tokens": 1}, "results": [{"logprobs": [1' + b"0" * 400 + b"]}]}",
+    ],
+    ids=["id-past-int32", "huge-number"],
+)
+def test_numbers_past_the_wire_types_are_not_a_teachers_answer(body):
+    with plain_http(canned(200, body, "application/json")) as url:
+        with TeacherClient(url, binary=False) as client:
+            with pytest.raises(TeacherError, match="not a teacher's score result"):
+                client.score([SEQ])
+
+
+def test_an_answer_that_cannot_be_decompressed_is_a_server_error_and_none_is_asked_for():
+    """httpx inflates what a server compresses, asked or not: the client asks for none, and an
+    answer it cannot inflate is the teacher's fault in the documented error types."""
+    seen = {}
+
+    class Gzipped(
+        canned(200, b"not gzip at all", "application/json", {"content-encoding": "gzip"})
+    ):
+        def answer(self) -> None:
+            seen["accept-encoding"] = self.headers.get("accept-encoding")
+            super().answer()
+
+        do_GET = do_POST = answer  # noqa: N815
+
+    with plain_http(Gzipped) as url, TeacherClient(url, max_retries=0) as client:
+        with pytest.raises(ServerError, match=f"teacher at {url} sent an answer that cannot be"):
+            client.health()
+    assert seen["accept-encoding"] == "identity"
+
+    async def health_async():
+        async with AsyncTeacherClient(url, max_retries=0) as client:
+            await client.health()
+
+    with plain_http(Gzipped) as url, pytest.raises(ServerError, match="cannot be decoded"):
+        asyncio.run(health_async())
+
+
+def test_a_health_check_answered_by_another_server_is_a_teacher_error():
+    with plain_http(canned(200, b"<html>hello</html>", "text/html")) as url:
+        with TeacherClient(url, max_retries=0) as client:
+            for call in (client.health, client.ready):
+                with pytest.raises(TeacherError, match="did not answer JSON: not an OPD teacher"):
+                    call()
+
+
+@pytest.mark.parametrize("retries", [None, -1, 1.5, True])
+def test_max_retries_must_be_a_count(retries):
+    with pytest.raises(ValueError, match="max_retries must be an integer >= 0"):
+        TeacherClient("http://127.0.0.1:1", max_retries=retries)
 
 
 def test_a_server_error_names_the_replica_that_answered_it():

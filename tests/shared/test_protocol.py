@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from shared.errors import InvalidRequest, MalformedBody, PayloadTooLarge
+from shared.errors import InvalidRequest, MalformedBody, PayloadTooLarge, TeacherError
 from shared.protocol import (
     LOWEST_LOGPROB,
     FrameReader,
@@ -19,9 +19,11 @@ from shared.protocol import (
     Usage,
     decode_request,
     decode_response,
+    decode_stream_item,
     encode_request,
     encode_response,
     frame_bytes,
+    pack_frame,
     validate_request,
 )
 from tests.conftest import strict_json
@@ -244,3 +246,29 @@ def test_a_list_of_many_bad_items_is_one_error_at_its_first(body, param):
     with pytest.raises(InvalidRequest) as error:
         validate_request(body)
     assert error.value.param == param and "more)" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"frame": "x", "error": {"message": "boom"}},
+        {"frame": 0, "error": "boom"},
+        {"frame": 0, "index": 1.5, "error": {"message": "boom"}},
+        {"frame": True, "index": 0, "score": {}},
+        {"frame": 0, "score": {}},  # a score for no sequence
+    ],
+)
+def test_a_stream_frame_of_other_types_is_not_a_teachers_answer(item):
+    """The trainer compares frame numbers and reads errors' messages: a frame of other types
+    failed there with a bare TypeError or AttributeError."""
+    with pytest.raises(TeacherError, match="not a teacher's stream frame"):
+        decode_stream_item(pack_frame(item)[4:])
+
+
+def test_binary_candidate_rows_must_add_up_to_their_values():
+    """Counts [5, -2] over 3 values were cut into rows of 3 and 0 without a word."""
+    result = make_result(np.random.default_rng(0))
+    packed = msgpack.unpackb(encode_response(result, binary=True))
+    packed["results"][0]["candidate_logprobs"]["counts"] = np.array([5, -2], "<i4").tobytes()
+    with pytest.raises(TeacherError, match="row lengths sum to 3"):
+        decode_response(msgpack.packb(packed), binary=True)
