@@ -22,7 +22,10 @@ from tests.conftest import canned, metric, plain_http, wait_for
 
 
 def test_a_model_that_cannot_load_fails_fast_with_the_reason(tmp_path):
-    (tmp_path / "config.json").write_text("{}")  # a folder that is not a model
+    # A folder that passes opd-teacher's checks before it starts (a config, a weights file) and is
+    # no model: the load in the server fails, and says why.
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     port = free_port()
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="failed to load"):
