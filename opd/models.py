@@ -136,6 +136,22 @@ def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> No
         )
 
 
+def stop_token_ids(folder: str | Path, tokenizer) -> frozenset[int]:
+    """The tokenizer's eos id and those the folder's generation_config.json lists (an id or a
+    list), the ids vLLM ends a generation at; an unreadable file lists none."""
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        listed = json.loads((Path(folder) / "generation_config.json").read_bytes()).get(
+            "eos_token_id"
+        )
+    except (OSError, ValueError, AttributeError):  # none, not JSON, not an object
+        listed = None
+    listed = [listed] if isinstance(listed, int) else listed
+    if isinstance(listed, list):
+        ids |= {i for i in listed if isinstance(i, int) and not isinstance(i, bool)}
+    return frozenset(ids)
+
+
 # What a model folder's weights are saved as (vLLM also reads .pt); an index names its shards.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 

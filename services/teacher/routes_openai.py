@@ -233,12 +233,11 @@ async def completions(request: Request, _: Authorized, state: Ready) -> Response
         except InvalidRequest as exc:
             raise in_dialect(exc, k_name) from None
         scores = dict(zip(need_scores, result.results))
-    tokenizer = state.backend.tokenizer
-    decode_one = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
+    vocabulary = _Vocabulary(state.backend.tokenizer, state.backend.info.stop_token_ids)
 
     def response() -> dict:
         choices = [
-            _choice(i, p, scores.get(i), body, prompt_k, generate, tokenizer, decode_one)
+            _choice(i, p, scores.get(i), body, prompt_k, generate, vocabulary)
             for i, p in enumerate(prompts)
         ]
         n_prompt = sum(len(p) for p in prompts)
@@ -269,27 +268,44 @@ def _entries(prompts: list[list[int]], body: CompletionRequest, prompt_k, genera
     return sum((len(p) - 1) * per_position + per_generated for p in prompts)
 
 
-def _choice(index, prompt, score, body, prompt_k, generate, tokenizer, decode_one) -> dict:
+class _Vocabulary:
+    """What a response needs of the model's tokenizer: each token's text, decoded once a request
+    (a position's k + 1 entries each name one), and where generation stops."""
+
+    def __init__(self, tokenizer, stop_token_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids
+        self.one = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
+
+    def stop_reason(self, token: int) -> tuple[bool, int | None]:
+        """As vLLM ends a completion at `token`: whether it stops, and the stop_reason it gives
+        (None for the tokenizer's eos; the id for another eos generation_config lists)."""
+        if token == self.tokenizer.eos_token_id:
+            return True, None
+        return (True, token) if token in self.stop_token_ids else (False, None)
+
+
+def _choice(index, prompt, score, body, prompt_k, generate, vocabulary: _Vocabulary) -> dict:
     n = len(prompt) - 1  # scored prompt positions
     lists = _JsonScore.of(score) if score is not None else None
     new_ids = [lists.next_token()[0]] if generate else []
-    # As vLLM ends a completion: the end-of-sequence token is a "stop" and not written in the text.
-    stopped = bool(new_ids) and new_ids[0] == tokenizer.eos_token_id
+    # A token that ends the completion is a "stop" and, as in vLLM, not written in the text.
+    stopped, stop_reason = vocabulary.stop_reason(new_ids[0]) if new_ids else (False, None)
     text_ids = (prompt if body.echo else []) + ([] if stopped else new_ids)
     choice = {
         "index": index,
-        "text": tokenizer.decode(text_ids),
+        "text": vocabulary.tokenizer.decode(text_ids),
         "logprobs": None,
         "finish_reason": "stop" if stopped else "length",
-        "stop_reason": None,
+        "stop_reason": stop_reason,
         "prompt_logprobs": None,
     }
     if prompt_k is not None:
         choice["prompt_logprobs"] = [None] + [
-            _prompt_entry(lists, t, prompt[t + 1], prompt_k, decode_one) for t in range(n)
+            _prompt_entry(lists, t, prompt[t + 1], prompt_k, vocabulary.one) for t in range(n)
         ]
     if body.logprobs is not None:
-        choice["logprobs"] = _openai_logprobs(prompt, lists, body, generate, decode_one)
+        choice["logprobs"] = _openai_logprobs(prompt, lists, body, generate, vocabulary.one)
     if body.return_token_ids:
         choice["prompt_token_ids"] = list(prompt)
         choice["token_ids"] = new_ids

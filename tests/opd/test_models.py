@@ -17,6 +17,7 @@ from opd.models import (
     count_parameters,
     load_model,
     load_tokenizer,
+    stop_token_ids,
 )
 from shared.task import problems
 
@@ -98,3 +99,20 @@ def test_a_folder_without_weights_is_refused_before_anything_is_loaded(tmp_path)
     with pytest.raises(ModelLoadError, match=r"no weights files \(\*.safetensors"):
         check_loadable(folder)
     check_loadable(STUDENT_PATH)
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ('{"eos_token_id": [2, 7]}', {7}),
+        ('{"eos_token_id": 9}', {9}),
+        ('{"eos_token_id": [true, "x", 5]}', {5}),
+        ("not json", set()),
+        ("[2, 7]", set()),
+    ],
+)
+def test_the_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(tmp_path, config, extra):
+    tokenizer = load_tokenizer(STUDENT_PATH)
+    (tmp_path / "generation_config.json").write_text(config)
+    assert stop_token_ids(tmp_path, tokenizer) == {tokenizer.eos_token_id} | extra
+    assert stop_token_ids(tmp_path / "none", tokenizer) == {tokenizer.eos_token_id}

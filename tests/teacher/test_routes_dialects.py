@@ -5,6 +5,7 @@ words, naming the field; never a 500."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -378,6 +379,28 @@ def test_a_next_token_that_ends_the_sequence_is_a_stop_left_out_of_the_text(teac
     assert end["finish_reason"] == "stop" and end["text"] == ""
     going = post(teacher_url, OPENAI, {**body, "prompt": solved[:-3]}).json()["choices"][0]
     assert going["finish_reason"] == "length" and going["text"] == tokenizer.decode(solved[-3:-2])
+
+
+def test_a_next_token_generation_config_lists_as_an_eos_is_a_stop_naming_it(
+    teacher, teacher_url, tmp_path
+):
+    """vLLM stops at every eos id a model's generation_config.json lists, giving the id as the
+    stop_reason (Qwen lists <|endoftext|> beside its tokenizer's <|im_end|>): a teacher whose
+    config lists the token it would write next stops there."""
+    tokenizer = teacher[1]
+    problem = problems("eval", 1)[0]
+    prompt = tokenizer(problem.prompt + problem.target)["input_ids"][:-3]
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+    [token] = post(teacher_url, OPENAI, body).json()["choices"][0]["token_ids"]
+    model = tmp_path / "teacher"
+    shutil.copytree(TEACHER_PATH, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    eos = [tokenizer.eos_token_id, token]
+    (model / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    with serve(create_app(TeacherSettings(model=str(model)))) as url:
+        choice = post(url, OPENAI, body).json()["choices"][0]
+    assert choice["token_ids"] == [token] and choice["text"] == ""
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == token
 
 
 def test_openai_log_prob_entries_put_the_actual_token_first_as_vllm_does(teacher_url):

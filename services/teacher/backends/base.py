@@ -40,6 +40,9 @@ class BackendInfo:
     vocab_size: int  # rows of the output layer: valid token ids are 0 .. vocab_size-1
     max_seq_len: int
     tokenizer_fingerprint: str
+    # Where a generated token ends a completion, as vLLM ends one: the tokenizer's eos and every
+    # eos id the model's generation_config.json lists (Qwen lists <|endoftext|> beside <|im_end|>).
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 class Backend(ABC):

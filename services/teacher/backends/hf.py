@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from opd.models import load_model
+from opd.models import load_model, stop_token_ids
 from opd.padding import pad_id, right_pad
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from services.teacher.batcher import Batcher
@@ -95,6 +95,7 @@ class HFBackend(Backend):
             vocab_size=vocab,
             max_seq_len=max_len,
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            stop_token_ids=stop_token_ids(self.model_path, tokenizer),
         )
         return self.info
 
