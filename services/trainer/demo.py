@@ -160,11 +160,14 @@ def _run_all(
     cfg: DemoConfig, configs: dict[str, RunConfig], first: RunConfig, out: Path, port: int | None
 ) -> list[dict]:
     """Runs `configs`, which differ from `first` only in schedule and folder."""
-    for name in (
-        "results.json",
-        "comparison.png",
-    ):  # an earlier demo's must not pass for this one's
-        (out / name).unlink(missing_ok=True)
+
+    def forget_earlier_results(event: dict) -> None:
+        # Once the first run has begun (its teacher answered, its folder is its own): an earlier
+        # demo's table must not pass for this one's, but a demo that could not start keeps it.
+        if event["type"] == "started":
+            for name in ("results.json", "comparison.png"):
+                (out / name).unlink(missing_ok=True)
+
     own_teacher = port is not None
     device = first.device
     on_cpu = device == "cpu"
@@ -190,7 +193,7 @@ def _run_all(
         for name, run_cfg in configs.items():
             print(f"== {name}: schedule {SCHEDULES[name]}", flush=True)
             reset_peak_rss()  # each run's own peak, not the largest of those before it
-            summary = run(run_cfg)
+            summary = run(run_cfg, events=None if rows else forget_earlier_results)
             rows.append(_row(name, out / name, summary))
     finally:
         if proc is not None:

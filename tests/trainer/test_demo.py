@@ -30,7 +30,8 @@ from services.trainer.demo import (
 )
 from services.trainer.loop import run
 from services.trainer.report import JsonlLog
-from tests.conftest import serve
+from shared.errors import TeacherError
+from tests.conftest import a_closed_port, serve
 from tests.trainer.test_loop import SMALL
 
 
@@ -235,6 +236,21 @@ def test_a_demo_of_some_schedules_does_not_claim_the_run_folders_of_others(tmp_p
         run_demo(every)
     run_demo(some)  # its own folder it redoes
     assert json.loads((tmp_path / "demo.json").read_text())["schedules"] == ["topd-10"]
+
+
+def test_a_demo_that_cannot_start_keeps_the_earlier_demos_table(tmp_path, teacher_url):
+    """Its results were deleted before any work: a demo pointed at a teacher that is down left the
+    earlier runs without their table and plot."""
+    cfg = DemoConfig(
+        out=str(tmp_path), steps=1, eval_n=2, schedules=("topd-10",), teacher_url=teacher_url
+    )
+    run_demo(cfg)
+    table = (tmp_path / "results.json").read_text()
+    down = f"http://127.0.0.1:{a_closed_port()}"
+    with pytest.raises(TeacherError, match="unreachable"):
+        run_demo(DemoConfig(**{**vars(cfg), "teacher_url": down}))
+    assert (tmp_path / "results.json").read_text() == table
+    assert (tmp_path / "comparison.png").is_file()
 
 
 def test_the_demo_checks_the_folder_it_writes_when_out_starts_with_a_tilde(
