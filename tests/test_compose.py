@@ -69,7 +69,6 @@ def stack(tmp_path_factory):
         **os.environ,
         "OPD_RESULTS": str(results),
         "OPD_TEACHER_PORT": str(port),
-        "OPD_BASE_IMAGE": os.environ.get("OPD_BASE_IMAGE", "opd-base:bookworm"),
         "OPD_TEACHER_API_KEY": KEY,  # the teachers need it; the trainer must send it unasked
     }
     compose("build", env=env)
