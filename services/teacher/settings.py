@@ -46,7 +46,8 @@ class TeacherSettings(BaseSettings):
         None,
         ge=1,
         description="Tokens queued before 429s: waiting for a batch (hf), or waiting or being "
-        "scored (vllm). An empty queue takes a request of any size, so none is refused forever. "
+        "scored (vllm). An empty queue takes a request of any size, and a refused request "
+        "claims its room (small ones wait) until it comes back, so none is refused forever. "
         "Default 8 x max_batch_tokens.",
     )
     max_body_mb: float = Field(
