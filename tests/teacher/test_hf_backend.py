@@ -16,6 +16,7 @@ from services.teacher.backends.hf import (
     HFBackend,
     OutputLogits,
     check_output_logits,
+    rope_that_follows_the_batch,
     shared_pass_fits,
     top_k_by_value_then_id,
     vocab_rank,
@@ -226,3 +227,34 @@ def test_a_change_to_the_logits_the_backend_does_not_reproduce_is_refused_at_loa
     wrong.scale = 2.0  # as if the model's forward doubled its logits and the backend did not
     with pytest.raises(ValueError, match="serve it with --backend vllm"):
         check_output_logits(backend.model, backend.decoder, wrong)
+
+
+@pytest.mark.parametrize(
+    "rope, kind",
+    [
+        (None, None),
+        ({"rope_type": "linear", "factor": 2.0}, None),
+        ({"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+        (
+            {
+                "rope_type": "longrope",
+                "short_factor": [1.0] * 16,
+                "long_factor": [2.0] * 16,
+                "original_max_position_embeddings": 256,
+            },
+            "longrope",
+        ),
+    ],
+)
+def test_a_rope_whose_frequencies_follow_the_batch_is_named(rope, kind):
+    """transformers picks dynamic and longrope frequencies from the batch's longest position, so
+    padding to a longer neighbour can change a sequence's log-probs: the load warns of it."""
+    config = transformers.LlamaConfig(
+        hidden_size=128, num_attention_heads=4, max_position_embeddings=512, rope_scaling=rope
+    )
+    assert rope_that_follows_the_batch(config) == kind
+    nested = {
+        "full_attention": config.rope_parameters,
+        "sliding_attention": {"rope_type": "default"},
+    }
+    assert rope_that_follows_the_batch(type("Config", (), {"rope_parameters": nested})) == kind

@@ -68,6 +68,14 @@ class HFBackend(Backend):
         self.output_logits = OutputLogits(model)
         check_output_logits(model, self.decoder, self.output_logits)
         self.cache_arg = cache_argument(self.decoder) if self.share_prompts else None
+        if kind := rope_that_follows_the_batch(model.config):
+            log.warning(
+                "%s uses %s RoPE, whose frequencies follow the longest position in a batch: a "
+                "sequence's log-probs can then depend on the sequences batched with it (padding "
+                "does not change a result only for other position encodings)",
+                self.model_path,
+                kind,
+            )
         self.pad_id = pad_id(tokenizer)
         vocab = self.output_logits.head.weight.shape[0]
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
@@ -321,6 +329,24 @@ def chunked_scores(
     top_k and candidates, so these are expanded to per-row tensors first.
     """
     return _split_by_job(_score_rows(hidden_N_H, output_logits, targets_N, jobs, chunk_rows), jobs)
+
+
+# RoPE kinds whose frequencies transformers picks from the batch's longest position.
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_that_follows_the_batch(config) -> str | None:
+    """The model's RoPE kind if it is one whose frequencies follow the longest position in the
+    batch (in rope_parameters, per layer type too, or an older config's rope_scaling)."""
+    found = [getattr(config, name, None) for name in ("rope_parameters", "rope_scaling")]
+    while found:
+        params = found.pop()
+        if isinstance(params, dict):
+            kind = params.get("rope_type") or params.get("type")
+            if kind in BATCH_DEPENDENT_ROPE:
+                return kind
+            found += [v for v in params.values() if isinstance(v, dict)]
+    return None
 
 
 @dataclass
