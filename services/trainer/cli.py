@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ from services.trainer.config import (
     RunConfig,
     api_key_from_env,
     load_config_file,
+    run_folder,
     saved_settings,
 )
 from shared.flags import (
@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
     out = chosen.setdefault("out", RunConfig.model_fields["out"].default)
-    folder = os.path.expanduser(str(out))  # where the run is, as RunConfig expands `out`
+    folder = run_folder(str(out))
     saved, saved_file = {}, Path(folder) / "config.json"
     if out and chosen.get("resume") is True:  # a bool: RunConfig refuses any other value
         saved = saved_settings(folder)

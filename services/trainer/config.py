@@ -261,9 +261,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _a_path(cls, value: str) -> str:
         usable_path(value)
-        # ~ expanded (the run writes to Path(out), which would take "~" for a folder's name), the
-        # rest as the user wrote it.
-        return os.path.expanduser(value)
+        return run_folder(value)
 
     @field_validator("api_key")
     @classmethod
@@ -286,6 +284,14 @@ class RunConfig(BaseModel):
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
         return [checked_url(url) for url in urls]
+
+
+def run_folder(out: str) -> str:
+    """Where a run given `out` writes: ~ expanded (Path(out) would take "~" for a folder's name),
+    the rest as the user wrote it. Whatever looks for the run (--resume reading its config.json,
+    the demo checking its folders) must look there too: "--out=~/runs", which a shell leaves as
+    it is, once let the demo check ./~/runs and replace a user's runs in $HOME/runs."""
+    return os.path.expanduser(out)
 
 
 def usable_path(value: str) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from opd.models import ModelLoadError, check_loadable
 from services.teacher.process import free_port, start_teacher, stop
-from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
+from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig, run_folder
 from services.trainer.loop import holds_a_run, reset_peak_rss, run
 from services.trainer.report import (
     first_reaching,
@@ -70,9 +70,7 @@ class DemoConfig:
     def __post_init__(self):
         if unknown := set(self.run_settings) - set(DEMO_RUN_SETTINGS):
             raise ValueError(f"run_settings may set {DEMO_RUN_SETTINGS}, not {sorted(unknown)}")
-        # As each run's RunConfig expands it: checked and written as two places, "~/runs" (a
-        # shell leaves --out=~/runs as it is) let the demo replace a run it had not made.
-        self.out = os.path.expanduser(self.out)
+        self.out = run_folder(self.out)  # where its runs write, so it checks them there
 
 
 def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
