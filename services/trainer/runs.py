@@ -21,11 +21,15 @@ from services.trainer.config import MAX_RUNS, RunConfig, in_api_words
 from services.trainer.loop import Run, RunError
 from shared.errors import InvalidRequest, NotFound, NotReady, QueueFull
 
-# About 300 steps' events (a step, a sample and now and then an evaluation each).
+# About 300 steps' events (a step, a sample and now and then an evaluation each): some 10 MB, the
+# step's per-position KL and the sample's log-probs being a few hundred numbers each.
 KEPT_EVENTS = 1000
-# Finished runs a server remembers (their views, events and metrics), the oldest forgotten first:
-# each keeps up to KEPT_EVENTS events, so a server running sweeps would otherwise grow without end.
+# Finished runs a server remembers (their views, events and metrics), the oldest forgotten first,
+# so a server running sweeps does not grow without end...
 KEPT_FINISHED_RUNS = 100
+# ...and the events each keeps once a later run has started and nobody follows it (its last ~30
+# steps and how it ended; metrics.jsonl has every step): 100 runs of KEPT_EVENTS would be ~1 GB.
+KEPT_EVENTS_AFTER = 100
 # Of a shutdown's wait, the part left for runs to save once the steps still under way are given up
 # on (a step that waits on a hung teacher would outlast the wait, and the process end kill it).
 SAVE_RESERVE_S = 30.0
@@ -104,6 +108,13 @@ class RunRecord:
         self.history.append(event)
         self.published += 1
         self.wake_followers()
+
+    def keep_fewer_events(self, kept: int) -> None:
+        """Forget all but the latest `kept` events (the numbering goes on)."""
+        if len(self.history) > kept:
+            self.history = deque(
+                itertools.islice(self.history, len(self.history) - kept, None), maxlen=KEPT_EVENTS
+            )
 
     def wake_followers(self) -> None:
         for woken in self.followers:
@@ -198,9 +209,13 @@ class Runs:
 
     def _forget_old_runs(self) -> None:
         finished = [r for r in self.records.values() if r.finished]  # oldest first
-        for record in finished[: max(0, len(finished) - KEPT_FINISHED_RUNS)]:
+        forgotten = max(0, len(finished) - KEPT_FINISHED_RUNS)
+        for record in finished[:forgotten]:
             del self.records[record.id]
             self.metrics.forget(record.id)
+        for record in finished[forgotten:]:
+            if not record.followers:  # one still reading must not miss the events it is behind
+                record.keep_fewer_events(KEPT_EVENTS_AFTER)
 
     def stop_each(self) -> None:
         """Ask every run to stop at its next step boundary (each writes its checkpoint), and start

@@ -14,7 +14,13 @@ from services.trainer import checkpoint
 from services.trainer import runs as runs_module
 from services.trainer.config import RunConfig
 from services.trainer.report import read_jsonl
-from services.trainer.runs import KEPT_EVENTS, RunRecord, Runs, TrainerMetrics
+from services.trainer.runs import (
+    KEPT_EVENTS,
+    KEPT_EVENTS_AFTER,
+    RunRecord,
+    Runs,
+    TrainerMetrics,
+)
 from shared.errors import InvalidRequest, NotReady, QueueFull
 from tests.conftest import a_closed_port, serve, wait_for
 from tests.teacher.test_routes import HangingBackend
@@ -63,6 +69,32 @@ def test_a_server_forgets_its_oldest_finished_runs_and_their_metrics(tmp_path, m
         assert list(runs.records) == ["old-1", "old-2", "old-3", new.id]
         exported = generate_latest(runs.metrics.registry).decode()
         assert 'run="old-0"' not in exported and 'run="old-2"' in exported
+    finally:
+        loop.close()
+
+
+def test_finished_runs_keep_fewer_events_once_another_starts_unless_followed(tmp_path):
+    """A long-lived server's finished runs would otherwise hold ~10 MB of events each."""
+    loop = asyncio.new_event_loop()
+    try:
+        runs = Runs(loop, TrainerMetrics())
+        for name in ("followed", "alone"):
+            record = runs.records[name] = RunRecord(id=name, config=RunConfig(), status="completed")
+            for step in range(KEPT_EVENTS + 5):
+                record.publish({"type": "step", "step": step})
+        runs.records["followed"].followers.add(asyncio.Event())
+        closed = f"http://127.0.0.1:{a_closed_port()}"
+        new = runs.start(RunConfig(out=str(tmp_path / "run"), teacher_url=[closed]))
+        new.thread.join(timeout=60)
+        assert len(runs.records["followed"].history) == KEPT_EVENTS
+        alone = runs.records["alone"]
+        assert len(alone.history) == KEPT_EVENTS_AFTER
+        # The numbering goes on: a late follower starts at the oldest kept, with its number.
+        first = KEPT_EVENTS + 5 - KEPT_EVENTS_AFTER
+        assert alone.events_after(0)[0] == (first + 1, {"type": "step", "step": first})
+        alone.publish({"type": "done"})
+        assert len(alone.history) == KEPT_EVENTS_AFTER + 1  # bounded by KEPT_EVENTS still
+        assert alone.events_after(KEPT_EVENTS + 5) == [(KEPT_EVENTS + 6, {"type": "done"})]
     finally:
         loop.close()
 
