@@ -241,7 +241,26 @@ def decode_request(body: bytes, binary: bool) -> ScoreRequest:
     data = an_object(data, "msgpack map" if binary else "JSON object")
     if binary:
         data = _unpack_request_arrays(data)
+    else:
+        _refuse_extra_candidate_rows(data)
     return validate_request(data)
+
+
+def _refuse_extra_candidate_rows(data: dict) -> None:
+    """JSON's candidate rows past a sequence's completion tokens, refused before validation builds
+    them (8 MiB of empty rows took 2.3 s and 400 MB of it, on top of json.loads's 1 s), as
+    _unpack_ragged refuses the binary form's."""
+    sequences, candidates = data.get("sequences"), data.get("candidate_ids")
+    if not (isinstance(sequences, list) and isinstance(candidates, list)):
+        return  # validation names what is wrong
+    for i, (rows, sequence) in enumerate(zip(candidates, sequences)):
+        bound = _completion_tokens(sequence)
+        if isinstance(rows, list) and bound is not None and len(rows) > bound:
+            raise InvalidRequest(
+                f"candidate_ids.{i} has {len(rows)} positions; its sequence has {bound} "
+                "completion tokens",
+                param=f"candidate_ids.{i}",
+            )
 
 
 def _unpack_request_arrays(data: dict) -> dict:

@@ -158,20 +158,26 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status: str | None = None  # the answer's, once it has begun
+        unanswered = "500"  # an exception before it: the error middleware answers 500
         start = time.perf_counter()
 
         async def send_and_watch(message):
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = str(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
+        except asyncio.CancelledError:
+            # Cut off by the server's shutdown (its 10 s for requests in flight): no error of
+            # ours, and nobody answers it, so a rolling restart shows no 500s.
+            unanswered = "cancelled"
+            raise
         finally:
             route = scope.get("route")
             # Unmatched paths share one label, so scanners cannot blow up the label set.
             name = route.path if route is not None else "unmatched"
-            self.metrics.requests.labels(name, str(status)).inc()
+            self.metrics.requests.labels(name, status or unanswered).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from fastapi import APIRouter, Request, Response
@@ -68,11 +69,14 @@ _SCORE_BODY = {
 async def score(request: Request, _: Authorized, state: Ready) -> Response:
     binary = is_binary_request(request)
     body = await read_body(request, state.settings.max_body_bytes)
-    parsed = decode_request(body, binary)
+    # Decoded and encoded in worker threads: a large body takes seconds as Python objects, and
+    # on the event loop it would hold up every other request (health checks, streams) meanwhile.
+    parsed = await asyncio.to_thread(decode_request, body, binary)
     scoring = score_request(parsed, state.backend, state.limits, state.metrics)
     result = await while_connected(request, scoring)
     out_binary = wants_binary_response(request, binary)
-    return Response(encode_response(result, out_binary), media_type=MSGPACK if out_binary else JSON)
+    encoded = await asyncio.to_thread(encode_response, result, out_binary)
+    return Response(encoded, media_type=MSGPACK if out_binary else JSON)
 
 
 @router.get("/health", summary="Alive (the process answers)")

@@ -39,6 +39,11 @@ def jobs_from_request(
     sample_temperature: float | None = None,
 ) -> list[ScoreJob]:
     check_top_k(request.top_k, limits)
+    # Each scored position answers its token's log-prob, the top-k and its candidates.
+    entries = sum(request.scored_positions(s) for s in range(len(request.sequences)))
+    entries *= 1 + request.top_k
+    entries += sum(len(row) for rows in request.candidate_ids or [] for row in rows)
+    check_response_entries(entries, "sequences")
     jobs = []
     for s, seq in enumerate(request.sequences):
         n_scored = request.scored_positions(s)
@@ -201,9 +206,9 @@ def check_top_k(top_k: int, limits: Limits) -> None:
         )
 
 
-# Log-prob entries (a token's log-prob, with its id, rank or text) one dialect response may hold.
-# The dialects build their JSON as Python objects, up to about 280 bytes an entry with OpenAI's
-# dicts (measured), so a 64 MiB body of short prompts asking for 20 each would need some 180 GB
+# Log-prob entries (a token's log-prob, with its id, rank or text) one response may hold. JSON
+# answers are built as Python objects, up to about 280 bytes an entry with OpenAI's dicts
+# (measured), so a 64 MiB body of short sequences asking for 20 each would need some 180 GB
 # unchecked; at this limit a response takes at most about 2.3 GB while it is built. Far above
 # what one training batch asks for (64 sequences of 2,048 tokens at 20 each: 2.8M).
 MAX_RESPONSE_ENTRIES = 2**23

@@ -106,14 +106,25 @@ def test_share_prompts_off_leaves_every_batch_to_the_one_pass():
     assert plain.cache_arg is None  # score_batch then never takes the shared pass
 
 
-def test_a_shared_pass_out_of_memory_scores_the_batch_the_lean_way_and_keeps_sharing(monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory"),
+        # What the CPU allocator raises (torch 2.13): no OutOfMemoryError.
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_a_shared_pass_out_of_memory_scores_the_batch_the_lean_way_and_keeps_sharing(
+    monkeypatch, failure
+):
     hf = HFBackend(str(TEACHER_PATH))
     hf.load()
     jobs = [ScoreJob(p + c, len(p)) for p, c in samples_of_few_prompts(hf.tokenizer)]
     expected = hf.score_batch(jobs)
 
-    def out_of_memory(jobs):  # as the copies of a long prompt's KV cache can be on a GPU
-        raise torch.OutOfMemoryError("CUDA out of memory")
+    def out_of_memory(jobs):  # as the copies of a long prompt's KV cache can
+        raise failure
 
     monkeypatch.setattr(hf, "_rows_sharing_prompts", out_of_memory)
     for a, b in zip(hf.score_batch(jobs), expected):

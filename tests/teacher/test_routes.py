@@ -3,20 +3,24 @@ serving; health, readiness, info, metrics and docs."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import msgpack
 import pytest
 
 from opd.bundled import TEACHER_PATH
-from services.teacher.app import create_app
+from services.teacher import routes
+from services.teacher.app import MetricsMiddleware, create_app
 from services.teacher.backends.hf import HFBackend
+from services.teacher.metrics import TeacherMetrics
 from services.teacher.routes_openai import CompletionRequest
 from services.teacher.routes_trl import SequenceLogprobsRequest
 from services.teacher.settings import TeacherSettings
@@ -76,6 +80,12 @@ def seq(prompt, completion):
         ({**GOOD, "candidate_ids": [[[1], [3] * 21, [2]]]}, "candidate_ids.0.1", "max_top_k is 20"),
         ({**GOOD, "max_positions": 0}, "max_positions", "greater than or equal to 1"),
         ({**GOOD, "surprise": 1}, "surprise", "extra"),
+        # 400,000 positions x 21 log-probs: a 25 MiB answer, GBs as Python objects while built.
+        (
+            {"sequences": [{"prompt_ids": [1], "completion_ids": [1] * 200}] * 2000, "top_k": 20},
+            "sequences",
+            "asks for 8,400,000 log-probs; a response holds at most 8,388,608",
+        ),
     ],
 )
 def test_bad_request_is_422_naming_the_field(teacher_url, body, param, says):
@@ -354,6 +364,25 @@ def test_metrics_count_requests_tokens_and_batches(teacher_url):
     assert metric(teacher_url, "opd_teacher_queue_depth") == 0  # nothing left waiting
 
 
+def test_a_request_cut_off_unanswered_is_counted_as_cancelled_not_as_a_500():
+    """As uvicorn cancels requests still in flight 10 s into a shutdown: a rolling restart under
+    load showed up as server errors."""
+    metrics = TeacherMetrics()
+
+    async def cut_off(scope, receive, send):
+        raise asyncio.CancelledError
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    for app in (cut_off, failing):
+        with pytest.raises((asyncio.CancelledError, RuntimeError)):
+            asyncio.run(MetricsMiddleware(app, metrics)({"type": "http"}, None, None))
+    samples = metrics.requests.collect()[0].samples
+    counted = {s.labels["status"]: s.value for s in samples if s.name.endswith("_total")}
+    assert counted == {"cancelled": 1.0, "500": 1.0}
+
+
 def test_openapi_documents_score(teacher_url):
     spec = httpx.get(teacher_url + "/openapi.json").json()
     body = spec["paths"]["/score"]["post"]["requestBody"]["content"]
@@ -433,3 +462,28 @@ def test_a_client_that_goes_away_before_its_turn_is_not_scored():
         first.join(timeout=30)
         time.sleep(0.3)
         assert backend.sequences == 1
+
+
+@pytest.mark.parametrize("step", ["decode_request", "encode_response"])
+def test_a_body_being_decoded_or_an_answer_encoded_holds_up_no_other_request(
+    teacher_url, monkeypatch, step
+):
+    """Seconds for a large request (8 MiB of JSON took 3 s): on the event loop, every other
+    request (health checks, streams) waited meanwhile; here /health timed out."""
+    working, release = threading.Event(), threading.Event()
+    original = getattr(routes, step)
+
+    def slow(*args):
+        working.set()
+        release.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(routes, step, slow)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, teacher_url, GOOD)
+        assert working.wait(30)
+        try:
+            assert httpx.get(teacher_url + "/health", timeout=5).status_code == 200
+        finally:
+            release.set()
+        assert answer.result().status_code == 200

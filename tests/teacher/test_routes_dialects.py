@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from opd.bundled import TEACHER_PATH
-from services.teacher import routes_openai, routes_trl
+from services.teacher import deps, routes_openai, routes_trl
 from services.teacher.app import create_app
 from services.teacher.backends.hf import HFBackend
 from services.teacher.settings import TeacherSettings
@@ -132,8 +132,9 @@ def test_a_response_too_large_to_build_is_refused_before_any_scoring(
         (OPENAI, {**OPENAI_GOOD, "prompt_logprobs": 2}, routes_openai, "_prompt_entry"),
         (TRL, TRL_GOOD, routes_trl, "json_response"),
         (TRL, {**TRL_GOOD, "response_format": "binary"}, routes_trl, "binary_response"),
+        (OPENAI, OPENAI_GOOD, deps, "load_json"),  # the request's body, as it is read
     ],
-    ids=["openai", "trl-json", "trl-binary"],
+    ids=["openai", "trl-json", "trl-binary", "openai-body"],
 )
 def test_a_response_being_built_holds_up_no_other_request(
     teacher_url, monkeypatch, route, body, module, builder

@@ -141,11 +141,11 @@ class HFBackend(Backend):
         ):
             try:
                 rows = self._rows_sharing_prompts(jobs)
-            except torch.OutOfMemoryError:  # the cache's copies: this batch takes the lean pass
-                pass
-            except Exception as exc:  # a model the shared pass does not fit: never again
-                log.warning("sharing prompts is off for this model: %s", exc)
-                self.cache_arg = None
+            except Exception as exc:
+                if not out_of_memory(exc):  # a model the shared pass does not fit: never again
+                    log.warning("sharing prompts is off for this model: %s", exc)
+                    self.cache_arg = None
+                # else the cache's copies did not fit: this batch takes the lean pass
         if rows is None:
             rows = self._rows(jobs)
         targets = torch.tensor([t for j in jobs for t in j.input_ids[j.n_prompt :]])
@@ -226,6 +226,14 @@ def worth_sharing(jobs: list[ScoreJob]) -> bool:
     distinct = {tuple(j.input_ids[: j.n_prompt]) for j in jobs}
     saved = sum(j.n_prompt for j in jobs) - sum(len(p) for p in distinct)
     return saved >= MIN_SAVED_SHARE * sum(len(j.input_ids) for j in jobs)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: CUDA's is an OutOfMemoryError, the CPU allocator's a RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), Python's own a MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "allocate" in str(exc)
 
 
 def shared_pass_fits(jobs: list[ScoreJob], max_batch_tokens: int) -> bool:
