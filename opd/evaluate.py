@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.generate import generate
+from opd.generate import generate, stop_ids
 from opd.padding import pad_id
 from shared.task import MAX_NEW_TOKENS, Problem, extract_answer
 
@@ -41,12 +42,15 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) 
     return tokenizer([p.prompt for p in problems])["input_ids"]
 
 
-def completion_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    """The text of a completion up to its <eos>, special tokens kept: one inside the answer (an
-    <unk> a sampled student can emit) must spoil it, not vanish from it."""
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=False)
+def completion_text(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: Collection[int] | None = None
+) -> str:
+    """The text of a completion up to its first `stop` id (the tokenizer's <eos> unless given),
+    special tokens kept: one inside the answer (an <unk> a sampled student can emit) must spoil
+    it, not vanish from it."""
+    stop = {tokenizer.eos_token_id} if stop is None else set(stop)
+    ends = [i for i, token in enumerate(ids) if token in stop]
+    return tokenizer.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=False)
 
 
 def evaluate(
@@ -64,6 +68,7 @@ def evaluate(
     default, avg@k with samples=k at temperature 1. A `stop` set meanwhile ends it at the next
     batch with EvaluationStopped (a long evaluation must not hold up a run's checkpoint)."""
     generator = torch.Generator(model.device).manual_seed(seed)
+    stop_at = stop_ids(model, tokenizer)
     jobs = [p for p in problems for _ in range(samples)]
     correct = well_formed = tokens = 0
     start = time.perf_counter()
@@ -77,13 +82,13 @@ def evaluate(
             model,
             encode_prompts(tokenizer, chunk),
             MAX_NEW_TOKENS,
-            tokenizer.eos_token_id,
+            stop_at,
             pad_id(tokenizer),
             temperature=temperature,
             generator=generator,
         )
         for problem, ids in zip(chunk, out.completions()):
-            answer = extract_answer(completion_text(tokenizer, ids))
+            answer = extract_answer(completion_text(tokenizer, ids, stop_at))
             correct += answer == problem.answer
             well_formed += answer is not None
             tokens += len(ids)

@@ -7,7 +7,7 @@ returns the sampled tokens' log-probs, which the trainer needs as the behaviour 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +25,19 @@ class Generation:
     lengths_B: torch.Tensor  # int64, tokens in each completion
     finished_B: (
         torch.Tensor
-    )  # bool, True where the completion ended with eos (not cut at the limit)
+    )  # bool, True where the completion ended with a stop id (not cut at the limit)
 
     def completions(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens_B_T, self.lengths_B)]
+
+
+def stop_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """The ids a generation ends at, as in transformers' and vLLM's generate: the tokenizer's eos
+    and the eos_token_id (an id or a list) of the model's generation config, which transformers
+    reads from generation_config.json (an instruct model's end of turn is often only there)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({tokenizer.eos_token_id, *listed} - {None})
 
 
 @torch.no_grad()
@@ -36,13 +45,14 @@ def generate(
     model: PreTrainedModel,
     prompts: list[list[int]],
     max_new_tokens: int,
-    eos_id: int,
+    stop: int | Collection[int],
     pad_id: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     on_done: Callable[[list[int], Generation], None] | None = None,
 ) -> Generation:
-    """Decode up to `max_new_tokens` per prompt; temperature 0 is greedy, otherwise sampling at T.
+    """Decode up to `max_new_tokens` per prompt, each ending at its first `stop` id (kept);
+    temperature 0 is greedy, otherwise sampling at T.
 
     `on_done(rows, partial)` is called as rows finish (eos, or the token limit at the end) with the
     generation so far, so a caller can hand finished completions on while the rest still decode.
@@ -55,6 +65,7 @@ def generate(
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    stop_S = torch.tensor([stop] if isinstance(stop, int) else sorted(stop), device=device)
     cache = DynamicCache()
     mask = mask_B_P
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -68,7 +79,7 @@ def generate(
         tokens[live, t] = next_B[live]
         logprobs[live, t] = logprob_B[live]
         lengths += live.long()
-        newly_done = live & (next_B == eos_id)
+        newly_done = live & torch.isin(next_B, stop_S)
         finished |= newly_done
         if on_done is not None and bool(newly_done.any()):
             on_done(

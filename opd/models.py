@@ -118,10 +118,10 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> None:
+def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> int | None:
     """The folder's config is one transformers knows, and its vocabulary holds the tokenizer's: a
     larger tokenizer would index past the embedding table (a smaller one is the common padded
-    vocabulary, and fine). Reads no weights."""
+    vocabulary, and fine). Reads no weights. Returns the config's vocab_size, if it has one."""
     try:
         config = AutoConfig.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
@@ -134,6 +134,7 @@ def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> No
             f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab_size}; they do not belong together"
         )
+    return vocab_size
 
 
 def stop_token_ids(folder: str | Path, tokenizer) -> frozenset[int]:

@@ -62,23 +62,28 @@ def runs_of(request: Request) -> Runs:
     return request.app.state.runs
 
 
-async def refuse_a_student_that_cannot_load(cfg: RunConfig) -> PreTrainedTokenizerBase:
+async def refuse_a_student_that_cannot_load(
+    cfg: RunConfig,
+) -> tuple[PreTrainedTokenizerBase, int | None]:
     """What can be known at once about the student (no weights are read), named by its field: its
-    folder, weights files, config, tokenizer and device. Its tokenizer, for the teachers' check."""
+    folder, weights files, config, tokenizer and device. Its tokenizer and vocabulary size, for the
+    teachers' check."""
     try:
         folder = check_loadable(cfg.student, cfg.device)
         tokenizer = await asyncio.to_thread(load_tokenizer, folder)
-        await asyncio.to_thread(check_config, folder, tokenizer)
+        vocab = await asyncio.to_thread(check_config, folder, tokenizer)
     except ModelLoadError as exc:
         param = "device" if exc.setting == "device" else "student"
         raise InvalidRequest(f"{param}: {exc}", param=param) from None
-    return tokenizer
+    return tokenizer, vocab
 
 
-async def refuse_teachers_that_cannot_serve(cfg: RunConfig, tokenizer) -> None:
+async def refuse_teachers_that_cannot_serve(
+    cfg: RunConfig, tokenizer, student_vocab: int | None
+) -> None:
     """What the run would check first against each teacher replica, asked now: that it answers, takes
-    the API key, speaks the student's tokenizer, and allows the top-k and the longest sequence.
-    A replica still loading passes: the run waits for it and checks it then."""
+    the API key, speaks the student's tokenizer, holds its vocabulary, and allows the top-k and the
+    longest sequence. A replica still loading passes: the run waits for it and checks it then."""
     ready, infos = [], []
     for url in cfg.teacher_url:
         try:
@@ -96,7 +101,8 @@ async def refuse_teachers_that_cannot_serve(cfg: RunConfig, tokenizer) -> None:
     if not ready:
         return
     try:
-        check_teacher_limits(cfg.model_copy(update={"teacher_url": ready}), infos, tokenizer)
+        ready_cfg = cfg.model_copy(update={"teacher_url": ready})
+        check_teacher_limits(ready_cfg, infos, tokenizer, student_vocab)
     except RunError as exc:
         raise InvalidRequest(in_api_words(str(exc)), param=exc.param) from None
 
@@ -108,8 +114,8 @@ async def start_run(cfg: RunConfig, request: Request) -> dict:
     runs.refuse_when_full()
     runs.refuse_other_threads(cfg)
     refuse_a_folder_in_use(cfg, runs)
-    tokenizer = await refuse_a_student_that_cannot_load(cfg)
-    await refuse_teachers_that_cannot_serve(cfg, tokenizer)
+    tokenizer, vocab = await refuse_a_student_that_cannot_load(cfg)
+    await refuse_teachers_that_cannot_serve(cfg, tokenizer, vocab)
     refuse_a_folder_in_use(cfg, runs)  # again: another request may have claimed it meanwhile
     record = runs.start(cfg)
     return {"id": record.id, "status": record.status}

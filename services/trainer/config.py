@@ -149,6 +149,13 @@ class RunConfig(BaseModel):
         description="Train each rollout only up to its first error: a token the teacher gives at "
         "least this many nats less than the student (off by default; 2 is a good start).",
     )
+    dropout: bool = Field(
+        False,
+        description="Keep the student's dropout in its training passes (off by default, as TRL's "
+        "disable_dropout: the advantage, the importance ratio and --cut-at-error compare the "
+        "training pass's log-probs with those the rollout was sampled at).",
+        strict=True,
+    )
     micro_batch: int = Field(
         16, ge=1, description="Rollouts per frame streamed to the teacher.", strict=True
     )

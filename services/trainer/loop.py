@@ -184,9 +184,12 @@ def finished_summary(cfg: RunConfig, resumed: checkpoint.TrainState | None) -> d
     return summary if done and summary.get("steps") == cfg.steps else None
 
 
-def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer) -> None:
-    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, or the
-    task's longest prompt plus the schedule's longest horizon beyond its max_seq_len."""
+def check_teacher_limits(
+    cfg: RunConfig, infos: list[dict], tokenizer, student_vocab: int | None
+) -> None:
+    """Refuse settings a teacher replica would reject mid-run: a top-k above its max_top_k, the
+    task's longest prompt plus the schedule's longest horizon beyond its max_seq_len, or a student
+    whose vocabulary (`student_vocab` rows) has ids past the teacher's."""
     # A bound, not one prompt's count: with merges another prompt of the same length may take more
     # tokens. Each character is at most one token, plus the special ones and a prefix space's.
     bound = len(LONGEST_PROMPT) + tokenizer.num_special_tokens_to_add() + 1
@@ -194,6 +197,14 @@ def check_teacher_limits(cfg: RunConfig, infos: list[dict], tokenizer) -> None:
     # Horizons never shrink, so the last step's is the longest.
     longest_horizon = parse_schedule(cfg.schedule, cfg.max_new_tokens).horizon(cfg.steps - 1)
     for url, info in zip(cfg.teacher_url, infos):
+        if student_vocab is not None and student_vocab > info["vocab_size"]:
+            # The padded rows of the student's: the tokenizer is the same (its fingerprint).
+            raise RunError(
+                f"--student {cfg.student} has a vocabulary of {student_vocab} ids, the teacher at "
+                f"{url} of {info['vocab_size']}: the student could sample ids the teacher cannot "
+                "score",
+                param="student",
+            )
         if cfg.teacher_top_k > info["max_top_k"]:
             raise RunError(
                 f"--top-k {cfg.top_k}: the teacher at {url} allows at most {info['max_top_k']}",
@@ -299,7 +310,9 @@ class Run:
             raise RunError(
                 f"{exc} (the teacher's key goes in --api-key)", param="api_key"
             ) from None
-        check_teacher_limits(cfg, infos, self.tokenizer)
+        check_teacher_limits(
+            cfg, infos, self.tokenizer, getattr(self.model.config, "vocab_size", None)
+        )
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -445,7 +458,7 @@ class Run:
         batch = list(itertools.islice(self.data, cfg.prompts_per_step))
         for group in self.optimizer.param_groups:
             group["lr"] = warmup_lr(state.step, cfg.lr, cfg.warmup_steps)
-        # Put back should the step fail: its training passes draw from them (dropout).
+        # Put back should the step fail: its training passes draw from them (--dropout).
         self.rng_before_failed_step = checkpoint.rng_states()
         started = time.perf_counter()
         rollouts, feed = self._sample(batch, horizon)
@@ -510,7 +523,9 @@ class Run:
     def _update(self, feed):
         """Backpropagate each micro-batch as its scores come back, then take one optimizer step;
         the loss terms, the scores, the feed's statistics and the gradient norm before clipping."""
-        self.model.train()
+        # Rollouts are sampled with dropout off: a training pass with it on would give other
+        # log-probs for the same tokens, noise in every advantage and ratio.
+        self.model.train(self.cfg.dropout)
         self.optimizer.zero_grad(set_to_none=True)
         result = accumulate_gradients(self.model, feed.scored_frames(), self.cfg)
         scores, fstats = feed.finish()

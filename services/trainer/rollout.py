@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.evaluate import encode_prompts
-from opd.generate import Generation, generate
+from opd.generate import Generation, generate, stop_ids
 from opd.padding import pad_id
 from shared.task import Problem
 
@@ -22,7 +22,7 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     sample_logprobs: list[float]  # log-probs under the sampling policy
-    finished: bool  # ended with <eos> inside the horizon (else cut at H)
+    finished: bool  # ended with a stop id (<eos>) inside the horizon (else cut at H)
 
 
 def sample_rollouts(
@@ -65,7 +65,7 @@ def sample_rollouts(
         model,
         prompts,
         horizon,
-        tokenizer.eos_token_id,
+        stop_ids(model, tokenizer),
         pad_id(tokenizer),
         temperature=temperature,
         generator=generator,

@@ -67,8 +67,10 @@ def student_logprobs(model, rollouts: list[Rollout]) -> tuple[torch.Tensor, torc
     pos_B_T = (n_prompt_B[:, None] - 1 + t_T[None, :]).clamp(max=ids_B_L.shape[1] - 1)
     mask_B_T = (t_T[None, :] < n_comp_B[:, None]).float()
     vocab = logits_B_L_V.shape[-1]
-    # Only the completion rows: the prompt's rows never need a log-softmax.
-    logits_B_T_V = logits_B_L_V.gather(1, pos_B_T[..., None].expand(-1, -1, vocab).to(model.device))
+    # Only the completion rows: the prompt's rows never need a log-softmax. Expanded after the
+    # move: a copy to another device would make the [B, T, V] view of indices a real tensor.
+    index_B_T_V = pos_B_T.to(model.device)[..., None].expand(-1, -1, vocab)
+    logits_B_T_V = logits_B_L_V.gather(1, index_B_T_V)
     return torch.log_softmax(logits_B_T_V.float(), dim=-1), mask_B_T.to(model.device)
 
 
@@ -148,11 +150,20 @@ def distillation_loss(
         topk_lp = finite_logprobs(
             right_pad([s.topk_logprobs[:, : cfg.top_k] for s in picked], 0.0, torch.float32, width)
         )
-        student_topk = logp_B_T_V.gather(2, topk_ids.to(device))
+        # A larger teacher vocabulary's padded rows (Qwen2.5-7B's 152,064 ids over 0.5B's
+        # 151,936) are ids no student has: they leave the top-k (JSD's tail bucket keeps their
+        # mass), as the student can put none there.
+        vocab = logp_B_T_V.shape[-1]
+        beyond = (topk_ids >= vocab).to(device)
+        topk_ids, topk_lp = topk_ids.clamp(max=vocab - 1), topk_lp.to(device)
+        student_topk = logp_B_T_V.gather(2, topk_ids.to(device)).masked_fill(
+            beyond, IMPOSSIBLE_LOGP
+        )
+        topk_lp = topk_lp.masked_fill(beyond, IMPOSSIBLE_LOGP)
         if cfg.loss == "forward_kl_topk":
-            loss = losses.topk_forward_kl(student_topk, topk_lp.to(device), loss_mask_B_T)
+            loss = losses.topk_forward_kl(student_topk, topk_lp, loss_mask_B_T)
         else:
-            loss = losses.topk_jsd(student_topk, topk_lp.to(device), loss_mask_B_T, cfg.jsd_beta)
+            loss = losses.topk_jsd(student_topk, topk_lp, loss_mask_B_T, cfg.jsd_beta)
     # The KL is measured on every rollout token, whatever the loss trained on.
     return MicroBatchLoss(
         loss=loss,

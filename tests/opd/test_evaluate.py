@@ -47,6 +47,15 @@ def test_a_special_token_inside_the_answer_spoils_it_and_text_after_eos_is_not_r
     assert extract_answer(completion_text(tokenizer, after_eos)) == 45
 
 
+def test_text_after_any_stop_id_the_model_lists_is_not_read(student):
+    tokenizer = student[1]
+    comma = tokenizer.convert_tokens_to_ids(",")
+    ids = [*tokenizer("A:45\n", add_special_tokens=False)["input_ids"], comma]
+    ids += tokenizer("\nA:7\n", add_special_tokens=False)["input_ids"]
+    assert extract_answer(completion_text(tokenizer, ids)) == 7  # "," is no stop by default
+    assert extract_answer(completion_text(tokenizer, ids, [tokenizer.eos_token_id, comma])) == 45
+
+
 def test_a_stop_ends_an_evaluation_at_the_next_batch(student):
     model, tokenizer = student
 

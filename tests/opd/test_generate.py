@@ -3,10 +3,12 @@ for its last position only."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from opd.evaluate import encode_prompts
-from opd.generate import generate
+from opd.generate import generate, stop_ids
 from shared.task import problems
 
 PROMPTS = problems("eval", 4, seed=2)
@@ -39,3 +41,29 @@ def test_the_prompts_pass_computes_only_the_last_positions_logits(student):
         hook.remove()
     vocab = model.config.vocab_size
     assert rows_seen == [torch.Size([len(prompts), 1, vocab])] * 3
+
+
+def test_decoding_ends_at_each_stop_id_as_transformers_generate_does(student):
+    model, tokenizer = student
+    prompts = encode_prompts(tokenizer, PROMPTS)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(",")]
+    ours = generate(model, prompts, 40, stops, tokenizer.pad_token_id)
+    assert ours.finished_B.all()  # each solution writes a "," within 40 tokens
+    for prompt, completion in zip(prompts, ours.completions()):
+        want = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+        assert completion == want and completion[-1] == stops[1]
+
+
+def test_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(student):
+    model, tokenizer = student
+    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    listed = copy.deepcopy(model)
+    listed.generation_config.eos_token_id = [7, tokenizer.eos_token_id, 5]
+    assert stop_ids(listed, tokenizer) == sorted({5, 7, tokenizer.eos_token_id})

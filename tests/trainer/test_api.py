@@ -239,8 +239,15 @@ def with_config(**fields):
         (without("model.safetensors"), "no weights files (*.safetensors, *.bin, *.pt)"),
         (with_config(model_type="no-such-model"), "unreadable config.json"),
         (with_config(vocab_size=8), "tokenizer has 23 tokens but the model's vocab_size is 8"),
+        (with_config(vocab_size=40), "has a vocabulary of 40 ids, the teacher at"),
     ],
-    ids=["no-tokenizer", "no-weights", "unknown-model-type", "vocab-smaller-than-tokenizer"],
+    ids=[
+        "no-tokenizer",
+        "no-weights",
+        "unknown-model-type",
+        "vocab-smaller-than-tokenizer",
+        "vocab-past-the-teachers",
+    ],
 )
 def test_a_student_folder_that_cannot_load_is_422_naming_student(
     trainer_url, teacher_url, tmp_path, spoil, says

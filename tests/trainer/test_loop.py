@@ -181,13 +181,24 @@ def test_a_resumed_run_draws_the_problems_after_those_it_used():
 )
 def test_teacher_limits_hold_the_schedules_longest_horizon(student, schedule, loss, refused, param):
     cfg = RunConfig(schedule=schedule, loss=loss, top_k=25, steps=30)
-    info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 150}
+    info = {"max_top_k": 20 if loss != "reverse_kl" else 0, "max_seq_len": 150, "vocab_size": 23}
     if refused is None:
-        check_teacher_limits(cfg, [info], student[1])
+        check_teacher_limits(cfg, [info], student[1], 23)
     else:
         with pytest.raises(RunError, match=refused) as error:
-            check_teacher_limits(cfg, [info], student[1])
+            check_teacher_limits(cfg, [info], student[1], 23)
         assert error.value.param == param
+
+
+def test_a_student_with_ids_past_the_teachers_vocabulary_is_refused(student):
+    """It could sample an id the teacher refuses to score, and fail a step; a teacher with the
+    larger vocabulary (padded rows past the shared tokenizer's) is the common pair, and fine."""
+    cfg = RunConfig(schedule="truncated:24", steps=30)
+    info = {"max_top_k": 0, "max_seq_len": 150, "vocab_size": 32}
+    check_teacher_limits(cfg, [info], student[1], 23)
+    with pytest.raises(RunError, match="vocabulary of 40 ids, the teacher at .* of 32") as error:
+        check_teacher_limits(cfg, [info], student[1], 40)
+    assert error.value.param == "student"
 
 
 class MergingTokenizer:
@@ -202,9 +213,9 @@ class MergingTokenizer:
 
 def test_teacher_limits_bound_the_prompt_by_characters_not_by_one_prompts_tokens():
     cfg = RunConfig(schedule="truncated:24", steps=30)
-    info = {"max_top_k": 0, "max_seq_len": 24 + 10}
+    info = {"max_top_k": 0, "max_seq_len": 24 + 10, "vocab_size": 23}
     with pytest.raises(RunError, match="prompts of up to 31"):
-        check_teacher_limits(cfg, [info], MergingTokenizer())
+        check_teacher_limits(cfg, [info], MergingTokenizer(), 23)
 
 
 def test_a_run_folder_it_cannot_write_is_a_clear_error(tmp_path, teacher_process):
@@ -759,17 +770,39 @@ def test_a_run_whose_teacher_dies_keeps_its_steps_and_resumes_to_the_same_weight
         assert torch.allclose(want[name], got[name], atol=1e-6, rtol=0), name
 
 
-def test_a_step_failing_mid_update_saves_the_random_state_the_last_whole_step_left(
-    tmp_path, teacher_process, monkeypatch
-):
-    """A student with dropout draws from torch's generator in every training pass: the failed
-    step's passes must not leak into the checkpoint, or the resumed run drops other units."""
+def a_student_with_dropout(tmp_path) -> Path:
     student = tmp_path / "student-with-dropout"
     shutil.copytree(STUDENT_PATH, student)
     config = json.loads((student / "config.json").read_text())
     (student / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    return student
+
+
+def test_a_student_with_dropout_trains_as_without_it_unless_asked(tmp_path, teacher_process):
+    """Rollouts are sampled with dropout off; a training pass with it on would score the same
+    tokens otherwise (ratios from 0 to 4.5 at dropout 0.1), noise in every advantage."""
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=2)
+    run(cfg.model_copy(update={"out": str(tmp_path / "plain")}))
+    with_dropout = cfg.model_copy(update={"student": str(a_student_with_dropout(tmp_path))})
+    run(with_dropout.model_copy(update={"out": str(tmp_path / "off")}))
+    run(with_dropout.model_copy(update={"out": str(tmp_path / "on"), "dropout": True}))
+    want, off, on = (final_weights(tmp_path / name) for name in ("plain", "off", "on"))
+    for name in want:
+        assert torch.allclose(want[name], off[name], atol=1e-6, rtol=0), name
+    assert any(not torch.allclose(want[name], on[name], atol=1e-4) for name in want)
+
+
+def test_a_step_failing_mid_update_saves_the_random_state_the_last_whole_step_left(
+    tmp_path, teacher_process, monkeypatch
+):
+    """A student trained with its dropout draws from torch's generator in every training pass:
+    the failed step's passes must not leak into the checkpoint, or the resumed run drops other
+    units."""
+    student = a_student_with_dropout(tmp_path)
     small = {**SMALL, "micro_batch": 4}  # two passes a step: the failure comes after the first
-    cfg = RunConfig(**small, student=str(student), teacher_url=[teacher_process], steps=4)
+    cfg = RunConfig(
+        **small, student=str(student), teacher_url=[teacher_process], steps=4, dropout=True
+    )
     run(cfg.model_copy(update={"out": str(tmp_path / "straight")}))
 
     accumulate = loop.accumulate_gradients

@@ -3,8 +3,13 @@ and carry the sampling policy's true log-probs."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
 
+from opd.bundled import STUDENT_PATH
+from opd.models import load_model
 from services.trainer.rollout import sample_rollouts
 from services.trainer.step import student_logprobs
 from shared.task import problems
@@ -65,3 +70,17 @@ def test_sample_logprobs_equal_a_forward_pass(student):
         )
         assert torch.allclose(torch.tensor(r.sample_logprobs), want, atol=1e-4)
         assert mask_B_T[b].sum() == len(r.completion_ids)
+
+
+def test_rollouts_end_at_the_stop_ids_the_students_generation_config_lists(student, tmp_path):
+    """As an instruct model's end of turn, listed only in generation_config.json: tokens after it
+    would be scored and trained on."""
+    folder = tmp_path / "student"
+    shutil.copytree(STUDENT_PATH, folder)
+    comma = student[1].convert_tokens_to_ids(",")
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], comma]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    rollouts, _ = sample(load_model(folder), horizon=40)
+    assert all(r.finished and r.completion_ids[-1] == comma for r in rollouts)
+    assert all(comma not in r.completion_ids[:-1] for r in rollouts)

@@ -190,3 +190,24 @@ def test_a_small_step_down_each_losss_gradient_brings_the_student_closer_to_the_
 
     down, now, up = divergence_after(-0.01), divergence_after(0.0), divergence_after(0.01)
     assert down < 0.95 * now and up > 1.05 * now, (down, now, up)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl_topk", "jsd_topk"])
+def test_teacher_top_k_ids_past_the_students_vocabulary_leave_the_top_k(student, loss):
+    """A larger teacher vocabulary's padded rows hold ids no student token has: the loss is the
+    one over the other ids (JSD's tail bucket takes their mass), not an index error."""
+    model, rollouts = student[0], rollouts_of(student)
+    vocab = model.config.vocab_size
+    cfg = RunConfig(loss=loss, top_k=3)
+    three = scores_with_an_error(rollouts, 5, -1.0)
+    two = copy.deepcopy(three)
+    for score in three.values():
+        n = len(score.logprobs)
+        score.topk_ids = np.concatenate([score.topk_ids, np.full((n, 1), vocab + 7, np.int32)], 1)
+        score.topk_logprobs = np.concatenate(
+            [score.topk_logprobs, np.full((n, 1), -3.0, np.float32)], 1
+        )
+    with torch.no_grad():
+        got = distillation_loss(model, rollouts, three, cfg).loss
+        want = distillation_loss(model, rollouts, two, cfg.model_copy(update={"top_k": 2})).loss
+    assert torch.isfinite(got) and torch.allclose(got, want, atol=1e-6), (got, want)
