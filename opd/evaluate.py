@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.generate import generate, stop_ids
+from opd.generate import generate
+from opd.models import stop_token_ids
 from opd.padding import pad_id
 from shared.task import MAX_NEW_TOKENS, Problem, extract_answer
 
@@ -68,7 +69,7 @@ def evaluate(
     default, avg@k with samples=k at temperature 1. A `stop` set meanwhile ends it at the next
     batch with EvaluationStopped (a long evaluation must not hold up a run's checkpoint)."""
     generator = torch.Generator(model.device).manual_seed(seed)
-    stop_at = stop_ids(model, tokenizer)
+    stop_at = stop_token_ids(model.generation_config, tokenizer)
     jobs = [p for p in problems for _ in range(samples)]
     correct = well_formed = tokens = 0
     start = time.perf_counter()

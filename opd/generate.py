@@ -31,15 +31,6 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens_B_T, self.lengths_B)]
 
 
-def stop_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    """The ids a generation ends at, as in transformers' and vLLM's generate: the tokenizer's eos
-    and the eos_token_id (an id or a list) of the model's generation config, which transformers
-    reads from generation_config.json (an instruct model's end of turn is often only there)."""
-    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    listed = [listed] if isinstance(listed, int) else list(listed or [])
-    return sorted({tokenizer.eos_token_id, *listed} - {None})
-
-
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,

@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -137,18 +138,33 @@ def check_config(folder: Path, tokenizer, trust_remote_code: bool = False) -> in
     return vocab_size
 
 
-def stop_token_ids(folder: str | Path, tokenizer) -> frozenset[int]:
-    """The tokenizer's eos id and those the folder's generation_config.json lists (an id or a
-    list), the ids vLLM ends a generation at; an unreadable file lists none."""
-    ids = {tokenizer.eos_token_id} - {None}
+def generation_config(folder: str | Path, trust_remote_code: bool = False):
+    """The folder's GenerationConfig as transformers' from_pretrained and vLLM read it:
+    generation_config.json, else one made from config.json; None where neither reads."""
     try:
-        listed = json.loads((Path(folder) / "generation_config.json").read_bytes()).get(
-            "eos_token_id"
+        return GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:  # none, or not JSON
+        pass
+    except (TypeError, ValueError):  # JSON, but not a config's
+        return None
+    try:
+        config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, AttributeError):  # none, not JSON, not an object
-        listed = None
+        return GenerationConfig.from_model_config(config)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def stop_token_ids(config, tokenizer) -> frozenset[int]:
+    """The ids a generation ends at, as in transformers' and vLLM's generate: the tokenizer's eos
+    and the eos_token_id (an id or a list) of the model's GenerationConfig `config` (a loaded
+    model's `generation_config`, or generation_config(folder)); an instruct model's end of turn
+    is often only there."""
+    listed = getattr(config, "eos_token_id", None)
     listed = [listed] if isinstance(listed, int) else listed
-    if isinstance(listed, list):
+    ids = {tokenizer.eos_token_id} - {None}
+    if isinstance(listed, (list, tuple)):
         ids |= {i for i in listed if isinstance(i, int) and not isinstance(i, bool)}
     return frozenset(ids)
 

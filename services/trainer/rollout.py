@@ -10,7 +10,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.evaluate import encode_prompts
-from opd.generate import Generation, generate, stop_ids
+from opd.generate import Generation, generate
+from opd.models import stop_token_ids
 from opd.padding import pad_id
 from shared.task import Problem
 
@@ -65,7 +66,7 @@ def sample_rollouts(
         model,
         prompts,
         horizon,
-        stop_ids(model, tokenizer),
+        stop_token_ids(model.generation_config, tokenizer),
         pad_id(tokenizer),
         temperature=temperature,
         generator=generator,

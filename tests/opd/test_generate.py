@@ -3,12 +3,10 @@ for its last position only."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from opd.evaluate import encode_prompts
-from opd.generate import generate, stop_ids
+from opd.generate import generate
 from shared.task import problems
 
 PROMPTS = problems("eval", 4, seed=2)
@@ -59,11 +57,3 @@ def test_decoding_ends_at_each_stop_id_as_transformers_generate_does(student):
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(prompt) :].tolist()
         assert completion == want and completion[-1] == stops[1]
-
-
-def test_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(student):
-    model, tokenizer = student
-    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
-    listed = copy.deepcopy(model)
-    listed.generation_config.eos_token_id = [7, tokenizer.eos_token_id, 5]
-    assert stop_ids(listed, tokenizer) == sorted({5, 7, tokenizer.eos_token_id})

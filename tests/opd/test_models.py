@@ -15,6 +15,7 @@ from opd.models import (
     ModelLoadError,
     check_loadable,
     count_parameters,
+    generation_config,
     load_model,
     load_tokenizer,
     stop_token_ids,
@@ -114,5 +115,18 @@ def test_a_folder_without_weights_is_refused_before_anything_is_loaded(tmp_path)
 def test_the_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(tmp_path, config, extra):
     tokenizer = load_tokenizer(STUDENT_PATH)
     (tmp_path / "generation_config.json").write_text(config)
-    assert stop_token_ids(tmp_path, tokenizer) == {tokenizer.eos_token_id} | extra
-    assert stop_token_ids(tmp_path / "none", tokenizer) == {tokenizer.eos_token_id}
+    want = {tokenizer.eos_token_id} | extra
+    assert stop_token_ids(generation_config(tmp_path), tokenizer) == want
+    assert stop_token_ids(generation_config(tmp_path / "none"), tokenizer) == {2}
+
+
+def test_without_a_generation_config_the_stop_ids_come_from_the_models_config(tmp_path):
+    """As transformers and vLLM make one from config.json then."""
+    shutil.copytree(STUDENT_PATH, tmp_path / "student")
+    folder = tmp_path / "student"
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 11]}))
+    model, tokenizer = load_model(folder)
+    assert stop_token_ids(generation_config(folder), tokenizer) == {2, 11}
+    assert stop_token_ids(model.generation_config, tokenizer) == {2, 11}

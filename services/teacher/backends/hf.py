@@ -103,7 +103,7 @@ class HFBackend(Backend):
             vocab_size=vocab,
             max_seq_len=max_len,
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            stop_token_ids=stop_token_ids(self.model_path, tokenizer),
+            stop_token_ids=stop_token_ids(model.generation_config, tokenizer),
         )
         return self.info
 

@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 from transformers import AutoConfig
 
-from opd.models import load_tokenizer, stop_token_ids
+from opd.models import generation_config, load_tokenizer, stop_token_ids
 from services.teacher.admission import Admission, Place
 from services.teacher.backends.base import Backend, BackendInfo, ScoreJob
 from shared.errors import InvalidRequest
@@ -84,7 +84,9 @@ class VLLMBackend(Backend):
             vocab_size=config.get_vocab_size(),
             max_seq_len=config.max_model_len - 1,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
-            stop_token_ids=stop_token_ids(self.model_path, self.tokenizer),
+            stop_token_ids=stop_token_ids(
+                generation_config(self.model_path, self.trust_remote_code), self.tokenizer
+            ),
         )
         return self.info
 
