@@ -17,6 +17,9 @@ case "$phase" in
     else
       # vLLM pins its torch: a torch installed before it would be replaced, leaving two in the image.
       $pip install "vllm==$vllm_version"
+      # Triton, under vLLM, compiles its GPU launcher with the system's C compiler when it starts.
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
+      rm -rf /var/lib/apt/lists/*
     fi ;;
   deps)
     /opt/venv/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('/build/pyproject.toml', 'rb'))['project']['dependencies']))" > /build/requirements.txt

@@ -191,6 +191,23 @@ def test_gpu_override_gives_the_teacher_the_named_gpu():
     assert teacher["environment"]["OPD_TEACHER_BACKEND"] == "vllm"
     assert teacher["healthcheck"]["start_period"] == "20m0s"
     assert teacher["environment"]["OPD_TEACHER_GPU_MEMORY_UTILIZATION"] == "0.9"
+    assert teacher["environment"]["OPD_TEACHER_DTYPE"] == "bfloat16"
+    env["OPD_TEACHER_DTYPE"] = "float16"  # a GPU without bfloat16 (T4, V100)
+    rendered = compose(*files, "config", "--format", "json", env=env, timeout=60).stdout
+    assert (
+        json.loads(rendered)["services"]["teacher"]["environment"]["OPD_TEACHER_DTYPE"] == "float16"
+    )
+
+
+def test_the_balancer_is_published_on_loopback_unless_told_otherwise():
+    """Without OPD_TEACHER_API_KEY the teachers answer anyone: `docker compose up` must not put
+    them on every interface of the host (published ports pass host firewalls such as ufw)."""
+    needs(has_compose_cli(), "the compose v2 CLI")
+    unset = {k: v for k, v in os.environ.items() if k != "OPD_TEACHER_BIND"}
+    for env, host_ip in (({}, "127.0.0.1"), ({"OPD_TEACHER_BIND": "0.0.0.0"}, "0.0.0.0")):
+        rendered = compose("config", "--format", "json", env={**unset, **env}, timeout=60)
+        (port,) = json.loads(rendered.stdout)["services"]["lb"]["ports"]
+        assert port["host_ip"] == host_ip and port["target"] == 8000
 
 
 def test_opd_teacher_streams_reaches_the_demos_command():

@@ -240,6 +240,8 @@ class TrainerServer(uvicorn.Server):
         self.interrupted = False  # stopped by Ctrl-C (SIGINT)
 
     def handle_exit(self, sig, frame) -> None:
+        # uvicorn's second Ctrl-C ends only its own wait for open connections, not the runs'.
+        again = self.should_exit and sig == signal.SIGINT
         self.interrupted = self.interrupted or sig == signal.SIGINT
         state = self.trainer_app.state
         if getattr(state, "stop_deadline", None) is None:  # both waits below share the one budget
@@ -247,6 +249,8 @@ class TrainerServer(uvicorn.Server):
         runs = getattr(state, "runs", None)
         if runs is not None:
             runs.stop_each()
+            if again:
+                runs.give_up()
         super().handle_exit(sig, frame)
 
 

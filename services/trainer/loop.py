@@ -110,8 +110,17 @@ def folder_state(out: Path) -> tuple:
 
 
 def holds_a_run(out: Path) -> bool:
-    """Whether a run has written into `out` (its config, or a checkpoint)."""
-    return folder_state(out) != (None, None)
+    """Whether a run has written into `out`: its config, a checkpoint, or steps or evaluations in
+    its logs (a folder of logs alone, its config.json deleted say: a new run would empty them)."""
+    logged = any(_not_empty(out / name) for name in ("metrics.jsonl", "eval.jsonl"))
+    return logged or folder_state(out) != (None, None)
+
+
+def _not_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def check_can_make(out: Path) -> None:

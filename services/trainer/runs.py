@@ -34,6 +34,7 @@ KEPT_EVENTS_AFTER = 100
 # on (a step that waits on a hung teacher would outlast the wait, and the process end kill it).
 SAVE_RESERVE_S = 30.0
 ABANDON_POLL_S = 0.5
+JOIN_POLL_S = 0.1
 
 
 class TrainerMetrics:
@@ -156,6 +157,7 @@ class Runs:
         # not the events of a new run that took the same number.
         self._server_tag = secrets.token_hex(3)
         self.stopping = False  # set once the server shuts down: no run starts after that
+        self._given_up = threading.Event()  # on waiting for them (a second Ctrl-C)
 
     def writing_to(self, out: str) -> RunRecord | None:
         """The unfinished run that writes into `out`, if any: a second run there, even with
@@ -232,19 +234,27 @@ class Runs:
         deadline = time.monotonic() + timeout
         abandon_at = deadline - min(SAVE_RESERVE_S, timeout / 2)
         self._join_all(abandon_at)
-        while self._going() and time.monotonic() < deadline:
+        while self._going() and time.monotonic() < deadline and not self._given_up.is_set():
             for record in self.records.values():
                 if record.run is not None:  # again each time: a step may have just begun
                     record.run.abandon_step("the trainer is shutting down")
             self._join_all(min(deadline, time.monotonic() + ABANDON_POLL_S))
         return [r.id for r in self._going()]
 
+    def give_up(self) -> None:
+        """Stop waiting for the runs at once (a second Ctrl-C): stop_all returns those still
+        going, which lose what they did since their last checkpoint with the process."""
+        self._given_up.set()
+
     def _going(self) -> list[RunRecord]:
         return [r for r in self.records.values() if r.thread is not None and r.thread.is_alive()]
 
     def _join_all(self, until: float) -> None:
-        for record in self._going():
-            record.thread.join(max(0.0, until - time.monotonic()))
+        while self._going() and not self._given_up.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._going()[0].thread.join(min(left, JOIN_POLL_S))  # looks at _given_up meanwhile
 
     def get(self, run_id: str) -> RunRecord:
         if run_id not in self.records:

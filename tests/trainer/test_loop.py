@@ -472,6 +472,22 @@ def test_overwrite_deletes_nothing_in_a_folder_that_holds_no_run(tmp_path, teach
     assert (out / "checkpoints" / "notes.txt").read_text() == "not a run's"
 
 
+def test_a_folder_of_a_runs_logs_alone_is_a_run_a_new_one_does_not_empty_unasked(
+    tmp_path, teacher_process
+):
+    """A new run empties metrics.jsonl and eval.jsonl: with config.json gone (deleted, or copied
+    without it), the logs were taken for a folder that holds no run and lost."""
+    out = tmp_path / "logs"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = RunConfig(**SMALL, teacher_url=[teacher_process], steps=1, out=str(out))
+    with pytest.raises(RunError, match="holds a run") as error:
+        run(cfg)
+    assert error.value.param == "out" and read_jsonl(out / "metrics.jsonl") == [{"step": 1}]
+    (out / "metrics.jsonl").write_text("")  # empty logs hold nothing
+    assert run(cfg)["steps"] == 1
+
+
 def test_a_folder_another_run_writes_into_is_refused_before_anything_is_touched(
     tmp_path, teacher_process
 ):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client import generate_latest
@@ -12,6 +15,8 @@ from services.teacher.app import create_app
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
 from services.trainer import runs as runs_module
+from services.trainer.api import TrainerServer
+from services.trainer.api import create_app as trainer_app
 from services.trainer.config import RunConfig
 from services.trainer.report import read_jsonl
 from services.trainer.runs import (
@@ -97,6 +102,48 @@ def test_finished_runs_keep_fewer_events_once_another_starts_unless_followed(tmp
         assert alone.events_after(KEPT_EVENTS + 5) == [(KEPT_EVENTS + 6, {"type": "done"})]
     finally:
         loop.close()
+
+
+def test_a_second_ctrl_c_gives_up_waiting_for_the_runs_at_once(tmp_path):
+    """uvicorn's second Ctrl-C ends only its own wait for connections: the server still waited
+    for its runs, up to 2 minutes on a step that a hung teacher holds."""
+    backend = HangingBackend(str(TEACHER_PATH))
+    app = create_app(TeacherSettings(model=str(TEACHER_PATH)), backend=backend)
+    loop = asyncio.new_event_loop()
+    try:
+        with serve(app) as url, ThreadPoolExecutor(1) as pool:
+            runs = Runs(loop, TrainerMetrics())
+            out = tmp_path / "run"
+            record = runs.start(RunConfig(**SMALL, teacher_url=[url], steps=500, out=str(out)))
+            wait_for(lambda: len(read_jsonl(out / "metrics.jsonl")) >= 1, timeout=120)
+            backend.hang.set()
+            wait_for(backend.hanging.is_set, timeout=60)
+            try:
+                waiting = pool.submit(runs.stop_all, 100)
+                time.sleep(0.5)
+                assert not waiting.done()
+                runs.give_up()
+                assert waiting.result(timeout=5) == [record.id]
+            finally:
+                backend.release.set()
+                record.thread.join(timeout=120)
+    finally:
+        loop.close()
+
+
+def test_the_servers_second_ctrl_c_gives_up_on_its_runs_a_first_or_sigterm_does_not():
+    for signals, gives_up in [
+        ([signal.SIGINT], False),
+        ([signal.SIGTERM, signal.SIGTERM], False),
+        ([signal.SIGINT, signal.SIGINT], True),
+    ]:
+        app = trainer_app()
+        app.state.runs = Runs(asyncio.new_event_loop(), TrainerMetrics())
+        server = TrainerServer(app, "127.0.0.1", 0)
+        for sig in signals:
+            server.handle_exit(sig, None)
+        assert app.state.runs._given_up.is_set() == gives_up, signals
+        app.state.runs.loop.close()
 
 
 def with_runs(test, **kwargs):
