@@ -1,5 +1,6 @@
 """The whole system in real containers, with an API key: two teacher replicas behind the load
-balancer, a short distillation in the trainer container, one teacher stopped mid-run; and the GPU
+balancer, a short distillation in the trainer container, one teacher stopped mid-run; `up` running
+a short demo as the README's first Docker command does; and the GPU
 override and the trainer's streams setting as compose renders them (no GPU needed). Runs in the
 Docker CI stage (`make test-docker`), after docker/setup-ci.sh; skipped where Docker or compose v2
 is missing."""
@@ -26,8 +27,10 @@ STEPS = 12
 KEY = "ci-key"
 
 
-def compose(*args: str, env: dict, check: bool = True, timeout: float = 1200):
-    cmd = ["docker", "compose", "-p", PROJECT, *args]
+def compose(
+    *args: str, env: dict, check: bool = True, timeout: float = 1200, project: str = PROJECT
+):
+    cmd = ["docker", "compose", "-p", project, *args]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -176,6 +179,33 @@ def test_distillation_survives_a_teacher_stopping_mid_run(stack):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # none lost, none twice
     assert all(r["teacher_tokens"] >= r["tokens_generated"] for r in records)  # all scored
     assert (results / "ci" / "summary.json").exists()
+
+
+def test_up_runs_the_demo_through_the_balancer_and_ends_with_its_exit_status(tmp_path):
+    """The README's first Docker command, `docker compose up --exit-code-from trainer trainer`,
+    with the demo cut short by an override file: the teacher, its health check, the balancer, the
+    results folder handed over (Docker makes it, root's) and the trainer, as depends_on orders
+    them, and `up` ends with the demo's status."""
+    needs(has_compose_v2(), "a Docker daemon and compose v2")
+    short = ["--steps", "2", "--eval-n", "8", "--schedules", "full", "topd-10"]
+    command = ["opd", "demo", "--teacher-url", "http://lb:8000", "--out", "/results", *short]
+    override = tmp_path / "short.yml"  # JSON is YAML
+    override.write_text(json.dumps({"services": {"trainer": {"command": command}}}))
+    results = tmp_path / "results"
+    env = {**os.environ, "OPD_RESULTS": str(results), "OPD_TEACHER_PORT": str(free_port())}
+    files = ["-f", "docker-compose.yml", "-f", str(override)]
+    project = f"{PROJECT}up"
+    try:
+        up = compose(
+            *files, "up", "--exit-code-from", "trainer", "trainer", env=env, project=project
+        )
+        assert up.returncode == 0
+        rows = json.loads((results / "results.json").read_text())
+        assert [row["run"] for row in rows] == ["full", "topd-10"]
+        assert all(row["teacher_tokens"] >= row["tokens_generated"] > 0 for row in rows)
+        assert (results / "comparison.png").stat().st_size > 0
+    finally:
+        compose(*files, "down", "-v", "--remove-orphans", env=env, check=False, project=project)
 
 
 def test_gpu_override_gives_the_teacher_the_named_gpu():
