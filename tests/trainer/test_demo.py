@@ -192,16 +192,21 @@ def test_the_demo_sends_the_key_in_the_teachers_variable(tmp_path):
 
 def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    for args, code, says in [
+    cases = [
         (["--teacher-url", "notaurl"], 2, "--teacher-url"),
         (["--teacher-url", "http://127.0.0.1:1"], 1, "unreachable"),
         (["--out", str(tmp_path / "file")], 1, "is a file"),
         (["--lr", "-1"], 2, "--lr: Input should be greater than 0"),
         (["--device", "gpu"], 2, "--device"),
         (["--teacher-url", ""], 2, "--teacher-url"),  # not "start a teacher of your own"
-    ]:
+    ]
+    demos = []  # started together: each spends seconds importing torch
+    for args, code, says in cases:
         out = ["--out", str(tmp_path / "run")] if "--out" not in args else []
-        demo = opd("demo", "--steps", "1", "--schedules", "topd-10", *out, *args)
+        demos.append(
+            (opd("demo", "--steps", "1", "--schedules", "topd-10", *out, *args), code, says)
+        )
+    for demo, code, says in demos:
         _, err = demo.communicate(timeout=120)
         assert demo.returncode == code and says in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["file"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,12 +133,19 @@ def test_a_student_folder_that_cannot_load_is_named_by_its_flag(tmp_path):
         (tmp_path / folder).mkdir()
         for name in files:
             shutil.copy(STUDENT_PATH / name, tmp_path / folder / name)
-    for student, says in [
+    cases = [
         ("missing", "no such file or directory"),
         ("bare", "no weights files"),
         ("student", "no tokenizer"),
-    ]:
-        result = trainer_cli("--student", str(tmp_path / student), "--out", str(tmp_path / "run"))
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:  # together: each spends seconds importing torch
+        results = pool.map(
+            lambda case: trainer_cli(
+                "--student", str(tmp_path / case[0]), "--out", str(tmp_path / "run")
+            ),
+            cases,
+        )
+    for (student, says), result in zip(cases, results):
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"error: --student {tmp_path / student}: {says}" in result.stderr
         assert not (tmp_path / "run").exists()
