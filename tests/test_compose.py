@@ -229,6 +229,25 @@ def test_gpu_override_gives_the_teacher_the_named_gpu():
     )
 
 
+def test_teacher_settings_compose_does_not_name_reach_the_teacher_from_its_env_file(tmp_path):
+    """Only the model, backend, key and served name are passed by name: a model that needs
+    trust_remote_code or a max_seq_len had no way in."""
+    needs(has_compose_cli(), "the compose v2 CLI")
+    settings = tmp_path / "teacher.env"
+    settings.write_text("OPD_TEACHER_MAX_SEQ_LEN=4096\nOPD_TEACHER_BACKEND=vllm\n")
+    env = {**os.environ, "OPD_TEACHER_ENV_FILE": str(settings)}
+    env.pop("OPD_TEACHER_BACKEND", None)
+    rendered = compose("config", "--format", "json", env=env, timeout=60).stdout
+    teacher = json.loads(rendered)["services"]["teacher"]["environment"]
+    assert teacher["OPD_TEACHER_MAX_SEQ_LEN"] == "4096"
+    assert teacher["OPD_TEACHER_BACKEND"] == "hf"  # compose's own setting wins
+    env["OPD_TEACHER_ENV_FILE"] = str(tmp_path / "none.env")  # none: no setting, no error
+    rendered = compose("config", "--format", "json", env=env, timeout=60).stdout
+    assert (
+        "OPD_TEACHER_MAX_SEQ_LEN" not in json.loads(rendered)["services"]["teacher"]["environment"]
+    )
+
+
 def test_the_balancer_is_published_on_loopback_unless_told_otherwise():
     """Without OPD_TEACHER_API_KEY the teachers answer anyone: `docker compose up` must not put
     them on every interface of the host (published ports pass host firewalls such as ufw)."""
