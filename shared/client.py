@@ -232,11 +232,11 @@ class _Core:
         self.replicas.mark_down(url, min(self.max_backoff, SIT_OUT_S))
 
     def stream_failure(self, url: str, exc: httpx.TransportError) -> TeacherError:
-        """The error a broken stream raises; a replica that is gone sits out a while."""
-        never_connected = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
-        if never_connected or not isinstance(exc, httpx.TimeoutException):
+        """The error a broken stream raises; a replica it never reached sits out a while."""
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            # Only then: one stream that broke is not its replica, nor a balanced URL's pool,
+            # down (the caller that knows, as the trainer's feed, may sit it out).
             self.sit_out(url)
-        if never_connected:
             return TeacherUnreachable(f"teacher at {url} is unreachable ({exc})")
         if isinstance(exc, httpx.ReadTimeout):
             return TeacherTimedOut(f"the stream from {url} sent nothing for {self.timeout:g} s")
@@ -372,10 +372,15 @@ class _StreamReader:
         self._frames = FrameReader(2**31)
         self._done: StreamItem | None = None
         self._on_first_score: Callable[[], None] | None = on_first_score
+        # Each frame not wholly answered yet: its request, and its sequences still owed an answer
+        # (each answer is held to its request's shape, as /score's are).
+        self._asked: dict[int, tuple[ScoreRequest, int]] = {}
 
     def frame(self, request: ScoreRequest | dict) -> bytes:
         """`request` as the next frame to send, counted."""
-        data = encode_request_frame(as_request(request))
+        request = as_request(request)
+        data = encode_request_frame(request)
+        self._asked[self.sent] = (request, len(request.sequences))
         self.sent += 1
         return data
 
@@ -383,12 +388,41 @@ class _StreamReader:
         with self._framing():
             payloads = self._frames.feed(chunk)
         items = [decode_stream_item(payload) for payload in payloads]
+        for item in items:
+            self._check(item)
         self._done = self._done or next((item for item in items if item.done), None)
         if self._on_first_score and any(item.score is not None for item in items):
             # Here, not at the end: a caller may stop reading at the done frame.
             self._on_first_score()
             self._on_first_score = None
         return items
+
+    def _check(self, item: StreamItem) -> None:
+        """An answer to a frame and a sequence that were sent, in the shape asked for; else the
+        teacher's fault (a ServerError: a score on the wrong rollout, or of the wrong shape, would
+        be trained on)."""
+        if item.done:
+            return
+        if item.frame not in self._asked:
+            raise ServerError(f"the teacher at {self.url} answered frame {item.frame}, not open")
+        request, owed = self._asked[item.frame]
+        if item.index is None:  # the whole frame refused
+            del self._asked[item.frame]
+            return
+        if not 0 <= item.index < len(request.sequences):
+            raise ServerError(
+                f"the teacher at {self.url} answered sequence {item.index} of frame {item.frame}, "
+                f"which has {len(request.sequences)}"
+            )
+        if item.score is not None and (problem := _shape_problem(item.score, request, item.index)):
+            raise ServerError(
+                f"the teacher at {self.url} answered sequence {item.index} of frame {item.frame} "
+                f"{problem}"
+            )
+        if owed > 1:
+            self._asked[item.frame] = (request, owed - 1)
+        else:
+            del self._asked[item.frame]
 
     def finish(self) -> None:
         if self._done is None:  # cut off, inside a frame or between two

@@ -162,7 +162,17 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
     framing ends the input, saying why, after the frames before it are answered. A client that
     goes away, mid-body or after it, cancels the scoring of what it sent (nobody would read it)."""
     reader = FrameReader(state.settings.max_body_bytes, skip_oversize=True)
-    tasks: list[asyncio.Task] = []
+    # The frames being scored, each dropped when done (a long-lived stream would otherwise keep
+    # a task for every frame it ever sent), and the sequences the done ones scored.
+    tasks: set[asyncio.Task] = set()
+    frames = scored = 0
+
+    def frame_done(task: asyncio.Task) -> None:
+        nonlocal scored
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            scored += task.result()
+
     broken: TeacherError | None = None
     given_up = False  # on the client reading its results, till it does
     body = _Body(request)
@@ -182,9 +192,10 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
                             f"unread for {UNREAD_WAIT_S:g} s: read results while sending frames"
                         )
                     queued = asyncio.Event()
-                    tasks.append(
-                        asyncio.create_task(_score_frame(len(tasks), payload, state, out, queued))
-                    )
+                    task = asyncio.create_task(_score_frame(frames, payload, state, out, queued))
+                    frames += 1
+                    tasks.add(task)
+                    task.add_done_callback(frame_done)
                     # Backpressure: the next frame is read once this one is queued or refused, so
                     # a full queue holds the client back instead of refusing its frames.
                     await body.until(queued.wait())
@@ -195,25 +206,25 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
             return
         scoring = asyncio.gather(*tasks)
         gone = asyncio.create_task(client_gone(request))
-        scored = False
+        all_scored = False
         try:
             await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
-            scored = scoring.done()
+            all_scored = scoring.done()
         finally:  # also when this reader is cancelled
             gone.cancel()
-            if not scored:
+            if not all_scored:
                 scoring.cancel()
                 # Collect the cancelled gather's outcome, so it is not logged as never retrieved.
                 scoring.add_done_callback(lambda done: done.cancelled() or done.exception())
-        if not scored:  # the client has gone
+        if not all_scored:  # the client has gone
             return
-        counts = scoring.result()
+        # Each frame has been counted: its frame_done ran before gather's callback (added first).
         if broken is not None:
-            await out.put(encode_stream_error(len(tasks), broken))
-        await out.put(encode_stream_done(len(tasks), sum(counts)))
+            await out.put(encode_stream_error(frames, broken))
+        await out.put(encode_stream_done(frames, scored))
     finally:
         body.close()
-        for task in tasks:
+        for task in list(tasks):
             task.cancel()
         await out.put(None)
 

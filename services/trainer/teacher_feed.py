@@ -23,6 +23,7 @@ rollout's first score is taken, exactly once, and the step ends when every rollo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -76,11 +77,24 @@ class _Lane:
         self.url = url
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sent: list[int] = []  # global frame ids, in the order this stream carries them
-        self.open: set[int] = set()  # of those, the frames not yet wholly scored
-        self.awaiting = 0  # sequences of its frames without a score yet
+        # Of those, the frames it has not wholly answered, and how many of their sequences it
+        # owes an answer (a score, or an error that sends the sequence elsewhere).
+        self.open: dict[int, int] = {}
         self.task: asyncio.Task | None = None
         self.failed = False
         self.answered_at = float("-inf")  # loop time of its latest score
+
+    @property
+    def awaiting(self) -> int:
+        """Sequences it owes an answer."""
+        return sum(self.open.values())
+
+    def answered(self, frame: int) -> None:
+        """It answered one more of `frame`'s sequences."""
+        if frame in self.open:
+            self.open[frame] -= 1
+            if not self.open[frame]:
+                del self.open[frame]
 
 
 def stalled_frames(
@@ -109,7 +123,6 @@ class StepFeed:
         self._max_in_flight = feed.frames_in_flight * len(self._lane_keys)
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=self._max_in_flight)
         self._lanes: dict[tuple[str, int], _Lane] = {}
-        self._lane_of: dict[int, _Lane] = {}  # frame -> the lane that carries it
         self._missing: dict[int, int] = {}  # frame -> its sequences without a score yet
         self._streams: list[asyncio.Task] = []  # every lane's task, replaced lanes' too
         self._rescues: list[asyncio.Task] = []  # failed lanes' frames, scored again elsewhere
@@ -241,10 +254,8 @@ class StepFeed:
                 self.frames.append(batch)
             self._rollouts += len(batch)
             lane = self._pick_lane(lanes, frame)
-            self._lane_of[frame] = lane
             lane.sent.append(frame)
-            lane.open.add(frame)
-            lane.awaiting += len(batch)
+            lane.open[frame] = len(batch)
             self._sent_at[frame] = asyncio.get_running_loop().time()
             await lane.queue.put(frame)
         for lane in lanes.values():
@@ -254,15 +265,17 @@ class StepFeed:
         await _cancelled([self._watcher])  # the streams are over: no frame can stall now
         await self._ended_or_all_scored(lambda: self._rescues)
         for frame in self._timed_out:
-            if self._missing[frame]:
-                # A replica took it and did not answer: the client does not send that again.
+            if self._missing[frame] and len(self._lane_keys) == 1:
+                # Its one replica took it and did not answer: asking it again would only wait
+                # as long again. (Behind a balancer, or with other URLs, another may answer.)
                 raise self._timed_out[frame]
-        # What a rescue could not score (every replica down then): once more, now that the
-        # client retries with its full backoff.
+        # What a rescue could not score (every replica down then, or a hung one handed it):
+        # once more, now that the client retries with its full backoff; a refusal (a stop that
+        # gives up on the step) ends the wait for it.
         for frame in range(len(self.frames)):
-            if self._refused is not None:
-                raise self._refused
-            await self._rescore(frame)
+            rescore = asyncio.create_task(self._rescore(frame))
+            self._rescues.append(rescore)  # cancelled with the rest should the step fail
+            await self._ended_or_all_scored(lambda r=rescore: [r])
 
     async def _ended_or_all_scored(self, tasks: Callable[[], list[asyncio.Task]]) -> None:
         """Wait for `tasks` to end (raising the first error one ended with: a refused frame, by
@@ -380,29 +393,12 @@ class StepFeed:
                 yield self._request(self.frames[frame])
 
         try:
-            async for item in self._feed.client.score_stream(requests(), url=lane.url):
-                if item.done:  # read on to the end, where the client checks the count
-                    continue
-                frame = self._frame_answered(lane, item)
-                if item.error is not None:
-                    if lane.failed:  # given up on: its frames are another lane's now
-                        log.info(
-                            "teacher %s answered frame %d late: %s", lane.url, frame, item.error
-                        )
-                        continue
-                    if not _replica_fault(item.error):
-                        raise TeacherStreamError(
-                            f"teacher at {lane.url} refused frame {frame}: {item.error}"
-                        )
-                    if item.index is None:
-                        raise ServerError(
-                            f"teacher at {lane.url}, frame {frame}: {item.error.get('message')}"
-                        )
-                    # One sequence failed; its siblings still come on this stream.
-                    self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
-                    continue
-                lane.answered_at = asyncio.get_running_loop().time()
-                self._take(frame, self.frames[frame][item.index], item.score, item.compute_s)
+            # Closed at once when an answer fails the lane here, not when it is collected.
+            stream = contextlib.aclosing(self._feed.client.score_stream(requests(), url=lane.url))
+            async with stream as items:
+                async for item in items:
+                    if not item.done:  # the done frame: the client checks its count
+                        self._on_answer(lane, item)
         except (TeacherStreamError, FingerprintMismatch) as exc:  # fails the step, by name
             lane.failed = True
             self._refuse(exc)
@@ -414,29 +410,26 @@ class StepFeed:
                 )
                 self._give_up_on(lane)
 
-    def _frame_answered(self, lane: _Lane, item) -> int:
-        """The step's frame an answer on `lane` is for; an answer naming a frame or a sequence
-        that was never sent there is the replica's fault (a score on the wrong rollout would
-        train it), so the lane fails over like one whose connection broke."""
-        sent = lane.sent
-        if not 0 <= item.frame < len(sent):
-            raise ServerError(f"teacher at {lane.url} answered frame {item.frame}, never sent")
-        frame = sent[item.frame]
-        if item.index is not None and not 0 <= item.index < len(self.frames[frame]):
-            raise ServerError(
-                f"teacher at {lane.url} answered sequence {item.index} of frame {frame}, "
-                f"which has {len(self.frames[frame])}"
-            )
-        if item.score is not None and item.index is not None:
-            want = len(self.frames[frame][item.index].completion_ids)
-            if self.max_positions is not None:
-                want = min(want, self.max_positions)
-            if len(item.score.logprobs) != want:
-                raise ServerError(
-                    f"teacher at {lane.url} scored {len(item.score.logprobs)} tokens of a rollout "
-                    f"of {want} in frame {frame}"
-                )
-        return frame
+    def _on_answer(self, lane: _Lane, item) -> None:
+        """A score or an error on `lane`'s stream (the client has held it to the frames and
+        sequences the stream sent, in the shape asked for)."""
+        frame = lane.sent[item.frame]
+        if item.error is None:
+            lane.answered_at = asyncio.get_running_loop().time()
+            lane.answered(frame)
+            self._take(frame, self.frames[frame][item.index], item.score, item.compute_s)
+            return
+        if lane.failed:  # given up on: its frames are another lane's now
+            log.info("teacher %s answered frame %d late: %s", lane.url, frame, item.error)
+            return
+        if not _replica_fault(item.error):
+            raise TeacherStreamError(f"teacher at {lane.url} refused frame {frame}: {item.error}")
+        if item.index is None:
+            raise ServerError(f"teacher at {lane.url}, frame {frame}: {item.error.get('message')}")
+        # One sequence failed; its siblings still come on this stream. The lane is done with it:
+        # should its rescue fail too, that waits for the step's end, not holding up the stream.
+        lane.answered(frame)
+        self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
 
     def _rescue_one(self, lane: _Lane, frame: int, rollout: Rollout, error: dict) -> None:
         """Score elsewhere, now, a rollout whose scoring failed on `lane`'s replica; the lane goes
@@ -456,14 +449,10 @@ class StepFeed:
         self.stats.scored_tokens += len(score.logprobs)
         if rollout.key in self.scores:
             return  # already answered (a rescored duplicate): the first score trains
-        lane = self._lane_of[frame]
-        lane.awaiting -= 1
         with self._changed:  # the count and the score together: scored_frames() reads both
             self.scores[rollout.key] = score
             self._missing[frame] -= 1
             self._changed.notify_all()
-        if not self._missing[frame]:
-            lane.open.discard(frame)
         self._answered.set()
 
     async def _rescue(self, frame: int, only: list[Rollout] | None = None) -> None:

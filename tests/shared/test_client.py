@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import re
 import struct
 import threading
 import time
@@ -24,6 +25,7 @@ from shared.client import (
     TeacherUnreachable,
     _Replicas,
     _StreamReader,
+    as_request,
 )
 from shared.errors import (
     FingerprintMismatch,
@@ -38,6 +40,7 @@ from shared.protocol import (
     MSGPACK,
     ScoreResult,
     SequenceScore,
+    StreamItem,
     Usage,
     encode_response,
     pack_frame,
@@ -592,3 +595,63 @@ def test_a_stream_answer_that_is_no_stream_is_the_teachers_error_not_the_callers
     broken = _StreamReader("http://t:1", lambda: None)
     with pytest.raises(ServerError, match="the stream from http://t:1 is broken"):
         broken.feed(struct.pack("<I", 2**32 - 1))  # a frame longer than any teacher sends
+
+
+TWO = {"sequences": [([1, 21], [5, 6, 7]), ([1, 22], [5, 6, 7])], "top_k": 2, "max_positions": 8}
+NARROW = SequenceScore(np.zeros(3, np.float32), np.zeros((3, 1), np.int32), np.zeros((3, 1)))
+
+
+@pytest.mark.parametrize(
+    "frame, index, score, says",
+    [
+        (1, 0, None, "answered frame 1, not open"),
+        (-1, 0, None, "answered frame -1, not open"),  # would wrap around to the last one
+        (0, 2, None, "answered sequence 2 of frame 0, which has 2"),
+        (0, -1, None, "answered sequence -1 of frame 0, which has 2"),
+        (0, 1, SequenceScore(np.zeros(2, np.float32)), "answered sequence 1 of frame 0 with 2"),
+        (
+            0,
+            1,
+            SequenceScore(np.zeros(3, np.float32)),
+            "answered sequence 1 of frame 0 with top-k ids of shape None",
+        ),
+        (0, 1, NARROW, "answered sequence 1 of frame 0 with top-k ids of shape (3, 1)"),
+    ],
+)
+def test_a_streamed_answer_is_held_to_the_frame_and_shape_asked_for(frame, index, score, says):
+    """As /score's answers are: a score on a rollout never sent, or of the wrong shape, would be
+    trained on (a narrower top-k broke the trainer's loss with a bare shape error)."""
+    reader = _StreamReader("http://replica", lambda: None)
+    reader.frame(as_request(TWO))
+    with pytest.raises(ServerError, match=re.escape(f"teacher at http://replica {says}")):
+        reader._check(StreamItem(frame, index, score))
+    right = SequenceScore(np.zeros(3, np.float32), np.zeros((3, 2), np.int32), np.zeros((3, 2)))
+    reader._check(StreamItem(0, 0, right))
+    reader._check(StreamItem(0, 1, right))
+    with pytest.raises(ServerError, match="answered frame 0, not open"):  # wholly answered
+        reader._check(StreamItem(0, 0, right))
+
+
+def test_a_stream_that_breaks_after_it_connected_does_not_sit_its_replica_out():
+    """Behind a balancer one broken stream is one replica of several: the client sat the whole
+    URL out (2 s, doubling), against the README; only one it never reached sits out."""
+
+    class DiesMidStream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            self.connection.close()
+
+    request = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [3]}]}
+    closed = f"http://127.0.0.1:{a_closed_port()}"
+    with plain_http(DiesMidStream) as url, TeacherClient([url, closed]) as client:
+        with pytest.raises(ServerError, match="broke|ended without its done frame"):
+            list(client.score_stream([request], url=url))
+        assert client.is_up(url)
+        with pytest.raises(TeacherUnreachable):
+            list(client.score_stream([request], url=closed))
+        assert not client.is_up(closed)
