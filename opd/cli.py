@@ -23,6 +23,7 @@ from shared.flags import (
     add_flags,
     fraction,
     non_negative_int,
+    out_folder,
     positive_int,
     problem_count,
     sample_count,
@@ -191,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     task.set_defaults(func=cmd_task)
 
     make = sub.add_parser("make-models", help="train the bundled teacher and student from scratch")
-    make.add_argument("--out-dir", default=str(REPO_ROOT / "models"), help="default: models/")
+    make.add_argument(
+        "--out-dir", type=out_folder, default=str(REPO_ROOT / "models"), help="default: models/"
+    )
     make.add_argument("--only", nargs="+", choices=["teacher", "student"], help="train only these")
     make.add_argument(
         "--teacher-steps",
@@ -222,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         "seed and steps, and compare them. The run settings below are each run's; with --device "
         "cuda the teacher the demo starts runs on that GPU too.",
     )
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument(
+        "--out", type=out_folder, default="runs/demo", help="output folder (default runs/demo)"
+    )
     demo.add_argument("--steps", type=positive_int, default=32, help="steps per run (default 32)")
     demo.add_argument(
         "--eval-every",

@@ -48,10 +48,18 @@ def completion_text(
 ) -> str:
     """The text of a completion up to its first `stop` id (the tokenizer's <eos> unless given),
     special tokens kept: one inside the answer (an <unk> a sampled student can emit) must spoil
-    it, not vanish from it."""
+    it, not vanish from it. So must an id no token has (a padded vocabulary's row), which
+    decodes to nothing: it reads as U+FFFD."""
     stop = {tokenizer.eos_token_id} if stop is None else set(stop)
     ends = [i for i, token in enumerate(ids) if token in stop]
-    return tokenizer.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=False)
+    ids = ids[: ends[0]] if ends else ids
+    known = len(tokenizer)
+    parts, start = [], 0
+    for i, token in enumerate([*ids, known]):  # the last one ends the final part
+        if token >= known:
+            parts.append(tokenizer.decode(ids[start:i], skip_special_tokens=False))
+            start = i + 1
+    return "\ufffd".join(parts)
 
 
 def evaluate(

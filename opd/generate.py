@@ -50,6 +50,9 @@ def generate(
     """
     ids_B_P, mask_B_P = left_pad(prompts, pad_id)
     batch = len(prompts)
+    if not batch:  # nothing to decode (a model's forward refuses an empty batch)
+        none = torch.zeros((0, 0))
+        return Generation(none.long(), none, torch.zeros(0).long(), torch.zeros(0).bool())
     device = model.device
     ids_B_P, mask_B_P = ids_B_P.to(device), mask_B_P.to(device)
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)

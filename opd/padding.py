@@ -31,7 +31,9 @@ def pad_id(tokenizer) -> int:
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts into (ids_B_P, mask_B_P) so every prompt ends at the same column."""
-    width = max(len(p) for p in prompts)
+    if any(not p for p in prompts):  # a row of padding alone: nothing to condition on
+        raise ValueError("an empty prompt: give each at least one token (a <bos>)")
+    width = max((len(p) for p in prompts), default=0)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for b, prompt in enumerate(prompts):

@@ -184,6 +184,14 @@ def listen_host(text: str) -> str:
     return text
 
 
+def out_folder(text: str) -> str:
+    """argparse type: a folder to write into, not empty: an unset `--out "$OUT"` would write into
+    the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name: give . for the current directory")
+    return text
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port."""
     port = int(text)

@@ -47,6 +47,17 @@ def test_a_special_token_inside_the_answer_spoils_it_and_text_after_eos_is_not_r
     assert extract_answer(completion_text(tokenizer, after_eos)) == 45
 
 
+def test_an_id_no_token_has_spoils_the_answer_instead_of_vanishing(student):
+    """A padded vocabulary's rows decode to nothing: "A:4<id 30>527" read as a right "A:4527"."""
+    tokenizer = student[1]
+    ids = tokenizer("A:4527", add_special_tokens=False)["input_ids"]
+    past = len(tokenizer) + 7
+    spoiled = [*ids[:3], past, *ids[3:], tokenizer.eos_token_id]
+    assert completion_text(tokenizer, spoiled) == "A:4\ufffd527"
+    assert extract_answer(completion_text(tokenizer, spoiled)) is None
+    assert extract_answer(completion_text(tokenizer, [*ids, tokenizer.eos_token_id])) == 4527
+
+
 def test_text_after_any_stop_id_the_model_lists_is_not_read(student):
     tokenizer = student[1]
     comma = tokenizer.convert_tokens_to_ids(",")

@@ -3,6 +3,7 @@ for its last position only."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from opd.evaluate import encode_prompts
@@ -57,3 +58,14 @@ def test_decoding_ends_at_each_stop_id_as_transformers_generate_does(student):
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(prompt) :].tolist()
         assert completion == want and completion[-1] == stops[1]
+
+
+def test_an_empty_batch_decodes_to_nothing_and_an_empty_prompt_is_refused(student):
+    model, tokenizer = student
+    assert (
+        generate(model, [], 5, tokenizer.eos_token_id, tokenizer.pad_token_id).completions() == []
+    )
+    for prompts in ([[]], [[], encode_prompts(tokenizer, PROMPTS[:1])[0]]):
+        # Alone, a crash deep in the model; beside others, tokens drawn from a uniform guess.
+        with pytest.raises(ValueError, match="an empty prompt"):
+            generate(model, prompts, 5, tokenizer.eos_token_id, tokenizer.pad_token_id)

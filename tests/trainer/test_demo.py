@@ -199,6 +199,7 @@ def test_bad_settings_are_one_line_errors_and_leave_no_folder(tmp_path):
         (["--lr", "-1"], 2, "--lr: Input should be greater than 0"),
         (["--device", "gpu"], 2, "--device"),
         (["--teacher-url", ""], 2, "--teacher-url"),  # not "start a teacher of your own"
+        (["--out", ""], 2, "--out: an empty folder name"),  # not the current directory
     ]
     demos = []  # started together: each spends seconds importing torch
     for args, code, says in cases:
