@@ -97,6 +97,7 @@ class _Replicas:
         self.in_flight = dict.fromkeys(self.urls, 0)
         self.down_until = dict.fromkeys(self.urls, 0.0)
         self.failures = dict.fromkeys(self.urls, 0)  # in a row, since it last answered
+        self.failed_at = dict.fromkeys(self.urls, float("-inf"))  # monotonic time of the last
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
@@ -126,14 +127,17 @@ class _Replicas:
             if url not in self.failures or not self.is_up(url):  # not one of ours, or sitting out
                 return
             self.failures[url] += 1
+            self.failed_at[url] = time.monotonic()
             growth = 2 ** min(self.failures[url] - 1, 16)
             self.down_until[url] = time.monotonic() + min(MAX_SIT_OUT_S, seconds * growth)
 
-    def mark_good(self, url: str) -> None:
-        """`url` answered: it is up, and its next failure sits out the first span again (a
-        replica that answered 503 while it loaded is up once it answers)."""
+    def mark_good(self, url: str, asked_at: float = float("inf")) -> None:
+        """`url` answered what it was asked at `asked_at` (monotonic time): it is up, and its next
+        failure sits out the first span again (a replica that answered 503 while it loaded is up
+        once it answers); a failure reported since it was asked is not forgiven (a stream's late
+        first answer, from a replica given up on meanwhile for being too slow)."""
         with self._lock:
-            if url in self.failures:
+            if url in self.failures and self.failed_at[url] <= asked_at:
                 self.failures[url] = 0
                 self.down_until[url] = 0.0
 
@@ -699,7 +703,8 @@ class TeacherClient(_ClientBase):
         nothing for `timeout` s), and the caller re-sends what got no result."""
         _refuse_if_closed(self._http)
         target = checked_url(url) if url else self._core.replicas.acquire()
-        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
+        asked_at = time.monotonic()
+        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target, asked_at))
         frames = (reader.frame(r) for r in requests)
         try:
             with open_stream(
@@ -821,7 +826,8 @@ class AsyncTeacherClient(_ClientBase):
         plain iterable is read on the event loop, so it must not block (give an async one)."""
         _refuse_if_closed(self._http)
         target = checked_url(url) if url else self._core.replicas.acquire()
-        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target))
+        asked_at = time.monotonic()
+        reader = _StreamReader(target, lambda: self._core.replicas.mark_good(target, asked_at))
 
         async def frames():
             if isinstance(requests, AsyncIterable):

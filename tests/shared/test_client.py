@@ -495,6 +495,19 @@ def test_a_replica_that_keeps_failing_sits_out_longer_each_time_until_it_answers
     assert round(sits_out()) == 2
 
 
+def test_a_late_answer_does_not_forgive_a_failure_reported_since_it_was_asked():
+    """A stream given up on as too slow (the trainer's stall rescue) whose first score comes
+    after: forgiving that failure too would give an always-slow replica every step's frames
+    again, each then scored twice."""
+    replicas = _Replicas(["http://a:1", "http://b:1"])
+    asked_at = time.monotonic()
+    replicas.mark_down("http://a:1", 2.0)  # given up on, after the stream was opened
+    replicas.mark_good("http://a:1", asked_at)  # its late first score
+    assert not replicas.is_up("http://a:1") and replicas.failures["http://a:1"] == 1
+    replicas.mark_good("http://a:1", time.monotonic())  # an answer to what was asked since
+    assert replicas.is_up("http://a:1") and replicas.failures["http://a:1"] == 0
+
+
 def test_failures_reported_while_a_replica_sits_out_are_one_incident():
     """The other requests a dying replica held, or a second report of one broken stream, must not
     each double its sit-out: one death is one failure."""
