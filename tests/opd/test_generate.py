@@ -13,20 +13,25 @@ from shared.task import problems
 PROMPTS = problems("eval", 4, seed=2)
 
 
-def test_greedy_decoding_is_transformers_generate(student):
+@pytest.mark.parametrize("extra_stop", [None, ","], ids=["eos", "eos-and-comma"])
+def test_greedy_decoding_is_transformers_generate_and_ends_at_each_stop_id(student, extra_stop):
     model, tokenizer = student
     prompts = encode_prompts(tokenizer, PROMPTS)
-    ours = generate(model, prompts, 40, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    stops = [tokenizer.eos_token_id]
+    stops += [tokenizer.convert_tokens_to_ids(extra_stop)] if extra_stop else []
+    ours = generate(model, prompts, 40, stops, tokenizer.pad_token_id)
     for prompt, completion in zip(prompts, ours.completions()):
         want = model.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=40,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(prompt) :].tolist()
         assert completion == want
+        if extra_stop:  # each solution writes a "," within 40 tokens
+            assert completion[-1] == stops[1]
 
 
 def test_the_prompts_pass_computes_only_the_last_positions_logits(student):
@@ -40,24 +45,6 @@ def test_the_prompts_pass_computes_only_the_last_positions_logits(student):
         hook.remove()
     vocab = model.config.vocab_size
     assert rows_seen == [torch.Size([len(prompts), 1, vocab])] * 3
-
-
-def test_decoding_ends_at_each_stop_id_as_transformers_generate_does(student):
-    model, tokenizer = student
-    prompts = encode_prompts(tokenizer, PROMPTS)
-    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(",")]
-    ours = generate(model, prompts, 40, stops, tokenizer.pad_token_id)
-    assert ours.finished_B.all()  # each solution writes a "," within 40 tokens
-    for prompt, completion in zip(prompts, ours.completions()):
-        want = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=40,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, len(prompt) :].tolist()
-        assert completion == want and completion[-1] == stops[1]
 
 
 def test_an_empty_batch_decodes_to_nothing_and_an_empty_prompt_is_refused(student):

@@ -470,20 +470,28 @@ def test_a_body_being_decoded_or_an_answer_encoded_holds_up_no_other_request(
 ):
     """Seconds for a large request (8 MiB of JSON took 3 s): on the event loop, every other
     request (health checks, streams) waited meanwhile; here /health timed out."""
-    working, release = threading.Event(), threading.Event()
-    original = getattr(routes, step)
+    send = lambda: post(teacher_url, GOOD)  # noqa: E731
+    answer = held_while_health_answers(monkeypatch, teacher_url, routes, step, send)
+    assert answer.status_code == 200
 
-    def slow(*args):
+
+def held_while_health_answers(monkeypatch, url: str, module, name: str, send) -> httpx.Response:
+    """`send()`'s answer, with `module.name` held on a gate while the server at `url` must answer
+    /health: the held work (decoding a body, building an answer) runs off the event loop."""
+    working, release = threading.Event(), threading.Event()
+    original = getattr(module, name)
+
+    def held(*args, **kwargs):
         working.set()
         release.wait(30)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(routes, step, slow)
+    monkeypatch.setattr(module, name, held)
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(post, teacher_url, GOOD)
+        answer = pool.submit(send)
         assert working.wait(30)
         try:
-            assert httpx.get(teacher_url + "/health", timeout=5).status_code == 200
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
         finally:
             release.set()
-        assert answer.result().status_code == 200
+        return answer.result()

@@ -8,7 +8,6 @@ import json
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -22,7 +21,13 @@ from services.teacher.settings import TeacherSettings
 from shared.client import TeacherClient
 from shared.task import problems
 from tests.conftest import serve, strict_json, wait_for
-from tests.teacher.test_routes import DEEP, HUGE_INT, GatedBackend, assert_error
+from tests.teacher.test_routes import (
+    DEEP,
+    HUGE_INT,
+    GatedBackend,
+    assert_error,
+    held_while_health_answers,
+)
 
 TRL = "/get_sequence_logprobs/"
 OPENAI = "/v1/completions"
@@ -141,23 +146,9 @@ def test_a_response_being_built_holds_up_no_other_request(
 ):
     """A dialect's response is Python objects, seconds of work for a large batch: built on the
     event loop, it held up every other request meanwhile (here: /health, till it timed out)."""
-    building, release = threading.Event(), threading.Event()
-    build = getattr(module, builder)
-
-    def slow(*args, **kwargs):
-        building.set()
-        release.wait(30)
-        return build(*args, **kwargs)
-
-    monkeypatch.setattr(module, builder, slow)
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(post, teacher_url, route, body)
-        assert building.wait(30)
-        try:
-            assert httpx.get(teacher_url + "/health", timeout=5).status_code == 200
-        finally:
-            release.set()
-        assert answer.result().status_code == 200
+    send = lambda: post(teacher_url, route, body)  # noqa: E731
+    answer = held_while_health_answers(monkeypatch, teacher_url, module, builder, send)
+    assert answer.status_code == 200
 
 
 @pytest.mark.parametrize(
