@@ -71,7 +71,7 @@ RETRY_STATUSES = (429, 502, 503, 504)
 SIT_OUT_S = 2.0
 MAX_SIT_OUT_S = 60.0
 # The limits a teacher's /info must state, so a caller can check its requests fit before sending.
-INFO_LIMITS = ("max_seq_len", "max_top_k")
+INFO_LIMITS = ("max_seq_len", "max_top_k", "vocab_size")
 # Connecting takes milliseconds; a replica whose host is gone (packets dropped, no refusal) should
 # not cost the whole request timeout on each attempt.
 CONNECT_TIMEOUT_S = 10.0
@@ -437,6 +437,11 @@ class _StreamReader:
             raise ServerError(
                 f"the teacher at {self.url} answered {self._done.frames} of the {self.sent} "
                 "frames sent; the rest got no result"
+            )
+        if self._asked:  # read as frames, but not every sequence of theirs answered
+            raise ServerError(
+                f"the teacher at {self.url} ended its stream with frames {sorted(self._asked)} "
+                "not wholly answered"
             )
 
     @contextmanager

@@ -16,7 +16,7 @@ from services.teacher.deps import (
     wants_binary_response,
     while_connected,
 )
-from services.teacher.scoring import score_request
+from services.teacher.scoring import check_answer_size, score_request
 from shared.protocol import (
     JSON,
     MSGPACK,
@@ -72,6 +72,7 @@ async def score(request: Request, _: Authorized, state: Ready) -> Response:
     # Decoded and encoded in worker threads: a large body takes seconds as Python objects, and
     # on the event loop it would hold up every other request (health checks, streams) meanwhile.
     parsed = await asyncio.to_thread(decode_request, body, binary)
+    check_answer_size(parsed)
     scoring = score_request(parsed, state.backend, state.limits, state.metrics)
     result = await while_connected(request, scoring)
     out_binary = wants_binary_response(request, binary)

@@ -17,7 +17,11 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from services.teacher.deps import Authorized, Ready, client_gone
-from services.teacher.scoring import failures_as_server_errors, score_as_completed
+from services.teacher.scoring import (
+    check_answer_size,
+    failures_as_server_errors,
+    score_as_completed,
+)
 from shared.errors import QueueFull, TeacherError, UnsupportedMediaType
 from shared.protocol import (
     FINGERPRINT_HEADER,
@@ -166,11 +170,16 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
     # a task for every frame it ever sent), and the sequences the done ones scored.
     tasks: set[asyncio.Task] = set()
     frames = scored = 0
+    died: list[BaseException] = []  # a frame's failure of ours that answered nothing: ends it
 
     def frame_done(task: asyncio.Task) -> None:
         nonlocal scored
         tasks.discard(task)
-        if not task.cancelled() and task.exception() is None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            died.append(task.exception())
+        else:
             scored += task.result()
 
     broken: TeacherError | None = None
@@ -219,6 +228,9 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
         if not all_scored:  # the client has gone
             return
         # Each frame has been counted: its frame_done ran before gather's callback (added first).
+        scoring.result()  # retrieved, so a failure is not also logged as never retrieved
+        if died:  # the stream breaks off, done frame unsent, as the client then knows
+            raise died[0]
         if broken is not None:
             await out.put(encode_stream_error(frames, broken))
         await out.put(encode_stream_done(frames, scored))
@@ -240,6 +252,7 @@ async def _score_frame(
             if isinstance(payload, TeacherError):  # a frame too large to read, read past
                 raise payload
             request = decode_request(payload, binary=True)
+            check_answer_size(request)
             async for index, job, outcome in score_as_completed(
                 request, state.backend, state.limits, state.metrics, queued
             ):

@@ -39,11 +39,6 @@ def jobs_from_request(
     sample_temperature: float | None = None,
 ) -> list[ScoreJob]:
     check_top_k(request.top_k, limits)
-    # Each scored position answers its token's log-prob, the top-k and its candidates.
-    entries = sum(request.scored_positions(s) for s in range(len(request.sequences)))
-    entries *= 1 + request.top_k
-    entries += sum(len(row) for rows in request.candidate_ids or [] for row in rows)
-    check_response_entries(entries, "sequences")
     jobs = []
     for s, seq in enumerate(request.sequences):
         n_scored = request.scored_positions(s)
@@ -212,6 +207,15 @@ def check_top_k(top_k: int, limits: Limits) -> None:
 # unchecked; at this limit a response takes at most about 2.3 GB while it is built. Far above
 # what one training batch asks for (64 sequences of 2,048 tokens at 20 each: 2.8M).
 MAX_RESPONSE_ENTRIES = 2**23
+
+
+def check_answer_size(request: ScoreRequest) -> None:
+    """/score's and a stream frame's answer: each scored position's log-prob, top-k and
+    candidates. (The dialects count their own answers, in their own fields.)"""
+    entries = sum(request.scored_positions(s) for s in range(len(request.sequences)))
+    entries *= 1 + request.top_k
+    entries += sum(len(row) for rows in request.candidate_ids or [] for row in rows)
+    check_response_entries(entries, "sequences")
 
 
 def check_response_entries(entries: int, where: str) -> None:

@@ -72,6 +72,13 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     if (out / LOCK_FILE).is_file():  # a run writing there now, in this process or another
         lock_out(out).close()
     found = checkpoint.latest(out)
+    if cfg.resume and folder_state(out) == (None, None) and holds_a_run(out):
+        # A resume with nothing to resume from starts at step 0, which empties the logs.
+        raise RunError(
+            f"--out {out} holds a run's logs but no config.json or checkpoint, so nothing to "
+            "resume: --overwrite to start over in it, or another --out",
+            param="resume",
+        )
     if holds_a_run(out) and not (cfg.resume or cfg.overwrite):
         held = f"checkpoint {found.name}" if found else "no checkpoint yet"
         raise RunError(
@@ -337,7 +344,7 @@ class Run:
             )
         # The old run's checkpoints and results must not outlive it; a folder that holds no run
         # keeps what it has (its "checkpoints" are not ours to delete).
-        if cfg.overwrite and holds_a_run(self.out):
+        if cfg.overwrite and folder_state(self.out) != (None, None):  # a config or checkpoint
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
             for name in ("summary.json", "accuracy.png"):
                 (self.out / name).unlink(missing_ok=True)

@@ -429,6 +429,7 @@ class StepFeed:
         # One sequence failed; its siblings still come on this stream. The lane is done with it:
         # should its rescue fail too, that waits for the step's end, not holding up the stream.
         lane.answered(frame)
+        self._answered.set()  # the frame may be off the lane now: room for another
         self._rescue_one(lane, frame, self.frames[frame][item.index], item.error)
 
     def _rescue_one(self, lane: _Lane, frame: int, rollout: Rollout, error: dict) -> None:

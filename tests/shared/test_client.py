@@ -43,6 +43,8 @@ from shared.protocol import (
     StreamItem,
     Usage,
     encode_response,
+    encode_stream_done,
+    encode_stream_score,
     pack_frame,
 )
 from tests.conftest import (
@@ -127,7 +129,7 @@ def test_an_info_without_the_limits_a_trainer_checks_is_named_not_a_teacher():
     body = b'{"tokenizer_fingerprint": "sha256:0", "max_top_k": 20}'
     with plain_http(canned(200, body, "application/json")) as url:
         with TeacherClient(url, max_retries=0) as client:
-            with pytest.raises(TeacherError, match="its /info gives no max_seq_len$"):
+            with pytest.raises(TeacherError, match="its /info gives no max_seq_len, vocab_size$"):
                 client.info()
 
 
@@ -643,6 +645,17 @@ def test_a_streamed_answer_is_held_to_the_frame_and_shape_asked_for(frame, index
     reader._check(StreamItem(0, 1, right))
     with pytest.raises(ServerError, match="answered frame 0, not open"):  # wholly answered
         reader._check(StreamItem(0, 0, right))
+
+
+def test_a_stream_that_ends_with_a_sequence_unanswered_is_the_teachers_error():
+    """A frame the teacher read but did not wholly answer (a failure of its own that answered
+    nothing) left its rollout unscored without a word."""
+    reader = _StreamReader("http://replica", lambda: None)
+    reader.frame(as_request(TWO))
+    right = SequenceScore(np.zeros(3, np.float32), np.zeros((3, 2), np.int32), np.zeros((3, 2)))
+    reader.feed(encode_stream_score(0, 0, right, 0.0) + encode_stream_done(1, 1))
+    with pytest.raises(ServerError, match=r"ended its stream with frames \[0\] not wholly"):
+        reader.finish()
 
 
 def test_a_stream_that_breaks_after_it_connected_does_not_sit_its_replica_out():

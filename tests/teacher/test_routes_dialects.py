@@ -131,6 +131,24 @@ def test_a_response_too_large_to_build_is_refused_before_any_scoring(
     assert_error(r, 400, param=param, says="a response holds at most 8,388,608")
 
 
+def test_the_answer_size_limit_counts_what_a_dialect_answers_not_what_it_scores(
+    teacher_url, monkeypatch
+):
+    """max_tokens 1 with no log-probs answers one token a prompt, though it scores the whole
+    prompt at top-k 1 inside: /score's count of that was refused with a field the dialect has not
+    (`sequences`)."""
+    from services.teacher import scoring
+
+    monkeypatch.setattr(scoring, "MAX_RESPONSE_ENTRIES", 50)
+    prompts = [[1, 21, 18, 5, 6, 7, 8, 9, 10, 11]] * 4  # 40 positions scored at top-k 1: 80
+    r = post(teacher_url, OPENAI, {"prompt": prompts, "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 4
+    body = {"sequences": [{"prompt_ids": p[:1], "completion_ids": p[1:]} for p in prompts]}
+    refused = httpx.post(teacher_url + "/score", json={**body, "top_k": 1})  # the same 80
+    assert_error(refused, 422, param="sequences", says="a response holds at most 50")
+
+
 @pytest.mark.parametrize(
     "route, body, module, builder",
     [

@@ -492,7 +492,17 @@ def test_a_folder_of_a_runs_logs_alone_is_a_run_a_new_one_does_not_empty_unasked
     with pytest.raises(RunError, match="holds a run") as error:
         run(cfg)
     assert error.value.param == "out" and read_jsonl(out / "metrics.jsonl") == [{"step": 1}]
+    with pytest.raises(RunError, match="nothing to resume") as error:  # it would empty them too
+        run(cfg.model_copy(update={"resume": True}))
+    assert error.value.param == "resume" and read_jsonl(out / "metrics.jsonl") == [{"step": 1}]
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "notes.txt").write_text("not a run's")
+    assert run(cfg.model_copy(update={"overwrite": True}))["steps"] == 1
+    assert (out / "checkpoints" / "notes.txt").exists()  # no checkpoint of a run: not deleted
     (out / "metrics.jsonl").write_text("")  # empty logs hold nothing
+    shutil.rmtree(out / "checkpoints")
+    (out / "config.json").unlink()
+    (out / "eval.jsonl").write_text("")
     assert run(cfg)["steps"] == 1
 
 

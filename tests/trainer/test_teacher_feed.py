@@ -287,7 +287,7 @@ def test_a_replica_with_another_tokenizer_behind_the_balancer_fails_the_step_uns
 
 def test_a_lane_is_stalled_only_while_it_answers_nothing_and_another_lane_answers():
     lane = _Lane("http://a")
-    lane.open = {0, 1}
+    lane.open = {0: 1, 1: 1}
     sent_at = {0: 0.0, 1: 5.0}
     silent = stalled_frames(lane, others_answered_at=20.0, sent_at=sent_at, now=20.0)
     assert silent == [0, 1]  # nothing from it since either was sent, another lane answered
