@@ -44,7 +44,10 @@ UNREAD_WAIT_S = 60.0
 
 
 class Outbox:
-    """A stream's result frames not sent yet, and whether they leave room for more."""
+    """A stream's result frames not sent yet, and whether they leave room for more: up to
+    `max_bytes` of results, and twice that with the refusals sent once the client has not read
+    for UNREAD_WAIT_S (each small, but a frame of a few bytes gets one: a client sending tiny
+    frames without reading would grow them without end)."""
 
     def __init__(self, max_bytes: int):
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -52,19 +55,33 @@ class Outbox:
         self._bytes = 0
         self._room = asyncio.Event()
         self._room.set()
+        self._room_for_refusals = asyncio.Event()
+        self._room_for_refusals.set()
 
     async def put(self, item: bytes | None) -> None:  # None: the end
         self._queue.put_nowait(item)
         self._bytes += len(item or b"")
-        if self._bytes > self._max_bytes:
-            self._room.clear()
+        self._mark_room()
 
     async def get(self) -> bytes | None:
         item = await self._queue.get()
         self._bytes -= len(item or b"")
-        if self._bytes <= self._max_bytes:
-            self._room.set()
+        self._mark_room()
         return item
+
+    def _mark_room(self) -> None:
+        for event, limit in (
+            (self._room, self._max_bytes),
+            (self._room_for_refusals, 2 * self._max_bytes),
+        ):
+            if self._bytes <= limit:
+                event.set()
+            else:
+                event.clear()
+
+    async def room_for_refusals(self) -> None:
+        """Once the client has read enough of them (however long that takes: TCP holds it)."""
+        await self._room_for_refusals.wait()
 
     def has_room(self) -> bool:
         return self._room.is_set()
@@ -196,6 +213,7 @@ async def _read_frames(request: Request, state, out: Outbox) -> None:
                     elif not given_up:
                         given_up = not await body.until(out.room(UNREAD_WAIT_S))
                     if given_up:
+                        await body.until(out.room_for_refusals())
                         payload = QueueFull(
                             f"over {MAX_UNREAD_BYTES / 2**20:g} MiB of this stream's results were "
                             f"unread for {UNREAD_WAIT_S:g} s: read results while sending frames"
@@ -251,7 +269,8 @@ async def _score_frame(
         with failures_as_server_errors(f"stream frame {frame}"):
             if isinstance(payload, TeacherError):  # a frame too large to read, read past
                 raise payload
-            request = decode_request(payload, binary=True)
+            # In a worker thread, as /score's: a large frame takes seconds as Python objects.
+            request = await asyncio.to_thread(decode_request, payload, True)
             check_answer_size(request)
             async for index, job, outcome in score_as_completed(
                 request, state.backend, state.limits, state.metrics, queued

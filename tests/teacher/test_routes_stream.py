@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import msgpack
 import numpy as np
 import pytest
 
@@ -38,7 +39,11 @@ from shared.protocol import (
     validate_request,
 )
 from tests.conftest import free_port, metric, plain_http, serve, wait_for
-from tests.teacher.test_routes import CountingGatedBackend, GatedBackend
+from tests.teacher.test_routes import (
+    CountingGatedBackend,
+    GatedBackend,
+    held_while_health_answers,
+)
 from tests.teacher.test_scoring import mixed_sequences, reference_logp
 
 
@@ -573,9 +578,10 @@ def unread_results_case(n_frames: int) -> tuple[bytes, TeacherSettings]:
     return body, TeacherSettings(model=str(TEACHER_PATH), max_top_k=20, max_queue_tokens=1024)
 
 
-def send_all_then_read(url: str, body: bytes) -> tuple[float, list]:
-    """POST /score/stream over a raw socket that reads nothing until scoring stops (as a client
-    that is not full duplex): the tokens scored by then, and the stream's items."""
+def send_all_then_read(url: str, body: bytes, quiet_s: float = 0.0) -> tuple[float, list]:
+    """POST /score/stream over a raw socket that reads nothing until scoring stops, and for
+    `quiet_s` at least (as a client that is not full duplex): the tokens scored by then, and the
+    stream's items."""
     host, port = url.removeprefix("http://").split(":")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -584,6 +590,7 @@ def send_all_then_read(url: str, body: bytes) -> tuple[float, list]:
             b"POST /score/stream HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: " + FRAMES.encode() + b"\r\n\r\n" + body + b"0\r\n\r\n"
         )
+        time.sleep(quiet_s)
         counts = [-1.0, scored_tokens(url)]
         while counts[-1] != counts[-2]:  # until scoring stops
             time.sleep(1.0)
@@ -640,3 +647,43 @@ def dechunk(data: bytes) -> bytes:
             return b"".join(parts)
         parts.append(data[end + 2 : end + 2 + size])
         at = end + 2 + size + 2
+
+
+def test_a_frame_being_decoded_holds_up_no_other_request(teacher_url, monkeypatch):
+    """A frame is up to --max-body-mb: decoded on the event loop (8 MiB of empty msgpack arrays
+    took 3.3 s), it held up health checks and every other stream meanwhile."""
+    request = {"sequences": [{"prompt_ids": [1, 2], "completion_ids": [5, 6, 7]}]}
+
+    def send():
+        with TeacherClient(teacher_url) as client:
+            return list(client.score_stream([request]))
+
+    items = held_while_health_answers(
+        monkeypatch, teacher_url, routes_stream, "decode_request", send
+    )
+    assert [item.index for item in items if not item.done] == [0]
+
+
+def test_a_client_sending_tiny_frames_without_reading_is_held_back_not_answered_without_end(
+    monkeypatch,
+):
+    """Once it has not read for UNREAD_WAIT_S each further frame gets a refusal: 156 bytes for a
+    frame of 5, so such a client grew the teacher's memory without end. Refusals stop at twice
+    the unread limit, and the teacher reads no more frames until the client reads."""
+    monkeypatch.setattr(routes_stream, "MAX_UNREAD_BYTES", 300)
+    monkeypatch.setattr(routes_stream, "UNREAD_WAIT_S", 0.3)
+    most = [0]
+    put = routes_stream.Outbox.put
+
+    async def put_and_measure(self, item):
+        await put(self, item)
+        most[0] = max(most[0], self._bytes)
+
+    monkeypatch.setattr(routes_stream.Outbox, "put", put_and_measure)
+    n_frames = 40_000  # refusals past what the sockets' buffers hold (megabytes on loopback)
+    body = b"".join(chunk(frame_bytes(msgpack.packb(0))) for _ in range(n_frames))
+    with serve(create_app(TeacherSettings(model=str(TEACHER_PATH)))) as url:
+        _, items = send_all_then_read(url, body, quiet_s=5.0)
+    assert most[0] <= 2 * 300 + 200  # a refusal's size past the bound at most
+    assert len([item for item in items if item.error is not None]) == n_frames  # each answered
+    assert items[-1].done and items[-1].frames == n_frames
