@@ -165,6 +165,11 @@ def checked_url(url: str) -> str:
         raise ValueError(f"teacher URL {url!r}: expected http(s)://host[:port], with a host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ValueError(f"teacher URL {url!r}: port {parsed.port} out of range 1-65535")
+    if parsed.userinfo:  # not echoed: it may be a password
+        raise ValueError(
+            "a teacher URL may not hold a user name or password (a run keeps its URLs in "
+            "config.json and its logs): give the teacher's key as the API key"
+        )
     return url.rstrip("/")
 
 

@@ -16,6 +16,7 @@ opd-trainer serve --port 8100
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import PreTrainedTokenizerBase
 
 from opd.models import ModelLoadError, check_config, check_loadable, load_tokenizer
@@ -254,7 +256,21 @@ class TrainerServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def create_app(max_runs: int = MAX_RUNS) -> FastAPI:
+# The names a server on loopback answers to: a web page whose own name a DNS server points at
+# 127.0.0.1 (DNS rebinding) would otherwise drive the API from the operator's browser.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def loopback_only(host: str) -> bool:
+    """Whether a server listening on `host` is reachable only from this machine."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(max_runs: int = MAX_RUNS, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The control API; `allowed_hosts`, if given, the Host headers it answers (others: 400)."""
     metrics = TrainerMetrics()
 
     @asynccontextmanager
@@ -272,6 +288,8 @@ def create_app(max_runs: int = MAX_RUNS) -> FastAPI:
 
     app = FastAPI(title="OPD trainer", version=VERSION, lifespan=lifespan)
     app.state.metrics = metrics
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.include_router(router)
 
     @app.exception_handler(RequestValidationError)
@@ -280,17 +298,20 @@ def create_app(max_runs: int = MAX_RUNS) -> FastAPI:
         # not a field's 422 (FastAPI reads neither as JSON, so a field would seem to be missing).
         first = exc.errors()[0]
         ctype = media_type(request)
-        # FastAPI reads application/json and any application/...+json as JSON.
-        if ctype not in ("", "application/json") and not _structured_json(ctype):
+        empty = tuple(first["loc"]) == ("body",) and first["type"] == "missing"
+        # FastAPI reads application/json and any application/...+json as JSON, and a body with
+        # no Content-Type as none (a web page may send that to any site: no CSRF through it).
+        if not (ctype == "application/json" or _structured_json(ctype) or (not ctype and empty)):
             err = UnsupportedMediaType(
-                f"Content-Type {ctype!r} is not supported; send application/json",
+                f"Content-Type {ctype!r} is not supported; send application/json"
+                if ctype
+                else "a body with no Content-Type: send application/json",
                 param="Content-Type",
             )
         elif first["type"] == "json_invalid":
             reason = first.get("ctx", {}).get("error", "")
             err = MalformedBody(f"body is not valid JSON ({reason})")
         elif tuple(first["loc"]) == ("body",):  # no config at all, rather than a bad field
-            empty = first["type"] == "missing"
             err = MalformedBody(
                 "body is empty: send a JSON object ({} for every default)"
                 if empty

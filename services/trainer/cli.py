@@ -162,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "serve":
-        from services.trainer.api import TrainerServer, create_app
+        from services.trainer.api import LOOPBACK_NAMES, TrainerServer, create_app, loopback_only
 
         if taken := cannot_listen(args.host, args.port):
             print(f"opd-trainer: error: {taken}", file=sys.stderr)
             return 2
         try:
-            server = TrainerServer(create_app(args.max_runs), args.host, args.port)
+            hosts = LOOPBACK_NAMES if loopback_only(args.host) else ()
+            server = TrainerServer(create_app(args.max_runs, hosts), args.host, args.port)
             server.run()
         except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down
             return 130

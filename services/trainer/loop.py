@@ -69,6 +69,13 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     a --resume continues from, if there is one."""
     out = Path(cfg.out)
     check_can_make(out)
+    if (out / "config.json").is_file() and not _a_runs_config(out / "config.json"):
+        # A model folder's, say: the run would write its own config.json over it.
+        raise RunError(
+            f"--out {out} holds a config.json that is not a run's (a model's?), which a run "
+            "would write over: give another --out",
+            param="out",
+        )
     if (out / LOCK_FILE).is_file():  # a run writing there now, in this process or another
         lock_out(out).close()
     found = checkpoint.latest(out)
@@ -121,6 +128,14 @@ def holds_a_run(out: Path) -> bool:
     its logs (a folder of logs alone, its config.json deleted say: a new run would empty them)."""
     logged = any(_not_empty(out / name) for name in ("metrics.jsonl", "eval.jsonl"))
     return logged or folder_state(out) != (None, None)
+
+
+def _a_runs_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"schedule", "teacher_url"} <= saved.keys()
 
 
 def _not_empty(path: Path) -> bool:

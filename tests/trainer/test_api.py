@@ -20,7 +20,13 @@ from services.teacher.app import create_app as create_teacher_app
 from services.teacher.process import free_port
 from services.teacher.settings import TeacherSettings
 from services.trainer import checkpoint
-from services.trainer.api import create_app, event_stream, strict_json
+from services.trainer.api import (
+    LOOPBACK_NAMES,
+    create_app,
+    event_stream,
+    loopback_only,
+    strict_json,
+)
 from services.trainer.config import RunConfig
 from services.trainer.loop import run
 from services.trainer.runs import RunRecord
@@ -115,6 +121,11 @@ def test_a_body_in_another_form_is_415_as_on_the_teacher(trainer_url):
         trainer_url + "/runs", content=b'{"steps": 3}', headers={"content-type": "text/plain"}
     )
     assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Type"
+    # As a web page's fetch(..., {mode: "no-cors", body: blob}) sends it, to any site.
+    r = httpx.post(trainer_url + "/runs", content=b'{"steps": 3}')
+    assert r.status_code == 415 and "no Content-Type" in r.json()["error"]["message"]
+    r = httpx.post(trainer_url + "/runs")  # nothing at all: the body is what is missing
+    assert r.status_code == 400 and "body is empty" in r.json()["error"]["message"]
 
 
 def test_a_bad_field_in_a_json_body_of_a_structured_type_is_422_naming_it(trainer_url):
@@ -129,7 +140,7 @@ def test_a_bad_field_in_a_json_body_of_a_structured_type_is_422_naming_it(traine
 
 
 def test_a_run_into_the_folder_of_another_is_422_before_it_starts(trainer_url, tmp_path):
-    (tmp_path / "config.json").write_text("{}")  # what a previous run leaves
+    (tmp_path / "config.json").write_text(RunConfig().model_dump_json())  # a previous run's
     before = httpx.get(trainer_url + "/runs").json()
     r = httpx.post(trainer_url + "/runs", json={"out": str(tmp_path), "steps": 1})
     assert r.status_code == 422 and r.json()["error"]["param"] == "out"
@@ -507,3 +518,15 @@ def test_events_are_strict_json_with_non_finite_numbers_as_null():
     event = {"type": "step", "loss": float("nan"), "lp": [float("-inf"), -1.5], "n": 3}
     data = parsed_strictly(strict_json(event))
     assert data == {"type": "step", "loss": None, "lp": [None, -1.5], "n": 3}
+
+
+def test_a_server_on_loopback_answers_only_to_loopback_names():
+    """A web page whose own name a DNS server points at 127.0.0.1 (DNS rebinding) reached the
+    API from the operator's browser as a same-origin page, and could start runs."""
+    assert [loopback_only(h) for h in ("127.0.0.1", "::1", "localhost")] == [True] * 3
+    assert not any(loopback_only(h) for h in ("0.0.0.0", "10.0.0.5", "::", "teacher"))
+    with serve(create_app(allowed_hosts=LOOPBACK_NAMES), ready_path="/health") as url:
+        assert httpx.get(url + "/runs").status_code == 200
+        rebound = httpx.get(url + "/runs", headers={"Host": "evil.example:8100"})
+        assert rebound.status_code == 400
+        assert httpx.get(url + "/runs", headers={"Host": "localhost"}).status_code == 200

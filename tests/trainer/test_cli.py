@@ -145,6 +145,8 @@ def test_help_is_quick_because_it_does_not_import_torch(argv):
         (["--schedule", "linear:h0=300,steps=2"], "beyond H_max"),
         (["--out", ""], "--out: String should have at least 1 character"),
         (["--teacher-url", "http://h\n:1"], "is not a URL"),
+        # Else kept in config.json, the run's views and logs.
+        (["--teacher-url", "http://alice:s3cret@h:1"], "may not hold a user name or password"),
         (["--schedule", "truncated:nan"], "R must be a number > 0"),
         (["--student", "~nosuchuser/model"], "--student: cannot expand ~"),
         (["--out", "o" * 5000], "--out: not a usable path (File name too long)"),

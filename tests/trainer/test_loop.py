@@ -27,6 +27,7 @@ from services.trainer.checkpoint import checkpoint_dir
 from services.trainer.config import RunConfig
 from services.trainer.loop import (
     RunError,
+    check_out,
     check_teacher_limits,
     peak_memory,
     reset_peak_rss,
@@ -504,6 +505,19 @@ def test_a_folder_of_a_runs_logs_alone_is_a_run_a_new_one_does_not_empty_unasked
     (out / "config.json").unlink()
     (out / "eval.jsonl").write_text("")
     assert run(cfg)["steps"] == 1
+
+
+def test_a_folder_whose_config_json_is_not_a_runs_is_never_written_over(tmp_path):
+    """A model folder holds a config.json too: `--out models/x --resume` (or --overwrite, or
+    through the API) wrote the run's own over it, and the model could no longer load."""
+    model = tmp_path / "model"
+    shutil.copytree(STUDENT_PATH, model)
+    before = (model / "config.json").read_bytes()
+    for change in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(RunError, match="holds a config.json that is not a run's") as error:
+            check_out(RunConfig(**SMALL, out=str(model), **change))
+        assert error.value.param == "out"
+    assert (model / "config.json").read_bytes() == before
 
 
 def test_a_folder_another_run_writes_into_is_refused_before_anything_is_touched(
