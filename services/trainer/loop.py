@@ -79,7 +79,7 @@ def check_out(cfg: RunConfig) -> checkpoint.TrainState | None:
     if (out / LOCK_FILE).is_file():  # a run writing there now, in this process or another
         lock_out(out).close()
     found = checkpoint.latest(out)
-    if cfg.resume and folder_state(out) == (None, None) and holds_a_run(out):
+    if cfg.resume and not has_config_or_checkpoint(out) and holds_a_run(out):
         # A resume with nothing to resume from starts at step 0, which empties the logs.
         raise RunError(
             f"--out {out} holds a run's logs but no config.json or checkpoint, so nothing to "
@@ -127,7 +127,12 @@ def holds_a_run(out: Path) -> bool:
     """Whether a run has written into `out`: its config, a checkpoint, or steps or evaluations in
     its logs (a folder of logs alone, its config.json deleted say: a new run would empty them)."""
     logged = any(_not_empty(out / name) for name in ("metrics.jsonl", "eval.jsonl"))
-    return logged or folder_state(out) != (None, None)
+    return logged or has_config_or_checkpoint(out)
+
+
+def has_config_or_checkpoint(out: Path) -> bool:
+    """Whether a run's own files are in `out` (what --resume continues and --overwrite deletes)."""
+    return folder_state(out) != (None, None)
 
 
 def _a_runs_config(path: Path) -> bool:
@@ -359,7 +364,7 @@ class Run:
             )
         # The old run's checkpoints and results must not outlive it; a folder that holds no run
         # keeps what it has (its "checkpoints" are not ours to delete).
-        if cfg.overwrite and folder_state(self.out) != (None, None):  # a config or checkpoint
+        if cfg.overwrite and has_config_or_checkpoint(self.out):
             shutil.rmtree(checkpoint.checkpoint_dir(self.out), ignore_errors=True)
             for name in ("summary.json", "accuracy.png"):
                 (self.out / name).unlink(missing_ok=True)
