@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opd.bundled import TEACHER_PATH  # noqa: E402
 from opd.evaluate import completion_text, evaluate  # noqa: E402
 from opd.models import ModelLoadError, check_loadable, load_model  # noqa: E402
-from opd.sft import SFTConfig, lr_at, sft_batch, sft_step  # noqa: E402
+from opd.sft import SFTConfig, cpu_has_native_bf16, lr_at, sft_batch, sft_step  # noqa: E402
 from shared.flags import positive_int  # noqa: E402
 from shared.task import (  # noqa: E402
     MAX_NEW_TOKENS,
@@ -122,11 +122,12 @@ def slipped(problem: Problem, rng: random.Random) -> Slipped:
 
 def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
     """Fine-tune on half clean, half slipped solutions (batch 64, AdamW lr 3e-4 with 20 warmup steps
-    and cosine decay, bf16 autocast as in `opd make-models`), then save to `out`."""
+    and cosine decay, bf16 autocast where the CPU has it, as `opd make-models`), then save to `out`."""
     cfg = SFTConfig("teacher", steps=steps, lr=3e-4, warmup=20, seed=seed)
     rng = random.Random(seed)
     data = problems("train", steps * cfg.batch_size, seed=seed + 7)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bf16 = cpu_has_native_bf16()
     for step in tqdm(range(steps), desc="slip fine-tune", unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -138,7 +139,7 @@ def make_robust(teacher, tokenizer, out: str, steps: int, seed: int) -> None:
             # -100, and the tokenizer has one token per character.
             if isinstance(item, Slipped):
                 labels[b, int((labels[b] != -100).nonzero()[0]) + item.slip] = -100
-        sft_step(teacher, optimizer, ids, labels)
+        sft_step(teacher, optimizer, ids, labels, bf16=bf16)
     teacher.eval()
     teacher.save_pretrained(out)
     tokenizer.save_pretrained(out)

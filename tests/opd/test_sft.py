@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from opd.models import count_parameters, load_model
-from opd.sft import SFTConfig, length_bucketed, lr_at, sft_batch, sft_step, train
+from opd.sft import (
+    SFTConfig,
+    cpu_has_native_bf16,
+    length_bucketed,
+    lr_at,
+    sft_batch,
+    sft_step,
+    train,
+)
 from shared.task import problems
 
 
@@ -59,11 +67,27 @@ def test_sft_step_lowers_the_loss_on_its_batch(student):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_sft_step_runs_in_fp32_unless_asked_for_bf16(student):
+    ids, labels = sft_batch(student[1], problems("train", 4, seed=6))
+    with torch.no_grad():
+        fp32_loss = student[0](input_ids=ids, labels=labels).loss.item()
+    losses = {}
+    for bf16 in (False, True):
+        model = copy.deepcopy(student[0])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the loss before any change
+        losses[bf16] = sft_step(model, optimizer, ids, labels, bf16=bf16)
+    # fp32 gives the reference forward's loss exactly; bf16 autocast rounds it (to ~3 digits).
+    assert losses[False] == fp32_loss
+    assert losses[True] != fp32_loss
+    assert losses[True] == pytest.approx(fp32_loss, rel=0.05)
+
+
 def test_train_saves_a_model_that_loads(student, tmp_path):
     _, tokenizer = student
     cfg = SFTConfig(kind="student", steps=2, batch_size=4, warmup=1, eval_every=2, eval_n=2)
     report = train(cfg, tokenizer, tmp_path)
     model, loaded_tokenizer = load_model(tmp_path)
     assert report["steps"] == 2
+    assert report["precision"] == ("bf16 autocast" if cpu_has_native_bf16() else "fp32")
     assert report["parameters"] == count_parameters(model) == count_parameters(student[0])
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
