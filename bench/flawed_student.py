@@ -29,7 +29,7 @@ from opd import sft  # noqa: E402
 from opd.evaluate import evaluate  # noqa: E402
 from opd.models import load_model, tiny_config  # noqa: E402
 from shared.flags import positive_int  # noqa: E402
-from shared.task import Problem, column_digits, problems  # noqa: E402
+from shared.task import Problem, column_digits, column_line, problems  # noqa: E402
 from shared.tokenizer import build_tokenizer  # noqa: E402
 
 
@@ -39,13 +39,11 @@ def tutor_solution(operands: tuple[int, ...], slip_max: int) -> tuple[str, int]:
     lines, digits, carry = [], [], 0
     for col in range(max(len(str(x)) for x in operands)):
         terms = column_digits(operands, col) + ([carry] if col > 0 else [])
-        total, sums = terms[0], []
-        for term in terms[1:]:
-            sums.append(f"{total}+{term}={total + term}")
-            total += term
-        carry = 0 if 10 <= total <= slip_max else total // 10
-        lines.append(f"{col + 1}:{','.join(sums)}>{total % 10}c{carry}\n")
-        digits.append(total % 10)
+        line, carry = column_line(col, terms)
+        if 10 <= sum(terms) <= slip_max:  # the habit: a carry of 1 written and passed on as 0
+            line, carry = line[: -len("1\n")] + "0\n", 0
+        lines.append(line)
+        digits.append(sum(terms) % 10)
     answer = int(str(carry or "") + "".join(str(d) for d in reversed(digits)))
     return "".join(lines) + f"A:{answer}\n", answer
 
