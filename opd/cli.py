@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from opd.bundled import REPO_ROOT
+from opd.tutor import SLIP_MAX
 from shared.flags import (
     Parser,
     add_flags,
-    fraction,
     non_negative_int,
     out_folder,
     positive_int,
@@ -61,12 +61,13 @@ def cmd_make_models(args: argparse.Namespace) -> int:
         "teacher": SFTConfig(
             "teacher", steps=args.teacher_steps, eval_every=200, stop_above=0.995, seed=args.seed
         ),
-        # The student stops as soon as it is right a fifth of the time: weak, but well-formed.
+        # The student learns the tutor's habit to the end of its schedule: well-formed, and wrong
+        # wherever a dropped carry matters.
         "student": SFTConfig(
             "student",
             steps=args.student_steps,
-            eval_every=50,
-            stop_above=args.student_target,
+            eval_every=200,
+            slip_max=args.slip_max,
             seed=args.seed,
         ),
     }
@@ -203,13 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="planned SFT steps, batch 64 (default 1600)",
     )
     make.add_argument(
-        "--student-steps", type=positive_int, default=1600, help="at most this many (default 1600)"
+        "--student-steps",
+        type=positive_int,
+        default=1600,
+        help="SFT steps, batch 64 (default 1600)",
     )
     make.add_argument(
-        "--student-target",
-        type=fraction,
-        default=0.2,
-        help="stop the student once its dev accuracy reaches this (0 to 1, default 0.2)",
+        "--slip-max",
+        type=positive_int,
+        default=SLIP_MAX,
+        help="the student's tutor drops the carry out of columns totalling 10 to this "
+        f"(default {SLIP_MAX}; 9: no habit, correct solutions)",
     )
     make.add_argument("--seed", type=seed, default=0, help="initialisation and data (default 0)")
     make.add_argument(
@@ -228,12 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=out_folder, default="runs/demo", help="output folder (default runs/demo)"
     )
-    demo.add_argument("--steps", type=positive_int, default=32, help="steps per run (default 32)")
+    demo.add_argument("--steps", type=positive_int, default=24, help="steps per run (default 24)")
     demo.add_argument(
         "--eval-every",
         type=non_negative_int,
-        default=8,
-        help="evaluate every N steps, at step 0 and at the end (0: only at step 0 and the end; default 8)",
+        default=12,
+        help="evaluate every N steps, at step 0 and at the end (0: only at step 0 and the end; default 12)",
     )
     demo.add_argument(
         "--eval-n",
@@ -250,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this teacher server instead of starting one (with the key in "
         "OPD_TEACHER_API_KEY, if set)",
     )
-    from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig
+    from services.trainer.config import DEMO_DEFAULTS, DEMO_RUN_SETTINGS, RunConfig
 
-    add_flags(demo, RunConfig, only=DEMO_RUN_SETTINGS)
+    add_flags(demo, RunConfig, only=DEMO_RUN_SETTINGS, defaults=DEMO_DEFAULTS)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out problems")

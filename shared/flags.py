@@ -46,13 +46,15 @@ def add_flags(
     model: type[BaseModel],
     env_prefix: str | None = None,
     only: Iterable[str] | None = None,
+    defaults: dict | None = None,
 ) -> None:
-    """A flag for each of `model`'s fields, or for the fields named in `only`."""
+    """A flag for each of `model`'s fields, or for the fields named in `only`; `defaults` are the
+    values the command uses where they differ from the model's, for the help."""
     fields = model.model_fields
     for name in fields if only is None else only:
         field = fields[name]
         flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
+        default = (defaults or {}).get(name, field.get_default(call_default_factory=True))
         if hasattr(default, "get_secret_value"):
             default = "(secret)"
         elif isinstance(default, list):  # as it is typed: --flag A B

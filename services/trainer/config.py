@@ -54,17 +54,23 @@ def api_key_from_env() -> str | None:
 MAX_ROLLOUTS_PER_STEP = 65536
 
 # The run settings `opd demo` takes, as `opd-trainer run` does, the same for every run: where the
-# student runs (and the teacher the demo starts), the batch, the step size, the streams to a
-# balanced teacher pool, and avg@k at the end.
+# student runs (and the teacher the demo starts), the batch, the step size, the loss, the streams to
+# a balanced teacher pool, and avg@k at the end.
 DEMO_RUN_SETTINGS = (
     "device",
     "prompts_per_step",
     "samples_per_prompt",
     "micro_batch",
     "lr",
+    "loss",
+    "top_k",
     "streams_per_url",
     "eval_samples",
 )
+# Those the demo sets unless its flags do: the bundled student gains from the teacher's top-k at
+# every position of its rollouts within the demo's steps, and needs about four times as many with
+# the trainer's default loss, reverse_kl (bench/results/FINDINGS.md, "A student with a habit").
+DEMO_DEFAULTS = {"loss": "forward_kl_topk"}
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -128,7 +134,7 @@ class RunConfig(BaseModel):
         strict=True,
         validate_default=True,  # the product is checked when only --prompts-per-step is given
     )
-    lr: Real = Field(3e-4, gt=0, description="AdamW learning rate.")
+    lr: Real = Field(1e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup.", strict=True)
     weight_decay: Real = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: Real = Field(1.0, gt=0, description="Gradient-norm clip.")

@@ -24,7 +24,7 @@ from pathlib import Path
 from opd.bundled import STUDENT_PATH, TEACHER_PATH
 from opd.models import ModelLoadError, check_loadable
 from services.teacher.process import free_port, start_teacher, stop
-from services.trainer.config import DEMO_RUN_SETTINGS, RunConfig, run_folder
+from services.trainer.config import DEMO_DEFAULTS, DEMO_RUN_SETTINGS, RunConfig, run_folder
 from services.trainer.loop import holds_a_run, reset_peak_rss, run
 from services.trainer.report import (
     first_reaching,
@@ -55,8 +55,8 @@ GPU_TEACHER_ARGS = ("--max-batch-tokens", "131072")
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    steps: int = 32
-    eval_every: int = 8
+    steps: int = 24
+    eval_every: int = 12
     eval_n: int = 200
     seed: int = 0
     # RunConfig fields set for every run, e.g. {"device": "cuda", "prompts_per_step": 1024}
@@ -88,7 +88,7 @@ def run_configs(cfg: DemoConfig, url: str) -> dict[str, RunConfig]:
             eval_n=cfg.eval_n,
             threads=1,
             api_key=cfg.api_key,
-            **cfg.run_settings,
+            **{**DEMO_DEFAULTS, **cfg.run_settings},
         )
         for name in cfg.schedules
     }

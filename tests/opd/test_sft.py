@@ -17,8 +17,10 @@ from opd.sft import (
     sft_batch,
     sft_step,
     train,
+    training_batches,
 )
-from shared.task import problems
+from opd.tutor import tutor_solution
+from shared.task import problems, solution_text
 
 
 def test_sft_batch_labels_only_the_solution_and_eos(student):
@@ -91,3 +93,23 @@ def test_train_saves_a_model_that_loads(student, tmp_path):
     assert report["precision"] == ("bf16 autocast" if cpu_has_native_bf16() else "fp32")
     assert report["parameters"] == count_parameters(model) == count_parameters(student[0])
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_student_of_the_tutor_learns_the_tutors_solutions():
+    cfg = SFTConfig(kind="student", steps=4, batch_size=16, slip_max=12)
+    taught = [p for batch in training_batches(cfg) for p in batch]
+    correct = [
+        p
+        for batch in training_batches(SFTConfig(kind="student", steps=4, batch_size=16))
+        for p in batch
+    ]
+    assert sorted(p.operands for p in taught) == sorted(p.operands for p in correct)
+    assert all(p.target == tutor_solution(p.operands, 12)[0] for p in taught)
+    assert all(p.target == solution_text(p.operands) for p in correct)
+    assert any(p.target != solution_text(p.operands) for p in taught)
+
+
+def test_a_student_of_the_tutor_is_also_scored_against_its_answers(student, tmp_path):
+    small = dict(kind="student", steps=1, batch_size=4, warmup=1, eval_every=1, eval_n=2)
+    assert "dev_tutor_accuracy" in train(SFTConfig(**small, slip_max=12), student[1], tmp_path)
+    assert "dev_tutor_accuracy" not in train(SFTConfig(**small), student[1], tmp_path)

@@ -57,6 +57,13 @@ def test_only_the_named_fields_get_flags_with_their_defaults_in_the_help():
     assert parser.parse_args([]).top_k is None  # not given: the model's default applies
 
 
+def test_a_commands_own_default_is_the_one_its_help_shows():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TwoSettings, only=["top_k"], defaults={"top_k": 4})
+    assert "[default 4]" in parser.format_help() and "[default 8]" not in parser.format_help()
+    assert parser.parse_args([]).top_k is None  # the command applies its own default
+
+
 def test_a_default_made_by_a_factory_is_shown_as_its_value():
     parser = argparse.ArgumentParser()
     add_flags(parser, TwoSettings, only=["names"])

@@ -290,6 +290,13 @@ def test_every_run_gets_the_demos_run_settings():
     assert all(r.model_dump(include=set(settings)) == settings for r in runs.values())
 
 
+def test_the_demo_distils_with_the_top_k_forward_kl_unless_told_otherwise():
+    runs = run_configs(DemoConfig(schedules=("full",)), "http://127.0.0.1:8000")
+    assert runs["full"].loss == "forward_kl_topk"
+    told = DemoConfig(schedules=("full",), run_settings={"loss": "reverse_kl"})
+    assert run_configs(told, "http://127.0.0.1:8000")["full"].loss == "reverse_kl"
+
+
 def test_the_demo_refuses_run_settings_it_sets_itself():
     with pytest.raises(ValueError, match=r"not \['out'\]"):
         DemoConfig(run_settings={"out": "elsewhere"})
