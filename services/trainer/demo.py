@@ -6,11 +6,12 @@ uses the same seed and step budget; the table reports final accuracy, training w
 generated, teacher tokens scored, peak memory, and when each run first came within 2 points of full
 OPD's final accuracy, and comparison.png plots accuracy against steps, wall-clock and teacher tokens.
 
-    opd demo                                        # 4 to 7 minutes on 2 CPU cores
+    opd demo                                        # about 7 minutes on 2 CPU cores
+    opd demo --loss reverse_kl                      # the paper's policy-gradient loss instead
     opd demo --steps 4 --schedules full topd-10     # a smoke run
     opd demo --teacher-url http://10.0.0.5:8000     # against a teacher already serving
     opd demo --device cuda --prompts-per-step 1024 --micro-batch 256 --steps 40 --eval-every 10
-                                                    # on a GPU, at a batch where full OPD learns
+                                                    # on a GPU, at 64 times the batch
 """
 
 from __future__ import annotations

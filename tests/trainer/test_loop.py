@@ -837,7 +837,9 @@ def test_a_student_with_dropout_trains_as_without_it_unless_asked(tmp_path, teac
     want, off, on = (final_weights(tmp_path / name) for name in ("plain", "off", "on"))
     for name in want:
         assert torch.allclose(want[name], off[name], atol=1e-6, rtol=0), name
-    assert any(not torch.allclose(want[name], on[name], atol=1e-4) for name in want)
+    # Adam moves each weight by about lr a step whatever the gradient, so dropout shows as a
+    # fraction of lr (6e-5 at lr 1e-4), not as noise: the run without it matched to 1e-6 above.
+    assert any(not torch.allclose(want[name], on[name], atol=1e-5, rtol=0) for name in want)
 
 
 def test_a_step_failing_mid_update_saves_the_random_state_the_last_whole_step_left(

@@ -51,9 +51,10 @@ def test_every_rollout_is_handed_on_once_in_micro_batches(student):
 
 
 def test_same_seed_same_rollouts(student):
-    a, _ = sample(student, horizon=30, seed=4)
-    b, _ = sample(student, horizon=30, seed=4)
-    c, _ = sample(student, horizon=30, seed=5)
+    # The bundled student is sure of its early tokens: seeds 4 and 5 part only late in a solution.
+    a, _ = sample(student, horizon=120, seed=4)
+    b, _ = sample(student, horizon=120, seed=4)
+    c, _ = sample(student, horizon=120, seed=5)
     assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
