@@ -26,7 +26,9 @@ the reference solution's, or only on those after the rollout left it; `--states 
 the positions up to a rollout's first error as the teacher flags it (>= 2 nats below the student),
 which needs no reference solution (the trainer's `--cut-at-error 2`).
 Every evaluation prints greedy accuracy and the student's per-token NLL of held-out reference
-solutions, a smooth measure of whether an update helped.
+solutions, a smooth measure of whether an update helped. The runs in bench/results/opd_inprocess.log
+distilled the earlier bundled student (f1b1350's, `--student` with its files to repeat them); those in
+bench/results/habit_student.log the bundled one.
 """
 
 from __future__ import annotations
