@@ -40,9 +40,8 @@ class SFTConfig:
     eval_every: int = 250
     eval_n: int = 200  # dev problems from the train split (the eval split stays unseen)
     stop_above: float | None = None  # stop once dev accuracy reaches this
-    slip_max: int | None = (
-        None  # learn from the tutor with this habit (opd/tutor.py); None: correct
-    )
+    # Learn from the tutor with this habit (opd/tutor.py); None: from the correct solutions.
+    slip_max: int | None = None
     seed: int = 0
 
 

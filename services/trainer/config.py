@@ -69,7 +69,7 @@ DEMO_RUN_SETTINGS = (
 )
 # Those the demo sets unless its flags do: the bundled student gains from the teacher's top-k at
 # every position of its rollouts within the demo's steps, and needs about four times as many with
-# the trainer's default loss, reverse_kl (bench/results/FINDINGS.md, "A student with a habit").
+# the trainer's default loss, reverse_kl (bench/results/FINDINGS.md, the last section).
 DEMO_DEFAULTS = {"loss": "forward_kl_topk"}
 
 
