@@ -15,8 +15,8 @@ source bench/gpu_common.sh
 schedules=${SCHEDULES:-full topd-50 popd topd-25 topd-10}
 # shellcheck disable=SC2086
 timeout "${DEMO_S:-540}" python3 -m opd.cli demo --device cuda --prompts-per-step 1024 \
-  --micro-batch 256 --loss reverse_kl --lr 3e-4 --steps "${STEPS:-40}" --eval-every 10 --seed "${SEED:-0}" --out "$out/demo" \
-  --schedules $schedules
+  --micro-batch 256 --loss reverse_kl --lr 3e-4 --steps "${STEPS:-40}" --eval-every 10 \
+  --seed "${SEED:-0}" --out "$out/demo" --schedules $schedules
 echo "demo exit code $?"
 for run in $schedules; do
   [ -f "$out/demo/$run/eval.jsonl" ] || continue
